@@ -1,0 +1,1 @@
+//! mayflyd: the daemon's library, so integration tests and the bench harness can reuse it.

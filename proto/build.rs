@@ -1,0 +1,19 @@
+//! Compiles the protobuf contract with protox (pure Rust), so no `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "spiffe/workload.proto",
+        "mayfly/v1/common.proto",
+        "mayfly/v1/node.proto",
+        "mayfly/v1/admin.proto",
+    ];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+pub struct SpiffeId; pub struct TrustDomain; pub struct SpiffeIdError;
