@@ -1,1 +1,11 @@
-//! mayflyd: the daemon's library, so integration tests and the bench harness can reuse it.
+//! mayflyd as a library: the binary, the end-to-end tests and the bench harness share it.
+
+pub mod api;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod fsutil;
+pub mod identity;
+pub mod server;
+pub mod store;

@@ -1,1 +1,83 @@
-fn main() {}
+//! `mayflyd`: runs the daemon, or talks to a running one as an operator.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+
+use mayfly_daemon::cli::{Cli, Command, operator};
+use mayfly_daemon::config::{DaemonConfig, LogFormat};
+use mayfly_daemon::{dev, server};
+
+fn main() -> std::process::ExitCode {
+    // aws-lc-rs is the only crypto provider; installing it first keeps rustls from guessing.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mayflyd: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(text) => {
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mayflyd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<String> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = DaemonConfig::load(&config)?;
+            init_logging(config.log.format, &config.log.level);
+            let (_daemon, handle) = server::start(config, shutdown_signal()).await?;
+            server::notify_ready();
+            handle.await.context("daemon task")??;
+            Ok(String::new())
+        }
+        Command::Dev(args) => {
+            init_logging(LogFormat::Text, "info");
+            dev::run(args, shutdown_signal()).await?;
+            Ok(String::new())
+        }
+        Command::Entry { command, conn } => operator::entry(command, &conn).await,
+        Command::Token { command, conn } => operator::token(command, &conn).await,
+        Command::Agent { command, conn } => operator::agent(command, &conn).await,
+        Command::Bundle { command, conn } => operator::bundle(command, &conn).await,
+        Command::Ca { command, conn } => operator::ca(command, &conn).await,
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -2,6 +2,7 @@
 //! gRPC services and the identity types both sides must agree on.
 
 pub mod spiffe_id;
+pub mod tls;
 
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 

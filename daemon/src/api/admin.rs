@@ -1,0 +1,300 @@
+//! The admin API behind the operator subcommands, served on a Unix socket (mode 0600).
+//! Callers are checked by their peer credentials as well as by the socket's mode.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use mayfly_proto::v1::admin_server::Admin;
+use mayfly_proto::v1::{self};
+
+use super::convert;
+use crate::ca::manager::unix;
+use crate::ca::{bundle_jwks, bundle_pem};
+use crate::identity::{EntryChange, EntryInput, Registry};
+use crate::store::{AgentStatus, CaSlotRecord, EntryFilter};
+
+pub struct AdminApi {
+    registry: Arc<Registry>,
+}
+
+impl AdminApi {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+/// Only root and the daemon's own user may administer it.
+fn operator<T>(request: &Request<T>) -> Result<u32, Status> {
+    let uid = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid())
+        .ok_or_else(|| Status::unauthenticated("the caller's credentials are unknown"))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if uid != 0 && uid != own {
+        tracing::warn!(uid, "admin call refused");
+        return Err(Status::permission_denied(format!(
+            "uid {uid} may not administer this daemon"
+        )));
+    }
+    Ok(uid)
+}
+
+fn non_empty(field: &str, value: &str) -> Result<(), Status> {
+    if value.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}
+
+fn ca_slot(record: &CaSlotRecord) -> v1::CaSlot {
+    let ski = x509_parser::parse_x509_certificate(&record.cert_der)
+        .ok()
+        .and_then(|(_, cert)| {
+            cert.extensions().iter().find_map(|ext| match ext.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                    Some(hex::encode(id.0))
+                }
+                _ => None,
+            })
+        })
+        .unwrap_or_default();
+    v1::CaSlot {
+        id: record.id.clone(),
+        state: record.state.as_str().to_string(),
+        subject_key_id: ski,
+        not_before: record.not_before,
+        not_after: record.not_after,
+        jwt_key_id: record.jwt_kid.clone(),
+        certificate: bundle_pem(std::slice::from_ref(&record.cert_der)),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_entry(
+        &self,
+        request: Request<v1::CreateEntryRequest>,
+    ) -> Result<Response<v1::Entry>, Status> {
+        let uid = operator(&request)?;
+        let body = request.into_inner();
+        non_empty("spiffe_id", &body.spiffe_id)?;
+        non_empty("parent_id", &body.parent_id)?;
+        let record = self
+            .registry
+            .create_entry(EntryInput {
+                spiffe_id: body.spiffe_id,
+                parent_id: body.parent_id,
+                selectors: body.selectors,
+                x509_svid_ttl: body.x509_svid_ttl,
+                jwt_svid_ttl: body.jwt_svid_ttl,
+                dns_names: body.dns_names,
+                hint: body.hint,
+            })
+            .await?;
+        tracing::info!(uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");
+        Ok(Response::new(convert::entry(&record)))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<v1::ListEntriesRequest>,
+    ) -> Result<Response<v1::ListEntriesResponse>, Status> {
+        operator(&request)?;
+        let body = request.into_inner();
+        let filter = EntryFilter {
+            parent_id: Some(body.parent_id).filter(|s| !s.is_empty()),
+            spiffe_id: Some(body.spiffe_id).filter(|s| !s.is_empty()),
+        };
+        let entries = self.registry.list_entries(&filter).await?;
+        Ok(Response::new(v1::ListEntriesResponse {
+            entries: entries.iter().map(convert::entry).collect(),
+        }))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<v1::GetEntryRequest>,
+    ) -> Result<Response<v1::Entry>, Status> {
+        operator(&request)?;
+        let id = request.into_inner().id;
+        non_empty("id", &id)?;
+        Ok(Response::new(convert::entry(
+            &self.registry.get_entry(&id).await?,
+        )))
+    }
+
+    async fn update_entry(
+        &self,
+        request: Request<v1::UpdateEntryRequest>,
+    ) -> Result<Response<v1::Entry>, Status> {
+        let uid = operator(&request)?;
+        let body = request.into_inner();
+        non_empty("id", &body.id)?;
+        let record = self
+            .registry
+            .update_entry(
+                &body.id,
+                EntryChange {
+                    spiffe_id: body.spiffe_id,
+                    parent_id: body.parent_id,
+                    selectors: Some(body.selectors).filter(|s| !s.is_empty()),
+                    x509_svid_ttl: body.x509_svid_ttl,
+                    jwt_svid_ttl: body.jwt_svid_ttl,
+                    dns_names: body.dns_names.map(|d| d.names),
+                    hint: body.hint,
+                },
+            )
+            .await?;
+        tracing::info!(uid, entry = %record.id, "entry updated");
+        Ok(Response::new(convert::entry(&record)))
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<v1::DeleteEntryRequest>,
+    ) -> Result<Response<v1::DeleteEntryResponse>, Status> {
+        let uid = operator(&request)?;
+        let id = request.into_inner().id;
+        non_empty("id", &id)?;
+        let deleted = self.registry.delete_entry(&id).await?;
+        tracing::info!(uid, entry = %deleted.id, "entry deleted");
+        Ok(Response::new(v1::DeleteEntryResponse { id: deleted.id }))
+    }
+
+    async fn generate_join_token(
+        &self,
+        request: Request<v1::GenerateJoinTokenRequest>,
+    ) -> Result<Response<v1::GenerateJoinTokenResponse>, Status> {
+        let uid = operator(&request)?;
+        let body = request.into_inner();
+        non_empty("spiffe_id", &body.spiffe_id)?;
+        if body.ttl < 0 {
+            return Err(Status::invalid_argument("ttl must not be negative"));
+        }
+        let ttl = (body.ttl > 0).then(|| Duration::from_secs(body.ttl as u64));
+        let issued = self
+            .registry
+            .generate_join_token(&body.spiffe_id, ttl)
+            .await?;
+        tracing::info!(uid, spiffe_id = %issued.spiffe_id, expires_at = issued.expires_at, "join token generated");
+        Ok(Response::new(v1::GenerateJoinTokenResponse {
+            token: issued.token,
+            spiffe_id: issued.spiffe_id.to_string(),
+            expires_at: issued.expires_at,
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        operator(&request)?;
+        let agents = self
+            .registry
+            .store()
+            .list_agents()
+            .await
+            .map_err(|e| super::status::store_status(&e))?;
+        Ok(Response::new(v1::ListAgentsResponse {
+            agents: agents.iter().map(convert::agent).collect(),
+        }))
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<v1::AgentRequest>,
+    ) -> Result<Response<v1::Agent>, Status> {
+        let uid = operator(&request)?;
+        let body = request.into_inner();
+        non_empty("spiffe_id", &body.spiffe_id)?;
+        let record = self
+            .registry
+            .set_agent_status(&body.spiffe_id, AgentStatus::Evicted, &body.reason)
+            .await?;
+        tracing::warn!(uid, agent = %record.spiffe_id, reason = %body.reason, "agent evicted");
+        Ok(Response::new(convert::agent(&record)))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<v1::AgentRequest>,
+    ) -> Result<Response<v1::Agent>, Status> {
+        let uid = operator(&request)?;
+        let body = request.into_inner();
+        non_empty("spiffe_id", &body.spiffe_id)?;
+        let record = self
+            .registry
+            .set_agent_status(&body.spiffe_id, AgentStatus::Banned, &body.reason)
+            .await?;
+        tracing::warn!(uid, agent = %record.spiffe_id, reason = %body.reason, "agent banned");
+        Ok(Response::new(convert::agent(&record)))
+    }
+
+    async fn get_bundle(
+        &self,
+        request: Request<v1::GetBundleRequest>,
+    ) -> Result<Response<v1::GetBundleResponse>, Status> {
+        operator(&request)?;
+        let current = self.registry.ca().current();
+        let snapshot = &current.bundle;
+        let jwks = bundle_jwks(
+            &snapshot.x509_authorities,
+            &snapshot.jwt_keys,
+            snapshot.sequence,
+            300,
+        );
+        Ok(Response::new(v1::GetBundleResponse {
+            bundle: Some(convert::bundle(
+                self.registry.trust_domain().as_str(),
+                snapshot,
+                300,
+            )),
+            pem: bundle_pem(&snapshot.x509_authorities),
+            jwks: serde_json::to_string_pretty(&jwks)
+                .map_err(|e| Status::internal(format!("bundle encoding: {e}")))?,
+        }))
+    }
+
+    async fn show_ca(
+        &self,
+        request: Request<v1::ShowCaRequest>,
+    ) -> Result<Response<v1::ShowCaResponse>, Status> {
+        operator(&request)?;
+        let slots = self.registry.ca().slots().await?;
+        Ok(Response::new(v1::ShowCaResponse {
+            slots: slots.iter().map(ca_slot).collect(),
+        }))
+    }
+
+    async fn prepare_ca(
+        &self,
+        request: Request<v1::PrepareCaRequest>,
+    ) -> Result<Response<v1::ShowCaResponse>, Status> {
+        let uid = operator(&request)?;
+        let slot = self.registry.ca().prepare(self.registry.now()).await?;
+        tracing::info!(uid, slot = %slot.id, "CA prepared by operator");
+        let slots = self.registry.ca().slots().await?;
+        Ok(Response::new(v1::ShowCaResponse {
+            slots: slots.iter().map(ca_slot).collect(),
+        }))
+    }
+
+    async fn activate_ca(
+        &self,
+        request: Request<v1::ActivateCaRequest>,
+    ) -> Result<Response<v1::ShowCaResponse>, Status> {
+        let uid = operator(&request)?;
+        let slot = self.registry.ca().activate(self.registry.now()).await?;
+        tracing::info!(uid, slot = %slot.id, at = unix(self.registry.now()), "CA activated by operator");
+        let slots = self.registry.ca().slots().await?;
+        Ok(Response::new(v1::ShowCaResponse {
+            slots: slots.iter().map(ca_slot).collect(),
+        }))
+    }
+}

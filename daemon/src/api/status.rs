@@ -1,0 +1,60 @@
+//! The one place errors become gRPC statuses: a message safe to show the caller, and a
+//! log line with the detail where the caller must not see it.
+
+use tonic::Status;
+
+use crate::ca::CaError;
+use crate::ca::manager::CaManagerError;
+use crate::identity::IdentityError;
+use crate::store::StoreError;
+
+impl From<IdentityError> for Status {
+    fn from(error: IdentityError) -> Self {
+        match &error {
+            IdentityError::InvalidArgument { .. }
+            | IdentityError::Csr { .. }
+            | IdentityError::BatchTooLarge { .. } => Status::invalid_argument(error.to_string()),
+            IdentityError::EntryNotFound(_) => Status::not_found(error.to_string()),
+            IdentityError::EntryNotYours { .. }
+            | IdentityError::JoinToken(_)
+            | IdentityError::AgentEvicted(_)
+            | IdentityError::AgentBanned(_) => Status::permission_denied(error.to_string()),
+            IdentityError::UnknownAgent(_) | IdentityError::StaleAgentSvid { .. } => {
+                Status::unauthenticated(error.to_string())
+            }
+            IdentityError::Store(store) => store_status(store),
+            IdentityError::Signing(ca) => internal("signing", ca),
+            _ => internal("identity", &error),
+        }
+    }
+}
+
+impl From<CaManagerError> for Status {
+    fn from(error: CaManagerError) -> Self {
+        match &error {
+            CaManagerError::NothingPrepared | CaManagerError::AlreadyPrepared(_) => {
+                Status::failed_precondition(error.to_string())
+            }
+            CaManagerError::Store(store) => store_status(store),
+            _ => internal("CA", &error),
+        }
+    }
+}
+
+pub fn store_status(error: &StoreError) -> Status {
+    match error {
+        StoreError::NotFound { .. } => Status::not_found(error.to_string()),
+        StoreError::Conflict(_) => Status::already_exists(error.to_string()),
+        _ => internal("datastore", error),
+    }
+}
+
+pub fn ca_status(error: &CaError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// Internal detail goes to the log only; the caller gets a generic message.
+fn internal(what: &str, error: &dyn std::fmt::Display) -> Status {
+    tracing::error!(error = %error, "{what} failure");
+    Status::internal(format!("{what} failure; see the daemon's log"))
+}

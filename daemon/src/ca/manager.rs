@@ -1,0 +1,296 @@
+//! The CA's life cycle: creates the first CA, prepares the next one at half-life,
+//! activates it when a sixth of the active one's life remains, and publishes the
+//! signing authorities and the bundle through a watch channel.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Mutex, watch};
+use zeroize::Zeroizing;
+
+use mayfly_proto::TrustDomain;
+
+use super::{CaError, JwtAuthority, X509Authority, generate_ca};
+use crate::fsutil;
+use crate::store::{CaSlotRecord, CaSlotState, Store, StoreError};
+
+/// What signing and verification need right now; replaced whole on every CA change.
+pub struct Authorities {
+    pub active_slot: String,
+    pub x509: Arc<X509Authority>,
+    pub jwt: Arc<JwtAuthority>,
+    pub bundle: BundleSnapshot,
+}
+
+/// The trust bundle as published to agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleSnapshot {
+    /// DER CA certificates, active first.
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// (kid, SPKI DER) of every JWT key a valid JWT-SVID may be signed with.
+    pub jwt_keys: Vec<(String, Vec<u8>)>,
+    pub sequence: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaManagerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CaError),
+    #[error("CA key file {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("there is no prepared CA to activate; run `mayflyd ca prepare` first")]
+    NothingPrepared,
+    #[error("a prepared CA already exists ({0}); activate it before preparing another")]
+    AlreadyPrepared(String),
+    #[error("the datastore has no active CA")]
+    NoActive,
+}
+
+pub struct CaManager {
+    store: Store,
+    key_dir: PathBuf,
+    trust_domain: TrustDomain,
+    ttl: Duration,
+    published: watch::Sender<Arc<Authorities>>,
+    // Serializes prepare/activate so the timer and an operator cannot race.
+    changing: Mutex<()>,
+}
+
+impl CaManager {
+    /// Loads the CA from the store, creating and activating the first one if there is none.
+    pub async fn start(
+        store: Store,
+        data_dir: &Path,
+        trust_domain: TrustDomain,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Self, CaManagerError> {
+        let key_dir = data_dir.join("ca");
+        fsutil::ensure_private_dir(&key_dir, 0o700).map_err(|source| {
+            CaManagerError::KeyFile {
+                path: key_dir.clone(),
+                source,
+            }
+        })?;
+        let slots = store.list_ca_slots().await?;
+        if !slots.iter().any(|s| s.state == CaSlotState::Active) {
+            let slot = match slots.iter().find(|s| s.state == CaSlotState::Prepared) {
+                Some(prepared) => prepared.clone(),
+                None => create_slot(&store, &key_dir, &trust_domain, ttl, now).await?,
+            };
+            store.activate_ca_slot(&slot.id, unix(now)).await?;
+            store.bump_bundle_sequence().await?;
+            tracing::info!(slot = %slot.id, "activated the first CA");
+        }
+        let authorities = load(&store, &key_dir, now).await?;
+        let (published, _) = watch::channel(Arc::new(authorities));
+        Ok(Self {
+            store,
+            key_dir,
+            trust_domain,
+            ttl,
+            published,
+            changing: Mutex::new(()),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Authorities> {
+        self.published.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Authorities>> {
+        self.published.subscribe()
+    }
+
+    pub async fn slots(&self) -> Result<Vec<CaSlotRecord>, CaManagerError> {
+        Ok(self.store.list_ca_slots().await?)
+    }
+
+    /// Creates the next CA and publishes it in the bundle without signing with it yet.
+    pub async fn prepare(&self, now: SystemTime) -> Result<CaSlotRecord, CaManagerError> {
+        let _guard = self.changing.lock().await;
+        if let Some(prepared) = self.prepared().await? {
+            return Err(CaManagerError::AlreadyPrepared(prepared.id));
+        }
+        let slot =
+            create_slot(&self.store, &self.key_dir, &self.trust_domain, self.ttl, now).await?;
+        self.store.bump_bundle_sequence().await?;
+        self.republish(now).await?;
+        tracing::info!(slot = %slot.id, "prepared the next CA");
+        Ok(slot)
+    }
+
+    /// Switches signing to the prepared CA; the old one stays in the bundle until it expires.
+    pub async fn activate(&self, now: SystemTime) -> Result<CaSlotRecord, CaManagerError> {
+        let _guard = self.changing.lock().await;
+        let prepared = self
+            .prepared()
+            .await?
+            .ok_or(CaManagerError::NothingPrepared)?;
+        self.store.activate_ca_slot(&prepared.id, unix(now)).await?;
+        self.store.bump_bundle_sequence().await?;
+        self.republish(now).await?;
+        tracing::info!(slot = %prepared.id, "activated the prepared CA");
+        Ok(prepared)
+    }
+
+    /// Prepares at half-life and activates at a sixth remaining; called on a timer.
+    pub async fn tick(&self, now: SystemTime) -> Result<(), CaManagerError> {
+        let slots = self.store.list_ca_slots().await?;
+        let Some(active) = slots.iter().find(|s| s.state == CaSlotState::Active) else {
+            return Err(CaManagerError::NoActive);
+        };
+        let life = (active.not_after - active.not_before).max(1);
+        let now_s = unix(now);
+        let has_prepared = slots.iter().any(|s| s.state == CaSlotState::Prepared);
+        if !has_prepared && now_s >= active.not_before + life / 2 {
+            self.prepare(now).await?;
+        } else if has_prepared && active.not_after - now_s <= life / 6 {
+            self.activate(now).await?;
+        }
+        let expired: Vec<&CaSlotRecord> = slots
+            .iter()
+            .filter(|s| s.state == CaSlotState::Retired && s.not_after <= now_s)
+            .collect();
+        if !expired.is_empty() {
+            // An expired CA vouches for nothing: drop it from the bundle.
+            for slot in expired {
+                self.store.delete_ca_slot(&slot.id).await?;
+                remove_keys(&self.key_dir, &slot.id);
+            }
+            self.store.bump_bundle_sequence().await?;
+            self.republish(now).await?;
+        }
+        Ok(())
+    }
+
+    async fn prepared(&self) -> Result<Option<CaSlotRecord>, CaManagerError> {
+        Ok(self
+            .store
+            .list_ca_slots()
+            .await?
+            .into_iter()
+            .find(|s| s.state == CaSlotState::Prepared))
+    }
+
+    async fn republish(&self, now: SystemTime) -> Result<(), CaManagerError> {
+        let authorities = load(&self.store, &self.key_dir, now).await?;
+        self.published.send_replace(Arc::new(authorities));
+        Ok(())
+    }
+}
+
+async fn create_slot(
+    store: &Store,
+    key_dir: &Path,
+    trust_domain: &TrustDomain,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<CaSlotRecord, CaManagerError> {
+    let material = generate_ca(trust_domain.as_str(), ttl, now)?;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    // Keys reach the disk before the row that names them: a crash leaves at worst an
+    // orphan key file, never a slot without its key.
+    write_key(&x509_key_path(key_dir, &id), &material.key_pkcs8)?;
+    write_key(&jwt_key_path(key_dir, &id), &material.jwt_key_pkcs8)?;
+    let slot = CaSlotRecord {
+        id,
+        state: CaSlotState::Prepared,
+        cert_der: material.cert_der.clone(),
+        jwt_kid: material.jwt_kid.clone(),
+        jwt_public_spki: material.jwt_public_spki.clone(),
+        not_before: material.not_before,
+        not_after: material.not_after,
+        created_at: unix(now),
+        activated_at: None,
+    };
+    store.insert_ca_slot(&slot).await?;
+    Ok(slot)
+}
+
+async fn load(
+    store: &Store,
+    key_dir: &Path,
+    now: SystemTime,
+) -> Result<Authorities, CaManagerError> {
+    let slots = store.list_ca_slots().await?;
+    let active = slots
+        .iter()
+        .find(|s| s.state == CaSlotState::Active)
+        .ok_or(CaManagerError::NoActive)?;
+    let x509_key = read_key(&x509_key_path(key_dir, &active.id))?;
+    let jwt_key = read_key(&jwt_key_path(key_dir, &active.id))?;
+    let x509 = X509Authority::new(&active.cert_der, &x509_key)?;
+    let jwt = JwtAuthority::new(active.jwt_kid.clone(), &jwt_key)?;
+    let now_s = unix(now);
+    // Active first, then prepared, then retired ones that can still vouch for live SVIDs.
+    let mut published: Vec<&CaSlotRecord> = slots
+        .iter()
+        .filter(|s| s.state != CaSlotState::Retired || s.not_after > now_s)
+        .collect();
+    published.sort_by_key(|s| match s.state {
+        CaSlotState::Active => 0,
+        CaSlotState::Prepared => 1,
+        _ => 2,
+    });
+    let bundle = BundleSnapshot {
+        x509_authorities: published.iter().map(|s| s.cert_der.clone()).collect(),
+        jwt_keys: published
+            .iter()
+            .map(|s| (s.jwt_kid.clone(), s.jwt_public_spki.clone()))
+            .collect(),
+        sequence: store.bundle_sequence().await?,
+    };
+    Ok(Authorities {
+        active_slot: active.id.clone(),
+        x509: Arc::new(x509),
+        jwt: Arc::new(jwt),
+        bundle,
+    })
+}
+
+fn x509_key_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.x509.key"))
+}
+
+fn jwt_key_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.jwt.key"))
+}
+
+fn write_key(path: &Path, der: &[u8]) -> Result<(), CaManagerError> {
+    fsutil::write_atomic(path, der, 0o600).map_err(|source| CaManagerError::KeyFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, CaManagerError> {
+    std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|source| CaManagerError::KeyFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn remove_keys(dir: &Path, id: &str) {
+    for path in [x509_key_path(dir, id), jwt_key_path(dir, id)] {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove an expired CA key");
+        }
+    }
+}
+
+/// Unix seconds; times before 1970 do not occur on a sane clock and count as 0.
+pub fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,221 @@
+//! `mayflyd` command line: `run`, `dev`, and the operator subcommands that talk to a
+//! running daemon over its admin socket.
+
+pub mod operator;
+pub mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "mayflyd", version, about = "Mayfly's central daemon: CA, SVID issuance and operator commands")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// Path to daemon.toml.
+        #[arg(long, short, default_value = "/etc/mayfly/daemon.toml")]
+        config: PathBuf,
+    },
+    /// Run a throwaway daemon on a temporary data_dir with embedded defaults.
+    Dev(DevArgs),
+    /// Registration entries.
+    Entry {
+        #[command(subcommand)]
+        command: EntryCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Join tokens for attesting agents.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Attested agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// The trust bundle.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// The CA: show it, or force preparing or activating the next one.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Trust domain of the throwaway daemon.
+    #[arg(long, default_value = "example.org")]
+    pub trust_domain: String,
+    /// Node API address (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub node_listen: std::net::SocketAddr,
+}
+
+/// How operator subcommands find the daemon.
+#[derive(Debug, Args, Clone)]
+pub struct Connection {
+    /// The daemon's admin socket.
+    #[arg(long, global = true, env = "MAYFLY_ADMIN_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Read the admin socket path from this daemon.toml instead.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EntryCommand {
+    /// Register a workload identity.
+    Create(EntryFields),
+    /// List entries.
+    List {
+        #[arg(long)]
+        parent_id: Option<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// Show one entry.
+    Show { id: String },
+    /// Change an entry; fields not given keep their value.
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: EntryUpdateFields,
+    },
+    /// Delete an entry; agents drop its SVIDs.
+    Delete { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct EntryFields {
+    /// The workload's SPIFFE ID.
+    #[arg(long)]
+    pub spiffe_id: String,
+    /// The SPIFFE ID of the agent that serves it.
+    #[arg(long)]
+    pub parent_id: String,
+    /// A selector the workload must match, e.g. unix:uid:1000 (repeatable; all must match).
+    #[arg(long = "selector", required = true)]
+    pub selectors: Vec<String>,
+    /// X509-SVID lifetime, e.g. 1h (default: the daemon's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub x509_ttl: Option<std::time::Duration>,
+    /// JWT-SVID lifetime, e.g. 5m (default: the daemon's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub jwt_ttl: Option<std::time::Duration>,
+    /// A DNS name to add to the SVID (repeatable).
+    #[arg(long = "dns")]
+    pub dns_names: Vec<String>,
+    /// A hint shown to workloads holding several SVIDs.
+    #[arg(long, default_value = "")]
+    pub hint: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EntryUpdateFields {
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    #[arg(long)]
+    pub parent_id: Option<String>,
+    /// Replaces all selectors (repeatable).
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub x509_ttl: Option<std::time::Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub jwt_ttl: Option<std::time::Duration>,
+    /// Replaces all DNS names (repeatable).
+    #[arg(long = "dns")]
+    pub dns_names: Vec<String>,
+    /// Remove every DNS name.
+    #[arg(long, conflicts_with = "dns_names")]
+    pub clear_dns: bool,
+    #[arg(long)]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a single-use join token for an agent.
+    Generate {
+        /// The SPIFFE ID the agent will get.
+        #[arg(long)]
+        spiffe_id: String,
+        /// How long the token stays valid (default: the daemon's, 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// List attested agents.
+    List,
+    /// Cut an agent off; it must re-attest with a new join token.
+    Evict {
+        spiffe_id: String,
+        #[arg(long, default_value = "evicted by operator")]
+        reason: String,
+    },
+    /// Cut an agent off for good.
+    Ban {
+        spiffe_id: String,
+        #[arg(long, default_value = "banned by operator")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Print the trust bundle.
+    Show {
+        /// pem, or jwks (the SPIFFE bundle format).
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BundleFormat {
+    Pem,
+    Jwks,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Show the CA slots.
+    Show,
+    /// Create the next CA now and publish it in the bundle.
+    Prepare,
+    /// Sign with the prepared CA from now on.
+    Activate,
+}

@@ -1,0 +1,210 @@
+//! Operator subcommands: each is one admin API call over the daemon's Unix socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+use mayfly_proto::v1::admin_client::AdminClient;
+use mayfly_proto::v1::{self};
+
+use super::output::{self, pretty};
+use super::{
+    AgentCommand, BundleCommand, BundleFormat, CaCommand, Connection, EntryCommand,
+    OutputFormat, TokenCommand,
+};
+use crate::config::DaemonConfig;
+
+/// Opens an admin client on the socket named by the flags, env or config.
+pub async fn connect(conn: &Connection) -> anyhow::Result<AdminClient<Channel>> {
+    let path = socket_path(conn)?;
+    if !path.exists() {
+        anyhow::bail!(
+            "admin socket {} does not exist: is mayflyd running? (set --socket or MAYFLY_ADMIN_SOCKET)",
+            path.display()
+        );
+    }
+    let channel = Endpoint::from_static("http://mayflyd.admin")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .context("connecting to the admin socket")?;
+    Ok(AdminClient::new(channel))
+}
+
+fn socket_path(conn: &Connection) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &conn.socket {
+        return Ok(path.clone());
+    }
+    if let Some(config) = &conn.config {
+        return Ok(DaemonConfig::load(config)?.admin_socket);
+    }
+    let default_config = Path::new("/etc/mayfly/daemon.toml");
+    if default_config.exists() {
+        return Ok(DaemonConfig::load(default_config)?.admin_socket);
+    }
+    Ok(PathBuf::from("/run/mayfly/admin.sock"))
+}
+
+/// Turns a gRPC status into an error whose text is the daemon's message.
+fn call<T>(result: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(|status| anyhow::anyhow!("{} ({:?})", status.message(), status.code()))
+}
+
+fn secs(d: Option<std::time::Duration>) -> i64 {
+    d.map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+pub async fn entry(command: EntryCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let format = conn.output;
+    Ok(match command {
+        EntryCommand::Create(f) => {
+            let created = call(
+                client
+                    .create_entry(v1::CreateEntryRequest {
+                        spiffe_id: f.spiffe_id,
+                        parent_id: f.parent_id,
+                        selectors: f.selectors,
+                        x509_svid_ttl: secs(f.x509_ttl),
+                        jwt_svid_ttl: secs(f.jwt_ttl),
+                        dns_names: f.dns_names,
+                        hint: f.hint,
+                    })
+                    .await,
+            )?;
+            output::entry(format, &created)
+        }
+        EntryCommand::List {
+            parent_id,
+            spiffe_id,
+        } => {
+            let list = call(
+                client
+                    .list_entries(v1::ListEntriesRequest {
+                        parent_id: parent_id.unwrap_or_default(),
+                        spiffe_id: spiffe_id.unwrap_or_default(),
+                    })
+                    .await,
+            )?;
+            output::entries(format, &list.entries)
+        }
+        EntryCommand::Show { id } => {
+            output::entry(format, &call(client.get_entry(v1::GetEntryRequest { id }).await)?)
+        }
+        EntryCommand::Update { id, fields } => {
+            let dns_names = if fields.clear_dns {
+                Some(v1::DnsNames { names: vec![] })
+            } else if fields.dns_names.is_empty() {
+                None
+            } else {
+                Some(v1::DnsNames {
+                    names: fields.dns_names,
+                })
+            };
+            let updated = call(
+                client
+                    .update_entry(v1::UpdateEntryRequest {
+                        id,
+                        spiffe_id: fields.spiffe_id,
+                        parent_id: fields.parent_id,
+                        selectors: fields.selectors,
+                        x509_svid_ttl: fields.x509_ttl.map(|d| d.as_secs() as i64),
+                        jwt_svid_ttl: fields.jwt_ttl.map(|d| d.as_secs() as i64),
+                        dns_names,
+                        hint: fields.hint,
+                    })
+                    .await,
+            )?;
+            output::entry(format, &updated)
+        }
+        EntryCommand::Delete { id } => {
+            let deleted = call(client.delete_entry(v1::DeleteEntryRequest { id }).await)?;
+            match format {
+                OutputFormat::Json => pretty(&serde_json::json!({ "deleted": deleted.id })),
+                OutputFormat::Table => format!("deleted entry {}\n", deleted.id),
+            }
+        }
+    })
+}
+
+pub async fn token(command: TokenCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let TokenCommand::Generate { spiffe_id, ttl } = command;
+    let issued = call(
+        client
+            .generate_join_token(v1::GenerateJoinTokenRequest {
+                spiffe_id,
+                ttl: secs(ttl),
+            })
+            .await,
+    )?;
+    Ok(match conn.output {
+        OutputFormat::Json => pretty(&serde_json::json!({
+            "token": issued.token,
+            "spiffe_id": issued.spiffe_id,
+            "expires_at": issued.expires_at,
+        })),
+        OutputFormat::Table => format!(
+            "Token: {}\nSPIFFE ID: {}\nExpires: {}\n",
+            issued.token,
+            issued.spiffe_id,
+            output::when(issued.expires_at)
+        ),
+    })
+}
+
+pub async fn agent(command: AgentCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let format = conn.output;
+    Ok(match command {
+        AgentCommand::List => {
+            let list = call(client.list_agents(v1::ListAgentsRequest {}).await)?;
+            output::agents(format, &list.agents)
+        }
+        AgentCommand::Evict { spiffe_id, reason } => {
+            let agent = call(
+                client
+                    .evict_agent(v1::AgentRequest { spiffe_id, reason })
+                    .await,
+            )?;
+            output::agents(format, &[agent])
+        }
+        AgentCommand::Ban { spiffe_id, reason } => {
+            let agent = call(client.ban_agent(v1::AgentRequest { spiffe_id, reason }).await)?;
+            output::agents(format, &[agent])
+        }
+    })
+}
+
+pub async fn bundle(command: BundleCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let BundleCommand::Show { format } = command;
+    let bundle = call(client.get_bundle(v1::GetBundleRequest {}).await)?;
+    Ok(match (conn.output, format) {
+        (OutputFormat::Json, _) | (_, BundleFormat::Jwks) => {
+            let mut text = bundle.jwks;
+            text.push('\n');
+            text
+        }
+        (OutputFormat::Table, BundleFormat::Pem) => bundle.pem,
+    })
+}
+
+pub async fn ca(command: CaCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let slots = match command {
+        CaCommand::Show => call(client.show_ca(v1::ShowCaRequest {}).await)?,
+        CaCommand::Prepare => call(client.prepare_ca(v1::PrepareCaRequest {}).await)?,
+        CaCommand::Activate => call(client.activate_ca(v1::ActivateCaRequest {}).await)?,
+    };
+    Ok(output::ca_slots(conn.output, &slots.slots))
+}

@@ -1,0 +1,209 @@
+//! Human-readable tables by default, JSON for scripts.
+
+use serde_json::{Value, json};
+
+use mayfly_proto::v1;
+
+use super::OutputFormat;
+
+/// Renders rows as an aligned table; `rows` hold one string per header.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec(), &mut out);
+    for row in rows {
+        line(row.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn when(unix: i64) -> String {
+    if unix <= 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64))
+        .to_string()
+}
+
+pub fn entry_json(e: &v1::Entry) -> Value {
+    json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "dns_names": e.dns_names,
+        "hint": e.hint,
+        "revision": e.revision,
+        "created_at": e.created_at,
+        "updated_at": e.updated_at,
+    })
+}
+
+pub fn entries(format: OutputFormat, list: &[v1::Entry]) -> String {
+    match format {
+        OutputFormat::Json => pretty(&Value::Array(list.iter().map(entry_json).collect())),
+        OutputFormat::Table => table(
+            &["ID", "SPIFFE ID", "PARENT", "SELECTORS", "X509 TTL", "JWT TTL"],
+            &list
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.id.clone(),
+                        e.spiffe_id.clone(),
+                        e.parent_id.clone(),
+                        e.selectors
+                            .iter()
+                            .map(|s| format!("{}:{}", s.r#type, s.value))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        ttl(e.x509_svid_ttl),
+                        ttl(e.jwt_svid_ttl),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+pub fn entry(format: OutputFormat, e: &v1::Entry) -> String {
+    match format {
+        OutputFormat::Json => pretty(&entry_json(e)),
+        OutputFormat::Table => {
+            let selectors = e
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let rows = vec![
+                vec!["ID".into(), e.id.clone()],
+                vec!["SPIFFE ID".into(), e.spiffe_id.clone()],
+                vec!["Parent ID".into(), e.parent_id.clone()],
+                vec!["Selectors".into(), selectors],
+                vec!["X509-SVID TTL".into(), ttl(e.x509_svid_ttl)],
+                vec!["JWT-SVID TTL".into(), ttl(e.jwt_svid_ttl)],
+                vec!["DNS names".into(), e.dns_names.join(", ")],
+                vec!["Hint".into(), e.hint.clone()],
+                vec!["Revision".into(), e.revision.to_string()],
+                vec!["Created".into(), when(e.created_at)],
+                vec!["Updated".into(), when(e.updated_at)],
+            ];
+            table(&["FIELD", "VALUE"], &rows)
+        }
+    }
+}
+
+pub fn agents(format: OutputFormat, list: &[v1::Agent]) -> String {
+    match format {
+        OutputFormat::Json => pretty(&Value::Array(list.iter().map(agent_json).collect())),
+        OutputFormat::Table => table(
+            &["SPIFFE ID", "STATUS", "SERIAL", "ATTESTED", "SVID EXPIRES"],
+            &list
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.spiffe_id.clone(),
+                        a.status.clone(),
+                        a.serial.clone(),
+                        when(a.attested_at),
+                        when(a.svid_expires_at),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+pub fn agent_json(a: &v1::Agent) -> Value {
+    json!({
+        "spiffe_id": a.spiffe_id,
+        "status": a.status,
+        "serial": a.serial,
+        "attested_at": a.attested_at,
+        "svid_expires_at": a.svid_expires_at,
+        "last_seen": a.last_seen,
+    })
+}
+
+pub fn ca_slots(format: OutputFormat, slots: &[v1::CaSlot]) -> String {
+    match format {
+        OutputFormat::Json => pretty(&Value::Array(
+            slots
+                .iter()
+                .map(|s| {
+                    json!({
+                        "id": s.id,
+                        "state": s.state,
+                        "subject_key_id": s.subject_key_id,
+                        "not_before": s.not_before,
+                        "not_after": s.not_after,
+                        "jwt_key_id": s.jwt_key_id,
+                        "certificate": s.certificate,
+                    })
+                })
+                .collect(),
+        )),
+        OutputFormat::Table => table(
+            &["SLOT", "STATE", "SUBJECT KEY ID", "NOT BEFORE", "NOT AFTER", "JWT KEY ID"],
+            &slots
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.state.clone(),
+                        s.subject_key_id.clone(),
+                        when(s.not_before),
+                        when(s.not_after),
+                        s.jwt_key_id.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+fn ttl(seconds: i64) -> String {
+    if seconds <= 0 {
+        "default".into()
+    } else {
+        humantime::format_duration(std::time::Duration::from_secs(seconds as u64)).to_string()
+    }
+}
+
+pub fn pretty(value: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let out = table(
+            &["A", "LONGER"],
+            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+        );
+        assert_eq!(out, "A    LONGER\nxyz  1\nq    22\n");
+    }
+}

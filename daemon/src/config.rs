@@ -1,0 +1,327 @@
+//! daemon.toml: the one typed configuration of `mayflyd`. Unknown keys are an error, and
+//! a broken file is reported with its path, line and key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use mayfly_proto::TrustDomain;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The trust domain every SPIFFE ID this daemon issues belongs to.
+    pub trust_domain: TrustDomain,
+    /// Where the CA keys and the default SQLite datastore live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Empty: SQLite in data_dir. `postgres://…`: a shared PostgreSQL.
+    #[serde(default)]
+    pub datastore_url: String,
+    /// The node API (agents, mTLS).
+    #[serde(default = "default_node_listen")]
+    pub node_listen: SocketAddr,
+    /// The admin API's Unix socket (mode 0600).
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// Largest gRPC message the node API accepts.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(default)]
+    pub ca: CaConfig,
+    #[serde(default)]
+    pub svid: SvidConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    #[serde(default)]
+    pub key_type: KeyType,
+    #[serde(default = "default_ca_ttl", deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// How often the CA's age is checked for prepare/activate.
+    #[serde(default = "default_rotation_check", deserialize_with = "duration")]
+    pub rotation_check_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    #[default]
+    EcP256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SvidConfig {
+    #[serde(default = "default_x509_ttl", deserialize_with = "duration")]
+    pub x509_ttl: Duration,
+    #[serde(default = "default_jwt_ttl", deserialize_with = "duration")]
+    pub jwt_ttl: Duration,
+    /// TTL of the agents' own SVIDs.
+    #[serde(default = "default_x509_ttl", deserialize_with = "duration")]
+    pub agent_ttl: Duration,
+    #[serde(default = "default_join_token_ttl", deserialize_with = "duration")]
+    pub join_token_ttl: Duration,
+    /// Most CSRs one SignSvids call may carry.
+    #[serde(default = "default_max_batch")]
+    pub max_csr_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. "info" or "mayfly_daemon=debug".
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// `origin` only names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: describe_toml_error(text, &e),
+        })?;
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The defaults `mayflyd dev` runs on.
+    pub fn dev(data_dir: PathBuf, trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            admin_socket: data_dir.join("admin.sock"),
+            data_dir,
+            datastore_url: String::new(),
+            node_listen: default_node_listen(),
+            max_message_bytes: default_max_message_bytes(),
+            ca: CaConfig::default(),
+            svid: SvidConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let ttl_rules = [
+            ("ca.ttl", self.ca.ttl, Duration::from_secs(60)),
+            ("svid.x509_ttl", self.svid.x509_ttl, Duration::from_secs(10)),
+            ("svid.jwt_ttl", self.svid.jwt_ttl, Duration::from_secs(10)),
+            ("svid.agent_ttl", self.svid.agent_ttl, Duration::from_secs(10)),
+            (
+                "svid.join_token_ttl",
+                self.svid.join_token_ttl,
+                Duration::from_secs(1),
+            ),
+        ];
+        for (key, value, min) in ttl_rules {
+            if value < min {
+                return Err(format!(
+                    "key `{key}`: {} is shorter than the minimum {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(min)
+                ));
+            }
+        }
+        if self.svid.max_csr_batch == 0 {
+            return Err("key `svid.max_csr_batch`: must be at least 1".into());
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("key `max_message_bytes`: must be at least 1024".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        Self {
+            key_type: KeyType::default(),
+            ttl: default_ca_ttl(),
+            rotation_check_interval: default_rotation_check(),
+        }
+    }
+}
+
+impl Default for SvidConfig {
+    fn default() -> Self {
+        Self {
+            x509_ttl: default_x509_ttl(),
+            jwt_ttl: default_jwt_ttl(),
+            agent_ttl: default_x509_ttl(),
+            join_token_ttl: default_join_token_ttl(),
+            max_csr_batch: default_max_batch(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// toml's own message carries line, column and the offending key; prefix the line
+/// number explicitly so it survives being shown on one line.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().to_string();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let snippet = text
+                .get(span.clone())
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.len() <= 80)
+                .map(|s| format!(" (at `{s}`)"))
+                .unwrap_or_default();
+            format!("line {line}: {message}{snippet}")
+        }
+        None => message,
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"1h\", \"24h\""
+        ))
+    })
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/mayfly")
+}
+
+fn default_node_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/mayfly/admin.sock")
+}
+
+fn default_max_message_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+fn default_ca_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_rotation_check() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_x509_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_jwt_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_join_token_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_max_batch() -> usize {
+    1000
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DaemonConfig, ConfigError> {
+        DaemonConfig::parse(text, Path::new("daemon.toml"))
+    }
+
+    #[test]
+    fn minimal_file_takes_every_default() {
+        let config = parse("trust_domain = \"example.org\"\n").unwrap();
+        assert_eq!(config.trust_domain.as_str(), "example.org");
+        assert_eq!(config.svid.x509_ttl, Duration::from_secs(3600));
+        assert_eq!(config.svid.jwt_ttl, Duration::from_secs(300));
+        assert_eq!(config.ca.ttl, Duration::from_secs(86400));
+        assert_eq!(config.svid.join_token_ttl, Duration::from_secs(600));
+        assert!(config.datastore_url.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("trust_domain = \"example.org\"\n\n[svid]\nx509_tll = \"1h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("daemon.toml: line 4"), "{err}");
+        assert!(err.contains("x509_tll"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let err = parse("trust_domain = \"example.org\"\n[ca]\nttl = \"forever\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("not a duration"), "{err}");
+    }
+
+    #[test]
+    fn invalid_trust_domain_is_rejected() {
+        let err = parse("trust_domain = \"Example.ORG\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../config/daemon.toml");
+        parse(text).unwrap();
+    }
+}

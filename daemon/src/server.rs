@@ -1,0 +1,166 @@
+//! Wiring: opens the store, starts the CA, and serves the node and admin APIs until
+//! shutdown. Everything the daemon runs is assembled here and nowhere else.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+
+use mayfly_proto::v1::admin_server::AdminServer;
+use mayfly_proto::v1::node_server::NodeServer;
+
+use crate::api::{admin::AdminApi, node::NodeApi, tls};
+use crate::ca::manager::CaManager;
+use crate::config::DaemonConfig;
+use crate::fsutil;
+use crate::identity::{Clock, Registry, SystemClock};
+use crate::store::Store;
+
+/// A daemon that has bound its sockets and is serving.
+pub struct Daemon {
+    pub node_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub registry: Arc<Registry>,
+}
+
+/// Starts everything and returns once both APIs are listening; serving continues until
+/// `shutdown` resolves, after which the returned join handle completes.
+pub async fn start(
+    config: DaemonConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(Daemon, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    fsutil::ensure_private_dir(&config.data_dir, 0o700)
+        .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+    let url = Some(config.datastore_url.as_str()).filter(|u| !u.is_empty());
+    let store = Store::connect(url, &config.data_dir)
+        .await
+        .context("opening the datastore")?;
+    let ca = Arc::new(
+        CaManager::start(
+            store.clone(),
+            &config.data_dir,
+            config.trust_domain.clone(),
+            config.ca.ttl,
+            clock.now(),
+        )
+        .await
+        .context("starting the CA")?,
+    );
+    let registry = Arc::new(Registry::load(store, ca.clone(), &config, clock.clone()).await?);
+
+    let tick_ca = ca.clone();
+    let tick_clock = clock.clone();
+    let interval = config.ca.rotation_check_interval;
+    tokio::spawn(async move {
+        let mut timer = tokio::time::interval(interval);
+        loop {
+            timer.tick().await;
+            if let Err(e) = tick_ca.tick(tick_clock.now()).await {
+                tracing::error!(error = %e, "CA rotation check failed");
+            }
+        }
+    });
+
+    let listener = TcpListener::bind(config.node_listen)
+        .await
+        .with_context(|| format!("binding the node API on {}", config.node_listen))?;
+    let node_addr = listener.local_addr()?;
+    let tls_config = tls::server_config(registry.clone())?;
+    let node_incoming = ReceiverStream::new(tls::incoming(listener, tls_config));
+
+    let admin_listener = bind_admin_socket(&config.admin_socket)?;
+
+    let node_service = NodeServer::new(NodeApi::new(registry.clone()))
+        .max_decoding_message_size(config.max_message_bytes);
+    let admin_service = AdminServer::new(AdminApi::new(registry.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut node_stop = stop_rx.clone();
+    let mut admin_stop = stop_rx;
+    let node = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(node_service)
+        .serve_with_incoming_shutdown(node_incoming, async move {
+            let _ = node_stop.wait_for(|stop| *stop).await;
+        });
+    let admin = tonic::transport::Server::builder()
+        .add_service(admin_service)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
+            let _ = admin_stop.wait_for(|stop| *stop).await;
+        });
+    let admin_path = config.admin_socket.clone();
+    let handle = tokio::spawn(async move {
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let (node, admin) = tokio::join!(node, admin);
+        let _ = std::fs::remove_file(&admin_path);
+        node.context("node API")?;
+        admin.context("admin API")?;
+        Ok(())
+    });
+    tracing::info!(node_api = %node_addr, admin_socket = %config.admin_socket.display(), trust_domain = %config.trust_domain, "mayflyd serving");
+    Ok((
+        Daemon {
+            node_addr,
+            admin_socket: config.admin_socket.clone(),
+            registry,
+        },
+        handle,
+    ))
+}
+
+/// Binds the admin socket so that it is never, even briefly, reachable by others.
+fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "admin socket {} is in use: is another mayflyd running?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    // SAFETY: umask only changes this process's file-creation mask; restored right after.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    let listener = bound.with_context(|| format!("binding the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Tells systemd (Type=notify) that the daemon is ready, when run under it.
+pub fn notify_ready() {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let path = PathBuf::from(&socket);
+    let result = if let Some(abstract_name) = socket.to_string_lossy().strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
+    } else {
+        sock.send_to(b"READY=1", &path)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}

@@ -1,0 +1,278 @@
+//! Starts the real `mayflyd` binary on a temporary data_dir and a free port, and gives
+//! tests an operator CLI, an admin client and agent-side node API clients.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tonic::transport::Channel;
+
+use mayfly_daemon::ca::{generate_csr, parse_pem_certs};
+use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
+use mayfly_proto::v1::node_client::NodeClient;
+use mayfly_proto::v1::{self};
+use mayfly_proto::TrustDomain;
+
+/// Installs aws-lc-rs as rustls's provider; every test calls it first.
+pub fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// The directory holding the workspace's built binaries (target/debug or target/release).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built: run `cargo build --bins` first (scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub trust_domain: String,
+    pub datastore_url: String,
+    /// Appended to the generated daemon.toml.
+    pub extra_toml: String,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        Self {
+            trust_domain: "example.org".into(),
+            datastore_url: String::new(),
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// A running `mayflyd run` process; killed on drop.
+pub struct DaemonProcess {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub admin_socket: PathBuf,
+    pub node_addr: String,
+    pub trust_domain: TrustDomain,
+    child: Option<Child>,
+}
+
+impl DaemonProcess {
+    pub fn start(options: DaemonOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("mayfly-e2e-").tempdir()?;
+        let port = free_port();
+        let admin_socket = dir.path().join("admin.sock");
+        let config_path = dir.path().join("daemon.toml");
+        let config = format!(
+            "trust_domain = \"{td}\"\ndata_dir = \"{data}\"\ndatastore_url = \"{url}\"\n\
+             node_listen = \"127.0.0.1:{port}\"\nadmin_socket = \"{sock}\"\n{extra}\n",
+            td = options.trust_domain,
+            data = dir.path().join("data").display(),
+            url = options.datastore_url,
+            sock = admin_socket.display(),
+            extra = options.extra_toml,
+        );
+        std::fs::write(&config_path, config)?;
+        let mut process = Self {
+            trust_domain: TrustDomain::new(&options.trust_domain)?,
+            config_path,
+            admin_socket,
+            node_addr: format!("127.0.0.1:{port}"),
+            child: None,
+            dir,
+        };
+        process.spawn()?;
+        Ok(process)
+    }
+
+    /// Starts (or restarts) the process on the same config and data.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(binary("mayflyd")?)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mayflyd")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("mayflyd exited with {status}; log:\n{}", self.log());
+            }
+            let admin_up = std::os::unix::net::UnixStream::connect(&self.admin_socket).is_ok();
+            let node_up = std::net::TcpStream::connect(&self.node_addr).is_ok();
+            if admin_up && node_up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("mayflyd did not come up in 30 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mayflyd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs an operator subcommand against this daemon.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(binary("mayflyd")?)
+            .args(args)
+            .env("MAYFLY_ADMIN_SOCKET", &self.admin_socket)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Runs an operator subcommand that must succeed, returning its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "mayflyd {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Runs an operator subcommand with `--output json` and parses the result.
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        Ok(serde_json::from_str(&self.cli_ok(&all)?)?)
+    }
+
+    /// A fresh join token for `spiffe_id`.
+    pub fn join_token(&self, spiffe_id: &str) -> anyhow::Result<String> {
+        let value = self.cli_json(&["token", "generate", "--spiffe-id", spiffe_id])?;
+        value["token"]
+            .as_str()
+            .map(str::to_string)
+            .context("no token in output")
+    }
+
+    /// The trust bundle's CA certificates (DER), as an operator would hand to an agent.
+    pub fn bundle(&self) -> anyhow::Result<Vec<Vec<u8>>> {
+        let pem = self.cli_ok(&["bundle", "show"])?;
+        Ok(parse_pem_certs(&pem)?)
+    }
+
+    /// A node API client without a client certificate (only Attest accepts it).
+    pub async fn anonymous_node(&self) -> anyhow::Result<NodeClient<Channel>> {
+        let bundle = TrustBundle::new(&self.bundle()?)?;
+        let config = client_config(server_id(&self.trust_domain)?, bundle, None)?;
+        Ok(NodeClient::new(connect(&self.node_addr, config).await?))
+    }
+
+    /// Attests a new agent with a join token and returns its identity.
+    pub async fn attest(&self, agent_id: &str) -> anyhow::Result<AgentIdentity> {
+        let token = self.join_token(agent_id)?;
+        let (key, csr) = generate_csr(None)?;
+        let response = self
+            .anonymous_node()
+            .await?
+            .attest(v1::AttestRequest {
+                join_token: token,
+                csr,
+            })
+            .await?
+            .into_inner();
+        let bundle = response
+            .bundle
+            .map(|b| b.x509_authorities)
+            .context("no bundle in AttestResponse")?;
+        Ok(AgentIdentity {
+            spiffe_id: response.spiffe_id,
+            chain: response.svid_chain,
+            key: key.to_vec(),
+            bundle,
+        })
+    }
+
+    /// A node API client authenticated as `agent`.
+    pub async fn node(&self, agent: &AgentIdentity) -> anyhow::Result<NodeClient<Channel>> {
+        let bundle = TrustBundle::new(&agent.bundle)?;
+        let chain = agent
+            .chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(agent.key.clone()));
+        let config = client_config(server_id(&self.trust_domain)?, bundle, Some((chain, key)))?;
+        Ok(NodeClient::new(connect(&self.node_addr, config).await?)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024))
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An attested agent's SVID and key, as the agent would keep them.
+#[derive(Clone)]
+pub struct AgentIdentity {
+    pub spiffe_id: String,
+    pub chain: Vec<Vec<u8>>,
+    pub key: Vec<u8>,
+    pub bundle: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for AgentIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentIdentity")
+            .field("spiffe_id", &self.spiffe_id)
+            .finish_non_exhaustive()
+    }
+}
