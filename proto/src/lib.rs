@@ -1,9 +1,11 @@
 //! The contract between `mayflyd`, `mayfly-agent` and SPIFFE workloads: the generated
 //! gRPC services and the identity types both sides must agree on.
 
+pub mod selector;
 pub mod spiffe_id;
 pub mod tls;
 
+pub use selector::{Selector, SelectorError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// The SPIFFE Workload API. Its proto has no package, so the service is `SpiffeWorkloadAPI`.
