@@ -1,0 +1,52 @@
+//! Embedded schema migrations, one list per backend, run at connect by sqlx's migrator.
+//! The SQL is compiled into the binary with `include_str!`, so a deployed daemon needs no
+//! migration files on disk.
+
+use std::borrow::Cow;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, SqlSafeStr as _};
+
+use super::{Backend, Result, StoreError};
+
+/// One embedded migration: version, description, SQL.
+type Embedded = (i64, &'static str, &'static str);
+
+/// Append new versions at the end; never edit a released file (its checksum is recorded).
+const SQLITE: &[Embedded] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+)];
+
+const POSTGRES: &[Embedded] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/postgres/0001_init.sql"),
+)];
+
+/// Applies every migration the database has not seen yet. Safe to run on every start and
+/// from several daemons at once: applied versions are skipped, and on PostgreSQL sqlx
+/// holds an advisory lock while migrating.
+pub(super) async fn run(pool: &AnyPool, backend: Backend) -> Result<()> {
+    let embedded = match backend {
+        Backend::Sqlite => SQLITE,
+        Backend::Postgres => POSTGRES,
+    };
+    let migrations = embedded
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                sql.into_sql_str(),
+                false,
+            )
+        })
+        .collect();
+    Migrator::with_migrations(migrations)
+        .run(pool)
+        .await
+        .map_err(StoreError::Migrate)
+}

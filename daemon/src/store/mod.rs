@@ -1,0 +1,209 @@
+//! The daemon's datastore: registration entries, join tokens, agents, CA slots and the
+//! bundle sequence, behind one schema with two backends (SQLite in `data_dir` by default,
+//! PostgreSQL for HA), reached through one code path over `sqlx::AnyPool`.
+
+mod agents;
+mod bundle;
+mod ca_slots;
+mod entries;
+mod error;
+mod join_tokens;
+mod migrations;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Connection as _};
+
+pub use agents::{AgentRecord, AgentStatus};
+pub use ca_slots::{CaSlotRecord, CaSlotState};
+pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
+pub use error::StoreError;
+pub use join_tokens::JoinTokenRecord;
+
+/// The store's result type.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The file the SQLite backend keeps in `data_dir`.
+pub const SQLITE_FILE_NAME: &str = "mayfly.db";
+
+/// How long a statement waits on a locked SQLite database before failing (milliseconds).
+/// Writers queue on SQLite's single write lock; a few seconds absorbs bursts (many agents
+/// attesting at once) without hanging a request forever. A literal because PRAGMA
+/// statements take no bound parameters.
+const SQLITE_BUSY_TIMEOUT_PRAGMA: &str = "PRAGMA busy_timeout = 5000";
+
+/// Which database a [`Store`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A handle on the datastore. Cloning is cheap: clones share one connection pool.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Opens the datastore and brings its schema up to date.
+    ///
+    /// `url` is `None` for the default SQLite file `<data_dir>/mayfly.db` (the directory and
+    /// file are created, mode 0700/0600, if missing), a `postgres://` or `postgresql://` URL
+    /// for PostgreSQL, or an explicit `sqlite:` URL.
+    pub async fn connect(url: Option<&str>, data_dir: &Path) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = match url {
+            None => (Backend::Sqlite, prepare_sqlite_file(data_dir)?),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                (Backend::Postgres, u.to_owned())
+            }
+            Some(u) if u.starts_with("sqlite:") => (Backend::Sqlite, u.to_owned()),
+            Some(u) => {
+                return Err(StoreError::UnsupportedUrl {
+                    scheme: u.split(':').next().unwrap_or_default().to_owned(),
+                });
+            }
+        };
+        let connect_error = |source| StoreError::Connect {
+            target: redact_url(&url),
+            source,
+        };
+
+        // One plain connection first: a wrong host or password fails here at once, where the
+        // pool would keep retrying until its acquire timeout.
+        let mut conn = sqlx::AnyConnection::connect(&url)
+            .await
+            .map_err(connect_error)?;
+        if backend == Backend::Sqlite {
+            // WAL lets readers (every agent stream) proceed while one writer commits. It is a
+            // property of the database file, and switching needs an exclusive lock that the
+            // busy timeout cannot wait for, so set it once here, before the pool opens more.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&mut conn)
+                .await
+                .map_err(connect_error)?;
+        }
+        conn.close().await.map_err(connect_error)?;
+
+        let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(30));
+        if backend == Backend::Sqlite {
+            options = options.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // sqlx already turns both on for SQLite; stating them here keeps the
+                    // guarantees visible and independent of a driver default changing.
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query(SQLITE_BUSY_TIMEOUT_PRAGMA)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(&url).await.map_err(connect_error)?;
+
+        migrations::run(&pool, backend).await?;
+        Ok(Store { pool, backend })
+    }
+
+    /// The database this store talks to.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes every pooled connection; later calls fail. Lets tests and shutdown release a
+    /// PostgreSQL database or the SQLite file deterministically.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Creates `data_dir` (0700) and the database file (0600) if missing, and returns the
+/// SQLite URL for it. Creating the file ourselves fixes its mode: SQLite would create it
+/// from the umask, and its WAL and shared-memory files copy the database file's mode.
+fn prepare_sqlite_file(data_dir: &Path) -> Result<String> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+
+    let data_dir_error = |source| StoreError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(data_dir_error)?;
+    let file = data_dir.join(SQLITE_FILE_NAME);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&file)
+        .map_err(data_dir_error)?;
+
+    let path = file.to_str().ok_or_else(|| StoreError::DataDir {
+        path: data_dir.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path is not valid UTF-8, which a SQLite URL requires",
+        ),
+    })?;
+    Ok(format!("sqlite://{}?mode=rwc", percent_encode_path(path)))
+}
+
+/// Escapes the characters that would otherwise end the path part of a URL or be decoded
+/// by sqlx (`%`), so any directory name survives the trip through the URL.
+fn percent_encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        let special = matches!(c, '%' | ' ' | '"' | '#' | '<' | '>' | '?' | '`' | '{' | '}');
+        if special || c.is_control() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A form of a database URL that is safe to show: the password and the query string
+/// (which may carry `password=` or `sslpassword=`) are replaced.
+fn redact_url(url: &str) -> String {
+    let (base, has_query) = match url.split_once('?') {
+        Some((base, _)) => (base, true),
+        None => (url, false),
+    };
+    let redacted = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _password)) => format!("{user}:***@{host}"),
+                    None => format!("{userinfo}@{host}"),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{path}")
+        }
+        None => base.to_owned(),
+    };
+    if has_query {
+        format!("{redacted}?…")
+    } else {
+        redacted
+    }
+}

@@ -1,0 +1,760 @@
+//! Store tests. Every behaviour test runs twice: against SQLite in a temporary directory
+//! and against a throwaway database on the local PostgreSQL, created and dropped per test.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sqlx::{Connection as _, Row as _};
+
+use super::*;
+
+const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Where one test's store lives; `connect` may be called more than once.
+struct TestDb {
+    url: Option<String>,
+    dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    async fn connect(&self) -> Store {
+        Store::connect(self.url.as_deref(), self.dir.path())
+            .await
+            .expect("connect to the test datastore")
+    }
+}
+
+async fn on_sqlite<F, Fut>(body: F)
+where
+    F: FnOnce(TestDb) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    body(TestDb { url: None, dir }).await;
+}
+
+/// Creates a uniquely named database, runs `body` on it, and drops the database even if
+/// `body` panics (the panic is re-raised afterwards).
+async fn on_postgres<F, Fut>(body: F)
+where
+    F: FnOnce(TestDb) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let name = format!("mayfly_test_{}", hex::encode(rand::random::<[u8; 8]>()));
+    let mut admin = sqlx::PgConnection::connect(PG_ADMIN_URL)
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 (start it with pg_ctlcluster ... main start)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+
+    let db = TestDb {
+        url: Some(format!("postgres://postgres@127.0.0.1:5432/{name}")),
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    let outcome = tokio::spawn(body(db)).await;
+
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("drop test database");
+    let _ = admin.close().await;
+    if let Err(err) = outcome {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
+/// For each named `async fn(TestDb)`, a module with one test per backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                super::on_sqlite(super::$name).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                super::on_postgres(super::$name).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    entry_crud,
+    entry_conflicts,
+    join_token_single_use,
+    join_token_concurrent_consume,
+    agent_lifecycle,
+    ca_slot_activation,
+    bundle_sequence_grows,
+    migrations_are_idempotent,
+);
+
+fn strings(values: &[&str]) -> Vec<String> {
+    values.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn new_entry(spiffe_id: &str, parent_id: &str, selectors: &[&str]) -> NewEntry {
+    NewEntry {
+        spiffe_id: spiffe_id.to_owned(),
+        parent_id: parent_id.to_owned(),
+        selectors: strings(selectors),
+        x509_svid_ttl: 3600,
+        jwt_svid_ttl: 300,
+        dns_names: strings(&["web.example", "api.example"]),
+        hint: "web".to_owned(),
+    }
+}
+
+const NODE_A: &str = "spiffe://example.org/node/a";
+const NODE_B: &str = "spiffe://example.org/node/b";
+
+async fn entry_crud(db: TestDb) {
+    let store = db.connect().await;
+
+    let web = store
+        .create_entry(
+            &new_entry(
+                "spiffe://example.org/web",
+                NODE_A,
+                &["unix:uid:1000", "unix:gid:1000"],
+            ),
+            100,
+        )
+        .await
+        .expect("create web");
+    assert!(
+        uuid::Uuid::parse_str(&web.id).is_ok(),
+        "id is a UUID: {}",
+        web.id
+    );
+    assert_eq!(web.selectors, strings(&["unix:gid:1000", "unix:uid:1000"]));
+    assert_eq!(web.dns_names, strings(&["web.example", "api.example"]));
+    assert_eq!(
+        (web.revision, web.created_at, web.updated_at),
+        (1, 100, 100)
+    );
+    assert_eq!(store.get_entry(&web.id).await.expect("get web"), web);
+
+    let api = store
+        .create_entry(
+            &new_entry("spiffe://example.org/api", NODE_A, &["unix:uid:1001"]),
+            101,
+        )
+        .await
+        .expect("create api");
+    let db_entry = store
+        .create_entry(
+            &new_entry("spiffe://example.org/db", NODE_B, &["unix:uid:1002"]),
+            102,
+        )
+        .await
+        .expect("create db");
+
+    let all = store
+        .list_entries(&EntryFilter::default())
+        .await
+        .expect("list");
+    let ids: Vec<&str> = all.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://example.org/api",
+            "spiffe://example.org/db",
+            "spiffe://example.org/web"
+        ]
+    );
+    let under_a = store
+        .entries_for_parent(NODE_A)
+        .await
+        .expect("entries for A");
+    assert_eq!(under_a, vec![api.clone(), web.clone()]);
+    let by_id = store
+        .list_entries(&EntryFilter {
+            parent_id: None,
+            spiffe_id: Some("spiffe://example.org/db".to_owned()),
+        })
+        .await
+        .expect("filter by SPIFFE ID");
+    assert_eq!(by_id, vec![db_entry.clone()]);
+    let both = store
+        .list_entries(&EntryFilter {
+            parent_id: Some(NODE_B.to_owned()),
+            spiffe_id: Some("spiffe://example.org/web".to_owned()),
+        })
+        .await
+        .expect("filter by both");
+    assert!(both.is_empty());
+
+    let updated = store
+        .update_entry(
+            &web.id,
+            &EntryUpdate {
+                x509_svid_ttl: Some(600),
+                selectors: Some(strings(&["unix:uid:1000"])),
+                hint: Some("web-v2".to_owned()),
+                ..EntryUpdate::default()
+            },
+            200,
+        )
+        .await
+        .expect("update web");
+    assert_eq!(updated.revision, 2);
+    assert_eq!((updated.created_at, updated.updated_at), (100, 200));
+    assert_eq!(updated.x509_svid_ttl, 600);
+    assert_eq!(updated.selectors, strings(&["unix:uid:1000"]));
+    assert_eq!(updated.hint, "web-v2");
+    assert_eq!(
+        updated.jwt_svid_ttl, web.jwt_svid_ttl,
+        "untouched fields stay"
+    );
+    assert_eq!(updated.dns_names, web.dns_names, "untouched fields stay");
+    assert_eq!(
+        store.get_entry(&web.id).await.expect("get updated"),
+        updated
+    );
+
+    let bumped = store
+        .update_entry(&web.id, &EntryUpdate::default(), 201)
+        .await
+        .expect("empty update");
+    assert_eq!((bumped.revision, bumped.updated_at), (3, 201));
+
+    let deleted = store.delete_entry(&api.id).await.expect("delete api");
+    assert_eq!(deleted, api);
+    for err in [
+        store.get_entry(&api.id).await.expect_err("get deleted"),
+        store.delete_entry(&api.id).await.expect_err("delete twice"),
+        store
+            .update_entry(&api.id, &EntryUpdate::default(), 300)
+            .await
+            .expect_err("update deleted"),
+    ] {
+        assert!(
+            matches!(&err, StoreError::NotFound { id, .. } if *id == api.id),
+            "got {err:?}"
+        );
+    }
+    assert_eq!(
+        store.entries_for_parent(NODE_A).await.expect("list").len(),
+        1
+    );
+}
+
+async fn entry_conflicts(db: TestDb) {
+    let store = db.connect().await;
+    let first = store
+        .create_entry(
+            &new_entry("spiffe://example.org/web", NODE_A, &["b:1", "a:1"]),
+            100,
+        )
+        .await
+        .expect("create");
+
+    // Same identity, parent and selector set, spelled in another order with a repeat.
+    let err = store
+        .create_entry(
+            &new_entry("spiffe://example.org/web", NODE_A, &["a:1", "b:1", "a:1"]),
+            101,
+        )
+        .await
+        .expect_err("duplicate");
+    assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
+    assert!(err.to_string().contains("already exists"), "{err}");
+
+    // A different selector set or parent is a different entry.
+    let other = store
+        .create_entry(
+            &new_entry("spiffe://example.org/web", NODE_A, &["a:1"]),
+            102,
+        )
+        .await
+        .expect("different selectors");
+    store
+        .create_entry(
+            &new_entry("spiffe://example.org/web", NODE_B, &["a:1", "b:1"]),
+            103,
+        )
+        .await
+        .expect("different parent");
+
+    // Updating `other` into `first`'s identity is refused and changes nothing.
+    let err = store
+        .update_entry(
+            &other.id,
+            &EntryUpdate {
+                selectors: Some(strings(&["b:1", "a:1"])),
+                ..EntryUpdate::default()
+            },
+            200,
+        )
+        .await
+        .expect_err("update into a duplicate");
+    assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
+    assert_eq!(store.get_entry(&other.id).await.expect("get"), other);
+    assert_eq!(store.get_entry(&first.id).await.expect("get"), first);
+}
+
+async fn join_token_single_use(db: TestDb) {
+    let store = db.connect().await;
+    let node = "spiffe://example.org/node/web-1";
+
+    let created = store
+        .create_join_token("aa11", node, 1000, 100)
+        .await
+        .expect("create token");
+    assert_eq!(created.used_at, None);
+    let err = store
+        .create_join_token("aa11", node, 1000, 100)
+        .await
+        .expect_err("same hash twice");
+    assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
+
+    let used = store
+        .consume_join_token("aa11", 200)
+        .await
+        .expect("first use");
+    assert_eq!(
+        used,
+        JoinTokenRecord {
+            hash: "aa11".to_owned(),
+            spiffe_id: node.to_owned(),
+            expires_at: 1000,
+            created_at: 100,
+            used_at: Some(200),
+        }
+    );
+    let err = store
+        .consume_join_token("aa11", 201)
+        .await
+        .expect_err("reuse");
+    assert!(
+        matches!(err, StoreError::TokenAlreadyUsed { used_at: 200 }),
+        "got {err:?}"
+    );
+
+    // Expiry is inclusive: at `expires_at` the token is already dead, and stays unused.
+    store
+        .create_join_token("bb22", node, 300, 100)
+        .await
+        .expect("create short token");
+    let err = store
+        .consume_join_token("bb22", 300)
+        .await
+        .expect_err("expired");
+    assert!(
+        matches!(err, StoreError::TokenExpired { expires_at: 300 }),
+        "got {err:?}"
+    );
+    let used_at: Option<i64> = sqlx::query("SELECT used_at FROM join_tokens WHERE hash = $1")
+        .bind("bb22")
+        .fetch_one(&store.pool)
+        .await
+        .expect("read token")
+        .try_get("used_at")
+        .expect("used_at");
+    assert_eq!(
+        used_at, None,
+        "a failed consume must not mark the token used"
+    );
+
+    let err = store
+        .consume_join_token("cc33", 200)
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, StoreError::TokenUnknown), "got {err:?}");
+
+    store
+        .create_join_token("dd44", node, 5000, 100)
+        .await
+        .expect("create long token");
+    assert_eq!(
+        store.purge_expired_join_tokens(1000).await.expect("purge"),
+        2
+    );
+    let err = store
+        .consume_join_token("aa11", 1001)
+        .await
+        .expect_err("purged");
+    assert!(matches!(err, StoreError::TokenUnknown), "got {err:?}");
+    store
+        .consume_join_token("dd44", 1001)
+        .await
+        .expect("unexpired token survives the purge");
+}
+
+async fn join_token_concurrent_consume(db: TestDb) {
+    const CONSUMERS: usize = 16;
+    let store = db.connect().await;
+    store
+        .create_join_token("race", "spiffe://example.org/node/x", 1000, 100)
+        .await
+        .expect("create token");
+
+    let start = Arc::new(tokio::sync::Barrier::new(CONSUMERS));
+    let mut tasks = Vec::new();
+    for i in 0..CONSUMERS {
+        let store = store.clone();
+        let start = Arc::clone(&start);
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            store.consume_join_token("race", 200 + i as i64).await
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await.expect("consumer task") {
+            Ok(_) => winners += 1,
+            Err(StoreError::TokenAlreadyUsed { .. }) => {}
+            Err(other) => panic!("unexpected error from a losing consumer: {other:?}"),
+        }
+    }
+    assert_eq!(winners, 1, "exactly one consumer may win");
+}
+
+fn attested(spiffe_id: &str, serial: &str, at: i64) -> AgentRecord {
+    AgentRecord {
+        spiffe_id: spiffe_id.to_owned(),
+        serial: serial.to_owned(),
+        // Deliberately not Active: attestation makes an agent active whatever is passed.
+        status: AgentStatus::Evicted,
+        attested_at: at,
+        svid_expires_at: at + 3600,
+        last_seen: at,
+        token_hash: format!("hash-{serial}"),
+    }
+}
+
+async fn agent_lifecycle(db: TestDb) {
+    let store = db.connect().await;
+    assert_eq!(store.get_agent(NODE_A).await.expect("get"), None);
+
+    let agent = store
+        .upsert_attested_agent(&attested(NODE_A, "01", 100))
+        .await
+        .expect("attest");
+    assert_eq!(agent.status, AgentStatus::Active);
+    assert_eq!(agent.serial, "01");
+    assert_eq!(
+        store.get_agent(NODE_A).await.expect("get"),
+        Some(agent.clone())
+    );
+    store
+        .upsert_attested_agent(&attested(NODE_B, "b1", 100))
+        .await
+        .expect("attest B");
+    let listed: Vec<String> = store
+        .list_agents()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| a.spiffe_id)
+        .collect();
+    assert_eq!(listed, [NODE_A, NODE_B]);
+
+    let renewed = store
+        .update_agent_svid(NODE_A, "02", 5000)
+        .await
+        .expect("renew");
+    assert_eq!(
+        (renewed.serial.as_str(), renewed.svid_expires_at),
+        ("02", 5000)
+    );
+    store.touch_agent(NODE_A, 150).await.expect("touch");
+    assert_eq!(
+        store
+            .get_agent(NODE_A)
+            .await
+            .expect("get")
+            .map(|a| a.last_seen),
+        Some(150)
+    );
+
+    let evicted = store
+        .set_agent_status(NODE_A, AgentStatus::Evicted)
+        .await
+        .expect("evict");
+    assert_eq!(evicted.status, AgentStatus::Evicted);
+    let err = store
+        .update_agent_svid(NODE_A, "03", 6000)
+        .await
+        .expect_err("an evicted agent cannot renew");
+    assert!(
+        matches!(&err, StoreError::AgentNotActive { status, .. } if status == "evicted"),
+        "got {err:?}"
+    );
+
+    let back = store
+        .upsert_attested_agent(&attested(NODE_A, "04", 200))
+        .await
+        .expect("evicted agent re-attests");
+    assert_eq!(
+        (back.status, back.serial.as_str(), back.attested_at),
+        (AgentStatus::Active, "04", 200)
+    );
+
+    store
+        .set_agent_status(NODE_A, AgentStatus::Banned)
+        .await
+        .expect("ban");
+    let err = store
+        .upsert_attested_agent(&attested(NODE_A, "05", 300))
+        .await
+        .expect_err("a banned agent cannot re-attest");
+    assert!(matches!(err, StoreError::AgentBanned { .. }), "got {err:?}");
+    let still = store.get_agent(NODE_A).await.expect("get").expect("exists");
+    assert_eq!(
+        (still.status, still.serial.as_str()),
+        (AgentStatus::Banned, "04")
+    );
+
+    let missing = "spiffe://example.org/node/missing";
+    for err in [
+        store
+            .set_agent_status(missing, AgentStatus::Evicted)
+            .await
+            .expect_err("status of unknown"),
+        store
+            .touch_agent(missing, 1)
+            .await
+            .expect_err("touch unknown"),
+        store
+            .update_agent_svid(missing, "01", 1)
+            .await
+            .expect_err("renew unknown"),
+    ] {
+        assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    }
+}
+
+fn slot(id: &str, created_at: i64) -> CaSlotRecord {
+    CaSlotRecord {
+        id: id.to_owned(),
+        state: CaSlotState::Prepared,
+        // Bytes that would not survive a text round trip.
+        cert_der: vec![0x30, 0x82, 0x00, 0xff, 0xfe, created_at as u8],
+        jwt_kid: format!("kid-{id}"),
+        jwt_public_spki: vec![0x00, 0x01, 0x80, 0xff],
+        not_before: created_at,
+        not_after: created_at + 86_400,
+        created_at,
+        activated_at: None,
+    }
+}
+
+async fn states(store: &Store) -> Vec<(String, CaSlotState)> {
+    store
+        .list_ca_slots()
+        .await
+        .expect("list slots")
+        .into_iter()
+        .map(|s| (s.id, s.state))
+        .collect()
+}
+
+fn st(id: &str, state: CaSlotState) -> (String, CaSlotState) {
+    (id.to_owned(), state)
+}
+
+async fn ca_slot_activation(db: TestDb) {
+    use CaSlotState::{Active, Prepared, Retired};
+    let store = db.connect().await;
+
+    store
+        .insert_ca_slot(&slot("b", 20))
+        .await
+        .expect("insert b");
+    store
+        .insert_ca_slot(&slot("a", 10))
+        .await
+        .expect("insert a");
+    let err = store
+        .insert_ca_slot(&slot("a", 30))
+        .await
+        .expect_err("duplicate id");
+    assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
+    let listed = store.list_ca_slots().await.expect("list");
+    assert_eq!(
+        listed,
+        vec![slot("a", 10), slot("b", 20)],
+        "oldest first, bytes intact"
+    );
+
+    let a = store.activate_ca_slot("a", 30).await.expect("activate a");
+    assert_eq!((a.state, a.activated_at), (Active, Some(30)));
+    let err = store
+        .activate_ca_slot("a", 31)
+        .await
+        .expect_err("already active");
+    assert!(
+        matches!(err, StoreError::CaSlotNotPrepared { .. }),
+        "got {err:?}"
+    );
+
+    let b = store.activate_ca_slot("b", 40).await.expect("activate b");
+    assert_eq!((b.state, b.activated_at), (Active, Some(40)));
+    assert_eq!(states(&store).await, [st("a", Retired), st("b", Active)]);
+
+    // Failed activations roll back the retirement they started with: b stays active.
+    let err = store
+        .activate_ca_slot("missing", 50)
+        .await
+        .expect_err("missing");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    let err = store.activate_ca_slot("a", 50).await.expect_err("retired");
+    assert!(
+        matches!(&err, StoreError::CaSlotNotPrepared { state, .. } if state == "retired"),
+        "got {err:?}"
+    );
+    assert_eq!(states(&store).await, [st("a", Retired), st("b", Active)]);
+
+    // The store itself refuses a second active slot.
+    let mut rogue = slot("c", 60);
+    rogue.state = Active;
+    let err = store
+        .insert_ca_slot(&rogue)
+        .await
+        .expect_err("second active");
+    assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
+
+    store
+        .insert_ca_slot(&slot("c", 60))
+        .await
+        .expect("insert c");
+    let err = store.delete_ca_slot("b").await.expect_err("delete active");
+    assert!(
+        matches!(err, StoreError::CaSlotActive { .. }),
+        "got {err:?}"
+    );
+    let retired = store.retire_ca_slot("b").await.expect("retire b");
+    assert_eq!(retired.state, Retired);
+    let deleted = store.delete_ca_slot("a").await.expect("delete a");
+    assert_eq!(deleted.id, "a");
+    let err = store.delete_ca_slot("a").await.expect_err("delete twice");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    let err = store.retire_ca_slot("a").await.expect_err("retire deleted");
+    assert!(matches!(err, StoreError::NotFound { .. }), "got {err:?}");
+    assert_eq!(states(&store).await, [st("b", Retired), st("c", Prepared)]);
+}
+
+async fn bundle_sequence_grows(db: TestDb) {
+    let store = db.connect().await;
+    assert_eq!(store.bundle_sequence().await.expect("read"), 0);
+    assert_eq!(store.bump_bundle_sequence().await.expect("bump"), 1);
+    assert_eq!(store.bump_bundle_sequence().await.expect("bump"), 2);
+    assert_eq!(store.bundle_sequence().await.expect("read"), 2);
+}
+
+async fn migrations_are_idempotent(db: TestDb) {
+    let first = db.connect().await;
+    let expected = if db.url.is_some() {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    };
+    assert_eq!(first.backend(), expected);
+    let entry = first
+        .create_entry(
+            &new_entry("spiffe://example.org/web", NODE_A, &["unix:uid:1"]),
+            1,
+        )
+        .await
+        .expect("create");
+    first.bump_bundle_sequence().await.expect("bump");
+    first.close().await;
+
+    let second = db.connect().await;
+    assert_eq!(
+        second.get_entry(&entry.id).await.expect("entry survives"),
+        entry
+    );
+    assert_eq!(
+        second.bundle_sequence().await.expect("sequence survives"),
+        1
+    );
+    let applied: i64 = sqlx::query("SELECT COUNT(*) AS n FROM _sqlx_migrations")
+        .fetch_one(&second.pool)
+        .await
+        .expect("count migrations")
+        .try_get("n")
+        .expect("n");
+    assert_eq!(applied, 1);
+
+    if expected == Backend::Sqlite {
+        let file = db.dir.path().join(SQLITE_FILE_NAME);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&file)
+                .expect("db file exists")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "the database file is private");
+        let journal: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&second.pool)
+            .await
+            .expect("journal mode")
+            .try_get(0)
+            .expect("journal mode text");
+        assert_eq!(journal, "wal");
+        let foreign_keys: i64 = sqlx::query("PRAGMA foreign_keys")
+            .fetch_one(&second.pool)
+            .await
+            .expect("foreign keys")
+            .try_get(0)
+            .expect("foreign keys flag");
+        assert_eq!(foreign_keys, 1);
+    }
+}
+
+#[tokio::test]
+async fn connect_errors_hide_passwords() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Port 1 refuses connections, so this fails without touching a real server.
+    let err = Store::connect(
+        Some("postgres://postgres:hunter2@127.0.0.1:1/db?sslpassword=swordfish"),
+        dir.path(),
+    )
+    .await
+    .expect_err("nothing listens on port 1");
+    let shown = format!("{err} / {err:?}");
+    assert!(matches!(err, StoreError::Connect { .. }), "got {shown}");
+    assert!(!shown.contains("hunter2"), "password leaked: {shown}");
+    assert!(!shown.contains("swordfish"), "password leaked: {shown}");
+    assert!(shown.contains("127.0.0.1:1"), "names the target: {shown}");
+
+    let err = Store::connect(Some("mysql://root:pw@localhost/db"), dir.path())
+        .await
+        .expect_err("unsupported");
+    assert!(
+        matches!(&err, StoreError::UnsupportedUrl { scheme } if scheme == "mysql"),
+        "got {err:?}"
+    );
+}
+
+#[test]
+fn redact_url_keeps_the_target_and_drops_secrets() {
+    assert_eq!(
+        redact_url("postgres://app:s3cr%40t@db.internal:5432/mayfly?sslmode=require"),
+        "postgres://app:***@db.internal:5432/mayfly?…"
+    );
+    assert_eq!(
+        redact_url("postgresql://app@db/mayfly"),
+        "postgresql://app@db/mayfly"
+    );
+    assert_eq!(redact_url("postgres://db"), "postgres://db");
+}
+
+#[test]
+fn sqlite_paths_survive_the_url() {
+    assert_eq!(
+        percent_encode_path("/var/lib/my dir/100%#?/mayfly.db"),
+        "/var/lib/my%20dir/100%25%23%3F/mayfly.db"
+    );
+}
