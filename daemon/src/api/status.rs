@@ -44,7 +44,7 @@ impl From<CaManagerError> for Status {
 pub fn store_status(error: &StoreError) -> Status {
     match error {
         StoreError::NotFound { .. } => Status::not_found(error.to_string()),
-        StoreError::Conflict(_) => Status::already_exists(error.to_string()),
+        StoreError::Conflict { .. } => Status::already_exists(error.to_string()),
         _ => internal("datastore", error),
     }
 }

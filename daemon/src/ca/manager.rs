@@ -228,7 +228,7 @@ async fn load(
     let x509_key = read_key(&x509_key_path(key_dir, &active.id))?;
     let jwt_key = read_key(&jwt_key_path(key_dir, &active.id))?;
     let x509 = X509Authority::new(&active.cert_der, &x509_key)?;
-    let jwt = JwtAuthority::new(active.jwt_kid.clone(), &jwt_key)?;
+    let jwt = JwtAuthority::new(&active.jwt_kid, &jwt_key)?;
     let now_s = unix(now);
     // Active first, then prepared, then retired ones that can still vouch for live SVIDs.
     let mut published: Vec<&CaSlotRecord> = slots

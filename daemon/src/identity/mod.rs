@@ -77,8 +77,12 @@ impl From<StoreError> for IdentityError {
         match e {
             StoreError::NotFound { kind, id } if kind == "entry" => Self::EntryNotFound(id),
             StoreError::TokenUnknown => Self::JoinToken("unknown token".into()),
-            StoreError::TokenExpired => Self::JoinToken("the token has expired".into()),
-            StoreError::TokenAlreadyUsed => Self::JoinToken("the token was already used".into()),
+            StoreError::TokenExpired { .. } => Self::JoinToken("the token has expired".into()),
+            StoreError::TokenAlreadyUsed { .. } => {
+                Self::JoinToken("the token was already used".into())
+            }
+            StoreError::AgentBanned { spiffe_id } => Self::AgentBanned(spiffe_id),
+            StoreError::AgentNotActive { spiffe_id, .. } => Self::AgentEvicted(spiffe_id),
             other => Self::Store(other),
         }
     }
@@ -192,7 +196,7 @@ impl Registry {
 
     pub async fn create_entry(&self, input: EntryInput) -> Result<EntryRecord, IdentityError> {
         let new = self.check_entry_input(input)?;
-        let record = self.store.create_entry(&new).await?;
+        let record = self.store.create_entry(&new, unix(self.now())).await?;
         self.publish_upsert(record.clone());
         Ok(record)
     }
@@ -204,7 +208,7 @@ impl Registry {
     ) -> Result<EntryRecord, IdentityError> {
         let before = self.store.get_entry(id).await?;
         let update = self.check_entry_change(change)?;
-        let after = self.store.update_entry(id, &update).await?;
+        let after = self.store.update_entry(id, &update, unix(self.now())).await?;
         if before.parent_id != after.parent_id {
             // The old parent must drop it; the new one gets it as an upsert.
             let _ = self.changes.send(Change::EntryDeleted {
@@ -372,11 +376,7 @@ impl Registry {
                 last_seen: unix(now),
                 token_hash: token_record.hash,
             })
-            .await
-            .map_err(|e| match e {
-                StoreError::AgentBanned(id) => IdentityError::AgentBanned(id),
-                other => other.into(),
-            })?;
+            .await?;
         tracing::info!(agent = %spiffe_id, serial = %signed.serial, "agent attested");
         Ok(signed)
     }
