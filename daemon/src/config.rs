@@ -147,7 +147,11 @@ impl DaemonConfig {
             ("ca.ttl", self.ca.ttl, Duration::from_secs(60)),
             ("svid.x509_ttl", self.svid.x509_ttl, Duration::from_secs(10)),
             ("svid.jwt_ttl", self.svid.jwt_ttl, Duration::from_secs(10)),
-            ("svid.agent_ttl", self.svid.agent_ttl, Duration::from_secs(10)),
+            (
+                "svid.agent_ttl",
+                self.svid.agent_ttl,
+                Duration::from_secs(10),
+            ),
             (
                 "svid.join_token_ttl",
                 self.svid.join_token_ttl,
@@ -315,7 +319,9 @@ mod tests {
 
     #[test]
     fn invalid_trust_domain_is_rejected() {
-        let err = parse("trust_domain = \"Example.ORG\"\n").unwrap_err().to_string();
+        let err = parse("trust_domain = \"Example.ORG\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 1"), "{err}");
     }
 

@@ -11,7 +11,10 @@ use crate::cli::DevArgs;
 use crate::config::DaemonConfig;
 use crate::server;
 
-pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    args: DevArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let trust_domain = TrustDomain::new(&args.trust_domain)
         .with_context(|| format!("--trust-domain {}", args.trust_domain))?;
     let dir = tempfile::Builder::new()

@@ -102,7 +102,10 @@ impl TrustBundle {
 
     pub fn replace(&self, authorities: &[Vec<u8>]) -> Result<(), TlsError> {
         let store = root_store(authorities)?;
-        let mut guard = self.roots.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self
+            .roots
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = Arc::new(store);
         Ok(())
     }
@@ -117,8 +120,8 @@ impl TrustBundle {
 
 fn root_store(authorities: &[Vec<u8>]) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
-    let (added, _ignored) =
-        store.add_parsable_certificates(authorities.iter().map(|d| CertificateDer::from(d.clone())));
+    let (added, _ignored) = store
+        .add_parsable_certificates(authorities.iter().map(|d| CertificateDer::from(d.clone())));
     if added == 0 {
         return Err(TlsError::EmptyBundle);
     }

@@ -1,1 +1,4 @@
-//! Shared harness for the end-to-end tests.
+//! Shared harness for the end-to-end tests: real binaries, real services.
+
+pub mod harness;
+pub mod pg;

@@ -5,7 +5,8 @@ use sqlx::Connection;
 
 /// The server tests use; scripts/test exports it.
 pub fn server_url() -> String {
-    std::env::var("MAYFLY_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("MAYFLY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 pub struct TestDatabase {
@@ -19,7 +20,8 @@ impl TestDatabase {
         let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", server_url()))
             .await
             .context("connecting to PostgreSQL (is it running on 127.0.0.1:5432?)")?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        // The name is ours: a fixed prefix and a hex UUID.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await?;
         Ok(Self {
@@ -30,9 +32,12 @@ impl TestDatabase {
 
     pub async fn drop_database(self) -> anyhow::Result<()> {
         let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", server_url())).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await?;
         Ok(())
     }
 }

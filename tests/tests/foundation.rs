@@ -9,7 +9,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use mayfly_daemon::ca::{X509Authority, SvidRequest, generate_ca, generate_csr};
+use mayfly_daemon::ca::{SvidRequest, X509Authority, generate_ca, generate_csr};
 use mayfly_proto::tls::peer_identity;
 use mayfly_proto::v1::{self, sync_message::Update};
 use mayfly_tests::harness::{DaemonOptions, DaemonProcess, init};
@@ -49,16 +49,24 @@ fn csr_request(entry_id: &str) -> v1::SignSvidsRequest {
 }
 
 fn agents(daemon: &DaemonProcess) -> Vec<serde_json::Value> {
-    daemon.cli_json(&["agent", "list"]).unwrap().as_array().unwrap().clone()
+    daemon
+        .cli_json(&["agent", "list"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 fn entries(daemon: &DaemonProcess) -> Vec<serde_json::Value> {
-    daemon.cli_json(&["entry", "list"]).unwrap().as_array().unwrap().clone()
+    daemon
+        .cli_json(&["entry", "list"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
-async fn next_update(
-    stream: &mut tonic::Streaming<v1::SyncMessage>,
-) -> Update {
+async fn next_update(stream: &mut tonic::Streaming<v1::SyncMessage>) -> Update {
     tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
         .expect("a sync message within 5 s")
@@ -93,7 +101,11 @@ async fn agent_attests_signs_svids_and_hears_entry_changes() {
         other => panic!("expected full state first, got {other:?}"),
     }
 
-    let signed = node.sign_svids(csr_request(&first)).await.unwrap().into_inner();
+    let signed = node
+        .sign_svids(csr_request(&first))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(signed.svids.len(), 1);
     let svid = &signed.svids[0];
     assert_eq!(svid.spiffe_id, "spiffe://example.org/web");
@@ -102,7 +114,10 @@ async fn agent_attests_signs_svids_and_hears_entry_changes() {
     assert_eq!(leaf.serial, svid.serial);
     let (_, cert) = X509Certificate::from_der(&svid.svid_chain[0]).unwrap();
     let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
-    assert!((600..=620).contains(&lifetime), "entry TTL 10m honoured, got {lifetime}s");
+    assert!(
+        (600..=620).contains(&lifetime),
+        "entry TTL 10m honoured, got {lifetime}s"
+    );
     let bundle = daemon.bundle().unwrap();
     let (_, ca) = X509Certificate::from_der(&bundle[0]).unwrap();
     assert_eq!(cert.issuer(), ca.subject());
@@ -135,14 +150,21 @@ async fn join_tokens_are_single_use_and_expire() {
                 .anonymous_node()
                 .await
                 .unwrap()
-                .attest(v1::AttestRequest { join_token: token, csr })
+                .attest(v1::AttestRequest {
+                    join_token: token,
+                    csr,
+                })
                 .await
         }
     };
     attest(token.clone()).await.unwrap();
     let reused = attest(token).await.unwrap_err();
     assert_eq!(reused.code(), Code::PermissionDenied);
-    assert!(reused.message().contains("already used"), "{}", reused.message());
+    assert!(
+        reused.message().contains("already used"),
+        "{}",
+        reused.message()
+    );
 
     let short = daemon
         .cli_json(&["token", "generate", "--spiffe-id", AGENT_B, "--ttl", "1s"])
@@ -153,11 +175,19 @@ async fn join_tokens_are_single_use_and_expire() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = attest(short).await.unwrap_err();
     assert_eq!(expired.code(), Code::PermissionDenied);
-    assert!(expired.message().contains("expired"), "{}", expired.message());
+    assert!(
+        expired.message().contains("expired"),
+        "{}",
+        expired.message()
+    );
 
     let unknown = attest("not-a-token".into()).await.unwrap_err();
     assert_eq!(unknown.code(), Code::PermissionDenied);
-    assert_eq!(agents(&daemon).len(), 1, "refused attestations register nothing");
+    assert_eq!(
+        agents(&daemon).len(),
+        1,
+        "refused attestations register nothing"
+    );
 }
 
 #[tokio::test]
@@ -227,7 +257,10 @@ async fn agents_get_only_their_own_entries() {
     assert_eq!(refused.code(), Code::PermissionDenied);
     assert!(refused.message().contains(&theirs), "{}", refused.message());
 
-    let missing = node.sign_svids(csr_request("no-such-entry")).await.unwrap_err();
+    let missing = node
+        .sign_svids(csr_request("no-such-entry"))
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 
     let mut stream = node.sync(v1::SyncRequest {}).await.unwrap().into_inner();
@@ -254,7 +287,10 @@ async fn evicted_and_banned_agents_are_cut_off_at_once() {
     let entry = create_entry(&daemon, "spiffe://example.org/web", AGENT_A, 1000);
     let mut node = daemon.node(&agent).await.unwrap();
     let mut stream = node.sync(v1::SyncRequest {}).await.unwrap().into_inner();
-    assert!(matches!(next_update(&mut stream).await, Update::FullState(_)));
+    assert!(matches!(
+        next_update(&mut stream).await,
+        Update::FullState(_)
+    ));
 
     daemon
         .cli_ok(&["agent", "evict", AGENT_A, "--reason", "test"])
@@ -291,11 +327,61 @@ async fn invalid_entries_are_refused_by_the_cli() {
     init();
     let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
     let cases: [(&[&str], &str); 5] = [
-        (&["--spiffe-id", "spiffe://Example.org/web", "--parent-id", AGENT_A, "--selector", "unix:uid:1"], "lowercase"),
-        (&["--spiffe-id", "spiffe://other.org/web", "--parent-id", AGENT_A, "--selector", "unix:uid:1"], "trust domain"),
-        (&["--spiffe-id", "spiffe://example.org/a/../b", "--parent-id", AGENT_A, "--selector", "unix:uid:1"], "spiffe_id"),
-        (&["--spiffe-id", "spiffe://example.org", "--parent-id", AGENT_A, "--selector", "unix:uid:1"], "path"),
-        (&["--spiffe-id", "spiffe://example.org/web", "--parent-id", AGENT_A, "--selector", "k8s:ns:x"], "selector"),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://Example.org/web",
+                "--parent-id",
+                AGENT_A,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "lowercase",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://other.org/web",
+                "--parent-id",
+                AGENT_A,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "trust domain",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/a/../b",
+                "--parent-id",
+                AGENT_A,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "spiffe_id",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org",
+                "--parent-id",
+                AGENT_A,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "path",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/web",
+                "--parent-id",
+                AGENT_A,
+                "--selector",
+                "k8s:ns:x",
+            ],
+            "selector",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["entry", "create"];
@@ -312,8 +398,12 @@ async fn invalid_entries_are_refused_by_the_cli() {
 async fn client_certificates_from_another_trust_domain_are_refused() {
     init();
     let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
-    let foreign = generate_ca("other.org", Duration::from_secs(3600), std::time::SystemTime::now())
-        .unwrap();
+    let foreign = generate_ca(
+        "other.org",
+        Duration::from_secs(3600),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
     let authority = X509Authority::new(&foreign.cert_der, &foreign.key_pkcs8).unwrap();
     let (key, csr) = generate_csr(None).unwrap();
     let issued = authority
@@ -408,7 +498,10 @@ async fn ca_prepare_and_activate_rotate_the_signing_key() {
     let entry = create_entry(&daemon, "spiffe://example.org/web", AGENT_A, 1000);
     let mut node = daemon.node(&agent).await.unwrap();
     let mut stream = node.sync(v1::SyncRequest {}).await.unwrap().into_inner();
-    assert!(matches!(next_update(&mut stream).await, Update::FullState(_)));
+    assert!(matches!(
+        next_update(&mut stream).await,
+        Update::FullState(_)
+    ));
 
     let slots = daemon.cli_json(&["ca", "show"]).unwrap();
     assert_eq!(slots.as_array().unwrap().len(), 1);
@@ -416,15 +509,27 @@ async fn ca_prepare_and_activate_rotate_the_signing_key() {
     let old_ca = daemon.bundle().unwrap()[0].clone();
 
     daemon.cli_ok(&["ca", "prepare"]).unwrap();
-    assert_eq!(daemon.bundle().unwrap().len(), 2, "prepared CA is published early");
+    assert_eq!(
+        daemon.bundle().unwrap().len(),
+        2,
+        "prepared CA is published early"
+    );
     match next_update(&mut stream).await {
         Update::BundleChanged(bundle) => assert_eq!(bundle.x509_authorities.len(), 2),
         other => panic!("expected a bundle change, got {other:?}"),
     }
-    let before = node.sign_svids(csr_request(&entry)).await.unwrap().into_inner();
+    let before = node
+        .sign_svids(csr_request(&entry))
+        .await
+        .unwrap()
+        .into_inner();
     let (_, leaf) = X509Certificate::from_der(&before.svids[0].svid_chain[0]).unwrap();
     let (_, old) = X509Certificate::from_der(&old_ca).unwrap();
-    assert_eq!(leaf.issuer(), old.subject(), "still signing with the active CA");
+    assert_eq!(
+        leaf.issuer(),
+        old.subject(),
+        "still signing with the active CA"
+    );
 
     let again = daemon.cli(&["ca", "prepare"]).unwrap();
     assert!(!again.status.success(), "only one prepared CA at a time");
@@ -437,12 +542,19 @@ async fn ca_prepare_and_activate_rotate_the_signing_key() {
         .iter()
         .map(|s| s["state"].as_str().unwrap().to_string())
         .collect();
-    assert!(states.contains(&"active".to_string()) && states.contains(&"retired".to_string()), "{states:?}");
+    assert!(
+        states.contains(&"active".to_string()) && states.contains(&"retired".to_string()),
+        "{states:?}"
+    );
     match next_update(&mut stream).await {
         Update::BundleChanged(bundle) => assert_eq!(bundle.x509_authorities.len(), 2),
         other => panic!("expected a bundle change, got {other:?}"),
     }
-    let after = node.sign_svids(csr_request(&entry)).await.unwrap().into_inner();
+    let after = node
+        .sign_svids(csr_request(&entry))
+        .await
+        .unwrap()
+        .into_inner();
     let (_, leaf) = X509Certificate::from_der(&after.svids[0].svid_chain[0]).unwrap();
     assert_ne!(leaf.issuer(), old.subject(), "signing moved to the new CA");
     let nothing = daemon.cli(&["ca", "activate"]).unwrap();
@@ -462,7 +574,11 @@ async fn restart_keeps_the_ca_entries_and_agents() {
         let mode = file.unwrap().metadata().unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "CA key files are private");
     }
-    let sock_mode = std::fs::metadata(&daemon.admin_socket).unwrap().permissions().mode() & 0o777;
+    let sock_mode = std::fs::metadata(&daemon.admin_socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(sock_mode, 0o600, "admin socket is private");
 
     daemon.kill();
@@ -485,9 +601,15 @@ async fn the_admin_socket_refuses_other_users() {
         .gid(65534)
         .output()
         .unwrap();
-    assert!(!out.status.success(), "uid 65534 must not administer the daemon");
+    assert!(
+        !out.status.success(),
+        "uid 65534 must not administer the daemon"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.to_lowercase().contains("permission denied"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("permission denied"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -504,7 +626,11 @@ async fn postgres_datastore_serves_the_same_flows() {
     daemon.kill();
     daemon.spawn().unwrap();
     let mut node = daemon.node(&agent).await.unwrap();
-    let signed = node.sign_svids(csr_request(&entry)).await.unwrap().into_inner();
+    let signed = node
+        .sign_svids(csr_request(&entry))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(signed.svids[0].spiffe_id, "spiffe://example.org/web");
     assert_eq!(entries(&daemon).len(), 1);
     drop(daemon);

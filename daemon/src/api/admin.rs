@@ -56,12 +56,14 @@ fn ca_slot(record: &CaSlotRecord) -> v1::CaSlot {
     let ski = x509_parser::parse_x509_certificate(&record.cert_der)
         .ok()
         .and_then(|(_, cert)| {
-            cert.extensions().iter().find_map(|ext| match ext.parsed_extension() {
-                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
-                    Some(hex::encode(id.0))
-                }
-                _ => None,
-            })
+            cert.extensions()
+                .iter()
+                .find_map(|ext| match ext.parsed_extension() {
+                    x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                        Some(hex::encode(id.0))
+                    }
+                    _ => None,
+                })
         })
         .unwrap_or_default();
     v1::CaSlot {

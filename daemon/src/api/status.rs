@@ -24,7 +24,6 @@ impl From<IdentityError> for Status {
             }
             IdentityError::Store(store) => store_status(store),
             IdentityError::Signing(ca) => internal("signing", ca),
-            _ => internal("identity", &error),
         }
     }
 }

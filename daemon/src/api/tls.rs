@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use mayfly_proto::tls::{SpiffeClientVerifier, TrustBundle, server_id};
 use mayfly_proto::TrustDomain;
+use mayfly_proto::tls::{SpiffeClientVerifier, TrustBundle, server_id};
 
 use crate::ca::manager::{Authorities, unix};
 use crate::ca::{SvidRequest, generate_csr};
@@ -90,7 +90,10 @@ pub fn server_config(registry: Arc<Registry>) -> anyhow::Result<rustls::ServerCo
     let serving = Arc::new(ServingCert {
         current: RwLock::new(key),
     });
-    let verifier = Arc::new(SpiffeClientVerifier::new(trust_domain.clone(), bundle.clone()));
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        trust_domain.clone(),
+        bundle.clone(),
+    ));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -150,11 +153,11 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
-            let tx = tx.clone();
+            let handshakes = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = handshakes.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "TLS handshake refused");

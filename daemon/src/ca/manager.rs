@@ -73,11 +73,9 @@ impl CaManager {
         now: SystemTime,
     ) -> Result<Self, CaManagerError> {
         let key_dir = data_dir.join("ca");
-        fsutil::ensure_private_dir(&key_dir, 0o700).map_err(|source| {
-            CaManagerError::KeyFile {
-                path: key_dir.clone(),
-                source,
-            }
+        fsutil::ensure_private_dir(&key_dir, 0o700).map_err(|source| CaManagerError::KeyFile {
+            path: key_dir.clone(),
+            source,
         })?;
         let slots = store.list_ca_slots().await?;
         if !slots.iter().any(|s| s.state == CaSlotState::Active) {
@@ -119,8 +117,14 @@ impl CaManager {
         if let Some(prepared) = self.prepared().await? {
             return Err(CaManagerError::AlreadyPrepared(prepared.id));
         }
-        let slot =
-            create_slot(&self.store, &self.key_dir, &self.trust_domain, self.ttl, now).await?;
+        let slot = create_slot(
+            &self.store,
+            &self.key_dir,
+            &self.trust_domain,
+            self.ttl,
+            now,
+        )
+        .await?;
         self.store.bump_bundle_sequence().await?;
         self.republish(now).await?;
         tracing::info!(slot = %slot.id, "prepared the next CA");

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "mayflyd", version, about = "Mayfly's central daemon: CA, SVID issuance and operator commands")]
+#[command(
+    name = "mayflyd",
+    version,
+    about = "Mayfly's central daemon: CA, SVID issuance and operator commands"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

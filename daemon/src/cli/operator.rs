@@ -11,8 +11,8 @@ use mayfly_proto::v1::{self};
 
 use super::output::{self, pretty};
 use super::{
-    AgentCommand, BundleCommand, BundleFormat, CaCommand, Connection, EntryCommand,
-    OutputFormat, TokenCommand,
+    AgentCommand, BundleCommand, BundleFormat, CaCommand, Connection, EntryCommand, OutputFormat,
+    TokenCommand,
 };
 use crate::config::DaemonConfig;
 
@@ -97,9 +97,10 @@ pub async fn entry(command: EntryCommand, conn: &Connection) -> anyhow::Result<S
             )?;
             output::entries(format, &list.entries)
         }
-        EntryCommand::Show { id } => {
-            output::entry(format, &call(client.get_entry(v1::GetEntryRequest { id }).await)?)
-        }
+        EntryCommand::Show { id } => output::entry(
+            format,
+            &call(client.get_entry(v1::GetEntryRequest { id }).await)?,
+        ),
         EntryCommand::Update { id, fields } => {
             let dns_names = if fields.clear_dns {
                 Some(v1::DnsNames { names: vec![] })
@@ -179,7 +180,11 @@ pub async fn agent(command: AgentCommand, conn: &Connection) -> anyhow::Result<S
             output::agents(format, &[agent])
         }
         AgentCommand::Ban { spiffe_id, reason } => {
-            let agent = call(client.ban_agent(v1::AgentRequest { spiffe_id, reason }).await)?;
+            let agent = call(
+                client
+                    .ban_agent(v1::AgentRequest { spiffe_id, reason })
+                    .await,
+            )?;
             output::agents(format, &[agent])
         }
     })

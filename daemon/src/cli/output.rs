@@ -37,8 +37,10 @@ pub fn when(unix: i64) -> String {
     if unix <= 0 {
         return "-".into();
     }
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64),
+    )
+    .to_string()
 }
 
 pub fn entry_json(e: &v1::Entry) -> Value {
@@ -61,7 +63,14 @@ pub fn entries(format: OutputFormat, list: &[v1::Entry]) -> String {
     match format {
         OutputFormat::Json => pretty(&Value::Array(list.iter().map(entry_json).collect())),
         OutputFormat::Table => table(
-            &["ID", "SPIFFE ID", "PARENT", "SELECTORS", "X509 TTL", "JWT TTL"],
+            &[
+                "ID",
+                "SPIFFE ID",
+                "PARENT",
+                "SELECTORS",
+                "X509 TTL",
+                "JWT TTL",
+            ],
             &list
                 .iter()
                 .map(|e| {
@@ -162,7 +171,14 @@ pub fn ca_slots(format: OutputFormat, slots: &[v1::CaSlot]) -> String {
                 .collect(),
         )),
         OutputFormat::Table => table(
-            &["SLOT", "STATE", "SUBJECT KEY ID", "NOT BEFORE", "NOT AFTER", "JWT KEY ID"],
+            &[
+                "SLOT",
+                "STATE",
+                "SUBJECT KEY ID",
+                "NOT BEFORE",
+                "NOT AFTER",
+                "JWT KEY ID",
+            ],
             &slots
                 .iter()
                 .map(|s| {
@@ -202,7 +218,10 @@ mod tests {
     fn table_aligns_columns() {
         let out = table(
             &["A", "LONGER"],
-            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
         );
         assert_eq!(out, "A    LONGER\nxyz  1\nq    22\n");
     }

@@ -21,7 +21,10 @@ use crate::store::{
 #[derive(Debug, Clone)]
 pub enum Change {
     EntryUpserted(Arc<EntryRecord>),
-    EntryDeleted { id: String, parent_id: String },
+    EntryDeleted {
+        id: String,
+        parent_id: String,
+    },
     AgentEvicted {
         spiffe_id: String,
         banned: bool,
@@ -47,7 +50,10 @@ impl Clock for SystemClock {
 #[non_exhaustive]
 pub enum IdentityError {
     #[error("invalid {field}: {message}")]
-    InvalidArgument { field: &'static str, message: String },
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
     #[error("entry {0} does not exist")]
     EntryNotFound(String),
     #[error("entry {entry} is not assigned to agent {agent}")]
@@ -208,7 +214,10 @@ impl Registry {
     ) -> Result<EntryRecord, IdentityError> {
         let before = self.store.get_entry(id).await?;
         let update = self.check_entry_change(change)?;
-        let after = self.store.update_entry(id, &update, unix(self.now())).await?;
+        let after = self
+            .store
+            .update_entry(id, &update, unix(self.now()))
+            .await?;
         if before.parent_id != after.parent_id {
             // The old parent must drop it; the new one gets it as an upsert.
             let _ = self.changes.send(Change::EntryDeleted {
@@ -238,7 +247,10 @@ impl Registry {
         Ok(self.store.get_entry(id).await?)
     }
 
-    pub async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<EntryRecord>, IdentityError> {
+    pub async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+    ) -> Result<Vec<EntryRecord>, IdentityError> {
         Ok(self.store.list_entries(filter).await?)
     }
 
@@ -541,7 +553,10 @@ impl Registry {
         audience: &[String],
     ) -> Result<(String, String, i64), IdentityError> {
         if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
-            return Err(invalid("audience", "at least one non-empty audience is required"));
+            return Err(invalid(
+                "audience",
+                "at least one non-empty audience is required",
+            ));
         }
         let index = self.entries.borrow().clone();
         let entry = index
@@ -564,7 +579,11 @@ impl Registry {
             .jwt
             .sign(&entry.spiffe_id, audience, ttl, now)
             .map_err(IdentityError::Signing)?;
-        Ok((entry.spiffe_id.clone(), token, unix(now) + ttl.as_secs() as i64))
+        Ok((
+            entry.spiffe_id.clone(),
+            token,
+            unix(now) + ttl.as_secs() as i64,
+        ))
     }
 }
 
@@ -594,7 +613,10 @@ pub struct EntryChange {
 
 /// Join tokens are stored only as their SHA-256.
 pub fn token_hash(token: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> IdentityError {
