@@ -117,7 +117,10 @@ impl DaemonProcess {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                "debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info,sqlx=info",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

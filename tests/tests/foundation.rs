@@ -636,3 +636,48 @@ async fn postgres_datastore_serves_the_same_flows() {
     drop(daemon);
     db.drop_database().await.unwrap();
 }
+
+#[tokio::test]
+async fn secrets_never_reach_the_log_or_the_cli() {
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
+    let token = daemon.join_token(AGENT_A).unwrap();
+    let (_key, csr) = generate_csr(None).unwrap();
+    let mut anonymous = daemon.anonymous_node().await.unwrap();
+    anonymous
+        .attest(v1::AttestRequest {
+            join_token: token.clone(),
+            csr: csr.clone(),
+        })
+        .await
+        .unwrap();
+    // A replay is refused and logged, still without the token.
+    anonymous
+        .attest(v1::AttestRequest {
+            join_token: token.clone(),
+            csr,
+        })
+        .await
+        .unwrap_err();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = daemon.log();
+    assert!(log.contains("attestation refused"), "the refusal is logged");
+    assert!(!log.contains(&token), "the join token leaked into the log");
+
+    let mut key_material = Vec::new();
+    for file in std::fs::read_dir(daemon.data_dir().join("ca")).unwrap() {
+        key_material.push(std::fs::read(file.unwrap().path()).unwrap());
+    }
+    let ca_json = daemon.cli_ok(&["ca", "show", "--output", "json"]).unwrap();
+    let jwks = daemon
+        .cli_ok(&["bundle", "show", "--format", "jwks"])
+        .unwrap();
+    for text in [&log, &ca_json, &jwks] {
+        assert!(!text.contains("PRIVATE KEY"));
+        for key in &key_material {
+            let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
+            assert!(!text.contains(&b64[..40]), "CA key material leaked");
+            assert!(!text.contains(&hex::encode(&key[key.len() - 32..])));
+        }
+    }
+}

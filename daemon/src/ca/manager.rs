@@ -298,3 +298,128 @@ pub fn unix(t: SystemTime) -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn manager(dir: &Path, ttl: Duration, now: SystemTime) -> CaManager {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let store = Store::connect(None, dir).await.unwrap();
+        CaManager::start(
+            store,
+            dir,
+            TrustDomain::new("example.org").unwrap(),
+            ttl,
+            now,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn states(slots: &[CaSlotRecord]) -> Vec<CaSlotState> {
+        slots.iter().map(|s| s.state).collect()
+    }
+
+    #[tokio::test]
+    async fn prepares_at_half_life_and_activates_at_a_sixth_remaining() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ca = manager(dir.path(), Duration::from_secs(600), t0).await;
+        let first = ca.current();
+        let slot = ca.slots().await.unwrap()[0].clone();
+        let life = slot.not_after - slot.not_before;
+        let at = |offset: i64| UNIX_EPOCH + Duration::from_secs((slot.not_before + offset) as u64);
+
+        ca.tick(at(life / 2 - 1)).await.unwrap();
+        assert_eq!(
+            states(&ca.slots().await.unwrap()),
+            vec![CaSlotState::Active]
+        );
+
+        ca.tick(at(life / 2)).await.unwrap();
+        let slots = ca.slots().await.unwrap();
+        assert_eq!(
+            states(&slots),
+            vec![CaSlotState::Active, CaSlotState::Prepared]
+        );
+        let published = ca.current();
+        assert_eq!(published.bundle.x509_authorities.len(), 2);
+        assert_eq!(
+            published.active_slot, first.active_slot,
+            "still signing with the first CA"
+        );
+        assert!(published.bundle.sequence > first.bundle.sequence);
+
+        ca.tick(at(life - life / 6 - 1)).await.unwrap();
+        assert_eq!(ca.current().active_slot, first.active_slot);
+
+        ca.tick(at(life - life / 6)).await.unwrap();
+        let switched = ca.current();
+        assert_ne!(
+            switched.active_slot, first.active_slot,
+            "the prepared CA is active"
+        );
+        assert_eq!(
+            switched.bundle.x509_authorities.len(),
+            2,
+            "the old CA stays published"
+        );
+        assert_eq!(switched.bundle.jwt_keys.len(), 2);
+
+        // Once the old CA has expired it leaves the bundle and its keys leave the disk. By
+        // then the second CA is itself at half-life, so a third has been prepared.
+        ca.tick(at(life + 1)).await.unwrap();
+        let slots = ca.slots().await.unwrap();
+        assert!(
+            slots.iter().all(|s| s.id != slot.id),
+            "the expired CA is gone"
+        );
+        assert_eq!(
+            states(&slots),
+            vec![CaSlotState::Active, CaSlotState::Prepared]
+        );
+        assert!(
+            !ca.current()
+                .bundle
+                .x509_authorities
+                .contains(&slot.cert_der)
+        );
+        let key_files = std::fs::read_dir(dir.path().join("ca")).unwrap().count();
+        assert_eq!(key_files, 4, "only the two live CAs' key files remain");
+    }
+
+    #[tokio::test]
+    async fn restart_reuses_the_stored_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let first = manager(dir.path(), Duration::from_secs(3600), now).await;
+        let before = first.current().bundle.clone();
+        drop(first);
+        let second = manager(dir.path(), Duration::from_secs(3600), now).await;
+        assert_eq!(
+            second.current().bundle.x509_authorities,
+            before.x509_authorities
+        );
+    }
+
+    #[tokio::test]
+    async fn forced_prepare_and_activate_follow_the_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let ca = manager(dir.path(), Duration::from_secs(3600), now).await;
+        assert!(matches!(
+            ca.activate(now).await,
+            Err(CaManagerError::NothingPrepared)
+        ));
+        ca.prepare(now).await.unwrap();
+        assert!(matches!(
+            ca.prepare(now).await,
+            Err(CaManagerError::AlreadyPrepared(_))
+        ));
+        ca.activate(now).await.unwrap();
+        let mut found = states(&ca.slots().await.unwrap());
+        found.sort_by_key(|s| s.as_str());
+        assert_eq!(found, vec![CaSlotState::Active, CaSlotState::Retired]);
+    }
+}

@@ -81,7 +81,7 @@ pub enum IdentityError {
 impl From<StoreError> for IdentityError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound { kind, id } if kind == "entry" => Self::EntryNotFound(id),
+            StoreError::NotFound { kind: "entry", id } => Self::EntryNotFound(id),
             StoreError::TokenUnknown => Self::JoinToken("unknown token".into()),
             StoreError::TokenExpired { .. } => Self::JoinToken("the token has expired".into()),
             StoreError::TokenAlreadyUsed { .. } => {
