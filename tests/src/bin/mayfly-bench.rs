@@ -1,0 +1,94 @@
+//! `mayfly-bench`: the load client behind scripts/bench.
+//!
+//! Each subcommand drives one signer with the same pre-made CSR pool and the same load
+//! pattern, and prints one JSON line on stdout. It exits non-zero if any request failed, so
+//! a broken run never lands in docs/benchmarks.md.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, anyhow};
+use clap::{Parser, Subcommand};
+use mayfly_tests::bench::openbao;
+
+#[derive(Parser)]
+#[command(
+    name = "mayfly-bench",
+    about = "SVID signing load client (loopback only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sign CSRs with an OpenBao PKI mount (`POST /v1/pki-bench/sign/svid`).
+    OpenbaoSign {
+        /// OpenBao's address; must be on 127.0.0.1.
+        #[arg(long, default_value = "http://127.0.0.1:8200")]
+        bao_addr: String,
+        /// A token allowed to mount and configure PKI (the dev server's root token).
+        #[arg(long, default_value = "root")]
+        token: String,
+        /// Exactly this many sign requests are sent.
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// Concurrent keep-alive HTTP/1.1 connections.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Distinct pre-made CSRs that requests cycle through.
+        #[arg(long, default_value_t = 256)]
+        csr_pool: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mayfly-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .map_err(|_| anyhow!("a rustls crypto provider was already installed"))?;
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::OpenbaoSign {
+                bao_addr,
+                token,
+                count,
+                concurrency,
+                csr_pool,
+            } => {
+                let opts = openbao::Options {
+                    bao_addr,
+                    token,
+                    count,
+                    concurrency,
+                    csr_pool,
+                };
+                eprintln!(
+                    "mayfly-bench: openbao-sign, {count} requests over {concurrency} connections, \
+                     cycling through {csr_pool} pre-made P-256 CSRs"
+                );
+                let (result, first_error) = openbao::run(&opts).await?;
+                result.print()?;
+                if let Some(e) = first_error {
+                    eprintln!("mayfly-bench: first error: {e}");
+                }
+                Ok(if result.errors == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+        }
+    })
+}
