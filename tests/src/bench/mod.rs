@@ -8,6 +8,7 @@
 //! - [`Latencies`] and [`BenchResult`]: percentiles and the one-line JSON the harness reads.
 
 pub mod http1;
+pub mod mayfly;
 pub mod openbao;
 
 use std::future::Future;
@@ -224,6 +225,8 @@ pub struct BenchResult {
     pub errors: u64,
     /// How many distinct pre-made CSRs the requests cycled through.
     pub csr_pool: usize,
+    /// CSRs per request; `count` and `rate_per_s` count certificates, not requests.
+    pub batch: usize,
 }
 
 impl BenchResult {
@@ -250,6 +253,7 @@ impl BenchResult {
             p99_ms: round_to(outcome.latencies.percentile_ms(99.0), 3),
             errors: outcome.errors,
             csr_pool,
+            batch: 1,
         }
     }
 

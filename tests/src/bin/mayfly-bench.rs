@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::openbao;
+use mayfly_tests::bench::{mayfly, openbao};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +40,29 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         csr_pool: usize,
     },
+    /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
+    MayflySign {
+        /// The daemon's node API; must be on 127.0.0.1.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        node_addr: String,
+        /// The daemon's admin socket (to register the bench agent and its entries).
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        /// Exactly this many SignSvids calls are sent.
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// CSRs per call (an agent batches the SVIDs it renews).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Concurrent mTLS connections.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Distinct pre-made CSRs (and entries) that requests cycle through.
+        #[arg(long, default_value_t = 256)]
+        csr_pool: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +83,39 @@ fn real_main() -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         match cli.cmd {
+            Cmd::MayflySign {
+                node_addr,
+                admin_socket,
+                trust_domain,
+                count,
+                batch,
+                concurrency,
+                csr_pool,
+            } => {
+                eprintln!(
+                    "mayfly-bench: mayfly-sign, {count} calls of {batch} CSRs over {concurrency} \
+                     connections, cycling through {csr_pool} pre-made P-256 CSRs"
+                );
+                let opts = mayfly::Options {
+                    node_addr,
+                    admin_socket,
+                    trust_domain,
+                    count,
+                    batch,
+                    concurrency,
+                    csr_pool,
+                };
+                let (result, first_error) = mayfly::run(&opts).await?;
+                result.print()?;
+                if let Some(e) = first_error {
+                    eprintln!("mayfly-bench: first error: {e}");
+                }
+                Ok(if result.errors == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
             Cmd::OpenbaoSign {
                 bao_addr,
                 token,

@@ -1,0 +1,156 @@
+//! The Mayfly side of the signing bench: one attested agent, one entry per pooled CSR,
+//! and workers that each hold their own mTLS connection and call `SignSvids`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, ensure};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tonic::transport::Channel;
+
+use mayfly_daemon::ca::generate_csr;
+use mayfly_daemon::cli::{Connection, OutputFormat, operator};
+use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
+use mayfly_proto::v1::node_client::NodeClient;
+use mayfly_proto::v1::{self};
+use mayfly_proto::TrustDomain;
+
+use super::{BenchResult, CsrPool, Worker, drive};
+
+pub struct Options {
+    pub node_addr: String,
+    pub admin_socket: PathBuf,
+    pub trust_domain: String,
+    /// Sign calls; each carries `batch` CSRs.
+    pub count: u64,
+    pub batch: usize,
+    pub concurrency: usize,
+    pub csr_pool: usize,
+}
+
+struct SignWorker {
+    client: NodeClient<Channel>,
+    requests: Arc<[Vec<v1::SvidCsr>]>,
+    batch: usize,
+}
+
+impl Worker for SignWorker {
+    async fn request(&mut self, seq: u64) -> Result<()> {
+        // Request `seq` reuses a pre-built batch, so the client does no per-call work.
+        let csrs = self.requests[(seq % self.requests.len() as u64) as usize].clone();
+        let answer = self
+            .client
+            .sign_svids(v1::SignSvidsRequest { csrs })
+            .await
+            .map_err(|s| anyhow::anyhow!("SignSvids: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        ensure!(
+            answer.svids.len() == self.batch && answer.svids.iter().all(|s| !s.svid_chain.is_empty()),
+            "SignSvids answered {} SVIDs for {} CSRs",
+            answer.svids.len(),
+            self.batch
+        );
+        Ok(())
+    }
+}
+
+pub async fn run(opts: &Options) -> Result<(BenchResult, Option<String>)> {
+    ensure!(opts.concurrency > 0, "--concurrency must be at least 1");
+    ensure!(opts.batch > 0, "--batch must be at least 1");
+    let trust_domain = TrustDomain::new(&opts.trust_domain)?;
+    let prefix = format!("spiffe://{trust_domain}/w/");
+    let agent_id = format!("spiffe://{trust_domain}/node/bench-{}", uuid::Uuid::new_v4().simple());
+
+    let mut admin = operator::connect(&Connection {
+        socket: Some(opts.admin_socket.clone()),
+        config: None,
+        output: OutputFormat::Json,
+    })
+    .await?;
+    let bundle = admin
+        .get_bundle(v1::GetBundleRequest {})
+        .await?
+        .into_inner()
+        .bundle
+        .context("no bundle")?
+        .x509_authorities;
+    let token = admin
+        .generate_join_token(v1::GenerateJoinTokenRequest {
+            spiffe_id: agent_id.clone(),
+            ttl: 0,
+        })
+        .await?
+        .into_inner()
+        .token;
+
+    let server = server_id(&trust_domain)?;
+    let anonymous = client_config(server.clone(), TrustBundle::new(&bundle)?, None)?;
+    let (key, csr) = generate_csr(None)?;
+    let attested = NodeClient::new(connect(&opts.node_addr, anonymous).await?)
+        .attest(v1::AttestRequest {
+            join_token: token,
+            csr,
+        })
+        .await?
+        .into_inner();
+
+    let pool = CsrPool::generate(opts.csr_pool, &prefix)?;
+    let mut entry_ids = Vec::with_capacity(pool.len());
+    for (i, pooled) in pool.entries().iter().enumerate() {
+        let entry = admin
+            .create_entry(v1::CreateEntryRequest {
+                spiffe_id: pooled.spiffe_id.clone(),
+                parent_id: agent_id.clone(),
+                selectors: vec![format!("unix:uid:{}", 10_000 + i)],
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating the entry for {}", pooled.spiffe_id))?
+            .into_inner();
+        entry_ids.push(entry.id);
+    }
+    // One pre-built batch per starting position in the pool.
+    let requests: Arc<[Vec<v1::SvidCsr>]> = (0..pool.len())
+        .map(|start| {
+            (0..opts.batch)
+                .map(|k| {
+                    let i = (start + k) % pool.len();
+                    v1::SvidCsr {
+                        entry_id: entry_ids[i].clone(),
+                        csr: pool.entries()[i].der.clone(),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+
+    let chain: Vec<CertificateDer<'static>> = attested
+        .svid_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let mut workers = Vec::with_capacity(opts.concurrency);
+    for _ in 0..opts.concurrency {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
+        let config = client_config(
+            server.clone(),
+            TrustBundle::new(&bundle)?,
+            Some((chain.clone(), key)),
+        )?;
+        workers.push(SignWorker {
+            client: NodeClient::new(connect(&opts.node_addr, config).await?),
+            requests: Arc::clone(&requests),
+            batch: opts.batch,
+        });
+    }
+
+    let outcome = drive(workers, opts.count).await;
+    let first_error = outcome.first_error.clone();
+    let mut result =
+        BenchResult::from_outcome("mayfly", opts.count, opts.concurrency, pool.len(), outcome);
+    // Rates are per SVID, so a batched run compares with OpenBao's one-per-request.
+    result.batch = opts.batch;
+    result.count *= opts.batch as u64;
+    result.rate_per_s = (result.rate_per_s * opts.batch as f64).round();
+    Ok((result, first_error))
+}
