@@ -3,6 +3,7 @@
 
 pub mod selector;
 pub mod spiffe_id;
+pub mod svid;
 pub mod tls;
 
 pub use selector::{Selector, SelectorError};

@@ -10,10 +10,10 @@ use tonic::transport::Channel;
 
 use mayfly_daemon::ca::generate_csr;
 use mayfly_daemon::cli::{Connection, OutputFormat, operator};
+use mayfly_proto::TrustDomain;
 use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self};
-use mayfly_proto::TrustDomain;
 
 use super::{BenchResult, CsrPool, Worker, drive};
 
@@ -45,7 +45,8 @@ impl Worker for SignWorker {
             .map_err(|s| anyhow::anyhow!("SignSvids: {:?}: {}", s.code(), s.message()))?
             .into_inner();
         ensure!(
-            answer.svids.len() == self.batch && answer.svids.iter().all(|s| !s.svid_chain.is_empty()),
+            answer.svids.len() == self.batch
+                && answer.svids.iter().all(|s| !s.svid_chain.is_empty()),
             "SignSvids answered {} SVIDs for {} CSRs",
             answer.svids.len(),
             self.batch
@@ -59,7 +60,10 @@ pub async fn run(opts: &Options) -> Result<(BenchResult, Option<String>)> {
     ensure!(opts.batch > 0, "--batch must be at least 1");
     let trust_domain = TrustDomain::new(&opts.trust_domain)?;
     let prefix = format!("spiffe://{trust_domain}/w/");
-    let agent_id = format!("spiffe://{trust_domain}/node/bench-{}", uuid::Uuid::new_v4().simple());
+    let agent_id = format!(
+        "spiffe://{trust_domain}/node/bench-{}",
+        uuid::Uuid::new_v4().simple()
+    );
 
     let mut admin = operator::connect(&Connection {
         socket: Some(opts.admin_socket.clone()),

@@ -11,7 +11,7 @@ use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
-use crate::ca::{CaError, is_secp384r1};
+use crate::svid::{CaError, is_secp384r1};
 
 /// PEM wraps base64 at 64 characters per line (RFC 7468).
 const PEM_LINE_LEN: usize = 64;
@@ -140,9 +140,9 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::ca::generate_ca;
+    use crate::svid::generate_ca;
 
-    fn material() -> crate::ca::CaMaterial {
+    fn material() -> crate::svid::CaMaterial {
         let now = UNIX_EPOCH + Duration::from_secs(1_760_000_000);
         generate_ca("example.org", Duration::from_secs(86_400), now).unwrap()
     }

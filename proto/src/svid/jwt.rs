@@ -12,8 +12,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value, json};
 
-use crate::ca::error::truncate_for_message;
-use crate::ca::{CaError, expiry, unix_seconds};
+use crate::svid::error::truncate_for_message;
+use crate::svid::{CaError, expiry, unix_seconds};
 
 /// Length of an ES256 signature in JWS form: r and s, 32 bytes each.
 const ES256_SIGNATURE_LEN: usize = 64;
@@ -222,7 +222,7 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
-    use crate::ca::generate_ca;
+    use crate::svid::generate_ca;
 
     const WEB: &str = "spiffe://example.org/ns/web";
     const FIVE_MIN: Duration = Duration::from_secs(300);

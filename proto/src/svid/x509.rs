@@ -30,8 +30,8 @@ use x509_parser::public_key::PublicKey as ParsedPublicKey;
 use x509_parser::x509::{SubjectPublicKeyInfo, X509Name};
 use zeroize::Zeroizing;
 
-use crate::ca::error::truncate_for_message;
-use crate::ca::{CaError, expiry, is_secp384r1, unix_seconds};
+use crate::svid::error::truncate_for_message;
+use crate::svid::{CaError, expiry, is_secp384r1, unix_seconds};
 
 /// SPIRE backdates notBefore by this much so peers with slightly slow clocks accept the SVID.
 const BACKDATE_SECS: i64 = 10;
