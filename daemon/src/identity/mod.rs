@@ -2,8 +2,8 @@
 //! signing decisions built on them. The node and admin APIs are thin layers over this.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use tokio::sync::{broadcast, watch};
@@ -130,7 +130,13 @@ pub struct Registry {
     clock: Arc<dyn Clock>,
     entries: watch::Sender<Arc<HashMap<String, Arc<EntryRecord>>>>,
     changes: broadcast::Sender<Change>,
+    // Agents seen recently, so each node API call need not read the store. Every change made
+    // through this daemon drops the agent's line at once; a change made by another daemon
+    // sharing the store is seen within AGENT_CACHE_TTL.
+    agent_cache: Mutex<HashMap<String, (AgentRecord, Instant)>>,
 }
+
+const AGENT_CACHE_TTL: Duration = Duration::from_secs(1);
 
 impl Registry {
     pub async fn load(
@@ -158,6 +164,7 @@ impl Registry {
             clock,
             entries,
             changes,
+            agent_cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -389,6 +396,7 @@ impl Registry {
                 token_hash: token_record.hash,
             })
             .await?;
+        self.forget_agent(spiffe_id.as_str());
         tracing::info!(agent = %spiffe_id, serial = %signed.serial, "agent attested");
         Ok(signed)
     }
@@ -399,11 +407,19 @@ impl Registry {
         peer: &mayfly_proto::tls::PeerIdentity,
     ) -> Result<AgentRecord, IdentityError> {
         let id = peer.spiffe_id.as_str();
-        let agent = self
-            .store
-            .get_agent(id)
-            .await?
-            .ok_or_else(|| IdentityError::UnknownAgent(id.to_string()))?;
+        let agent = match self.cached_agent(id) {
+            Some(agent) => agent,
+            None => {
+                let agent = self
+                    .store
+                    .get_agent(id)
+                    .await?
+                    .ok_or_else(|| IdentityError::UnknownAgent(id.to_string()))?;
+                self.agent_cache()
+                    .insert(id.to_string(), (agent.clone(), Instant::now()));
+                agent
+            }
+        };
         match agent.status {
             AgentStatus::Active => {}
             AgentStatus::Evicted => return Err(IdentityError::AgentEvicted(id.to_string())),
@@ -418,6 +434,24 @@ impl Registry {
         Ok(agent)
     }
 
+    fn agent_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (AgentRecord, Instant)>> {
+        self.agent_cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn cached_agent(&self, id: &str) -> Option<AgentRecord> {
+        let cache = self.agent_cache();
+        cache
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < AGENT_CACHE_TTL)
+            .map(|(agent, _)| agent.clone())
+    }
+
+    fn forget_agent(&self, id: &str) {
+        self.agent_cache().remove(id);
+    }
+
     pub async fn renew_agent(
         &self,
         agent: &AgentRecord,
@@ -429,6 +463,7 @@ impl Registry {
         self.store
             .update_agent_svid(spiffe_id.as_str(), &signed.serial, signed.expires_at)
             .await?;
+        self.forget_agent(spiffe_id.as_str());
         Ok(signed)
     }
 
@@ -447,6 +482,7 @@ impl Registry {
                 StoreError::NotFound { .. } => IdentityError::UnknownAgent(id.to_string()),
                 other => other.into(),
             })?;
+        self.forget_agent(id.as_str());
         let _ = self.changes.send(Change::AgentEvicted {
             spiffe_id: id.to_string(),
             banned: status == AgentStatus::Banned,
