@@ -1,5 +1,3 @@
 fn main() {
-    rustls::crypto::aws_lc_rs::default_provider()
-        .install_default()
-        .ok();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }

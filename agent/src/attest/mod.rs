@@ -1,0 +1,1 @@
+//! Attestation: the node to the daemon, and workloads to the agent.

@@ -1,0 +1,114 @@
+//! What the agent currently holds, published whole through a watch channel: the sync
+//! stream and the SVID cache write it, the Workload API and sinks read it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use mayfly_proto::{Selector, SpiffeId, TrustDomain};
+
+/// A registration entry as the agent needs it: who may receive which identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryView {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    /// A caller must match every one of these.
+    pub selectors: Vec<Selector>,
+    pub hint: String,
+    pub revision: i64,
+}
+
+impl EntryView {
+    /// True when the caller's selectors include every selector of this entry.
+    pub fn matches(&self, caller: &[Selector]) -> bool {
+        !self.selectors.is_empty() && self.selectors.iter().all(|s| caller.contains(s))
+    }
+}
+
+/// One X509-SVID with its private key, which never leaves the node.
+#[derive(Clone)]
+pub struct X509Svid {
+    pub entry_id: String,
+    pub spiffe_id: SpiffeId,
+    pub hint: String,
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER.
+    pub key_pkcs8: Arc<Zeroizing<Vec<u8>>>,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("entry_id", &self.entry_id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The trust domain's bundle as the daemon last published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub trust_domain: TrustDomain,
+    /// DER CA certificates.
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// (kid, SPKI DER) of the JWT signing keys.
+    pub jwt_keys: Vec<(String, Vec<u8>)>,
+    pub sequence: i64,
+}
+
+/// Everything the Workload API serves, replaced whole on every change.
+#[derive(Debug, Clone)]
+pub struct WorkloadState {
+    /// Entries whose parent is this agent, ordered by SPIFFE ID then id.
+    pub entries: Vec<Arc<EntryView>>,
+    /// Current SVID per entry id; an entry may briefly have none (just created).
+    pub svids: BTreeMap<String, Arc<X509Svid>>,
+    pub bundle: Arc<Bundle>,
+}
+
+impl WorkloadState {
+    pub fn empty(bundle: Bundle) -> Self {
+        Self {
+            entries: Vec::new(),
+            svids: BTreeMap::new(),
+            bundle: Arc::new(bundle),
+        }
+    }
+
+    /// The entries a caller with these selectors may have, in a stable order.
+    pub fn entries_for(&self, caller: &[Selector]) -> Vec<Arc<EntryView>> {
+        self.entries
+            .iter()
+            .filter(|e| e.matches(caller))
+            .cloned()
+            .collect()
+    }
+
+    /// The SVIDs a caller with these selectors may have, in entry order.
+    pub fn svids_for(&self, caller: &[Selector]) -> Vec<Arc<X509Svid>> {
+        self.entries_for(caller)
+            .iter()
+            .filter_map(|e| self.svids.get(&e.id).cloned())
+            .collect()
+    }
+}
+
+/// Mints JWT-SVIDs for an entry; the agent asks the daemon, which holds the key.
+#[tonic::async_trait]
+pub trait JwtIssuer: Send + Sync + 'static {
+    /// Returns the token and its expiry (unix seconds).
+    async fn mint(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64), tonic::Status>;
+}
