@@ -1,5 +1,9 @@
-//! mayfly-agent as a library: the binary and the end-to-end tests share it.
+//! mayfly-agent as a library: the binary, `mayflyd dev` and the end-to-end tests share it.
 
 pub mod attest;
+pub mod cli;
+pub mod config;
+pub mod run;
 pub mod state;
+pub mod sync;
 pub mod workload_api;

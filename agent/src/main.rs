@@ -1,3 +1,83 @@
-fn main() {
+//! `mayfly-agent`: runs the node agent, or queries a running one's Workload API.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+
+use mayfly_agent::cli::{Cli, Command, api};
+use mayfly_agent::config::{AgentConfig, LogFormat};
+use mayfly_agent::run;
+
+fn main() -> std::process::ExitCode {
+    // aws-lc-rs is the only crypto provider; installing it first keeps rustls from guessing.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mayfly-agent: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(text) => {
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mayfly-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<String> {
+    match cli.command {
+        Command::Run { config, join_token } => {
+            let config = AgentConfig::load(&config)?;
+            init_logging(config.log.format, &config.log.level);
+            let (_agent, handle) = run::start(config, join_token, shutdown_signal()).await?;
+            notify_ready();
+            handle.await.context("agent task")??;
+            Ok(String::new())
+        }
+        Command::Api { command, endpoint } => api::run(command, &endpoint).await,
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// Tells systemd (Type=notify) that the agent is serving, when run under it.
+fn notify_ready() {
+    if let Some(socket) = std::env::var_os("NOTIFY_SOCKET")
+        && let Ok(sock) = std::os::unix::net::UnixDatagram::unbound()
+    {
+        let _ = sock.send_to(b"READY=1", socket);
+    }
 }

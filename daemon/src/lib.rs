@@ -5,7 +5,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod dev;
-pub mod fsutil;
+pub use mayfly_proto::fsutil;
 pub mod identity;
 pub mod server;
 pub mod store;

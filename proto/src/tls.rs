@@ -312,27 +312,60 @@ pub fn client_config(
     Ok(config)
 }
 
-/// Opens a gRPC channel to `addr` ("host:port") over TLS with `config`.
+/// Opens a gRPC channel to `addr` ("host:port") over TLS with `config`, connecting now.
 pub async fn connect(
     addr: &str,
     config: rustls::ClientConfig,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    endpoint(addr)?
+        .connect_with_connector(tls_connector(addr, config))
+        .await
+}
+
+/// Like `connect`, but connects on first use and reconnects by itself after a failure, so
+/// a caller can hold it while the daemon is down.
+pub fn connect_lazy(
+    addr: &str,
+    config: rustls::ClientConfig,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    Ok(endpoint(addr)?.connect_with_connector_lazy(tls_connector(addr, config)))
+}
+
+fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(15))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+fn tls_connector(
+    addr: &str,
+    config: rustls::ClientConfig,
+) -> impl tower::Service<
+    http::Uri,
+    Response = TlsIo,
+    Error = std::io::Error,
+    Future = impl std::future::Future<Output = Result<TlsIo, std::io::Error>> + Send,
+> + Clone
++ Send
++ 'static {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let target = addr.to_string();
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let connector = connector.clone();
-            let target = target.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&target).await?;
-                tcp.set_nodelay(true)?;
-                // The verifier ignores the name; SNI just needs a syntactically valid one.
-                let name = ServerName::try_from("mayfly-daemon")
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await
+    tower::service_fn(move |_: http::Uri| {
+        let connector = connector.clone();
+        let target = target.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            // The verifier ignores the name; SNI just needs a syntactically valid one.
+            let name = ServerName::try_from("mayfly-daemon")
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    })
 }

@@ -279,3 +279,143 @@ impl std::fmt::Debug for AgentIdentity {
             .finish_non_exhaustive()
     }
 }
+
+/// A running `mayfly-agent run` process attested to a daemon; killed on drop.
+pub struct AgentProcess {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub socket_path: PathBuf,
+    pub spiffe_id: String,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// Writes agent.toml (bootstrap bundle from the daemon, a fresh join token) and starts
+    /// the agent, waiting until its Workload API socket answers.
+    pub fn start(daemon: &DaemonProcess, spiffe_id: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("mayfly-agent-e2e-").tempdir()?;
+        // Workloads under other uids must reach the socket.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let bundle_path = dir.path().join("bootstrap.pem");
+        std::fs::write(&bundle_path, daemon.cli_ok(&["bundle", "show"])?)?;
+        let token = daemon.join_token(spiffe_id)?;
+        let socket_path = dir.path().join("api.sock");
+        let config_path = dir.path().join("agent.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "trust_domain = \"{td}\"\ndaemon_address = \"{addr}\"\ntrust_bundle_path = \"{bundle}\"\n\
+                 join_token_file = \"{token_file}\"\ndata_dir = \"{data}\"\nsocket_path = \"{sock}\"\n",
+                td = daemon.trust_domain,
+                addr = daemon.node_addr,
+                bundle = bundle_path.display(),
+                token_file = dir.path().join("token").display(),
+                data = dir.path().join("data").display(),
+                sock = socket_path.display(),
+            ),
+        )?;
+        std::fs::write(dir.path().join("token"), token)?;
+        let mut agent = Self {
+            dir,
+            config_path,
+            socket_path,
+            spiffe_id: spiffe_id.to_string(),
+            child: None,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(&self.socket_path);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(binary("mayfly-agent")?)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info")
+            .env_remove("MAYFLY_JOIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mayfly-agent")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("mayfly-agent exited with {status}; log:\n{}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket_path).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("mayfly-agent did not come up in 30 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the agent process to exit by itself, returning its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("mayfly-agent still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket_path.display())
+    }
+
+    /// Runs `mayfly-agent api …` against this agent, as `uid` when given.
+    pub fn api(&self, args: &[&str], uid: Option<u32>) -> anyhow::Result<Output> {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(binary("mayfly-agent")?);
+        command
+            .arg("api")
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket_path)
+            .stdin(Stdio::null());
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        Ok(command.output()?)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,1 +1,3 @@
-//! Attestation: the node to the daemon, and workloads to the agent.
+//! Attestation: the node to the daemon (`node`), and workloads to the agent (`workload`).
+
+pub mod node;

@@ -16,9 +16,9 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
         .file_name()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{:016x}",
         name.to_string_lossy(),
-        uuid::Uuid::new_v4().simple()
+        rand::random::<u64>()
     ));
     let result = (|| {
         let mut file = OpenOptions::new()

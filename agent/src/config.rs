@@ -1,0 +1,174 @@
+//! agent.toml: the one typed configuration of `mayfly-agent`. Unknown keys are an error,
+//! and a broken file is reported with its path, line and key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use mayfly_proto::TrustDomain;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The trust domain the daemon serves.
+    pub trust_domain: TrustDomain,
+    /// The daemon's node API, "host:port".
+    #[serde(default = "default_daemon_address")]
+    pub daemon_address: String,
+    /// PEM CA certificates to trust for the first connection (`mayflyd bundle show`).
+    /// After attestation the agent keeps the daemon's bundle in data_dir and follows it.
+    #[serde(default)]
+    pub trust_bundle_path: Option<PathBuf>,
+    /// A single-use join token, if not given by `--join-token`, `join_token_file` or
+    /// MAYFLY_JOIN_TOKEN. Needed only for the first attestation.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// A file holding the join token (read each time the agent must attest).
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// Where the agent keeps its own SVID, key and bundle (mode 0700; files 0600).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The SPIFFE Workload API socket.
+    #[serde(default = "default_socket_path")]
+    pub socket_path: PathBuf,
+    /// Most CSRs sent in one signing call.
+    #[serde(default = "default_batch")]
+    pub max_csr_batch: usize,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: describe_toml_error(text, &e),
+        })?;
+        if config.max_csr_batch == 0 {
+            return Err(ConfigError::Parse {
+                path: origin.to_path_buf(),
+                message: "key `max_csr_batch`: must be at least 1".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// The configuration `mayflyd dev` runs its agent with.
+    pub fn dev(trust_domain: TrustDomain, daemon_address: String, data_dir: PathBuf) -> Self {
+        Self {
+            trust_domain,
+            daemon_address,
+            trust_bundle_path: None,
+            join_token: None,
+            join_token_file: None,
+            socket_path: data_dir.join("api.sock"),
+            data_dir,
+            max_csr_batch: default_batch(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().to_string();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+fn default_daemon_address() -> String {
+    "127.0.0.1:8081".into()
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/mayfly-agent")
+}
+
+fn default_socket_path() -> PathBuf {
+    PathBuf::from("/run/mayfly-agent/api.sock")
+}
+
+fn default_batch() -> usize {
+    100
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = AgentConfig::parse(
+            "trust_domain = \"example.org\"\nsocket_pth = \"/tmp/x\"\n",
+            Path::new("agent.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("agent.toml: line 2"), "{err}");
+        assert!(err.contains("socket_pth"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        AgentConfig::parse(
+            include_str!("../../config/agent.toml"),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+    }
+}

@@ -1,0 +1,345 @@
+//! Wiring: the agent's identity, its sync stream, the SVID cache and the Workload API,
+//! assembled here and nowhere else.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use mayfly_proto::svid::parse_pem_certs;
+use mayfly_proto::tls::TrustBundle;
+use mayfly_proto::v1::node_client::NodeClient;
+use mayfly_proto::v1::{self};
+
+use crate::attest::node::{self, IdentityFiles, NodeError, NodeIdentity};
+use crate::config::AgentConfig;
+use crate::state::{Bundle, JwtIssuer, WorkloadState};
+use crate::sync::svids::SvidCache;
+use crate::sync::{self, Authorized, Backoff, ClientCell, StreamEnd};
+
+/// A started agent.
+pub struct RunningAgent {
+    pub socket_path: PathBuf,
+    pub spiffe_id: String,
+    pub state: watch::Receiver<Arc<WorkloadState>>,
+}
+
+/// Where a join token may come from, read again each time the agent must attest.
+#[derive(Debug, Clone, Default)]
+pub struct TokenSource {
+    pub flag: Option<String>,
+    pub config: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+impl TokenSource {
+    fn read(&self) -> Option<String> {
+        let from_file = self
+            .file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.trim().to_string());
+        self.flag
+            .clone()
+            .or_else(|| std::env::var("MAYFLY_JOIN_TOKEN").ok())
+            .or(from_file)
+            .or_else(|| self.config.clone())
+            .filter(|t| !t.is_empty())
+    }
+}
+
+/// Starts the agent: attests (or reuses the stored identity), then serves the Workload API
+/// until `shutdown`. The handle resolves with an error if the agent is banned.
+pub async fn start(
+    config: AgentConfig,
+    join_token: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(RunningAgent, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let files = IdentityFiles::new(&config.data_dir);
+    let tokens = TokenSource {
+        flag: join_token,
+        config: config.join_token.clone(),
+        file: config.join_token_file.clone(),
+    };
+    let (identity, bundle) = match files.load()? {
+        Some((identity, bundle)) if identity.not_after > unix_now() => {
+            tracing::info!(agent = %identity.spiffe_id, "reusing the stored agent SVID");
+            (identity, bundle)
+        }
+        _ => attest_now(&config, &files, &tokens).await?,
+    };
+    let trust = TrustBundle::new(&bundle)?;
+    let client = lazy_client(&config, trust.clone(), &identity)?;
+    let client: ClientCell = Arc::new(watch::channel(client).0);
+    let identity = Arc::new(watch::channel(identity).0);
+
+    let (authorized_tx, authorized_rx) = watch::channel(Authorized::default());
+    let placeholder = Bundle {
+        trust_domain: config.trust_domain.clone(),
+        x509_authorities: bundle.clone(),
+        jwt_keys: Vec::new(),
+        sequence: 0,
+    };
+    let (state_tx, state_rx) = watch::channel(Arc::new(WorkloadState::empty(placeholder)));
+    tokio::spawn(
+        SvidCache::new(
+            config.trust_domain.clone(),
+            config.max_csr_batch,
+            client.clone(),
+            authorized_rx,
+            state_tx,
+        )
+        .run(),
+    );
+
+    let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
+    tokio::spawn(sync_loop(
+        config.clone(),
+        files.clone(),
+        tokens,
+        trust.clone(),
+        client.clone(),
+        identity.clone(),
+        authorized_tx,
+        fatal_tx,
+    ));
+    tokio::spawn(renew_loop(
+        config.clone(),
+        files.clone(),
+        trust.clone(),
+        client.clone(),
+        identity.clone(),
+    ));
+
+    let api = crate::workload_api::WorkloadApi::new(
+        state_rx.clone(),
+        Arc::new(crate::attest::workload::WorkloadAttestor::new()),
+        Arc::new(DaemonJwtIssuer {
+            client: client.clone(),
+        }),
+    );
+    let socket = config.socket_path.clone();
+    let listener = crate::workload_api::bind(&socket)?;
+    let spiffe_id = identity.borrow().spiffe_id.to_string();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut api_stop = stop_rx.clone();
+    let handle = tokio::spawn(async move {
+        let served = crate::workload_api::serve_listener(listener, api, async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        });
+        let mut stop = stop_rx;
+        tokio::select! {
+            result = served => result.context("Workload API")?,
+            _ = stop.wait_for(|s| *s) => {}
+            _ = fatal_rx.wait_for(|f| f.is_some()) => {
+                let reason = fatal_rx.borrow().clone().unwrap_or_default();
+                anyhow::bail!("the daemon banned this agent: {reason}");
+            }
+        }
+        Ok(())
+    });
+    tracing::info!(agent = %spiffe_id, socket = %socket.display(), "mayfly-agent serving the Workload API");
+    Ok((
+        RunningAgent {
+            socket_path: socket,
+            spiffe_id,
+            state: state_rx,
+        },
+        handle,
+    ))
+}
+
+async fn attest_now(
+    config: &AgentConfig,
+    files: &IdentityFiles,
+    tokens: &TokenSource,
+) -> Result<(NodeIdentity, Vec<Vec<u8>>), NodeError> {
+    let token = tokens.read().ok_or(NodeError::NoJoinToken)?;
+    let bootstrap = match &config.trust_bundle_path {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|source| NodeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            parse_pem_certs(&pem)?
+        }
+        None => files.stored_bundle().ok_or(NodeError::NoBootstrapBundle)?,
+    };
+    let (identity, bundle) = node::attest(
+        &config.daemon_address,
+        &config.trust_domain,
+        &bootstrap,
+        &token,
+    )
+    .await?;
+    files.save(&identity, &bundle.x509_authorities)?;
+    tracing::info!(agent = %identity.spiffe_id, serial = %identity.serial, "attested to the daemon");
+    Ok((identity, bundle.x509_authorities))
+}
+
+fn lazy_client(
+    config: &AgentConfig,
+    trust: TrustBundle,
+    identity: &NodeIdentity,
+) -> anyhow::Result<NodeClient<Channel>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let chain = identity
+        .chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_pkcs8.to_vec()));
+    let tls = mayfly_proto::tls::client_config(
+        mayfly_proto::tls::server_id(&config.trust_domain)?,
+        trust,
+        Some((chain, key)),
+    )?;
+    let channel = mayfly_proto::tls::connect_lazy(&config.daemon_address, tls)?;
+    Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sync_loop(
+    config: AgentConfig,
+    files: IdentityFiles,
+    tokens: TokenSource,
+    trust: TrustBundle,
+    client: ClientCell,
+    identity: Arc<watch::Sender<NodeIdentity>>,
+    authorized: watch::Sender<Authorized>,
+    fatal: watch::Sender<Option<String>>,
+) {
+    let mut backoff = Backoff::default();
+    let save_files = files.clone();
+    let on_bundle = move |bundle: &v1::Bundle| {
+        if let Err(e) = save_files.save_bundle(&bundle.x509_authorities) {
+            tracing::warn!(error = %e, "could not store the new bundle");
+        }
+    };
+    loop {
+        let mut current = client.borrow().clone();
+        let started = std::time::Instant::now();
+        match sync::follow(&mut current, &authorized, &trust, &on_bundle).await {
+            StreamEnd::Broken(reason) => {
+                if started.elapsed() > Duration::from_secs(5) {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "sync stream lost; serving cached SVIDs");
+                tokio::time::sleep(delay).await;
+            }
+            StreamEnd::Banned(reason) => {
+                tracing::error!(%reason, "this agent is banned; stopping");
+                let _ = files.clear();
+                let _ = fatal.send(Some(reason));
+                return;
+            }
+            StreamEnd::Evicted(reason) => {
+                tracing::warn!(%reason, "the daemon no longer accepts this agent; re-attesting");
+                let _ = files.clear();
+                loop {
+                    match attest_now(&config, &files, &tokens).await {
+                        Ok((fresh, bundle)) => {
+                            let _ = trust.replace(&bundle);
+                            match lazy_client(&config, trust.clone(), &fresh) {
+                                Ok(new_client) => {
+                                    client.send_replace(new_client);
+                                    identity.send_replace(fresh);
+                                    backoff.reset();
+                                    break;
+                                }
+                                Err(e) => tracing::error!(error = %e, "building the client failed"),
+                            }
+                        }
+                        Err(e) => {
+                            let delay = backoff.next_delay().max(Duration::from_secs(1));
+                            tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "re-attestation failed; supply a new join token");
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Renews the agent's own SVID at half-life and swaps the client to the new one.
+async fn renew_loop(
+    config: AgentConfig,
+    files: IdentityFiles,
+    trust: TrustBundle,
+    client: ClientCell,
+    identity: Arc<watch::Sender<NodeIdentity>>,
+) {
+    let mut changes = identity.subscribe();
+    loop {
+        let current = changes.borrow_and_update().clone();
+        let due = current.not_before + (current.not_after - current.not_before) / 2;
+        let wait = Duration::from_secs((due - unix_now()).max(0) as u64);
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let mut active = client.borrow().clone();
+        match node::renew(&mut active, &current).await {
+            Ok((renewed, bundle)) => {
+                let _ = trust.replace(&bundle.x509_authorities);
+                if let Err(e) = files.save(&renewed, &bundle.x509_authorities) {
+                    tracing::error!(error = %e, "could not store the renewed agent SVID");
+                }
+                match lazy_client(&config, trust.clone(), &renewed) {
+                    Ok(new_client) => {
+                        client.send_replace(new_client);
+                        tracing::info!(serial = %renewed.serial, "renewed the agent SVID");
+                        identity.send_replace(renewed);
+                    }
+                    Err(e) => tracing::error!(error = %e, "building the renewed client failed"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent SVID renewal failed; retrying in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+/// JWT-SVIDs come from the daemon, which holds the signing key.
+struct DaemonJwtIssuer {
+    client: ClientCell,
+}
+
+#[tonic::async_trait]
+impl JwtIssuer for DaemonJwtIssuer {
+    async fn mint(&self, entry_id: &str, audience: &[String]) -> Result<(String, i64), tonic::Status> {
+        let mut client = self.client.borrow().clone();
+        let minted = client
+            .mint_jwt_svid(v1::MintJwtSvidRequest {
+                entry_id: entry_id.to_string(),
+                audience: audience.to_vec(),
+            })
+            .await?
+            .into_inner();
+        Ok((minted.token, minted.expires_at))
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

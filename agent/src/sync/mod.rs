@@ -1,0 +1,211 @@
+//! The agent's side of the node API: one sync stream whose pushes become the authorized
+//! state, the SVID cache that signs and renews workload SVIDs from it, and the agent's own
+//! SVID renewal and re-attestation after eviction.
+
+pub mod svids;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use mayfly_proto::tls::TrustBundle;
+use mayfly_proto::v1::node_client::NodeClient;
+use mayfly_proto::v1::{self, sync_message::Update};
+
+/// What the daemon last told this agent it may hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Authorized {
+    pub entries: BTreeMap<String, v1::Entry>,
+    pub bundle: Option<v1::Bundle>,
+    /// True once a full state has arrived on the current or an earlier stream.
+    pub synced: bool,
+}
+
+/// How a sync stream ended.
+#[derive(Debug)]
+pub enum StreamEnd {
+    /// The daemon went away or the stream broke: reconnect with backoff.
+    Broken(String),
+    /// The daemon no longer accepts this agent's SVID: re-attest.
+    Evicted(String),
+    /// The agent must stop.
+    Banned(String),
+}
+
+/// Runs one sync stream to its end, publishing every change.
+pub async fn follow(
+    client: &mut NodeClient<Channel>,
+    authorized: &watch::Sender<Authorized>,
+    trust: &TrustBundle,
+    on_bundle: &(dyn Fn(&v1::Bundle) + Send + Sync),
+) -> StreamEnd {
+    let mut stream = match client.sync(v1::SyncRequest {}).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return classify(status),
+    };
+    loop {
+        let message = match stream.next().await {
+            Some(Ok(message)) => message,
+            Some(Err(status)) => return classify(status),
+            None => return StreamEnd::Broken("the daemon closed the sync stream".into()),
+        };
+        let Some(update) = message.update else {
+            continue;
+        };
+        if let Update::Evicted(evicted) = &update {
+            return if evicted.banned {
+                StreamEnd::Banned(evicted.reason.clone())
+            } else {
+                StreamEnd::Evicted(evicted.reason.clone())
+            };
+        }
+        let bundle_changed = matches!(update, Update::BundleChanged(_) | Update::FullState(_));
+        authorized.send_modify(|state| apply(state, update));
+        if bundle_changed && let Some(bundle) = authorized.borrow().bundle.clone() {
+            if let Err(e) = trust.replace(&bundle.x509_authorities) {
+                tracing::warn!(error = %e, "the daemon sent an unusable bundle");
+            }
+            on_bundle(&bundle);
+        }
+    }
+}
+
+fn apply(state: &mut Authorized, update: Update) {
+    match update {
+        Update::FullState(full) => {
+            state.entries = full
+                .entries
+                .into_iter()
+                .map(|e| (e.id.clone(), e))
+                .collect();
+            if full.bundle.is_some() {
+                state.bundle = full.bundle;
+            }
+            state.synced = true;
+        }
+        Update::EntryUpserted(entry) => {
+            state.entries.insert(entry.id.clone(), entry);
+        }
+        Update::EntryDeleted(id) => {
+            state.entries.remove(&id);
+        }
+        Update::BundleChanged(bundle) => state.bundle = Some(bundle),
+        Update::Evicted(_) => {}
+    }
+}
+
+fn classify(status: tonic::Status) -> StreamEnd {
+    let message = status.message().to_string();
+    match status.code() {
+        Code::PermissionDenied if message.contains("banned") => StreamEnd::Banned(message),
+        Code::PermissionDenied | Code::Unauthenticated => StreamEnd::Evicted(message),
+        _ => StreamEnd::Broken(format!("{:?}: {message}", status.code())),
+    }
+}
+
+/// Reconnect delays: from 100 ms doubling to 10 s, with jitter so a fleet does not
+/// reconnect in step after a daemon restart.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(10));
+        let jitter = rand::random_range(0.8..1.2);
+        base.mul_f64(jitter)
+    }
+}
+
+/// Shares the current authenticated client; replaced after renewal or re-attestation.
+pub type ClientCell = Arc<watch::Sender<NodeClient<Channel>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> v1::Entry {
+        v1::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn updates_apply_in_order() {
+        let mut state = Authorized::default();
+        apply(
+            &mut state,
+            Update::FullState(v1::FullState {
+                entries: vec![entry("a"), entry("b")],
+                bundle: Some(v1::Bundle::default()),
+            }),
+        );
+        assert!(state.synced);
+        apply(&mut state, Update::EntryDeleted("a".into()));
+        apply(&mut state, Update::EntryUpserted(entry("c")));
+        assert_eq!(
+            state.entries.keys().cloned().collect::<Vec<_>>(),
+            vec!["b", "c"]
+        );
+        // A new full state replaces, it does not merge.
+        apply(
+            &mut state,
+            Update::FullState(v1::FullState {
+                entries: vec![entry("z")],
+                bundle: None,
+            }),
+        );
+        assert_eq!(state.entries.keys().cloned().collect::<Vec<_>>(), vec!["z"]);
+        assert!(state.bundle.is_some(), "a full state without bundle keeps the old one");
+    }
+
+    #[test]
+    fn backoff_grows_to_a_cap() {
+        let mut backoff = Backoff::default();
+        let first = backoff.next_delay();
+        assert!(first <= Duration::from_millis(120));
+        for _ in 0..20 {
+            backoff.next_delay();
+        }
+        assert!(backoff.next_delay() <= Duration::from_secs(12));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(120));
+    }
+
+    #[test]
+    fn refusals_are_classified() {
+        assert!(matches!(
+            classify(tonic::Status::permission_denied("agent x is banned")),
+            StreamEnd::Banned(_)
+        ));
+        assert!(matches!(
+            classify(tonic::Status::permission_denied("agent x has been evicted")),
+            StreamEnd::Evicted(_)
+        ));
+        assert!(matches!(
+            classify(tonic::Status::unavailable("down")),
+            StreamEnd::Broken(_)
+        ));
+    }
+}

@@ -1,0 +1,265 @@
+//! The workload SVID cache: keys generated on the node, CSRs signed in batches, each SVID
+//! renewed at half-life ±10%, and the result published as the Workload API's state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+use mayfly_proto::svid::generate_csr;
+use mayfly_proto::tls::peer_identity;
+use mayfly_proto::v1::{self};
+use mayfly_proto::{Selector, SpiffeId, TrustDomain};
+
+use super::{Authorized, Backoff, ClientCell};
+use crate::state::{Bundle, EntryView, WorkloadState, X509Svid};
+
+/// Per-entry bookkeeping beside the published SVID.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    revision: i64,
+    /// Unix milliseconds.
+    due_ms: i64,
+}
+
+pub struct SvidCache {
+    trust_domain: TrustDomain,
+    max_batch: usize,
+    client: ClientCell,
+    authorized: watch::Receiver<Authorized>,
+    published: watch::Sender<Arc<WorkloadState>>,
+    svids: BTreeMap<String, Arc<X509Svid>>,
+    renewals: HashMap<String, Renewal>,
+    backoff: Backoff,
+    retry_at_ms: Option<i64>,
+}
+
+impl SvidCache {
+    pub fn new(
+        trust_domain: TrustDomain,
+        max_batch: usize,
+        client: ClientCell,
+        authorized: watch::Receiver<Authorized>,
+        published: watch::Sender<Arc<WorkloadState>>,
+    ) -> Self {
+        Self {
+            trust_domain,
+            max_batch: max_batch.max(1),
+            client,
+            authorized,
+            published,
+            svids: BTreeMap::new(),
+            renewals: HashMap::new(),
+            backoff: Backoff::default(),
+            retry_at_ms: None,
+        }
+    }
+
+    /// Runs until the authorized state's sender is dropped.
+    pub async fn run(mut self) {
+        loop {
+            let authorized = self.authorized.borrow_and_update().clone();
+            self.reconcile(&authorized).await;
+            let wake = self.next_wake_ms();
+            let sleep = match wake {
+                Some(at) => Duration::from_millis((at - now_ms()).max(0) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                changed = self.authorized.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    async fn reconcile(&mut self, authorized: &Authorized) {
+        let now = now_ms();
+        // Drop what is no longer ours or no longer valid.
+        self.svids
+            .retain(|id, svid| authorized.entries.contains_key(id) && svid.not_after * 1000 > now);
+        self.renewals.retain(|id, _| authorized.entries.contains_key(id));
+
+        let due: Vec<&v1::Entry> = authorized
+            .entries
+            .values()
+            .filter(|entry| match self.renewals.get(&entry.id) {
+                Some(r) if self.svids.contains_key(&entry.id) => {
+                    r.revision != entry.revision || r.due_ms <= now
+                }
+                _ => true,
+            })
+            .collect();
+        let retry_blocked = self.retry_at_ms.is_some_and(|at| at > now);
+        if !due.is_empty() && authorized.synced && !retry_blocked {
+            match self.sign(&due).await {
+                Ok(()) => {
+                    self.backoff.reset();
+                    self.retry_at_ms = None;
+                }
+                Err(message) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "signing workload SVIDs failed");
+                    self.retry_at_ms = Some(now + delay.as_millis() as i64);
+                }
+            }
+        }
+        self.publish(authorized);
+    }
+
+    async fn sign(&mut self, due: &[&v1::Entry]) -> Result<(), String> {
+        for chunk in due.chunks(self.max_batch) {
+            let mut keys = HashMap::with_capacity(chunk.len());
+            let mut csrs = Vec::with_capacity(chunk.len());
+            for entry in chunk {
+                let (key, csr) = generate_csr(None).map_err(|e| e.to_string())?;
+                keys.insert(entry.id.clone(), (key, entry.revision));
+                csrs.push(v1::SvidCsr {
+                    entry_id: entry.id.clone(),
+                    csr,
+                });
+            }
+            let mut client = self.client.borrow().clone();
+            let signed = client
+                .sign_svids(v1::SignSvidsRequest { csrs })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            for svid in signed.svids {
+                let Some((key, revision)) = keys.remove(&svid.entry_id) else {
+                    continue;
+                };
+                let Some(entry) = chunk.iter().find(|e| e.id == svid.entry_id) else {
+                    continue;
+                };
+                match self.build(entry, svid, key) {
+                    Ok(built) => {
+                        let life_ms = (built.not_after - built.not_before) * 1000;
+                        let jitter = rand::random_range(0.4..0.6);
+                        self.renewals.insert(
+                            built.entry_id.clone(),
+                            Renewal {
+                                revision,
+                                due_ms: built.not_before * 1000 + (life_ms as f64 * jitter) as i64,
+                            },
+                        );
+                        tracing::debug!(entry = %built.entry_id, spiffe_id = %built.spiffe_id, serial = %built.serial, "workload SVID ready");
+                        self.svids.insert(built.entry_id.clone(), Arc::new(built));
+                    }
+                    Err(e) => tracing::warn!(entry = %entry.id, error = %e, "the daemon returned an unusable SVID"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        entry: &v1::Entry,
+        signed: v1::SignedSvid,
+        key: Zeroizing<Vec<u8>>,
+    ) -> Result<X509Svid, String> {
+        let leaf = signed.svid_chain.first().ok_or("empty chain")?;
+        let identity = peer_identity(leaf).map_err(|e| e.to_string())?;
+        if identity.spiffe_id.as_str() != entry.spiffe_id {
+            return Err(format!(
+                "SVID names {}, entry wants {}",
+                identity.spiffe_id, entry.spiffe_id
+            ));
+        }
+        let not_before = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| c.validity().not_before.timestamp())
+            .map_err(|e| e.to_string())?;
+        Ok(X509Svid {
+            entry_id: entry.id.clone(),
+            spiffe_id: identity.spiffe_id,
+            hint: entry.hint.clone(),
+            chain: signed.svid_chain,
+            key_pkcs8: Arc::new(key),
+            serial: identity.serial,
+            not_before,
+            not_after: identity.not_after,
+        })
+    }
+
+    fn next_wake_ms(&self) -> Option<i64> {
+        let renewals = self.renewals.values().map(|r| r.due_ms);
+        let expiries = self.svids.values().map(|s| s.not_after * 1000);
+        renewals.chain(expiries).chain(self.retry_at_ms).min()
+    }
+
+    fn publish(&self, authorized: &Authorized) {
+        let Some(bundle) = authorized.bundle.as_ref() else {
+            return;
+        };
+        let entries: Vec<Arc<EntryView>> = authorized
+            .entries
+            .values()
+            .filter_map(|e| match entry_view(e) {
+                Ok(view) => Some(Arc::new(view)),
+                Err(reason) => {
+                    tracing::warn!(entry = %e.id, %reason, "ignoring an entry the agent cannot use");
+                    None
+                }
+            })
+            .collect();
+        let mut entries = entries;
+        entries.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
+        let state = WorkloadState {
+            entries,
+            svids: self.svids.clone(),
+            bundle: Arc::new(Bundle {
+                trust_domain: self.trust_domain.clone(),
+                x509_authorities: bundle.x509_authorities.clone(),
+                jwt_keys: bundle
+                    .jwt_authorities
+                    .iter()
+                    .map(|k| (k.key_id.clone(), k.public_key.clone()))
+                    .collect(),
+                sequence: bundle.sequence_number,
+            }),
+        };
+        self.published.send_if_modified(|current| {
+            let same = current.bundle == state.bundle
+                && current.entries == state.entries
+                && current.svids.len() == state.svids.len()
+                && current
+                    .svids
+                    .iter()
+                    .zip(state.svids.iter())
+                    .all(|((a, x), (b, y))| a == b && x.serial == y.serial);
+            if same {
+                return false;
+            }
+            *current = Arc::new(state);
+            true
+        });
+    }
+}
+
+fn entry_view(entry: &v1::Entry) -> Result<EntryView, String> {
+    let selectors = entry
+        .selectors
+        .iter()
+        .map(|s| Selector::try_from(s).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(EntryView {
+        id: entry.id.clone(),
+        spiffe_id: SpiffeId::parse(&entry.spiffe_id).map_err(|e| e.to_string())?,
+        selectors,
+        hint: entry.hint.clone(),
+        revision: entry.revision,
+    })
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
