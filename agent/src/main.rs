@@ -37,6 +37,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Run { config, join_token } => {
             let config = AgentConfig::load(&config)?;
             init_logging(config.log.format, &config.log.level);
+            raise_fd_limit();
             let (_agent, handle) = run::start(config, join_token, shutdown_signal()).await?;
             notify_ready();
             handle.await.context("agent task")??;
@@ -79,5 +80,21 @@ fn notify_ready() {
         && let Ok(sock) = std::os::unix::net::UnixDatagram::unbound()
     {
         let _ = sock.send_to(b"READY=1", socket);
+    }
+}
+
+/// Every workload connection is a descriptor; lift the soft limit to the hard one, as
+/// LimitNOFILE does under systemd.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }

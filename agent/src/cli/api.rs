@@ -33,7 +33,7 @@ pub fn socket_path(endpoint: &Endpoint) -> anyhow::Result<PathBuf> {
     }
 }
 
-async fn client(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+pub async fn client(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
     let path = path.to_path_buf();
     let shown = path.display().to_string();
     let channel = TonicEndpoint::from_static("http://workload.api")
@@ -48,7 +48,7 @@ async fn client(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>>
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 
-fn request<T>(message: T) -> tonic::Request<T> {
+pub fn request<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()

@@ -7,6 +7,7 @@
 //!   keep-alive connection, every request timed.
 //! - [`Latencies`] and [`BenchResult`]: percentiles and the one-line JSON the harness reads.
 
+pub mod agent;
 pub mod http1;
 pub mod mayfly;
 pub mod openbao;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::{mayfly, openbao};
+use mayfly_tests::bench::{agent, mayfly, openbao};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +39,28 @@ enum Cmd {
         /// Distinct pre-made CSRs that requests cycle through.
         #[arg(long, default_value_t = 256)]
         csr_pool: usize,
+    },
+    /// Measure a running agent: entry-to-stream delivery, first-message latency with many
+    /// connected workloads, and its resident memory.
+    Agent {
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long)]
+        agent_socket: std::path::PathBuf,
+        /// The agent's pid, for its resident memory.
+        #[arg(long)]
+        agent_pid: u32,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        /// The agent's SPIFFE ID (the parent of the entries created).
+        #[arg(long)]
+        parent_id: String,
+        #[arg(long, default_value_t = 100)]
+        deliveries: usize,
+        #[arg(long, default_value_t = 100)]
+        entries: usize,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
     },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
@@ -83,6 +105,31 @@ fn real_main() -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         match cli.cmd {
+            Cmd::Agent {
+                admin_socket,
+                agent_socket,
+                agent_pid,
+                trust_domain,
+                parent_id,
+                deliveries,
+                entries,
+                connections,
+            } => {
+                raise_fd_limit();
+                let result = agent::run(&agent::Options {
+                    admin_socket,
+                    agent_socket,
+                    agent_pid,
+                    trust_domain,
+                    parent_id,
+                    deliveries,
+                    entries,
+                    connections,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(ExitCode::SUCCESS)
+            }
             Cmd::MayflySign {
                 node_addr,
                 admin_socket,
@@ -147,4 +194,19 @@ fn real_main() -> Result<ExitCode> {
             }
         }
     })
+}
+
+/// A thousand workload connections need more descriptors than the usual soft limit.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
