@@ -139,8 +139,8 @@ pub async fn start(
         tokio::select! {
             result = served => result.context("Workload API")?,
             _ = stop.wait_for(|s| *s) => {}
-            _ = fatal_rx.wait_for(|f| f.is_some()) => {
-                let reason = fatal_rx.borrow().clone().unwrap_or_default();
+            banned = fatal_rx.wait_for(|f| f.is_some()) => {
+                let reason = banned.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
                 anyhow::bail!("the daemon banned this agent: {reason}");
             }
         }
@@ -282,7 +282,7 @@ async fn renew_loop(
     let mut changes = identity.subscribe();
     loop {
         let current = changes.borrow_and_update().clone();
-        let due = current.not_before + (current.not_after - current.not_before) / 2;
+        let due = mayfly_proto::svid::renewal_due(current.not_before, current.not_after, 0.5);
         let wait = Duration::from_secs((due - unix_now()).max(0) as u64);
         tokio::select! {
             changed = changes.changed() => {
@@ -324,7 +324,11 @@ struct DaemonJwtIssuer {
 
 #[tonic::async_trait]
 impl JwtIssuer for DaemonJwtIssuer {
-    async fn mint(&self, entry_id: &str, audience: &[String]) -> Result<(String, i64), tonic::Status> {
+    async fn mint(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64), tonic::Status> {
         let mut client = self.client.borrow().clone();
         let minted = client
             .mint_jwt_svid(v1::MintJwtSvidRequest {

@@ -95,9 +95,11 @@ pub async fn start(
             let _ = admin_stop.wait_for(|stop| *stop).await;
         });
     let admin_path = config.admin_socket.clone();
+    let closing = registry.clone();
     let handle = tokio::spawn(async move {
         tokio::spawn(async move {
             shutdown.await;
+            closing.close();
             let _ = stop_tx.send(true);
         });
         let (node, admin) = tokio::join!(node, admin);

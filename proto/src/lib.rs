@@ -1,8 +1,8 @@
 //! The contract between `mayflyd`, `mayfly-agent` and SPIFFE workloads: the generated
 //! gRPC services and the identity types both sides must agree on.
 
-pub mod selector;
 pub mod fsutil;
+pub mod selector;
 pub mod spiffe_id;
 pub mod svid;
 pub mod tls;

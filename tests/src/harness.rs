@@ -153,6 +153,30 @@ impl DaemonProcess {
         }
     }
 
+    /// Stops the daemon with SIGTERM, as systemd would, and waits for it to exit.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("mayflyd is not running");
+        };
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "mayflyd ignored SIGTERM for {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("mayflyd.log")
     }
@@ -293,9 +317,14 @@ impl AgentProcess {
     /// Writes agent.toml (bootstrap bundle from the daemon, a fresh join token) and starts
     /// the agent, waiting until its Workload API socket answers.
     pub fn start(daemon: &DaemonProcess, spiffe_id: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("mayfly-agent-e2e-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("mayfly-agent-e2e-")
+            .tempdir()?;
         // Workloads under other uids must reach the socket.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         let bundle_path = dir.path().join("bootstrap.pem");
         std::fs::write(&bundle_path, daemon.cli_ok(&["bundle", "show"])?)?;
         let token = daemon.join_token(spiffe_id)?;
@@ -336,7 +365,10 @@ impl AgentProcess {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", "debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info")
+            .env(
+                "RUST_LOG",
+                "debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info",
+            )
             .env_remove("MAYFLY_JOIN_TOKEN")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -30,7 +30,9 @@ fn create_entry(daemon: &DaemonProcess, spiffe_id: &str, uid: u32, extra: &[&str
 }
 
 async fn client(agent: &AgentProcess) -> WorkloadApiClient {
-    WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap()
+    WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap()
 }
 
 /// Polls until the workload's X.509 context satisfies `check` (SVIDs are signed
@@ -70,13 +72,21 @@ fn ids(context: &spiffe::X509Context) -> Vec<String> {
 async fn a_workload_gets_x509_and_jwt_svids_through_the_spiffe_crate() {
     init();
     let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
-    create_entry(&daemon, "spiffe://example.org/web", 0, &["--dns", "web.internal"]);
+    create_entry(
+        &daemon,
+        "spiffe://example.org/web",
+        0,
+        &["--dns", "web.internal"],
+    );
     let agent = AgentProcess::start(&daemon, NODE).unwrap();
 
     let context = eventually_x509(&agent, "the web SVID", |c| !c.svids().is_empty()).await;
     assert_eq!(ids(&context), vec!["spiffe://example.org/web"]);
     let td = spiffe::TrustDomain::new("example.org").unwrap();
-    assert!(context.bundle_set().get(&td).is_some(), "bundle for the trust domain");
+    assert!(
+        context.bundle_set().get(&td).is_some(),
+        "bundle for the trust domain"
+    );
 
     let api = client(&agent).await;
     let jwt = api.fetch_jwt_svid(["audience-a"], None).await.unwrap();
@@ -85,19 +95,35 @@ async fn a_workload_gets_x509_and_jwt_svids_through_the_spiffe_crate() {
         .validate_jwt_token("audience-a", jwt.token())
         .await
         .unwrap();
-    assert_eq!(validated.spiffe_id().to_string(), "spiffe://example.org/web");
-    assert!(api.validate_jwt_token("someone-else", jwt.token()).await.is_err());
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    assert!(
+        api.validate_jwt_token("someone-else", jwt.token())
+            .await
+            .is_err()
+    );
     let by_id = SpiffeId::new("spiffe://example.org/web").unwrap();
-    api.fetch_jwt_svid(["audience-b"], Some(&by_id)).await.unwrap();
+    api.fetch_jwt_svid(["audience-b"], Some(&by_id))
+        .await
+        .unwrap();
     let bundles = api.fetch_jwt_bundles().await.unwrap();
     assert!(bundles.get(&td).is_some());
 
     // The operator client shows the same identity and writes files.
     let out_dir = agent.dir.path().join("fetched");
     let out = agent
-        .api(&["fetch", "x509", "--write", out_dir.to_str().unwrap()], None)
+        .api(
+            &["fetch", "x509", "--write", out_dir.to_str().unwrap()],
+            None,
+        )
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/web"));
     let key = std::fs::read_to_string(out_dir.join("svid.0.key")).unwrap();
     assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
@@ -108,7 +134,12 @@ async fn streams_follow_new_deleted_and_rotated_svids_without_restarts() {
     init();
     let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
     // A short TTL so the agent renews (at half-life ±10%) within the test.
-    create_entry(&daemon, "spiffe://example.org/web", 0, &["--x509-ttl", "6s"]);
+    create_entry(
+        &daemon,
+        "spiffe://example.org/web",
+        0,
+        &["--x509-ttl", "6s"],
+    );
     let agent = AgentProcess::start(&daemon, NODE).unwrap();
     eventually_x509(&agent, "first SVID", |c| !c.svids().is_empty()).await;
 
@@ -174,14 +205,23 @@ async fn workloads_under_different_uids_get_different_identities() {
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let nobody = loop {
-        let out = agent.api(&["fetch", "x509", "--json"], Some(65534)).unwrap();
+        let out = agent
+            .api(&["fetch", "x509", "--json"], Some(65534))
+            .unwrap();
         if out.status.success() {
             break String::from_utf8_lossy(&out.stdout).to_string();
         }
-        assert!(Instant::now() < deadline, "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(nobody.contains("spiffe://example.org/nobody-app"), "{nobody}");
+    assert!(
+        nobody.contains("spiffe://example.org/nobody-app"),
+        "{nobody}"
+    );
     assert!(!nobody.contains("root-app"), "{nobody}");
 
     let stranger = agent.api(&["fetch", "x509"], Some(65533)).unwrap();
@@ -198,9 +238,18 @@ async fn the_agent_rides_out_a_daemon_restart_and_resyncs() {
     let agent = AgentProcess::start(&daemon, NODE).unwrap();
     eventually_x509(&agent, "first SVID", |c| !c.svids().is_empty()).await;
 
-    daemon.kill();
+    // A graceful stop ends the agents' sync streams instead of waiting on them.
+    let status = daemon.terminate(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.success(),
+        "mayflyd exits cleanly on SIGTERM: {status}"
+    );
     let cached = client(&agent).await.fetch_x509_context().await.unwrap();
-    assert_eq!(ids(&cached), vec!["spiffe://example.org/web"], "served from cache");
+    assert_eq!(
+        ids(&cached),
+        vec!["spiffe://example.org/web"],
+        "served from cache"
+    );
 
     daemon.spawn().unwrap();
     create_entry(&daemon, "spiffe://example.org/db", 0, &[]);
@@ -238,7 +287,11 @@ async fn a_banned_agent_stops_and_an_evicted_one_needs_a_new_token() {
     eventually_x509(&agent, "first SVID", |c| !c.svids().is_empty()).await;
 
     // Evicted: the agent re-attests with whatever token its token file now holds.
-    std::fs::write(agent.dir.path().join("token"), daemon.join_token(NODE).unwrap()).unwrap();
+    std::fs::write(
+        agent.dir.path().join("token"),
+        daemon.join_token(NODE).unwrap(),
+    )
+    .unwrap();
     let before = daemon.cli_json(&["agent", "list"]).unwrap()[0]["serial"].clone();
     daemon.cli_ok(&["agent", "evict", NODE]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -247,7 +300,11 @@ async fn a_banned_agent_stops_and_an_evicted_one_needs_a_new_token() {
         if now["status"] == "active" && now["serial"] != before {
             break;
         }
-        assert!(Instant::now() < deadline, "agent did not re-attest:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "agent did not re-attest:\n{}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

@@ -64,6 +64,9 @@ pub enum NodeError {
     Crypto(#[from] mayfly_proto::svid::CaError),
 }
 
+/// The agent's identity and the bundle it last received, as kept on disk.
+pub type StoredIdentity = (NodeIdentity, Vec<Vec<u8>>);
+
 /// The files an agent keeps in its data_dir.
 #[derive(Debug, Clone)]
 pub struct IdentityFiles {
@@ -90,7 +93,7 @@ impl IdentityFiles {
     }
 
     /// The stored identity and bundle, or `None` when the agent has never attested.
-    pub fn load(&self) -> Result<Option<(NodeIdentity, Vec<Vec<u8>>)>, NodeError> {
+    pub fn load(&self) -> Result<Option<StoredIdentity>, NodeError> {
         let key = match std::fs::read(self.key_path()) {
             Ok(key) => Zeroizing::new(key),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -304,7 +307,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = IdentityFiles::new(&dir.path().join("agent"));
         assert!(files.load().unwrap().is_none());
-        files.save(&identity, &[ca.cert_der.clone()]).unwrap();
+        files
+            .save(&identity, std::slice::from_ref(&ca.cert_der))
+            .unwrap();
         let (loaded, bundle) = files.load().unwrap().unwrap();
         assert_eq!(loaded.serial, identity.serial);
         assert_eq!(*loaded.key_pkcs8, *identity.key_pkcs8);

@@ -703,6 +703,25 @@ fn nss_name(
     }
 }
 
+/// The Workload API asks through its own small trait, so it can be tested without /proc.
+impl crate::workload_api::CallerAttestor for WorkloadAttestor {
+    fn attest(
+        &self,
+        peer: crate::workload_api::PeerCred,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<Selector>, String>> {
+        Box::pin(async move {
+            let credentials = PeerCredentials {
+                pid: peer.pid.filter(|pid| *pid > 0),
+                uid: peer.uid,
+                gid: peer.gid,
+            };
+            WorkloadAttestor::attest(self, &credentials)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::CommandExt;

@@ -25,7 +25,9 @@ pub fn socket_path(endpoint: &Endpoint) -> anyhow::Result<PathBuf> {
     match std::env::var("SPIFFE_ENDPOINT_SOCKET") {
         Ok(value) => {
             let path = value.strip_prefix("unix://").with_context(|| {
-                format!("SPIFFE_ENDPOINT_SOCKET={value}: only unix:///absolute/path is supported here")
+                format!(
+                    "SPIFFE_ENDPOINT_SOCKET={value}: only unix:///absolute/path is supported here"
+                )
             })?;
             Ok(PathBuf::from(path))
         }
@@ -50,9 +52,10 @@ pub async fn client(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Chann
 
 pub fn request<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert(WORKLOAD_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    request.metadata_mut().insert(
+        WORKLOAD_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     request
 }
 
@@ -82,10 +85,11 @@ pub async fn run(command: ApiCommand, endpoint: &Endpoint) -> anyhow::Result<Str
             describe_x509(&first, endpoint.json)
         }
         ApiCommand::Fetch {
-            kind: FetchKind::Jwt {
-                audience,
-                spiffe_id,
-            },
+            kind:
+                FetchKind::Jwt {
+                    audience,
+                    spiffe_id,
+                },
         } => {
             let response = api
                 .fetch_jwtsvid(request(JwtsvidRequest {
@@ -115,7 +119,10 @@ pub async fn run(command: ApiCommand, endpoint: &Endpoint) -> anyhow::Result<Str
                 .await
                 .map_err(status)?
                 .into_inner();
-            Ok(format!("SVID is valid.\nSPIFFE ID : {}\n", response.spiffe_id))
+            Ok(format!(
+                "SVID is valid.\nSPIFFE ID : {}\n",
+                response.spiffe_id
+            ))
         }
         ApiCommand::Watch { count } => {
             let mut stream = api
@@ -145,7 +152,12 @@ fn describe_x509(response: &X509svidResponse, json: bool) -> anyhow::Result<Stri
             .next()
             .context("empty SVID chain")?;
         let identity = peer_identity(&leaf)?;
-        rows.push((svid.spiffe_id.clone(), identity.serial, identity.not_after, svid.hint.clone()));
+        rows.push((
+            svid.spiffe_id.clone(),
+            identity.serial,
+            identity.not_after,
+            svid.hint.clone(),
+        ));
     }
     if json {
         let list: Vec<_> = rows
@@ -177,9 +189,17 @@ fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
             fsutil::write_atomic(&path, data, mode)
                 .with_context(|| format!("writing {}", path.display()))
         };
-        write(format!("svid.{i}.pem"), bundle_pem(&chain).as_bytes(), 0o644)?;
+        write(
+            format!("svid.{i}.pem"),
+            bundle_pem(&chain).as_bytes(),
+            0o644,
+        )?;
         write(format!("svid.{i}.key"), key.as_bytes(), 0o600)?;
-        write(format!("bundle.{i}.pem"), bundle_pem(&bundle).as_bytes(), 0o644)?;
+        write(
+            format!("bundle.{i}.pem"),
+            bundle_pem(&bundle).as_bytes(),
+            0o644,
+        )?;
     }
     Ok(())
 }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "mayfly-agent", version, about = "Mayfly's node agent: SPIFFE Workload API and credential delivery")]
+#[command(
+    name = "mayfly-agent",
+    version,
+    about = "Mayfly's node agent: SPIFFE Workload API and credential delivery"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

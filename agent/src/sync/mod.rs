@@ -177,7 +177,10 @@ mod tests {
             }),
         );
         assert_eq!(state.entries.keys().cloned().collect::<Vec<_>>(), vec!["z"]);
-        assert!(state.bundle.is_some(), "a full state without bundle keeps the old one");
+        assert!(
+            state.bundle.is_some(),
+            "a full state without bundle keeps the old one"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use mayfly_proto::svid::generate_csr;
+use mayfly_proto::svid::{BACKDATE_SECS, generate_csr};
 use mayfly_proto::tls::peer_identity;
 use mayfly_proto::v1::{self};
 use mayfly_proto::{Selector, SpiffeId, TrustDomain};
@@ -83,7 +83,8 @@ impl SvidCache {
         // Drop what is no longer ours or no longer valid.
         self.svids
             .retain(|id, svid| authorized.entries.contains_key(id) && svid.not_after * 1000 > now);
-        self.renewals.retain(|id, _| authorized.entries.contains_key(id));
+        self.renewals
+            .retain(|id, _| authorized.entries.contains_key(id));
 
         let due: Vec<&v1::Entry> = authorized
             .entries
@@ -139,19 +140,17 @@ impl SvidCache {
                 };
                 match self.build(entry, svid, key) {
                     Ok(built) => {
-                        let life_ms = (built.not_after - built.not_before) * 1000;
-                        let jitter = rand::random_range(0.4..0.6);
-                        self.renewals.insert(
-                            built.entry_id.clone(),
-                            Renewal {
-                                revision,
-                                due_ms: built.not_before * 1000 + (life_ms as f64 * jitter) as i64,
-                            },
-                        );
+                        // Half-life ±10%, so a fleet's renewals do not arrive in step.
+                        let fraction = rand::random_range(0.4..0.6);
+                        let due_ms = renewal_due_ms(built.not_before, built.not_after, fraction);
+                        self.renewals
+                            .insert(built.entry_id.clone(), Renewal { revision, due_ms });
                         tracing::debug!(entry = %built.entry_id, spiffe_id = %built.spiffe_id, serial = %built.serial, "workload SVID ready");
                         self.svids.insert(built.entry_id.clone(), Arc::new(built));
                     }
-                    Err(e) => tracing::warn!(entry = %entry.id, error = %e, "the daemon returned an unusable SVID"),
+                    Err(e) => {
+                        tracing::warn!(entry = %entry.id, error = %e, "the daemon returned an unusable SVID")
+                    }
                 }
             }
         }
@@ -255,6 +254,12 @@ fn entry_view(entry: &v1::Entry) -> Result<EntryView, String> {
         hint: entry.hint.clone(),
         revision: entry.revision,
     })
+}
+
+/// `renewal_due` in milliseconds, so short test TTLs still spread out.
+fn renewal_due_ms(not_before: i64, not_after: i64, fraction: f64) -> i64 {
+    let issued_ms = (not_before + BACKDATE_SECS).min(not_after) * 1000;
+    issued_ms + ((not_after * 1000 - issued_ms) as f64 * fraction) as i64
 }
 
 fn now_ms() -> i64 {

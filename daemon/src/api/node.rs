@@ -126,6 +126,7 @@ impl Node for NodeApi {
         // Subscribe before taking the snapshot so no change falls between the two.
         let mut changes = self.registry.subscribe_changes();
         let mut authorities = self.registry.ca().subscribe();
+        let mut closing = self.registry.closing();
         let (tx, rx) = mpsc::channel(256);
         tx.send(Ok(self.full_state(&agent_id)))
             .await
@@ -137,6 +138,7 @@ impl Node for NodeApi {
             loop {
                 let message = tokio::select! {
                     _ = tx.closed() => break,
+                    _ = async { let _ = closing.wait_for(|c| *c).await; } => break,
                     change = changes.recv() => match change {
                         Ok(Change::EntryUpserted(entry)) if entry.parent_id == agent_id => {
                             Update::EntryUpserted(convert::entry(&entry))

@@ -76,7 +76,7 @@ fn issue_serving_cert(
     let chain = vec![CertificateDer::from(issued.cert_der)];
     Ok((
         Arc::new(CertifiedKey::new(chain, signing)),
-        issued.not_before + (issued.not_after - issued.not_before) / 2,
+        mayfly_proto::svid::renewal_due(issued.not_before, issued.not_after, 0.5),
     ))
 }
 

@@ -134,6 +134,8 @@ pub struct Registry {
     // through this daemon drops the agent's line at once; a change made by another daemon
     // sharing the store is seen within AGENT_CACHE_TTL.
     agent_cache: Mutex<HashMap<String, (AgentRecord, Instant)>>,
+    // Set when the daemon stops, so long-lived streams end and shutdown can finish.
+    closing: watch::Sender<bool>,
 }
 
 const AGENT_CACHE_TTL: Duration = Duration::from_secs(1);
@@ -165,6 +167,7 @@ impl Registry {
             entries,
             changes,
             agent_cache: Mutex::new(HashMap::new()),
+            closing: watch::channel(false).0,
         })
     }
 
@@ -182,6 +185,15 @@ impl Registry {
 
     pub fn now(&self) -> SystemTime {
         self.clock.now()
+    }
+
+    /// Ends every sync stream; called once when the daemon shuts down.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     pub fn subscribe_changes(&self) -> broadcast::Receiver<Change> {

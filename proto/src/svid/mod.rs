@@ -14,7 +14,9 @@ use x509_parser::oid_registry::Oid;
 pub use bundle::{bundle_jwks, bundle_pem, jwt_jwks, parse_pem_certs};
 pub use error::CaError;
 pub use jwt::{JwtAuthority, JwtClaims, validate_jwt};
-pub use x509::{CaMaterial, IssuedSvid, SvidRequest, X509Authority, generate_ca, generate_csr};
+pub use x509::{
+    BACKDATE_SECS, CaMaterial, IssuedSvid, SvidRequest, X509Authority, generate_ca, generate_csr,
+};
 
 /// Latest instant both X.509 and the date library under rcgen can express
 /// (9999-12-31T23:59:59Z); anything later is a TTL mistake, not a wish.
@@ -46,4 +48,26 @@ fn expiry(now_secs: i64, ttl: Duration) -> Result<i64, CaError> {
 fn is_secp384r1(oid: &Oid<'_>) -> bool {
     const SECP384R1_DER: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
     oid.as_bytes() == SECP384R1_DER
+}
+
+/// When an SVID valid over `[not_before, not_after]` should be renewed: at `fraction` of
+/// its life (0.5 is half-life), counted from issuance rather than from the backdated
+/// notBefore, so a short-lived SVID is not renewed the moment it arrives.
+pub fn renewal_due(not_before: i64, not_after: i64, fraction: f64) -> i64 {
+    let issued = (not_before + BACKDATE_SECS).min(not_after);
+    issued + ((not_after - issued) as f64 * fraction.clamp(0.0, 1.0)) as i64
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::renewal_due;
+
+    #[test]
+    fn renewal_counts_from_issuance() {
+        // Issued at 1000 with a 6 s TTL, so notBefore is backdated to 990.
+        assert_eq!(renewal_due(990, 1006, 0.5), 1003);
+        // A one-hour SVID renews half an hour after issuance.
+        assert_eq!(renewal_due(990, 4600, 0.5), 2800);
+        assert_eq!(renewal_due(990, 995, 0.5), 995);
+    }
 }

@@ -34,7 +34,7 @@ use crate::svid::error::truncate_for_message;
 use crate::svid::{CaError, expiry, is_secp384r1, unix_seconds};
 
 /// SPIRE backdates notBefore by this much so peers with slightly slow clocks accept the SVID.
-const BACKDATE_SECS: i64 = 10;
+pub const BACKDATE_SECS: i64 = 10;
 
 /// Organisation written into every certificate's subject, so that the subject is never
 /// empty and the SAN extension need not be critical (RFC 5280 4.2.1.6).

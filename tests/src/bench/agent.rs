@@ -127,7 +127,11 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
         if got.svids.len() >= expected {
             break;
         }
-        ensure!(Instant::now() < deadline, "agent holds {} of {expected} SVIDs", got.svids.len());
+        ensure!(
+            Instant::now() < deadline,
+            "agent holds {} of {expected} SVIDs",
+            got.svids.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
