@@ -13,7 +13,14 @@ fn main() -> std::process::ExitCode {
     // aws-lc-rs is the only crypto provider; installing it first keeps rustls from guessing.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    limit_malloc_arenas();
+    // Attestation reads /proc on blocking threads; a small pool keeps a burst of workloads
+    // from spawning hundreds of threads, each with its own stack and allocator arena.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mayfly-agent: cannot start the runtime: {e}");
@@ -97,5 +104,14 @@ fn raise_fd_limit() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+/// glibc gives every thread that allocates its own arena, which a busy agent turns into
+/// tens of MiB of mostly idle heap; two arenas serve its few threads well.
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only adjusts allocator tuning; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

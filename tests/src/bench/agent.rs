@@ -37,6 +37,10 @@ pub struct AgentResult {
     pub delivery_max_ms: f64,
     pub connections: usize,
     pub entries: usize,
+    /// First message for the workloads connecting (50 at a time) while the load builds up.
+    pub burst_p50_ms: f64,
+    pub burst_p99_ms: f64,
+    /// First message of a fresh call with every workload connected and streaming.
     pub first_message_p50_ms: f64,
     pub first_message_p99_ms: f64,
     pub agent_rss_kib: u64,
@@ -66,27 +70,41 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
     let selector = format!("unix:uid:{uid}");
     let rss_idle = rss_kib(opts.agent_pid)?;
 
-    // 1. Entry created -> SVID on an open stream.
-    let mut api = client(&opts.agent_socket).await?;
-    let first = api
-        .fetch_x509svid(request(X509svidRequest {}))
-        .await
-        .map_err(|s| anyhow::anyhow!("FetchX509SVID: {s}"))?;
-    let mut stream = first.into_inner();
-    // The caller may have no entry yet, in which case the agent holds the stream open.
-    let mut delivery = Latencies::with_capacity(opts.deliveries);
+    // 1. Entry created -> SVID on an open stream. A caller with no entry at all is refused,
+    // so one anchor entry comes first; the stream is opened once its SVID is there.
     let run_id = uuid_like();
+    admin
+        .create_entry(v1::CreateEntryRequest {
+            spiffe_id: format!("spiffe://{}/bench/{run_id}/anchor", opts.trust_domain),
+            parent_id: opts.parent_id.clone(),
+            selectors: vec![selector.clone()],
+            ..Default::default()
+        })
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        let mut api = client(&opts.agent_socket).await?;
+        match api.fetch_x509svid(request(X509svidRequest {})).await {
+            Ok(response) => break response.into_inner(),
+            Err(status) => {
+                ensure!(Instant::now() < deadline, "FetchX509SVID: {status}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut delivery = Latencies::with_capacity(opts.deliveries);
     for i in 0..opts.deliveries {
         let spiffe_id = format!("spiffe://{}/bench/{run_id}/{i}", opts.trust_domain);
         let started = Instant::now();
-        admin
+        let created = admin
             .create_entry(v1::CreateEntryRequest {
                 spiffe_id: spiffe_id.clone(),
                 parent_id: opts.parent_id.clone(),
                 selectors: vec![selector.clone()],
                 ..Default::default()
             })
-            .await?;
+            .await?
+            .into_inner();
         loop {
             let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
                 .await
@@ -98,80 +116,93 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
                 break;
             }
         }
+        // Back to one SVID for this caller, so the next phase looks like a real workload.
+        admin
+            .delete_entry(v1::DeleteEntryRequest { id: created.id })
+            .await?;
     }
     drop(stream);
 
-    // 2. Register up to `entries` for the caller, then 1,000 concurrent first messages.
-    for i in opts.deliveries..opts.entries {
+    // 2. The agent holds `entries` entries (the anchor plus others for uids that never
+    // connect), and `connections` workloads connect and keep their streams open.
+    for i in 1..opts.entries {
         admin
             .create_entry(v1::CreateEntryRequest {
-                spiffe_id: format!("spiffe://{}/bench/{run_id}/{i}", opts.trust_domain),
+                spiffe_id: format!("spiffe://{}/bench/{run_id}/other-{i}", opts.trust_domain),
                 parent_id: opts.parent_id.clone(),
-                selectors: vec![selector.clone()],
+                selectors: vec![format!("unix:uid:{}", 20_000 + i)],
                 ..Default::default()
             })
             .await?;
     }
-    let expected = opts.entries.max(opts.deliveries);
-    // Wait until the agent holds an SVID for every entry.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut probe = client(&opts.agent_socket).await?;
-        let got = probe
-            .fetch_x509svid(request(X509svidRequest {}))
-            .await?
-            .into_inner()
-            .next()
-            .await
-            .context("probe stream ended")??;
-        if got.svids.len() >= expected {
-            break;
+    // Signing 100 SVIDs takes milliseconds; give the agent ample time before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (hold_tx, hold_rx) = tokio::sync::watch::channel(false);
+    let mut holders = Vec::with_capacity(opts.connections);
+    let mut burst = Latencies::with_capacity(opts.connections);
+    // Connect in waves of 50 so the burst figure measures the agent, not a 1,000-way pile-up
+    // of the load client's own tasks on two cores.
+    for wave in (0..opts.connections).collect::<Vec<_>>().chunks(50) {
+        let mut tasks = Vec::with_capacity(wave.len());
+        for _ in wave {
+            let socket = opts.agent_socket.clone();
+            let mut hold = hold_rx.clone();
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            holders.push(tokio::spawn(async move {
+                let outcome = async {
+                    let mut api = client(&socket).await?;
+                    let started = Instant::now();
+                    let mut stream = api
+                        .fetch_x509svid(request(X509svidRequest {}))
+                        .await?
+                        .into_inner();
+                    let first = stream.next().await.context("stream ended")??;
+                    ensure!(
+                        first.svids.len() == 1,
+                        "expected one SVID, got {}",
+                        first.svids.len()
+                    );
+                    anyhow::Ok((started.elapsed(), stream, api))
+                }
+                .await;
+                match outcome {
+                    Ok((elapsed, stream, api)) => {
+                        let _ = ready_tx.send(Ok(elapsed));
+                        // Keep the connection and its stream open until the memory reading.
+                        let _ = hold.wait_for(|h| *h).await;
+                        drop((stream, api));
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            }));
+            tasks.push(ready_rx);
         }
-        ensure!(
-            Instant::now() < deadline,
-            "agent holds {} of {expected} SVIDs",
-            got.svids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        for ready in tasks {
+            burst.record(ready.await.context("holder task died")??);
+        }
     }
 
-    let mut tasks = Vec::with_capacity(opts.connections);
-    let (hold_tx, hold_rx) = tokio::sync::watch::channel(false);
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(opts.connections + 1));
-    for _ in 0..opts.connections {
-        let socket = opts.agent_socket.clone();
-        let barrier = barrier.clone();
-        let mut hold = hold_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut api = client(&socket).await?;
-            barrier.wait().await;
-            let started = Instant::now();
-            let mut stream = api
-                .fetch_x509svid(request(X509svidRequest {}))
-                .await?
-                .into_inner();
-            let first = stream.next().await.context("stream ended")??;
-            let elapsed = started.elapsed();
-            ensure!(first.svids.len() >= expected, "short first message");
-            // Keep the connection and stream open until the memory reading.
-            let _ = hold.wait_for(|h| *h).await;
-            drop(stream);
-            anyhow::Ok(elapsed)
-        }));
-    }
-    barrier.wait().await;
-    // Every client has sent its request once all first messages are in; then read RSS.
+    // 3. With every workload connected, fresh FetchX509SVID calls one at a time.
     let mut first_message = Latencies::with_capacity(opts.connections);
-    let mut waiting = Vec::new();
-    for task in tasks {
-        waiting.push(task);
+    let mut api = client(&opts.agent_socket).await?;
+    for _ in 0..opts.connections {
+        let started = Instant::now();
+        let mut stream = api
+            .fetch_x509svid(request(X509svidRequest {}))
+            .await?
+            .into_inner();
+        stream.next().await.context("stream ended")??;
+        first_message.record(started.elapsed());
     }
-    // Give every task time to receive its first message before sampling memory.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Steady state: the connections stay open while the agent settles.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let rss = rss_kib(opts.agent_pid)?;
     let _ = hold_tx.send(true);
-    for task in waiting {
-        first_message.record(task.await??);
+    for holder in holders {
+        let _ = holder.await;
     }
     Ok(AgentResult {
         deliveries: opts.deliveries,
@@ -179,7 +210,9 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
         delivery_p99_ms: delivery.percentile_ms(99.0),
         delivery_max_ms: delivery.percentile_ms(100.0),
         connections: opts.connections,
-        entries: expected,
+        entries: opts.entries,
+        burst_p50_ms: burst.percentile_ms(50.0),
+        burst_p99_ms: burst.percentile_ms(99.0),
         first_message_p50_ms: first_message.percentile_ms(50.0),
         first_message_p99_ms: first_message.percentile_ms(99.0),
         agent_rss_kib: rss,
