@@ -9,3 +9,4 @@ pub use mayfly_proto::fsutil;
 pub mod identity;
 pub mod server;
 pub mod store;
+pub mod secrets;
