@@ -7,6 +7,6 @@ pub mod config;
 pub mod dev;
 pub use mayfly_proto::fsutil;
 pub mod identity;
+pub mod secrets;
 pub mod server;
 pub mod store;
-pub mod secrets;

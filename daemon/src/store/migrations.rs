@@ -13,17 +13,31 @@ use super::{Backend, Result, StoreError};
 type Embedded = (i64, &'static str, &'static str);
 
 /// Append new versions at the end; never edit a released file (its checksum is recorded).
-const SQLITE: &[Embedded] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+const SQLITE: &[Embedded] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "secrets",
+        include_str!("../../migrations/sqlite/0002_secrets.sql"),
+    ),
+];
 
-const POSTGRES: &[Embedded] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const POSTGRES: &[Embedded] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "secrets",
+        include_str!("../../migrations/postgres/0002_secrets.sql"),
+    ),
+];
 
 /// Applies every migration the database has not seen yet. Safe to run on every start and
 /// from several daemons at once: applied versions are skipped, and on PostgreSQL sqlx

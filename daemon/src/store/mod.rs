@@ -9,6 +9,7 @@ mod entries;
 mod error;
 mod join_tokens;
 mod migrations;
+mod secrets;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +24,7 @@ pub use ca_slots::{CaSlotRecord, CaSlotState};
 pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
 pub use error::StoreError;
 pub use join_tokens::JoinTokenRecord;
+pub use secrets::{JobRecord, LocalVersionRecord, SecretRecord};
 
 /// The store's result type.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
