@@ -35,6 +35,9 @@ pub struct DaemonConfig {
     pub svid: SvidConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Secrets rotated on schedule (`[[secret]]` tables).
+    #[serde(default, rename = "secret")]
+    pub secrets: Vec<crate::secrets::spec::SecretSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +142,7 @@ impl DaemonConfig {
             ca: CaConfig::default(),
             svid: SvidConfig::default(),
             log: LogConfig::default(),
+            secrets: Vec::new(),
         }
     }
 
@@ -169,6 +173,13 @@ impl DaemonConfig {
         }
         if self.svid.max_csr_batch == 0 {
             return Err("key `svid.max_csr_batch`: must be at least 1".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for secret in &self.secrets {
+            secret.check().map_err(|e| e.to_string())?;
+            if !names.insert(secret.name.as_str()) {
+                return Err(format!("secret `{}` is defined twice", secret.name));
+            }
         }
         if self.max_message_bytes < 1024 {
             return Err("key `max_message_bytes`: must be at least 1024".into());

@@ -52,6 +52,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Agent { command, conn } => operator::agent(command, &conn).await,
         Command::Bundle { command, conn } => operator::bundle(command, &conn).await,
         Command::Ca { command, conn } => operator::ca(command, &conn).await,
+        Command::Secret { command, conn } => operator::secret(command, &conn).await,
     }
 }
 

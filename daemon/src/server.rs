@@ -19,6 +19,8 @@ use crate::ca::manager::CaManager;
 use crate::config::DaemonConfig;
 use crate::fsutil;
 use crate::identity::{Clock, Registry, SystemClock};
+use crate::secrets::engine::RotationEngine;
+use crate::secrets::local::SealingKey;
 use crate::store::Store;
 
 /// A daemon that has bound its sockets and is serving.
@@ -26,6 +28,7 @@ pub struct Daemon {
     pub node_addr: SocketAddr,
     pub admin_socket: PathBuf,
     pub registry: Arc<Registry>,
+    pub secrets: Arc<RotationEngine>,
 }
 
 /// Starts everything and returns once both APIs are listening; serving continues until
@@ -52,6 +55,12 @@ pub async fn start(
         .await
         .context("starting the CA")?,
     );
+    let sealing = Arc::new(
+        SealingKey::load_or_create(&config.data_dir).context("loading the secrets key")?,
+    );
+    let secrets = RotationEngine::start(store.clone(), sealing, &config.secrets)
+        .await
+        .context("starting the rotation engine")?;
     let registry = Arc::new(Registry::load(store, ca.clone(), &config, clock.clone()).await?);
 
     let tick_ca = ca.clone();
@@ -78,7 +87,7 @@ pub async fn start(
 
     let node_service = NodeServer::new(NodeApi::new(registry.clone()))
         .max_decoding_message_size(config.max_message_bytes);
-    let admin_service = AdminServer::new(AdminApi::new(registry.clone()));
+    let admin_service = AdminServer::new(AdminApi::new(registry.clone(), secrets.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut node_stop = stop_rx.clone();
@@ -114,6 +123,7 @@ pub async fn start(
             node_addr,
             admin_socket: config.admin_socket.clone(),
             registry,
+            secrets,
         },
         handle,
     ))

@@ -14,15 +14,51 @@ use super::convert;
 use crate::ca::manager::unix;
 use crate::ca::{bundle_jwks, bundle_pem};
 use crate::identity::{EntryChange, EntryInput, Registry};
-use crate::store::{AgentStatus, CaSlotRecord, EntryFilter};
+use crate::secrets::engine::RotationEngine;
+use crate::secrets::spec::{SecretSpec, Strategy};
+use crate::store::{AgentStatus, CaSlotRecord, EntryFilter, JobRecord};
 
 pub struct AdminApi {
     registry: Arc<Registry>,
+    secrets: Arc<RotationEngine>,
 }
 
 impl AdminApi {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(registry: Arc<Registry>, secrets: Arc<RotationEngine>) -> Self {
+        Self { registry, secrets }
+    }
+
+    async fn summary(&self, name: &str) -> Result<v1::SecretSummary, Status> {
+        let spec = self.secrets.spec(name)?;
+        let record = self.secrets.record(name).await?;
+        Ok(v1::SecretSummary {
+            name: spec.name.clone(),
+            store: spec.store_kind().into(),
+            target: spec.target_kind().into(),
+            strategy: match spec.strategy {
+                Strategy::SingleUser => "single-user".into(),
+                Strategy::AlternatingUsers => "alternating-users".into(),
+            },
+            schedule: spec.schedule.clone(),
+            source: record.source,
+            next_run_at: record.next_run_at.unwrap_or(0),
+            last_run_at: record.last_run_at.unwrap_or(0),
+            last_outcome: record.last_outcome,
+            grants: spec.grants.clone(),
+        })
+    }
+}
+
+fn job_message(job: &JobRecord) -> v1::RotationJob {
+    v1::RotationJob {
+        token: job.token.clone(),
+        state: job.state.clone(),
+        username: job.username.clone(),
+        trigger: job.trigger_kind.clone(),
+        attempts: job.attempts,
+        last_error: job.last_error.clone(),
+        created_at: job.created_at,
+        finished_at: job.finished_at.unwrap_or(0),
     }
 }
 
@@ -297,6 +333,113 @@ impl Admin for AdminApi {
         let slots = self.registry.ca().slots().await?;
         Ok(Response::new(v1::ShowCaResponse {
             slots: slots.iter().map(ca_slot).collect(),
+        }))
+    }
+
+    async fn create_secret(
+        &self,
+        request: Request<v1::CreateSecretRequest>,
+    ) -> Result<Response<v1::SecretSummary>, Status> {
+        let uid = operator(&request)?;
+        let spec = SecretSpec::from_toml(&request.into_inner().definition)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = spec.name.clone();
+        self.secrets.create(spec).await?;
+        tracing::info!(uid, secret = %name, "secret defined");
+        Ok(Response::new(self.summary(&name).await?))
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<v1::ListSecretsRequest>,
+    ) -> Result<Response<v1::ListSecretsResponse>, Status> {
+        operator(&request)?;
+        let mut secrets = Vec::new();
+        for spec in self.secrets.specs() {
+            secrets.push(self.summary(&spec.name).await?);
+        }
+        Ok(Response::new(v1::ListSecretsResponse { secrets }))
+    }
+
+    async fn get_secret_status(
+        &self,
+        request: Request<v1::SecretRequest>,
+    ) -> Result<Response<v1::SecretStatus>, Status> {
+        operator(&request)?;
+        let name = request.into_inner().name;
+        let secret = self.summary(&name).await?;
+        let versions = self
+            .secrets
+            .versions(&name)
+            .await?
+            .into_iter()
+            .map(|v| v1::SecretVersion {
+                id: v.id,
+                stages: v.stages,
+                created_at: v.created_at.unwrap_or(0),
+            })
+            .collect();
+        let jobs = self
+            .secrets
+            .jobs(&name, 20)
+            .await?
+            .iter()
+            .map(job_message)
+            .collect();
+        Ok(Response::new(v1::SecretStatus {
+            secret: Some(secret),
+            versions,
+            jobs,
+        }))
+    }
+
+    async fn delete_secret(
+        &self,
+        request: Request<v1::SecretRequest>,
+    ) -> Result<Response<v1::SecretSummary>, Status> {
+        let uid = operator(&request)?;
+        let name = request.into_inner().name;
+        let summary = self.summary(&name).await?;
+        if summary.source == "config" {
+            return Err(Status::failed_precondition(format!(
+                "secret {name} is defined in daemon.toml; remove it there"
+            )));
+        }
+        self.secrets.delete(&name).await?;
+        tracing::info!(uid, secret = %name, "secret deleted");
+        Ok(Response::new(summary))
+    }
+
+    async fn rotate_secret(
+        &self,
+        request: Request<v1::SecretRequest>,
+    ) -> Result<Response<v1::RotationOutcome>, Status> {
+        let uid = operator(&request)?;
+        let name = request.into_inner().name;
+        tracing::info!(uid, secret = %name, "rotation requested by operator");
+        let outcome = self.secrets.rotate_now(&name, "manual").await?;
+        Ok(Response::new(v1::RotationOutcome {
+            job: Some(job_message(&outcome.job)),
+        }))
+    }
+
+    async fn get_secret_value(
+        &self,
+        request: Request<v1::SecretRequest>,
+    ) -> Result<Response<v1::SecretValueResponse>, Status> {
+        let uid = operator(&request)?;
+        let name = request.into_inner().name;
+        let (version, credential) = self
+            .secrets
+            .current(&name)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("secret {name} has no current version yet")))?;
+        tracing::warn!(uid, secret = %name, version = %version, "secret value read by operator");
+        Ok(Response::new(v1::SecretValueResponse {
+            name,
+            version,
+            username: credential.username,
+            value: credential.password.expose().to_string(),
         }))
     }
 }

@@ -6,6 +6,7 @@ use tonic::Status;
 use crate::ca::CaError;
 use crate::ca::manager::CaManagerError;
 use crate::identity::IdentityError;
+use crate::secrets::runtime::EngineError;
 use crate::store::StoreError;
 
 impl From<IdentityError> for Status {
@@ -56,4 +57,18 @@ pub fn ca_status(error: &CaError) -> Status {
 fn internal(what: &str, error: &dyn std::fmt::Display) -> Status {
     tracing::error!(error = %error, "{what} failure");
     Status::internal(format!("{what} failure; see the daemon's log"))
+}
+
+impl From<EngineError> for Status {
+    fn from(error: EngineError) -> Self {
+        match &error {
+            EngineError::UnknownSecret(_) => Status::not_found(error.to_string()),
+            EngineError::Spec(_) | EngineError::Build(_) => Status::invalid_argument(error.to_string()),
+            EngineError::Busy(_) | EngineError::Conflict(_) => Status::failed_precondition(error.to_string()),
+            EngineError::Store(_) | EngineError::Target(_) | EngineError::Generator(_) => {
+                Status::unavailable(error.to_string())
+            }
+            _ => internal("secrets", &error),
+        }
+    }
 }

@@ -57,6 +57,13 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Long-lived secrets and their rotation.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// The CA: show it, or force preparing or activating the next one.
     Ca {
         #[command(subcommand)]
@@ -222,4 +229,25 @@ pub enum CaCommand {
     Prepare,
     /// Sign with the prepared CA from now on.
     Activate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Define a secret from a TOML file with the keys of a [[secret]] table.
+    Create {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// List secrets with their schedule and last outcome.
+    List,
+    /// Show a secret's definition summary.
+    Show { name: String },
+    /// Schedule, next run, last outcome and version history (never values).
+    Status { name: String },
+    /// Delete a secret defined through the API.
+    Delete { name: String },
+    /// Rotate now and wait for the outcome.
+    Rotate { name: String },
+    /// Print the current value (operators only; logged).
+    Get { name: String },
 }

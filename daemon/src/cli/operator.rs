@@ -213,3 +213,66 @@ pub async fn ca(command: CaCommand, conn: &Connection) -> anyhow::Result<String>
     };
     Ok(output::ca_slots(conn.output, &slots.slots))
 }
+
+pub async fn secret(command: SecretCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let format = conn.output;
+    Ok(match command {
+        SecretCommand::Create { file } => {
+            let definition = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let summary = call(
+                client
+                    .create_secret(v1::CreateSecretRequest { definition })
+                    .await,
+            )?;
+            output::secrets(format, &[summary])
+        }
+        SecretCommand::List => {
+            let list = call(client.list_secrets(v1::ListSecretsRequest {}).await)?;
+            output::secrets(format, &list.secrets)
+        }
+        SecretCommand::Show { name } => {
+            let status = call(client.get_secret_status(v1::SecretRequest { name }).await)?;
+            output::secrets(format, &status.secret.into_iter().collect::<Vec<_>>())
+        }
+        SecretCommand::Status { name } => {
+            let status = call(client.get_secret_status(v1::SecretRequest { name }).await)?;
+            output::secret_status(format, &status)
+        }
+        SecretCommand::Delete { name } => {
+            let deleted = call(client.delete_secret(v1::SecretRequest { name }).await)?;
+            match format {
+                OutputFormat::Json => pretty(&serde_json::json!({ "deleted": deleted.name })),
+                OutputFormat::Table => format!("deleted secret {}\n", deleted.name),
+            }
+        }
+        SecretCommand::Rotate { name } => {
+            let outcome = call(client.rotate_secret(v1::SecretRequest { name: name.clone() }).await)?;
+            let job = outcome.job.unwrap_or_default();
+            if job.state != "promoted" {
+                anyhow::bail!(
+                    "rotation of {name} {}: {} (the current version is untouched)",
+                    job.state,
+                    job.last_error
+                );
+            }
+            match format {
+                OutputFormat::Json => pretty(&output::job_json(&job)),
+                OutputFormat::Table => format!("rotated {name}: version {} is current\n", job.token),
+            }
+        }
+        SecretCommand::Get { name } => {
+            let value = call(client.get_secret_value(v1::SecretRequest { name }).await)?;
+            match format {
+                OutputFormat::Json => pretty(&serde_json::json!({
+                    "name": value.name,
+                    "version": value.version,
+                    "username": value.username,
+                    "value": value.value,
+                })),
+                OutputFormat::Table => format!("{}\n", value.value),
+            }
+        }
+    })
+}

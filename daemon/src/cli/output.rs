@@ -196,6 +196,101 @@ pub fn ca_slots(format: OutputFormat, slots: &[v1::CaSlot]) -> String {
     }
 }
 
+pub fn secret_json(s: &v1::SecretSummary) -> Value {
+    json!({
+        "name": s.name,
+        "store": s.store,
+        "target": s.target,
+        "strategy": s.strategy,
+        "schedule": s.schedule,
+        "source": s.source,
+        "next_run_at_ms": s.next_run_at,
+        "last_run_at": s.last_run_at,
+        "last_outcome": s.last_outcome,
+        "grants": s.grants,
+    })
+}
+
+pub fn job_json(j: &v1::RotationJob) -> Value {
+    json!({
+        "token": j.token,
+        "state": j.state,
+        "username": j.username,
+        "trigger": j.trigger,
+        "attempts": j.attempts,
+        "last_error": j.last_error,
+        "created_at": j.created_at,
+        "finished_at": j.finished_at,
+    })
+}
+
+pub fn secrets(format: OutputFormat, list: &[v1::SecretSummary]) -> String {
+    match format {
+        OutputFormat::Json => pretty(&Value::Array(list.iter().map(secret_json).collect())),
+        OutputFormat::Table => table(
+            &["NAME", "STORE", "TARGET", "STRATEGY", "SCHEDULE", "NEXT RUN", "LAST OUTCOME"],
+            &list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.store.clone(),
+                        s.target.clone(),
+                        s.strategy.clone(),
+                        s.schedule.clone(),
+                        when(s.next_run_at / 1000),
+                        s.last_outcome.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+pub fn secret_status(format: OutputFormat, status: &v1::SecretStatus) -> String {
+    match format {
+        OutputFormat::Json => pretty(&json!({
+            "secret": status.secret.as_ref().map(secret_json),
+            "versions": status.versions.iter().map(|v| json!({
+                "id": v.id, "stages": v.stages, "created_at": v.created_at,
+            })).collect::<Vec<_>>(),
+            "jobs": status.jobs.iter().map(job_json).collect::<Vec<_>>(),
+        })),
+        OutputFormat::Table => {
+            let mut out = secrets(format, &status.secret.iter().cloned().collect::<Vec<_>>());
+            out.push_str("\nVERSIONS\n");
+            out.push_str(&table(
+                &["VERSION", "STAGES", "CREATED"],
+                &status
+                    .versions
+                    .iter()
+                    .map(|v| vec![v.id.clone(), v.stages.join(","), when(v.created_at)])
+                    .collect::<Vec<_>>(),
+            ));
+            out.push_str("\nROTATIONS\n");
+            out.push_str(&table(
+                &["JOB", "STATE", "USER", "TRIGGER", "ATTEMPTS", "STARTED", "ERROR"],
+                &status
+                    .jobs
+                    .iter()
+                    .map(|j| {
+                        vec![
+                            j.token.clone(),
+                            j.state.clone(),
+                            j.username.clone(),
+                            j.trigger.clone(),
+                            j.attempts.to_string(),
+                            when(j.created_at),
+                            j.last_error.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            ));
+            out
+        }
+    }
+}
+
 fn ttl(seconds: i64) -> String {
     if seconds <= 0 {
         "default".into()

@@ -7,7 +7,10 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
+pub mod engine;
 pub mod local;
+pub mod runtime;
+pub mod spec;
 
 /// A secret value. Never printed: Debug shows only its length.
 #[derive(Clone, PartialEq, Eq)]
