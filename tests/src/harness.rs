@@ -57,6 +57,8 @@ pub struct DaemonOptions {
     pub datastore_url: String,
     /// Appended to the generated daemon.toml.
     pub extra_toml: String,
+    /// Extra environment for the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DaemonOptions {
@@ -65,6 +67,7 @@ impl Default for DaemonOptions {
             trust_domain: "example.org".into(),
             datastore_url: String::new(),
             extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct DaemonProcess {
     pub admin_socket: PathBuf,
     pub node_addr: String,
     pub trust_domain: TrustDomain,
+    /// Environment for the next spawn; tests change it between restarts.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -100,6 +105,7 @@ impl DaemonProcess {
             config_path,
             admin_socket,
             node_addr: format!("127.0.0.1:{port}"),
+            env: options.env.clone(),
             child: None,
             dir,
         };
@@ -119,8 +125,10 @@ impl DaemonProcess {
             .arg(&self.config_path)
             .env(
                 "RUST_LOG",
-                "debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info,sqlx=info",
+                "debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info,sqlx=info,aws=info,aws_smithy_runtime=info,aws_config=info",
             )
+            .env("MAYFLY_ROTATION_RETRY_MS", "100")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -150,6 +158,23 @@ impl DaemonProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Waits for the daemon to exit by itself (a crash point, say).
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("mayflyd still running after {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

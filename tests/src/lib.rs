@@ -4,3 +4,4 @@
 pub mod bench;
 pub mod harness;
 pub mod pg;
+pub mod services;
