@@ -3,6 +3,10 @@
 //! that checks it (`Target`: PostgreSQL, MariaDB, or none), how new values are made, and
 //! when rotations run.
 
+pub mod generator;
+pub mod schedule;
+pub mod target;
+
 use std::fmt;
 
 use zeroize::Zeroizing;
