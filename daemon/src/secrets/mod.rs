@@ -7,6 +7,8 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
+pub mod aws;
+
 /// A secret value. Never printed: Debug shows only its length.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretValue(Zeroizing<String>);
