@@ -11,6 +11,7 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
+pub mod aws;
 pub mod engine;
 pub mod local;
 pub mod runtime;
