@@ -55,9 +55,8 @@ pub async fn start(
         .await
         .context("starting the CA")?,
     );
-    let sealing = Arc::new(
-        SealingKey::load_or_create(&config.data_dir).context("loading the secrets key")?,
-    );
+    let sealing =
+        Arc::new(SealingKey::load_or_create(&config.data_dir).context("loading the secrets key")?);
     let secrets = RotationEngine::start(store.clone(), sealing, &config.secrets)
         .await
         .context("starting the rotation engine")?;

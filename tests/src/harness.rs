@@ -172,7 +172,10 @@ impl DaemonProcess {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("mayflyd still running after {timeout:?}; log:\n{}", self.log());
+                bail!(
+                    "mayflyd still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

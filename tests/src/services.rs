@@ -122,9 +122,11 @@ pub async fn mysql_login(user: &str, password: &str) -> anyhow::Result<()> {
 
 pub async fn drop_mysql_user(user: &str) {
     if let Ok(mut conn) = sqlx::MySqlConnection::connect(&mysql_admin_url()).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP USER IF EXISTS '{user}'@'%'")))
-            .execute(&mut conn)
-            .await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP USER IF EXISTS '{user}'@'%'"
+        )))
+        .execute(&mut conn)
+        .await;
     }
 }
 

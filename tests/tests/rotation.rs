@@ -12,7 +12,10 @@ use mayfly_tests::services::{
 };
 
 fn define(daemon: &DaemonProcess, toml: &str) -> Value {
-    let path = daemon.dir.path().join(format!("secret-{}.toml", rand::random::<u32>()));
+    let path = daemon
+        .dir
+        .path()
+        .join(format!("secret-{}.toml", rand::random::<u32>()));
     std::fs::write(&path, toml).unwrap();
     daemon
         .cli_json(&["secret", "create", "--file", path.to_str().unwrap()])
@@ -103,7 +106,9 @@ impl StoreUnderTest {
 /// One store × the three targets: rotate by hand, then on a schedule with seconds.
 async fn store_against_every_target(store: &StoreUnderTest, daemon: &DaemonProcess, tag: &str) {
     // MariaDB: the login proves the new password works and the old one no longer does.
-    let user = mysql_user("mayfly_rot", "initial-Password-1").await.unwrap();
+    let user = mysql_user("mayfly_rot", "initial-Password-1")
+        .await
+        .unwrap();
     let name = format!("{tag}-mysql");
     let store_toml = store.toml(&name, &user).await;
     define(
@@ -118,9 +123,11 @@ async fn store_against_every_target(store: &StoreUnderTest, daemon: &DaemonProce
     assert_eq!(u1, user);
     mysql_login(&user, &p1).await.unwrap();
     assert!(mysql_login(&user, "initial-Password-1").await.is_err());
-    wait_for("a scheduled MariaDB rotation", Duration::from_secs(20), || {
-        promoted_jobs(daemon, &name) >= 2
-    });
+    wait_for(
+        "a scheduled MariaDB rotation",
+        Duration::from_secs(20),
+        || promoted_jobs(daemon, &name) >= 2,
+    );
     let (v2, _, p2) = current(daemon, &name);
     assert_ne!(v1, v2);
     mysql_login(&user, &p2).await.unwrap();
@@ -140,10 +147,15 @@ async fn store_against_every_target(store: &StoreUnderTest, daemon: &DaemonProce
     );
     assert_eq!(pg_verifier(&role).await.unwrap(), None);
     daemon.cli_ok(&["secret", "rotate", &name]).unwrap();
-    let first = pg_verifier(&role).await.unwrap().expect("a password was set");
-    wait_for("a scheduled PostgreSQL rotation", Duration::from_secs(20), || {
-        promoted_jobs(daemon, &name) >= 2
-    });
+    let first = pg_verifier(&role)
+        .await
+        .unwrap()
+        .expect("a password was set");
+    wait_for(
+        "a scheduled PostgreSQL rotation",
+        Duration::from_secs(20),
+        || promoted_jobs(daemon, &name) >= 2,
+    );
     let second = pg_verifier(&role).await.unwrap().unwrap();
     assert_ne!(first, second);
     drop_pg_role(&role).await;
@@ -162,9 +174,11 @@ async fn store_against_every_target(store: &StoreUnderTest, daemon: &DaemonProce
     daemon.cli_ok(&["secret", "rotate", &name]).unwrap();
     let (_, _, value) = current(daemon, &name);
     assert_eq!(std::fs::read_to_string(&sink).unwrap().trim(), value);
-    wait_for("a scheduled opaque rotation", Duration::from_secs(20), || {
-        promoted_jobs(daemon, &name) >= 2
-    });
+    wait_for(
+        "a scheduled opaque rotation",
+        Duration::from_secs(20),
+        || promoted_jobs(daemon, &name) >= 2,
+    );
 }
 
 #[tokio::test]
@@ -179,7 +193,9 @@ async fn openbao_kv_store_rotates_every_target() {
     init();
     let bao = services::openbao().unwrap();
     let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
-    let store = StoreUnderTest::Vault { url: bao.url.clone() };
+    let store = StoreUnderTest::Vault {
+        url: bao.url.clone(),
+    };
     store_against_every_target(&store, &daemon, "vault").await;
 }
 
@@ -202,14 +218,18 @@ async fn secrets_manager_store_rotates_every_target() {
         std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
     }
-    let store = StoreUnderTest::Aws { url: moto.url.clone() };
+    let store = StoreUnderTest::Aws {
+        url: moto.url.clone(),
+    };
     store_against_every_target(&store, &daemon, "aws").await;
 }
 
 #[tokio::test]
 async fn a_rotation_survives_sigkill_after_every_step() {
     init();
-    let user = mysql_user("mayfly_crash", "initial-Password-1").await.unwrap();
+    let user = mysql_user("mayfly_crash", "initial-Password-1")
+        .await
+        .unwrap();
     let mut daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
     define(
         &daemon,
@@ -228,20 +248,28 @@ async fn a_rotation_survives_sigkill_after_every_step() {
         let _ = daemon.cli(&["secret", "rotate", "crashy"]);
         daemon.wait_exit(Duration::from_secs(20)).unwrap();
         // While the daemon is down, the current value still logs in.
-        mysql_login(&user, &previous.2).await.or_else(|_| {
-            // After set_secret the target already holds the pending value; the store's
-            // current version is then the one that must work once promoted.
-            Ok::<(), anyhow::Error>(())
-        }).unwrap();
+        mysql_login(&user, &previous.2)
+            .await
+            .or_else(|_| {
+                // After set_secret the target already holds the pending value; the store's
+                // current version is then the one that must work once promoted.
+                Ok::<(), anyhow::Error>(())
+            })
+            .unwrap();
         daemon.env.clear();
         daemon.spawn().unwrap();
         let before = previous.0.clone();
-        wait_for(&format!("the rotation to finish after a crash at {step}"), Duration::from_secs(20), || {
-            current(&daemon, "crashy").0 != before
-        });
+        wait_for(
+            &format!("the rotation to finish after a crash at {step}"),
+            Duration::from_secs(20),
+            || current(&daemon, "crashy").0 != before,
+        );
         let now = current(&daemon, "crashy");
         mysql_login(&user, &now.2).await.unwrap();
-        let versions = status(&daemon, "crashy")["versions"].as_array().unwrap().clone();
+        let versions = status(&daemon, "crashy")["versions"]
+            .as_array()
+            .unwrap()
+            .clone();
         let staged = |stage: &str| {
             versions
                 .iter()
@@ -249,7 +277,11 @@ async fn a_rotation_survives_sigkill_after_every_step() {
                 .map(|v| v["id"].as_str().unwrap().to_string())
         };
         assert_eq!(staged("current").as_deref(), Some(now.0.as_str()));
-        assert_eq!(staged("previous").as_deref(), Some(previous.0.as_str()), "no version lost");
+        assert_eq!(
+            staged("previous").as_deref(),
+            Some(previous.0.as_str()),
+            "no version lost"
+        );
         assert_eq!(staged("pending"), None, "nothing left pending");
         previous = now;
     }
@@ -259,8 +291,12 @@ async fn a_rotation_survives_sigkill_after_every_step() {
 #[tokio::test]
 async fn alternating_users_never_fail_a_login() {
     init();
-    let a = mysql_user("mayfly_alt_a", "initial-Password-1").await.unwrap();
-    let b = mysql_user("mayfly_alt_b", "initial-Password-2").await.unwrap();
+    let a = mysql_user("mayfly_alt_a", "initial-Password-1")
+        .await
+        .unwrap();
+    let b = mysql_user("mayfly_alt_b", "initial-Password-2")
+        .await
+        .unwrap();
     let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
     define(
         &daemon,
@@ -284,7 +320,10 @@ async fn alternating_users_never_fail_a_login() {
     let deadline = Instant::now() + Duration::from_secs(45);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     while promoted_jobs(&daemon, "alt") < start + 20 {
-        assert!(Instant::now() < deadline, "20 rotations did not happen in 45 s");
+        assert!(
+            Instant::now() < deadline,
+            "20 rotations did not happen in 45 s"
+        );
         for _ in 0..25 {
             tick.tick().await;
             let current = admin
@@ -299,7 +338,11 @@ async fn alternating_users_never_fail_a_login() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {logins} logins failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {logins} logins failed: {failures:?}",
+        failures.len()
+    );
     assert_eq!(users_seen.len(), 2, "both users took turns");
     drop_mysql_user(&a).await;
     drop_mysql_user(&b).await;
@@ -319,15 +362,33 @@ async fn bad_definitions_and_failing_targets_leave_the_current_value_working() {
         let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
         assert!(stderr.contains(needle), "{needle}: {stderr}");
     };
-    bad("name = \"x\"\nschedule = \"61 * * * *\"\n[store]\nkind = \"local\"\n[target]\nkind = \"none\"\n", "schedule");
-    bad("name = \"x\"\nschedule = \"@daily\"\n[store]\nkind = \"s3\"\n[target]\nkind = \"none\"\n", "s3");
-    assert!(daemon.cli_json(&["secret", "list"]).unwrap().as_array().unwrap().is_empty());
+    bad(
+        "name = \"x\"\nschedule = \"61 * * * *\"\n[store]\nkind = \"local\"\n[target]\nkind = \"none\"\n",
+        "schedule",
+    );
+    bad(
+        "name = \"x\"\nschedule = \"@daily\"\n[store]\nkind = \"s3\"\n[target]\nkind = \"none\"\n",
+        "s3",
+    );
+    assert!(
+        daemon
+            .cli_json(&["secret", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     // A working secret, then its target goes away: the rotation fails, the value stays.
-    let user = mysql_user("mayfly_bad", "initial-Password-1").await.unwrap();
+    let user = mysql_user("mayfly_bad", "initial-Password-1")
+        .await
+        .unwrap();
     define(
         &daemon,
-        &format!("name = \"db\"\nschedule = \"@yearly\"\nmax_attempts = 2\n[store]\nkind = \"local\"\n{}", mysql_target(&user)),
+        &format!(
+            "name = \"db\"\nschedule = \"@yearly\"\nmax_attempts = 2\n[store]\nkind = \"local\"\n{}",
+            mysql_target(&user)
+        ),
     );
     daemon.cli_ok(&["secret", "rotate", "db"]).unwrap();
     let working = current(&daemon, "db");
@@ -335,7 +396,11 @@ async fn bad_definitions_and_failing_targets_leave_the_current_value_working() {
     let out = daemon.cli(&["secret", "rotate", "db"]).unwrap();
     assert!(!out.status.success(), "a refused change fails the rotation");
     assert!(String::from_utf8_lossy(&out.stderr).contains("untouched"));
-    assert_eq!(current(&daemon, "db"), working, "the current version is untouched");
+    assert_eq!(
+        current(&daemon, "db"),
+        working,
+        "the current version is untouched"
+    );
     let jobs = status(&daemon, "db")["jobs"].as_array().unwrap().clone();
     assert_eq!(jobs[0]["state"], "failed");
 
@@ -343,13 +408,20 @@ async fn bad_definitions_and_failing_targets_leave_the_current_value_working() {
     let port = mayfly_tests::harness::free_port();
     define(
         &daemon,
-        &format!("name = \"gone\"\nschedule = \"@yearly\"\nmax_attempts = 2\nusers = [\"nobody\"]\n[store]\nkind = \"local\"\n[target]\nkind = \"mysql\"\nadmin_url = \"mysql://root@127.0.0.1:{port}\"\n"),
+        &format!(
+            "name = \"gone\"\nschedule = \"@yearly\"\nmax_attempts = 2\nusers = [\"nobody\"]\n[store]\nkind = \"local\"\n[target]\nkind = \"mysql\"\nadmin_url = \"mysql://root@127.0.0.1:{port}\"\n"
+        ),
     );
     let out = daemon.cli(&["secret", "rotate", "gone"]).unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("unreachable"), "{err}");
-    assert!(daemon.cli(&["secret", "get", "gone"]).map(|o| !o.status.success()).unwrap());
+    assert!(
+        daemon
+            .cli(&["secret", "get", "gone"])
+            .map(|o| !o.status.success())
+            .unwrap()
+    );
     // Secret values never reach the daemon's log.
     assert!(!daemon.log().contains(&working.2));
 }

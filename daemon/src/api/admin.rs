@@ -429,11 +429,9 @@ impl Admin for AdminApi {
     ) -> Result<Response<v1::SecretValueResponse>, Status> {
         let uid = operator(&request)?;
         let name = request.into_inner().name;
-        let (version, credential) = self
-            .secrets
-            .current(&name)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("secret {name} has no current version yet")))?;
+        let (version, credential) = self.secrets.current(&name).await?.ok_or_else(|| {
+            Status::not_found(format!("secret {name} has no current version yet"))
+        })?;
         tracing::warn!(uid, secret = %name, version = %version, "secret value read by operator");
         Ok(Response::new(v1::SecretValueResponse {
             name,

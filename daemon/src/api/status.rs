@@ -63,8 +63,12 @@ impl From<EngineError> for Status {
     fn from(error: EngineError) -> Self {
         match &error {
             EngineError::UnknownSecret(_) => Status::not_found(error.to_string()),
-            EngineError::Spec(_) | EngineError::Build(_) => Status::invalid_argument(error.to_string()),
-            EngineError::Busy(_) | EngineError::Conflict(_) => Status::failed_precondition(error.to_string()),
+            EngineError::Spec(_) | EngineError::Build(_) => {
+                Status::invalid_argument(error.to_string())
+            }
+            EngineError::Busy(_) | EngineError::Conflict(_) => {
+                Status::failed_precondition(error.to_string())
+            }
             EngineError::Store(_) | EngineError::Target(_) | EngineError::Generator(_) => {
                 Status::unavailable(error.to_string())
             }

@@ -12,7 +12,7 @@ use mayfly_proto::v1::{self};
 use super::output::{self, pretty};
 use super::{
     AgentCommand, BundleCommand, BundleFormat, CaCommand, Connection, EntryCommand, OutputFormat,
-    TokenCommand,
+    SecretCommand, TokenCommand,
 };
 use crate::config::DaemonConfig;
 
@@ -248,7 +248,11 @@ pub async fn secret(command: SecretCommand, conn: &Connection) -> anyhow::Result
             }
         }
         SecretCommand::Rotate { name } => {
-            let outcome = call(client.rotate_secret(v1::SecretRequest { name: name.clone() }).await)?;
+            let outcome = call(
+                client
+                    .rotate_secret(v1::SecretRequest { name: name.clone() })
+                    .await,
+            )?;
             let job = outcome.job.unwrap_or_default();
             if job.state != "promoted" {
                 anyhow::bail!(
@@ -259,7 +263,9 @@ pub async fn secret(command: SecretCommand, conn: &Connection) -> anyhow::Result
             }
             match format {
                 OutputFormat::Json => pretty(&output::job_json(&job)),
-                OutputFormat::Table => format!("rotated {name}: version {} is current\n", job.token),
+                OutputFormat::Table => {
+                    format!("rotated {name}: version {} is current\n", job.token)
+                }
             }
         }
         SecretCommand::Get { name } => {

@@ -228,7 +228,15 @@ pub fn secrets(format: OutputFormat, list: &[v1::SecretSummary]) -> String {
     match format {
         OutputFormat::Json => pretty(&Value::Array(list.iter().map(secret_json).collect())),
         OutputFormat::Table => table(
-            &["NAME", "STORE", "TARGET", "STRATEGY", "SCHEDULE", "NEXT RUN", "LAST OUTCOME"],
+            &[
+                "NAME",
+                "STORE",
+                "TARGET",
+                "STRATEGY",
+                "SCHEDULE",
+                "NEXT RUN",
+                "LAST OUTCOME",
+            ],
             &list
                 .iter()
                 .map(|s| {
@@ -269,7 +277,9 @@ pub fn secret_status(format: OutputFormat, status: &v1::SecretStatus) -> String 
             ));
             out.push_str("\nROTATIONS\n");
             out.push_str(&table(
-                &["JOB", "STATE", "USER", "TRIGGER", "ATTEMPTS", "STARTED", "ERROR"],
+                &[
+                    "JOB", "STATE", "USER", "TRIGGER", "ATTEMPTS", "STARTED", "ERROR",
+                ],
                 &status
                     .jobs
                     .iter()

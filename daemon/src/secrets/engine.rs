@@ -67,7 +67,9 @@ impl RotationEngine {
         for record in datastore.list_secrets().await? {
             let spec = engine.open_spec(&record)?;
             let runtime = SecretRuntime::build(spec, &datastore, &engine.key).await?;
-            engine.runtimes().insert(record.name.clone(), Arc::new(runtime));
+            engine
+                .runtimes()
+                .insert(record.name.clone(), Arc::new(runtime));
         }
         for job in datastore.unfinished_jobs().await? {
             tracing::info!(secret = %job.secret_name, job = %job.token, state = %job.state, "resuming an unfinished rotation");
@@ -122,7 +124,10 @@ impl RotationEngine {
     fn open_spec(&self, record: &SecretRecord) -> Result<SecretSpec, EngineError> {
         let json = self
             .key
-            .open(&format!("mayfly-spec\0{}", record.name), &record.spec_sealed)
+            .open(
+                &format!("mayfly-spec\0{}", record.name),
+                &record.spec_sealed,
+            )
             .map_err(|e| EngineError::Internal(format!("secret {}: {e}", record.name)))?;
         serde_json::from_slice(&json)
             .map_err(|e| EngineError::Internal(format!("secret {}: {e}", record.name)))
@@ -180,7 +185,11 @@ impl RotationEngine {
     }
 
     /// Rotates now and waits for the outcome.
-    pub async fn rotate_now(self: &Arc<Self>, name: &str, trigger: &str) -> Result<Outcome, EngineError> {
+    pub async fn rotate_now(
+        self: &Arc<Self>,
+        name: &str,
+        trigger: &str,
+    ) -> Result<Outcome, EngineError> {
         let runtime = self.runtime(name)?;
         let job = self.new_job(&runtime, trigger).await?;
         let token = job.token.clone();
@@ -195,7 +204,11 @@ impl RotationEngine {
     }
 
     /// Persists a new job before anything else happens, so a crash leaves a record.
-    async fn new_job(&self, runtime: &SecretRuntime, trigger: &str) -> Result<JobRecord, EngineError> {
+    async fn new_job(
+        &self,
+        runtime: &SecretRuntime,
+        trigger: &str,
+    ) -> Result<JobRecord, EngineError> {
         {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             if !in_flight.insert(runtime.spec.name.clone()) {
@@ -335,7 +348,11 @@ impl RotationEngine {
     }
 
     /// One idempotent step from `job.state`; returns the next state.
-    async fn step(&self, runtime: &SecretRuntime, job: &JobRecord) -> Result<&'static str, EngineError> {
+    async fn step(
+        &self,
+        runtime: &SecretRuntime,
+        job: &JobRecord,
+    ) -> Result<&'static str, EngineError> {
         match job.state.as_str() {
             "created" => {
                 if runtime.store.get_version(&job.token).await?.is_none() {
@@ -361,11 +378,17 @@ impl RotationEngine {
                 runtime.store.promote(&job.token).await?;
                 Ok("promoted")
             }
-            other => Err(EngineError::Internal(format!("job in unknown state {other}"))),
+            other => Err(EngineError::Internal(format!(
+                "job in unknown state {other}"
+            ))),
         }
     }
 
-    async fn pending_value(&self, runtime: &SecretRuntime, job: &JobRecord) -> Result<Credential, EngineError> {
+    async fn pending_value(
+        &self,
+        runtime: &SecretRuntime,
+        job: &JobRecord,
+    ) -> Result<Credential, EngineError> {
         runtime
             .store
             .get_version(&job.token)
@@ -388,7 +411,9 @@ impl RotationEngine {
                 let due = match record.next_run_at {
                     Some(at) => at,
                     None => {
-                        let last = record.last_run_at.map(|t| std::time::UNIX_EPOCH + Duration::from_secs(t as u64));
+                        let last = record
+                            .last_run_at
+                            .map(|t| std::time::UNIX_EPOCH + Duration::from_secs(t as u64));
                         let Some(next) = runtime.schedule.next_run(last, now) else {
                             continue;
                         };
@@ -410,7 +435,9 @@ impl RotationEngine {
                             tokio::spawn(async move { engine.run_job(job).await });
                         }
                         Err(EngineError::Busy(_)) => {}
-                        Err(e) => tracing::error!(secret = %name, error = %e, "could not start a scheduled rotation"),
+                        Err(e) => {
+                            tracing::error!(secret = %name, error = %e, "could not start a scheduled rotation")
+                        }
                     }
                     if let Some(f) = following {
                         next_wake = Some(next_wake.map_or(f, |w| w.min(f)));

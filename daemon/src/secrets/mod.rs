@@ -3,19 +3,19 @@
 //! that checks it (`Target`: PostgreSQL, MariaDB, or none), how new values are made, and
 //! when rotations run.
 
+pub mod aws;
+pub mod engine;
 pub mod generator;
+pub mod local;
+pub mod runtime;
 pub mod schedule;
+pub mod spec;
 pub mod target;
+pub mod vault;
 
 use std::fmt;
 
 use zeroize::Zeroizing;
-
-pub mod aws;
-pub mod engine;
-pub mod local;
-pub mod runtime;
-pub mod spec;
 
 /// A secret value. Never printed: Debug shows only its length.
 #[derive(Clone, PartialEq, Eq)]

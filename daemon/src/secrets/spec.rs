@@ -155,7 +155,7 @@ impl SecretSpec {
         self.parsed_schedule()
             .map_err(|e| fail(format!("schedule: {e}")))?;
         self.generator
-            .check()
+            .validate()
             .map_err(|e| fail(format!("generator: {e}")))?;
         let database = !matches!(self.target, TargetSpec::None { .. });
         match (self.strategy, self.users.len(), database) {
@@ -197,7 +197,8 @@ impl SecretSpec {
             ));
         }
         for grant in &self.grants {
-            mayfly_proto::SpiffeId::parse(grant).map_err(|e| fail(format!("grant {grant}: {e}")))?;
+            mayfly_proto::SpiffeId::parse(grant)
+                .map_err(|e| fail(format!("grant {grant}: {e}")))?;
         }
         Ok(())
     }
@@ -205,9 +206,8 @@ impl SecretSpec {
     pub fn parsed_schedule(&self) -> Result<Schedule, String> {
         let mut schedule = Schedule::parse(&self.schedule).map_err(|e| e.to_string())?;
         if let Some(window) = &self.window {
-            schedule = schedule
-                .with_window_text(&window.start, &window.duration)
-                .map_err(|e| e.to_string())?;
+            schedule =
+                schedule.with_window(super::runtime::window(&window.start, &window.duration)?);
         }
         Ok(schedule)
     }
