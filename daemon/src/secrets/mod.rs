@@ -3,6 +3,8 @@
 //! that checks it (`Target`: PostgreSQL, MariaDB, or none), how new values are made, and
 //! when rotations run.
 
+pub mod vault;
+
 use std::fmt;
 
 use zeroize::Zeroizing;
@@ -80,8 +82,7 @@ pub enum SecretStoreError {
 pub trait SecretStore: Send + Sync + 'static {
     /// Stores `value` as the pending version `token`. If `token` already exists, leaves it
     /// untouched (the first value written under a token wins).
-    async fn put_pending(&self, token: &str, value: &Credential)
-    -> Result<(), SecretStoreError>;
+    async fn put_pending(&self, token: &str, value: &Credential) -> Result<(), SecretStoreError>;
     /// The value of version `token`, whatever its stage.
     async fn get_version(&self, token: &str) -> Result<Option<Credential>, SecretStoreError>;
     /// The current version's id and value, if the secret has one.
