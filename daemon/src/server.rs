@@ -84,7 +84,7 @@ pub async fn start(
 
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
-    let node_service = NodeServer::new(NodeApi::new(registry.clone()))
+    let node_service = NodeServer::new(NodeApi::new(registry.clone(), secrets.clone()))
         .max_decoding_message_size(config.max_message_bytes);
     let admin_service = AdminServer::new(AdminApi::new(registry.clone(), secrets.clone()));
 

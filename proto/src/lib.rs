@@ -24,3 +24,72 @@ pub mod v1 {
 
 /// Metadata every Workload API request must carry.
 pub const WORKLOAD_HEADER: &str = "workload.spiffe.io";
+
+/// Secret-bearing messages never show their values, whatever prints them.
+mod redacted_debug {
+    use std::fmt;
+
+    impl fmt::Debug for crate::v1::GrantedSecret {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("GrantedSecret")
+                .field("name", &self.name)
+                .field("version", &self.version)
+                .field("username", &self.username)
+                .field(
+                    "value",
+                    &format_args!("<{} bytes redacted>", self.value.len()),
+                )
+                .field("granted_to", &self.granted_to)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for crate::v1::SecretValueResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("SecretValueResponse")
+                .field("name", &self.name)
+                .field("version", &self.version)
+                .field("username", &self.username)
+                .field("value", &"<redacted>")
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for crate::workload::X509svid {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("X509SVID")
+                .field("spiffe_id", &self.spiffe_id)
+                .field(
+                    "x509_svid",
+                    &format_args!("<{} bytes>", self.x509_svid.len()),
+                )
+                .field("x509_svid_key", &"<redacted>")
+                .field("hint", &self.hint)
+                .finish_non_exhaustive()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn secret_values_and_keys_never_print() {
+            let version = crate::v1::GrantedSecret {
+                name: "db".into(),
+                value: b"hunter2-secret".to_vec(),
+                ..Default::default()
+            };
+            assert!(!format!("{version:?}").contains("hunter2"));
+            let response = crate::v1::SecretValueResponse {
+                value: "hunter2-secret".into(),
+                ..Default::default()
+            };
+            assert!(!format!("{response:?}").contains("hunter2"));
+            let svid = crate::workload::X509svid {
+                x509_svid_key: b"PRIVATE-KEY-BYTES".to_vec(),
+                ..Default::default()
+            };
+            let shown = format!("{svid:?}");
+            assert!(!shown.contains("80, 82, 73"), "{shown}");
+        }
+    }
+}

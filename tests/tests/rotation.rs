@@ -426,3 +426,81 @@ async fn bad_definitions_and_failing_targets_leave_the_current_value_working() {
     // Secret values never reach the daemon's log.
     assert!(!daemon.log().contains(&working.2));
 }
+
+#[tokio::test]
+async fn promoted_versions_reach_the_agents_they_are_granted_to() {
+    use mayfly_proto::v1::{self, sync_message::Update};
+    use tokio_stream::StreamExt;
+
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
+    let agent = daemon.attest("spiffe://example.org/node/a").await.unwrap();
+    let other = daemon.attest("spiffe://example.org/node/b").await.unwrap();
+    daemon
+        .cli_ok(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/app",
+            "--parent-id",
+            "spiffe://example.org/node/a",
+            "--selector",
+            "unix:uid:1000",
+        ])
+        .unwrap();
+    define(
+        &daemon,
+        "name = \"api-key\"\nschedule = \"@yearly\"\ngrants = [\"spiffe://example.org/app\"]\n[store]\nkind = \"local\"\n[target]\nkind = \"none\"\n",
+    );
+    daemon.cli_ok(&["secret", "rotate", "api-key"]).unwrap();
+    let (first_version, _, first_value) = current(&daemon, "api-key");
+
+    let mut node = daemon.node(&agent).await.unwrap();
+    let mut stream = node.sync(v1::SyncRequest {}).await.unwrap().into_inner();
+    let next = async |stream: &mut tonic::Streaming<v1::SyncMessage>| {
+        tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a sync message")
+            .unwrap()
+            .unwrap()
+            .update
+            .unwrap()
+    };
+    match next(&mut stream).await {
+        Update::FullState(state) => {
+            assert_eq!(state.secrets.len(), 1);
+            assert_eq!(state.secrets[0].version, first_version);
+            assert_eq!(state.secrets[0].value, first_value.as_bytes());
+            assert_eq!(
+                state.secrets[0].granted_to,
+                vec!["spiffe://example.org/app"]
+            );
+        }
+        other => panic!("expected full state, got {other:?}"),
+    }
+    // An agent without the granted workload gets nothing.
+    let mut other_node = daemon.node(&other).await.unwrap();
+    let mut other_stream = other_node
+        .sync(v1::SyncRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    match next(&mut other_stream).await {
+        Update::FullState(state) => assert!(state.secrets.is_empty()),
+        other => panic!("expected full state, got {other:?}"),
+    }
+
+    daemon.cli_ok(&["secret", "rotate", "api-key"]).unwrap();
+    let (second_version, _, second_value) = current(&daemon, "api-key");
+    match next(&mut stream).await {
+        Update::SecretUpdated(secret) => {
+            assert_eq!(secret.version, second_version);
+            assert_eq!(secret.value, second_value.as_bytes());
+            assert!(
+                !format!("{secret:?}").contains(&second_value),
+                "Debug hides the value"
+            );
+        }
+        other => panic!("expected the new version, got {other:?}"),
+    }
+}

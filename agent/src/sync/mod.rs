@@ -22,6 +22,8 @@ use mayfly_proto::v1::{self, sync_message::Update};
 pub struct Authorized {
     pub entries: BTreeMap<String, v1::Entry>,
     pub bundle: Option<v1::Bundle>,
+    /// Current versions of the secrets granted to this agent's workloads.
+    pub secrets: BTreeMap<String, v1::GrantedSecret>,
     /// True once a full state has arrived on the current or an earlier stream.
     pub synced: bool,
 }
@@ -86,7 +88,18 @@ fn apply(state: &mut Authorized, update: Update) {
             if full.bundle.is_some() {
                 state.bundle = full.bundle;
             }
+            state.secrets = full
+                .secrets
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect();
             state.synced = true;
+        }
+        Update::SecretUpdated(secret) => {
+            state.secrets.insert(secret.name.clone(), secret);
+        }
+        Update::SecretRemoved(name) => {
+            state.secrets.remove(&name);
         }
         Update::EntryUpserted(entry) => {
             state.entries.insert(entry.id.clone(), entry);
@@ -159,6 +172,7 @@ mod tests {
             Update::FullState(v1::FullState {
                 entries: vec![entry("a"), entry("b")],
                 bundle: Some(v1::Bundle::default()),
+                secrets: vec![],
             }),
         );
         assert!(state.synced);
@@ -174,6 +188,7 @@ mod tests {
             Update::FullState(v1::FullState {
                 entries: vec![entry("z")],
                 bundle: None,
+                secrets: vec![],
             }),
         );
         assert_eq!(state.entries.keys().cloned().collect::<Vec<_>>(), vec!["z"]);

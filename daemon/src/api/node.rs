@@ -16,6 +16,7 @@ use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::convert;
 use crate::identity::{Change, Registry};
+use crate::secrets::engine::RotationEngine;
 use crate::store::AgentRecord;
 
 /// Bundle refresh hint sent to agents, in seconds.
@@ -23,11 +24,66 @@ const REFRESH_HINT: i64 = 300;
 
 pub struct NodeApi {
     registry: Arc<Registry>,
+    secrets: Arc<RotationEngine>,
 }
 
 impl NodeApi {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(registry: Arc<Registry>, secrets: Arc<RotationEngine>) -> Self {
+        Self { registry, secrets }
+    }
+
+    /// Secrets granted to any SPIFFE ID this agent serves, with the IDs they go to.
+    fn granted(&self, agent: &str) -> Vec<(String, Vec<String>)> {
+        let ids: std::collections::BTreeSet<String> = self
+            .registry
+            .entries_for(agent)
+            .iter()
+            .map(|e| e.spiffe_id.clone())
+            .collect();
+        self.secrets
+            .specs()
+            .into_iter()
+            .filter_map(|spec| {
+                let to: Vec<String> = spec
+                    .grants
+                    .iter()
+                    .filter(|g| ids.contains(*g) || g.as_str() == agent)
+                    .cloned()
+                    .collect();
+                (!to.is_empty()).then_some((spec.name, to))
+            })
+            .collect()
+    }
+
+    async fn secret_version(
+        &self,
+        name: &str,
+        granted_to: Vec<String>,
+    ) -> Option<v1::GrantedSecret> {
+        match self.secrets.current(name).await {
+            Ok(Some((version, credential))) => Some(v1::GrantedSecret {
+                name: name.to_string(),
+                version,
+                username: credential.username,
+                value: credential.password.expose().as_bytes().to_vec(),
+                granted_to,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(secret = %name, error = %e, "could not read a granted secret for an agent");
+                None
+            }
+        }
+    }
+
+    async fn granted_secrets(&self, agent: &str) -> Vec<v1::GrantedSecret> {
+        let mut out = Vec::new();
+        for (name, to) in self.granted(agent) {
+            if let Some(version) = self.secret_version(&name, to).await {
+                out.push(version);
+            }
+        }
+        out
     }
 
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentRecord, Status> {
@@ -47,7 +103,7 @@ impl NodeApi {
         )
     }
 
-    fn full_state(&self, agent: &str) -> v1::SyncMessage {
+    async fn full_state(&self, agent: &str) -> v1::SyncMessage {
         v1::SyncMessage {
             update: Some(Update::FullState(v1::FullState {
                 entries: self
@@ -57,6 +113,7 @@ impl NodeApi {
                     .map(|e| convert::entry(e))
                     .collect(),
                 bundle: Some(self.bundle()),
+                secrets: self.granted_secrets(agent).await,
             })),
         }
     }
@@ -127,12 +184,13 @@ impl Node for NodeApi {
         let mut changes = self.registry.subscribe_changes();
         let mut authorities = self.registry.ca().subscribe();
         let mut closing = self.registry.closing();
+        let mut promoted = self.secrets.subscribe();
         let (tx, rx) = mpsc::channel(256);
-        tx.send(Ok(self.full_state(&agent_id)))
+        tx.send(Ok(self.full_state(&agent_id).await))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
         let registry = self.registry.clone();
-        let api = NodeApi::new(registry.clone());
+        let api = NodeApi::new(registry.clone(), self.secrets.clone());
         tokio::spawn(async move {
             tracing::debug!(agent = %agent_id, "sync stream open");
             loop {
@@ -159,7 +217,25 @@ impl Node for NodeApi {
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             // Missed changes: resend everything rather than guess.
-                            match api.full_state(&agent_id).update {
+                            match api.full_state(&agent_id).await.update {
+                                Some(update) => update,
+                                None => continue,
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    promotion = promoted.recv() => match promotion {
+                        Ok(p) => {
+                            let Some((_, to)) = api.granted(&agent_id).into_iter().find(|(n, _)| *n == p.secret) else {
+                                continue;
+                            };
+                            match api.secret_version(&p.secret, to).await {
+                                Some(version) => Update::SecretUpdated(version),
+                                None => continue,
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            match api.full_state(&agent_id).await.update {
                                 Some(update) => update,
                                 None => continue,
                             }

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod http1;
 pub mod mayfly;
 pub mod openbao;
+pub mod rotation;
 
 use std::future::Future;
 use std::sync::Arc;

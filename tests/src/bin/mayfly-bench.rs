@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::{agent, mayfly, openbao};
+use mayfly_tests::bench::{agent, mayfly, openbao, rotation};
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +62,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         connections: usize,
     },
+    /// Measure rotation: schedule fire to promotion (PostgreSQL target) and 1,000 secrets
+    /// due in the same second.
+    Rotation {
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long, default_value_t = 20)]
+        rotations: usize,
+        #[arg(long, default_value_t = 1000)]
+        secrets: usize,
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        pg_url: String,
+    },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
         /// The daemon's node API; must be on 127.0.0.1.
@@ -105,6 +117,26 @@ fn real_main() -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         match cli.cmd {
+            Cmd::Rotation {
+                admin_socket,
+                rotations,
+                secrets,
+                pg_url,
+            } => {
+                let result = rotation::run(&rotation::Options {
+                    admin_socket,
+                    rotations,
+                    secrets,
+                    pg_url,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(if result.missed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
             Cmd::Agent {
                 admin_socket,
                 agent_socket,
