@@ -89,7 +89,7 @@ impl AgentConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
-            message: describe_toml_error(text, &e),
+            message: mayfly_proto::process::describe_toml_error(text, &e),
         })?;
         if config.max_csr_batch == 0 {
             return Err(ConfigError::Parse {
@@ -113,17 +113,6 @@ impl AgentConfig {
             max_csr_batch: default_batch(),
             log: LogConfig::default(),
         }
-    }
-}
-
-fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().to_string();
-    match error.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {message}")
-        }
-        None => message,
     }
 }
 

@@ -5,6 +5,8 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 
+use mayfly_proto::process::{init_logging, shutdown_signal};
+
 use mayfly_agent::cli::{Cli, Command, api};
 use mayfly_agent::config::{AgentConfig, LogFormat};
 use mayfly_agent::run;
@@ -43,7 +45,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
     match cli.command {
         Command::Run { config, join_token } => {
             let config = AgentConfig::load(&config)?;
-            init_logging(config.log.format, &config.log.level);
+            init_logging(config.log.format == LogFormat::Json, &config.log.level);
             raise_fd_limit();
             let (_agent, handle) = run::start(config, join_token, shutdown_signal()).await?;
             notify_ready();
@@ -52,33 +54,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Api { command, endpoint } => api::run(command, &endpoint).await,
     }
-}
-
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }
 
 /// Tells systemd (Type=notify) that the agent is serving, when run under it.

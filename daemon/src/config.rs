@@ -121,7 +121,7 @@ impl DaemonConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
-            message: describe_toml_error(text, &e),
+            message: mayfly_proto::process::describe_toml_error(text, &e),
         })?;
         config.check().map_err(|message| ConfigError::Invalid {
             path: origin.to_path_buf(),
@@ -216,25 +216,6 @@ impl Default for LogConfig {
             format: LogFormat::default(),
             level: default_log_level(),
         }
-    }
-}
-
-/// toml's own message carries line, column and the offending key; prefix the line
-/// number explicitly so it survives being shown on one line.
-fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().to_string();
-    match error.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let snippet = text
-                .get(span.clone())
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && s.len() <= 80)
-                .map(|s| format!(" (at `{s}`)"))
-                .unwrap_or_default();
-            format!("line {line}: {message}{snippet}")
-        }
-        None => message,
     }
 }
 

@@ -5,6 +5,8 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 
+use mayfly_proto::process::{init_logging, shutdown_signal};
+
 use mayfly_daemon::cli::{Cli, Command, operator};
 use mayfly_daemon::config::{DaemonConfig, LogFormat};
 use mayfly_daemon::{dev, server};
@@ -36,14 +38,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
     match cli.command {
         Command::Run { config } => {
             let config = DaemonConfig::load(&config)?;
-            init_logging(config.log.format, &config.log.level);
+            init_logging(config.log.format == LogFormat::Json, &config.log.level);
             let (_daemon, handle) = server::start(config, shutdown_signal()).await?;
             server::notify_ready();
             handle.await.context("daemon task")??;
             Ok(String::new())
         }
         Command::Dev(args) => {
-            init_logging(LogFormat::Text, "info");
+            init_logging(false, "info");
             dev::run(args, shutdown_signal()).await?;
             Ok(String::new())
         }
@@ -54,31 +56,4 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Ca { command, conn } => operator::ca(command, &conn).await,
         Command::Secret { command, conn } => operator::secret(command, &conn).await,
     }
-}
-
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -2,6 +2,7 @@
 //! gRPC services and the identity types both sides must agree on.
 
 pub mod fsutil;
+pub mod process;
 pub mod selector;
 pub mod spiffe_id;
 pub mod svid;

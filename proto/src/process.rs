@@ -1,0 +1,50 @@
+//! What both binaries do the same way at their edges: report a broken TOML file with its
+//! line, set up logging, and wait for the signal to stop.
+
+/// toml's message with the line number first, so it survives being shown on one line.
+pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().to_string();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let snippet = text
+                .get(span.clone())
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.len() <= 80)
+                .map(|s| format!(" (at `{s}`)"))
+                .unwrap_or_default();
+            format!("line {line}: {message}{snippet}")
+        }
+        None => message,
+    }
+}
+
+/// Logs to stderr as text or JSON; `RUST_LOG` overrides `level`.
+pub fn init_logging(json: bool, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
