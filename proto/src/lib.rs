@@ -1,6 +1,7 @@
 //! The contract between `mayflyd`, `mayfly-agent` and SPIFFE workloads: the generated
 //! gRPC services and the identity types both sides must agree on.
 
+pub mod clock;
 pub mod fsutil;
 pub mod process;
 pub mod selector;

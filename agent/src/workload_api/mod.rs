@@ -50,20 +50,7 @@ pub trait CallerAttestor: Send + Sync + 'static {
     fn attest(&self, peer: PeerCred) -> BoxFuture<'_, Result<Vec<Selector>, String>>;
 }
 
-/// The source of "now", injectable so JWT cache and expiry logic are tested without sleeping.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> SystemTime;
-}
-
-/// The wall clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
+pub use mayfly_proto::clock::{Clock, SystemClock};
 
 /// The Workload API service: hand it to [`serve`], or to a tonic server as
 /// `SpiffeWorkloadApiServer::new(api)`.

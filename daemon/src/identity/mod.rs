@@ -32,19 +32,7 @@ pub enum Change {
     },
 }
 
-/// The source of "now", injectable so expiry logic is tested without sleeping.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> SystemTime;
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
+pub use mayfly_proto::clock::{Clock, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
