@@ -65,39 +65,22 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-}
+pub use mayfly_proto::process::ConfigError;
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        mayfly_proto::process::load_toml(path, Self::check)
     }
 
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_path_buf(),
-            message: mayfly_proto::process::describe_toml_error(text, &e),
-        })?;
-        if config.max_csr_batch == 0 {
-            return Err(ConfigError::Parse {
-                path: origin.to_path_buf(),
-                message: "key `max_csr_batch`: must be at least 1".into(),
-            });
+        mayfly_proto::process::parse_toml(text, origin, Self::check)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.max_csr_batch == 0 {
+            return Err("key `max_csr_batch`: must be at least 1".into());
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The configuration `mayflyd dev` runs its agent with.

@@ -94,40 +94,16 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
+pub use mayfly_proto::process::ConfigError;
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        mayfly_proto::process::load_toml(path, Self::check)
     }
 
     /// `origin` only names the file in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_path_buf(),
-            message: mayfly_proto::process::describe_toml_error(text, &e),
-        })?;
-        config.check().map_err(|message| ConfigError::Invalid {
-            path: origin.to_path_buf(),
-            message,
-        })?;
-        Ok(config)
+        mayfly_proto::process::parse_toml(text, origin, Self::check)
     }
 
     /// The defaults `mayflyd dev` runs on.

@@ -1,5 +1,54 @@
-//! What both binaries do the same way at their edges: report a broken TOML file with its
-//! line, set up logging, and wait for the signal to stop.
+//! What both binaries do the same way at their edges: load a TOML config file (reporting
+//! a broken one with its path, line and key), set up logging, and wait for the signal to
+//! stop.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A config file that cannot be used, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Reads and parses `path`, then runs `check` on the result.
+pub fn load_toml<T: DeserializeOwned>(
+    path: &Path,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text, path, check)
+}
+
+/// Parses `text`; `origin` only names the file in errors.
+pub fn parse_toml<T: DeserializeOwned>(
+    text: &str,
+    origin: &Path,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Result<T, ConfigError> {
+    let value: T = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: origin.to_path_buf(),
+        message: describe_toml_error(text, &e),
+    })?;
+    check(&value).map_err(|message| ConfigError::Invalid {
+        path: origin.to_path_buf(),
+        message,
+    })?;
+    Ok(value)
+}
 
 /// toml's message with the line number first, so it survives being shown on one line.
 pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {

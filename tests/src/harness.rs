@@ -135,23 +135,12 @@ impl DaemonProcess {
             .spawn()
             .context("starting mayflyd")?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("mayflyd exited with {status}; log:\n{}", self.log());
-            }
-            let admin_up = std::os::unix::net::UnixStream::connect(&self.admin_socket).is_ok();
-            let node_up = std::net::TcpStream::connect(&self.node_addr).is_ok();
-            if admin_up && node_up {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("mayflyd did not come up in 30 s; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (admin, node) = (self.admin_socket.clone(), self.node_addr.clone());
+        let log = self.log_path();
+        wait_until_up(&mut self.child, "mayflyd", &log, || {
+            std::os::unix::net::UnixStream::connect(&admin).is_ok()
+                && std::net::TcpStream::connect(&node).is_ok()
+        })
     }
 
     pub fn kill(&mut self) {
@@ -163,22 +152,8 @@ impl DaemonProcess {
 
     /// Waits for the daemon to exit by itself (a crash point, say).
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                self.child = None;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "mayflyd still running after {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = self.log_path();
+        wait_for_exit(&mut self.child, "mayflyd", &log, timeout)
     }
 
     /// Stops the daemon with SIGTERM, as systemd would, and waits for it to exit.
@@ -404,21 +379,11 @@ impl AgentProcess {
             .spawn()
             .context("starting mayfly-agent")?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("mayfly-agent exited with {status}; log:\n{}", self.log());
-            }
-            if std::os::unix::net::UnixStream::connect(&self.socket_path).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("mayfly-agent did not come up in 30 s; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let socket = self.socket_path.clone();
+        let log = self.log_path();
+        wait_until_up(&mut self.child, "mayfly-agent", &log, || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        })
     }
 
     pub fn kill(&mut self) {
@@ -430,19 +395,8 @@ impl AgentProcess {
 
     /// Waits for the agent process to exit by itself, returning its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                self.child = None;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("mayfly-agent still running after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = self.log_path();
+        wait_for_exit(&mut self.child, "mayfly-agent", &log, timeout)
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -478,4 +432,57 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Waits up to 30 s for a started process to be `ready`, failing with its log if it exits.
+fn wait_until_up(
+    child: &mut Option<Child>,
+    what: &str,
+    log: &Path,
+    ready: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(process) = child.as_mut()
+            && let Some(status) = process.try_wait()?
+        {
+            bail!("{what} exited with {status}; log:\n{}", read_log(log));
+        }
+        if ready() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not come up in 30 s; log:\n{}", read_log(log));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for a process to exit by itself, returning its status.
+fn wait_for_exit(
+    child: &mut Option<Child>,
+    what: &str,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(process) = child.as_mut()
+            && let Some(status) = process.try_wait()?
+        {
+            *child = None;
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what} still running after {timeout:?}; log:\n{}",
+                read_log(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }

@@ -28,6 +28,23 @@ impl AdminApi {
         Self { registry, secrets }
     }
 
+    /// Evicts or bans an agent; its sync stream hears of it at once.
+    async fn cut_off(
+        &self,
+        request: Request<v1::AgentRequest>,
+        status: AgentStatus,
+    ) -> Result<Response<v1::Agent>, Status> {
+        let uid = operator(&request)?;
+        let body = request.into_inner();
+        non_empty("spiffe_id", &body.spiffe_id)?;
+        let record = self
+            .registry
+            .set_agent_status(&body.spiffe_id, status, &body.reason)
+            .await?;
+        tracing::warn!(uid, agent = %record.spiffe_id, status = %status, reason = %body.reason, "agent cut off");
+        Ok(Response::new(convert::agent(&record)))
+    }
+
     async fn summary(&self, name: &str) -> Result<v1::SecretSummary, Status> {
         let spec = self.secrets.spec(name)?;
         let record = self.secrets.record(name).await?;
@@ -248,30 +265,14 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::AgentRequest>,
     ) -> Result<Response<v1::Agent>, Status> {
-        let uid = operator(&request)?;
-        let body = request.into_inner();
-        non_empty("spiffe_id", &body.spiffe_id)?;
-        let record = self
-            .registry
-            .set_agent_status(&body.spiffe_id, AgentStatus::Evicted, &body.reason)
-            .await?;
-        tracing::warn!(uid, agent = %record.spiffe_id, reason = %body.reason, "agent evicted");
-        Ok(Response::new(convert::agent(&record)))
+        self.cut_off(request, AgentStatus::Evicted).await
     }
 
     async fn ban_agent(
         &self,
         request: Request<v1::AgentRequest>,
     ) -> Result<Response<v1::Agent>, Status> {
-        let uid = operator(&request)?;
-        let body = request.into_inner();
-        non_empty("spiffe_id", &body.spiffe_id)?;
-        let record = self
-            .registry
-            .set_agent_status(&body.spiffe_id, AgentStatus::Banned, &body.reason)
-            .await?;
-        tracing::warn!(uid, agent = %record.spiffe_id, reason = %body.reason, "agent banned");
-        Ok(Response::new(convert::agent(&record)))
+        self.cut_off(request, AgentStatus::Banned).await
     }
 
     async fn get_bundle(

@@ -402,11 +402,18 @@ impl RotationEngine {
             let now = SystemTime::now();
             let mut next_wake: Option<SystemTime> = None;
             let runtimes: Vec<Arc<SecretRuntime>> = self.runtimes().values().cloned().collect();
+            // One read of every schedule per wake, not one per secret.
+            let records: HashMap<String, SecretRecord> = match self.datastore.list_secrets().await {
+                Ok(list) => list.into_iter().map(|r| (r.name.clone(), r)).collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not read the rotation schedules");
+                    HashMap::new()
+                }
+            };
             for runtime in runtimes {
                 let name = runtime.spec.name.clone();
-                let record = match self.datastore.get_secret(&name).await {
-                    Ok(r) => r,
-                    Err(_) => continue,
+                let Some(record) = records.get(&name) else {
+                    continue;
                 };
                 let due = match record.next_run_at {
                     Some(at) => at,
