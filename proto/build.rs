@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mayfly/v1/common.proto",
         "mayfly/v1/node.proto",
         "mayfly/v1/admin.proto",
+        "mayfly/v1/workload_secrets.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
@@ -16,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([
             "mayfly.v1.GrantedSecret",
             "mayfly.v1.SecretValueResponse",
+            "mayfly.v1.WorkloadSecret",
             ".X509SVID",
         ])
         .build_server(true)

@@ -37,6 +37,33 @@ pub struct AgentConfig {
     pub max_csr_batch: usize,
     #[serde(default)]
     pub log: LogConfig,
+    /// Files kept up to date with SVIDs and granted secrets (`[[sink]]`).
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<crate::sinks::SinkConfig>,
+    /// A child process the agent runs with granted secrets in its environment (`[exec]`).
+    #[serde(default)]
+    pub exec: Option<ExecConfig>,
+}
+
+/// `[exec]`: the agent supervises one app, like `mayfly-agent exec` but from agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Variable name to `secret:NAME[:username|:version]` or a literal value.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// On a new version of a secret in `env`: "restart", "none" or "signal:HUP".
+    #[serde(default = "default_exec_on_change")]
+    pub on_change: String,
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    #[serde(
+        default = "default_stop_timeout",
+        deserialize_with = "mayfly_proto::process::duration"
+    )]
+    pub stop_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,7 +107,17 @@ impl AgentConfig {
         if self.max_csr_batch == 0 {
             return Err("key `max_csr_batch`: must be at least 1".into());
         }
+        crate::sinks::check_all(&self.sinks, self.exec.is_some())?;
+        if let Some(exec) = &self.exec {
+            exec.child_spec(&self.socket_path)
+                .map_err(|e| format!("[exec]: {e}"))?;
+        }
         Ok(())
+    }
+
+    /// The checked sinks (`check` has already refused bad ones at load).
+    pub fn checked_sinks(&self) -> Result<Vec<crate::sinks::Sink>, String> {
+        crate::sinks::check_all(&self.sinks, self.exec.is_some())
     }
 
     /// The configuration `mayflyd dev` runs its agent with.
@@ -95,8 +132,70 @@ impl AgentConfig {
             data_dir,
             max_csr_batch: default_batch(),
             log: LogConfig::default(),
+            sinks: Vec::new(),
+            exec: None,
         }
     }
+}
+
+impl ExecConfig {
+    /// What the supervisor runs; every reference and name checked.
+    pub fn child_spec(&self, socket: &Path) -> Result<crate::exec::ChildSpec, String> {
+        use crate::exec::{ChangeAction, EnvValue};
+        let (program, args) = self
+            .command
+            .split_first()
+            .filter(|(p, _)| !p.is_empty())
+            .ok_or("key `command`: name the program to run")?;
+        let mut vars = Vec::with_capacity(self.env.len());
+        for (key, value) in &self.env {
+            crate::sinks::check_env_name(key).map_err(|e| format!("env: {e}"))?;
+            let value = if value.starts_with("secret:") {
+                EnvValue::Secret(value.parse().map_err(|e| format!("env.{key}: {e}"))?)
+            } else {
+                EnvValue::Literal(value.clone())
+            };
+            vars.push((key.clone(), value));
+        }
+        let on_change = match self.on_change.as_str() {
+            "restart" => ChangeAction::Restart,
+            "none" => ChangeAction::Nothing,
+            other => match other.strip_prefix("signal:") {
+                Some(name) => ChangeAction::Signal(name.parse()?),
+                None => {
+                    return Err(format!(
+                        "key `on_change`: `{other}` is not restart, none or signal:NAME"
+                    ));
+                }
+            },
+        };
+        Ok(crate::exec::ChildSpec {
+            program: program.clone(),
+            args: args.to_vec(),
+            vars,
+            endpoint_socket: Some(socket.to_path_buf()),
+            on_change,
+            stop_signal: self
+                .stop_signal
+                .parse()
+                .map_err(|e| format!("key `stop_signal`: {e}"))?,
+            stop_timeout: self.stop_timeout,
+            // The agent has its state once synced; a secret missing then is a mistake.
+            first_wait: std::time::Duration::from_secs(30),
+        })
+    }
+}
+
+fn default_exec_on_change() -> String {
+    "restart".into()
+}
+
+fn default_stop_signal() -> String {
+    "TERM".into()
+}
+
+fn default_stop_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 fn default_daemon_address() -> String {

@@ -3,7 +3,10 @@
 pub mod attest;
 pub mod cli;
 pub mod config;
+pub mod exec;
 pub mod run;
+pub mod secret_ref;
+pub mod sinks;
 pub mod state;
 pub mod sync;
 pub mod workload_api;

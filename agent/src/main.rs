@@ -11,6 +11,9 @@ use mayfly_agent::cli::{Cli, Command, api};
 use mayfly_agent::config::{AgentConfig, LogFormat};
 use mayfly_agent::run;
 
+/// What `exec` exits with when it could not run the program at all (as `env` does).
+const EXEC_FAILED: u8 = 125;
+
 fn main() -> std::process::ExitCode {
     // aws-lc-rs is the only crypto provider; installing it first keeps rustls from guessing.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -29,6 +32,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Exec(args) = cli.command {
+        // The child's exit code is ours; only our own failures print.
+        init_logging(false, "warn");
+        return match runtime.block_on(mayfly_agent::exec::run_cli(args)) {
+            Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("mayfly-agent exec: {e:#}");
+                std::process::ExitCode::from(EXEC_FAILED)
+            }
+        };
+    }
     match runtime.block_on(dispatch(cli)) {
         Ok(text) => {
             let _ = std::io::stdout().write_all(text.as_bytes());
@@ -53,6 +67,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
             Ok(String::new())
         }
         Command::Api { command, endpoint } => api::run(command, &endpoint).await,
+        Command::Exec(_) => unreachable!("handled before the runtime's dispatch"),
     }
 }
 

@@ -17,6 +17,7 @@ use mayfly_proto::v1::{self};
 
 use crate::attest::node::{self, IdentityFiles, NodeError, NodeIdentity};
 use crate::config::AgentConfig;
+use crate::sinks::SinkRunner;
 use crate::state::{Bundle, JwtIssuer, WorkloadState};
 use crate::sync::svids::SvidCache;
 use crate::sync::{self, Authorized, Backoff, ClientCell, StreamEnd};
@@ -96,7 +97,10 @@ pub async fn start(
         .run(),
     );
 
+    // Why the agent must stop by itself (banned, a sink that cannot be rendered, the
+    // supervised child gone), as the message it ends with.
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
+    start_sinks_and_exec(&config, state_rx.clone(), fatal_tx.clone())?;
     tokio::spawn(sync_loop(
         config.clone(),
         files.clone(),
@@ -139,9 +143,12 @@ pub async fn start(
         tokio::select! {
             result = served => result.context("Workload API")?,
             _ = stop.wait_for(|s| *s) => {}
-            banned = fatal_rx.wait_for(|f| f.is_some()) => {
-                let reason = banned.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
-                anyhow::bail!("the daemon banned this agent: {reason}");
+            fatal = fatal_rx.wait_for(|f| f.is_some()) => {
+                let why = fatal.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
+                // The supervised child ending well is a normal stop.
+                if why != CHILD_DONE {
+                    anyhow::bail!("{why}");
+                }
             }
         }
         Ok(())
@@ -155,6 +162,74 @@ pub async fn start(
         },
         handle,
     ))
+}
+
+/// Told through the fatal channel when the `[exec]` child exited with 0.
+const CHILD_DONE: &str = "";
+
+/// Starts the sinks and, under `[exec]`, the supervised child once the sinks' first files
+/// are written. A sink that cannot be rendered from the first full state stops the agent
+/// before anything is written; so does the child's exit (with its code when not 0).
+fn start_sinks_and_exec(
+    config: &AgentConfig,
+    state: watch::Receiver<Arc<WorkloadState>>,
+    fatal: watch::Sender<Option<String>>,
+) -> anyhow::Result<()> {
+    let sinks = config.checked_sinks().map_err(anyhow::Error::msg)?;
+    let spec = config
+        .exec
+        .as_ref()
+        .map(|exec| exec.child_spec(&config.socket_path))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("[exec]: {e}"))?;
+    if sinks.is_empty() && spec.is_none() {
+        return Ok(());
+    }
+    let (restart_tx, restart_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = watch::channel(false);
+    let runner = SinkRunner::new(sinks, spec.is_some().then_some(restart_tx));
+    let sink_state = state.clone();
+    let sink_fatal = fatal.clone();
+    tokio::spawn(async move {
+        if let Err(e) = runner.run(sink_state, ready_tx).await {
+            tracing::error!(error = %e, "stopping: a sink cannot be written");
+            let _ = sink_fatal.send(Some(e.to_string()));
+        }
+    });
+    let Some(spec) = spec else {
+        return Ok(());
+    };
+    let (snapshots_tx, snapshots_rx) = tokio::sync::mpsc::channel(4);
+    let mut secrets = state;
+    tokio::spawn(async move {
+        // The app starts only once its files are in place.
+        if ready_rx.wait_for(|r| *r).await.is_err() {
+            return;
+        }
+        let mut last = None;
+        loop {
+            let current = secrets.borrow_and_update().secrets.clone();
+            if last.as_ref() != Some(&current) {
+                last = Some(current.clone());
+                if snapshots_tx.send(current).await.is_err() {
+                    return;
+                }
+            }
+            if secrets.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let program = spec.program.clone();
+        let why = match crate::exec::supervise(spec, snapshots_rx, Some(restart_rx)).await {
+            Ok(0) => CHILD_DONE.to_string(),
+            Ok(code) => format!("the supervised child {program} exited with code {code}"),
+            Err(e) => format!("[exec]: {e}"),
+        };
+        let _ = fatal.send(Some(why));
+    });
+    Ok(())
 }
 
 async fn attest_now(
@@ -239,7 +314,7 @@ async fn sync_loop(
             StreamEnd::Banned(reason) => {
                 tracing::error!(%reason, "this agent is banned; stopping");
                 let _ = files.clear();
-                let _ = fatal.send(Some(reason));
+                let _ = fatal.send(Some(format!("the daemon banned this agent: {reason}")));
                 return;
             }
             StreamEnd::Evicted(reason) => {

@@ -65,7 +65,30 @@ pub struct Bundle {
     pub sequence: i64,
 }
 
-/// Everything the Workload API serves, replaced whole on every change.
+/// The current version of a secret granted to this agent or to some of its entries.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretView {
+    pub name: String,
+    pub version: String,
+    pub username: String,
+    pub value: Arc<Zeroizing<Vec<u8>>>,
+    /// The SPIFFE IDs it is granted to: the agent's own, or its entries'.
+    pub granted_to: Vec<String>,
+}
+
+impl fmt::Debug for SecretView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretView")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("username", &self.username)
+            .field("value", &"<redacted>")
+            .field("granted_to", &self.granted_to)
+            .finish()
+    }
+}
+
+/// Everything the Workload API and the sinks serve, replaced whole on every change.
 #[derive(Debug, Clone)]
 pub struct WorkloadState {
     /// Entries whose parent is this agent, ordered by SPIFFE ID then id.
@@ -73,6 +96,10 @@ pub struct WorkloadState {
     /// Current SVID per entry id; an entry may briefly have none (just created).
     pub svids: BTreeMap<String, Arc<X509Svid>>,
     pub bundle: Arc<Bundle>,
+    /// Granted secrets by name.
+    pub secrets: BTreeMap<String, Arc<SecretView>>,
+    /// True once the daemon has sent this agent's full state at least once.
+    pub synced: bool,
 }
 
 impl WorkloadState {
@@ -81,7 +108,24 @@ impl WorkloadState {
             entries: Vec::new(),
             svids: BTreeMap::new(),
             bundle: Arc::new(bundle),
+            secrets: BTreeMap::new(),
+            synced: false,
         }
+    }
+
+    /// The secrets granted to any SPIFFE ID a caller with these selectors holds.
+    pub fn secrets_for(&self, caller: &[Selector]) -> Vec<Arc<SecretView>> {
+        let ids: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|e| e.matches(caller))
+            .map(|e| e.spiffe_id.as_str())
+            .collect();
+        self.secrets
+            .values()
+            .filter(|s| s.granted_to.iter().any(|g| ids.contains(&g.as_str())))
+            .cloned()
+            .collect()
     }
 
     /// The entries a caller with these selectors may have, in a stable order.

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use mayfly_proto::TrustDomain;
+use mayfly_proto::process::duration;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,15 +194,6 @@ impl Default for LogConfig {
             level: default_log_level(),
         }
     }
-}
-
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "`{text}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"1h\", \"24h\""
-        ))
-    })
 }
 
 fn default_data_dir() -> PathBuf {

@@ -8,6 +8,18 @@ use std::path::Path;
 /// Writes `contents` to `path` via a temp file in the same directory: fsync, rename,
 /// fsync the directory. The file gets `mode` from its first byte on.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    write_atomic_owned(path, contents, mode, None, None)
+}
+
+/// [`write_atomic`], and the file also gets `uid`/`gid` (where given) before it replaces
+/// the old one, so no reader ever sees the new content under the wrong owner.
+pub fn write_atomic_owned(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -29,6 +41,11 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
         // The umask may have narrowed or the mode may be wider than the umask allows.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&file, uid, gid)?;
+            // chown clears set-id bits; the mode is the caller's to decide, so set it again.
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
         file.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()

@@ -18,7 +18,8 @@ pub mod workload {
     tonic::include_proto!("_");
 }
 
-/// Mayfly's own APIs: node (daemon <-> agent) and admin (operator CLI <-> daemon).
+/// Mayfly's own APIs: node (daemon <-> agent), admin (operator CLI <-> daemon) and
+/// workload secrets (agent <-> local workload).
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("mayfly.v1");
@@ -57,6 +58,20 @@ mod redacted_debug {
         }
     }
 
+    impl fmt::Debug for crate::v1::WorkloadSecret {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("WorkloadSecret")
+                .field("name", &self.name)
+                .field("version", &self.version)
+                .field("username", &self.username)
+                .field(
+                    "value",
+                    &format_args!("<{} bytes redacted>", self.value.len()),
+                )
+                .finish()
+        }
+    }
+
     impl fmt::Debug for crate::workload::X509svid {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("X509SVID")
@@ -86,6 +101,12 @@ mod redacted_debug {
                 ..Default::default()
             };
             assert!(!format!("{response:?}").contains("hunter2"));
+            let workload = crate::v1::WorkloadSecret {
+                name: "db".into(),
+                value: b"hunter2-secret".to_vec(),
+                ..Default::default()
+            };
+            assert!(!format!("{workload:?}").contains("hunter2"));
             let svid = crate::workload::X509svid {
                 x509_svid_key: b"PRIVATE-KEY-BYTES".to_vec(),
                 ..Default::default()

@@ -97,3 +97,15 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutting down");
 }
+
+/// A serde `deserialize_with` for durations written as humantime strings ("90s", "10m").
+pub fn duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<std::time::Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"1h\", \"24h\""
+        ))
+    })
+}

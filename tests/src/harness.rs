@@ -320,6 +320,15 @@ impl AgentProcess {
     /// Writes agent.toml (bootstrap bundle from the daemon, a fresh join token) and starts
     /// the agent, waiting until its Workload API socket answers.
     pub fn start(daemon: &DaemonProcess, spiffe_id: &str) -> anyhow::Result<Self> {
+        Self::start_with(daemon, spiffe_id, "")
+    }
+
+    /// [`AgentProcess::start`] with `extra_toml` (sinks, `[exec]`) appended to agent.toml.
+    pub fn start_with(
+        daemon: &DaemonProcess,
+        spiffe_id: &str,
+        extra_toml: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("mayfly-agent-e2e-")
             .tempdir()?;
@@ -337,7 +346,7 @@ impl AgentProcess {
             &config_path,
             format!(
                 "trust_domain = \"{td}\"\ndaemon_address = \"{addr}\"\ntrust_bundle_path = \"{bundle}\"\n\
-                 join_token_file = \"{token_file}\"\ndata_dir = \"{data}\"\nsocket_path = \"{sock}\"\n",
+                 join_token_file = \"{token_file}\"\ndata_dir = \"{data}\"\nsocket_path = \"{sock}\"\n{extra_toml}\n",
                 td = daemon.trust_domain,
                 addr = daemon.node_addr,
                 bundle = bundle_path.display(),

@@ -162,3 +162,138 @@ pub async fn drop_pg_role(role: &str) {
             .await;
     }
 }
+
+/// A PostgreSQL server of the test's own that checks passwords (SCRAM), on a free port.
+/// The machine's server trusts every local login, which would make a rotated password
+/// impossible to tell from a stale one; this one refuses a wrong password as production does.
+pub struct PasswordPostgres {
+    pub port: u16,
+    pub admin_password: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PasswordPostgres {
+    /// initdb and start, both as the `postgres` user (PostgreSQL refuses to run as root).
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = postgres_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("mayfly-pg-").tempdir()?;
+        let admin_password = format!("Admin-{:016x}", rand::random::<u64>());
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, &admin_password)?;
+        let chown = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir.path())
+            .status()?;
+        if !chown.success() {
+            bail!("chown postgres {} failed", dir.path().display());
+        }
+        let data = dir.path().join("data");
+        let initdb = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["--auth=scram-sha-256", "--username=postgres", "-E", "UTF8"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdin(Stdio::null())
+            .output()
+            .context("running initdb")?;
+        if !initdb.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
+        }
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("postgres.log"))?;
+        let mut child = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting postgres")?;
+        wait_http(&format!("127.0.0.1:{port}"), &mut child, "postgres")?;
+        Ok(Self {
+            port,
+            admin_password,
+            child,
+            _dir: dir,
+        })
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/postgres",
+            self.admin_password, self.port
+        )
+    }
+
+    /// A login role with `password`.
+    pub async fn role(&self, prefix: &str, password: &str) -> anyhow::Result<String> {
+        let name = format!("{prefix}_{:08x}", rand::random::<u32>());
+        let mut conn = self.admin().await?;
+        // The name is ours (a prefix and hex); the password is a test constant.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {name} LOGIN PASSWORD '{password}'"
+        )))
+        .execute(&mut conn)
+        .await?;
+        Ok(name)
+    }
+
+    /// Logs in as `user` with `password` and runs one query.
+    pub async fn login(&self, user: &str, password: &str) -> anyhow::Result<()> {
+        let options = sqlx::postgres::PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username(user)
+            .password(password)
+            .database("postgres");
+        let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+        sqlx::query("SELECT 1").execute(&mut conn).await?;
+        conn.close().await?;
+        Ok(())
+    }
+
+    async fn admin(&self) -> anyhow::Result<sqlx::PgConnection> {
+        Ok(sqlx::PgConnection::connect(&self.admin_url()).await?)
+    }
+}
+
+impl Drop for PasswordPostgres {
+    fn drop(&mut self) {
+        // runuser passes SIGTERM on; postgres then shuts down fast.
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The newest installed PostgreSQL's bin directory (initdb, postgres).
+fn postgres_bin_dir() -> anyhow::Result<std::path::PathBuf> {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("no /usr/lib/postgresql: the PostgreSQL server is not installed")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort();
+    let version = versions
+        .last()
+        .context("no PostgreSQL version under /usr/lib/postgresql")?;
+    Ok(std::path::PathBuf::from(format!(
+        "/usr/lib/postgresql/{version}/bin"
+    )))
+}

@@ -7,7 +7,7 @@ use hyper_util::rt::TokioIo;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
-use mayfly_proto::svid::bundle_pem;
+use mayfly_proto::svid::{bundle_pem, pem_block};
 use mayfly_proto::tls::peer_identity;
 use mayfly_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly_proto::workload::{
@@ -36,9 +36,14 @@ pub fn socket_path(endpoint: &Endpoint) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn client(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    Ok(SpiffeWorkloadApiClient::new(channel(path).await?))
+}
+
+/// A channel to the agent's Unix socket (the Workload API and Mayfly's workload services).
+pub async fn channel(path: &Path) -> anyhow::Result<Channel> {
     let path = path.to_path_buf();
     let shown = path.display().to_string();
-    let channel = TonicEndpoint::from_static("http://workload.api")
+    TonicEndpoint::from_static("http://workload.api")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let path = path.clone();
             async move {
@@ -46,8 +51,7 @@ pub async fn client(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Chann
             }
         }))
         .await
-        .with_context(|| format!("connecting to the Workload API at {shown}"))?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
+        .with_context(|| format!("connecting to the Workload API at {shown}"))
 }
 
 pub fn request<T>(message: T) -> tonic::Request<T> {
@@ -183,7 +187,7 @@ fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
     for (i, svid) in response.svids.iter().enumerate() {
         let chain = split_der(&svid.x509_svid)?;
         let bundle = split_der(&svid.bundle)?;
-        let key = pem_block("PRIVATE KEY", &svid.x509_svid_key);
+        let key = zeroize::Zeroizing::new(pem_block("PRIVATE KEY", &svid.x509_svid_key));
         let write = |name: String, data: &[u8], mode: u32| {
             let path = dir.join(name);
             fsutil::write_atomic(&path, data, mode)
@@ -218,16 +222,4 @@ pub fn split_der(mut bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
         bytes = rest;
     }
     Ok(out)
-}
-
-fn pem_block(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in body.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }

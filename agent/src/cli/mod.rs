@@ -1,5 +1,5 @@
-//! `mayfly-agent` command line: `run`, and `api …`, a Workload API client for operators
-//! (like `spire-agent api`).
+//! `mayfly-agent` command line: `run`; `exec`, a supervisor that hands an app its secrets;
+//! and `api …`, a Workload API client for operators (like `spire-agent api`).
 
 pub mod api;
 
@@ -29,6 +29,9 @@ pub enum Command {
         #[arg(long)]
         join_token: Option<String>,
     },
+    /// Run a program with granted secrets in its environment, restarting or signalling it
+    /// when they rotate: `mayfly-agent exec --env DB_PASSWORD=secret:app-db -- app --serve`.
+    Exec(crate::exec::ExecArgs),
     /// Talk to a running agent's Workload API.
     Api {
         #[command(subcommand)]

@@ -14,7 +14,7 @@ use mayfly_proto::v1::{self};
 use mayfly_proto::{Selector, SpiffeId, TrustDomain};
 
 use super::{Authorized, Backoff, ClientCell};
-use crate::state::{Bundle, EntryView, WorkloadState, X509Svid};
+use crate::state::{Bundle, EntryView, SecretView, WorkloadState, X509Svid};
 
 /// Per-entry bookkeeping beside the published SVID.
 #[derive(Debug, Clone, Copy)]
@@ -209,8 +209,24 @@ impl SvidCache {
             .collect();
         let mut entries = entries;
         entries.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
+        let secrets = authorized
+            .secrets
+            .values()
+            .map(|s| {
+                let view = SecretView {
+                    name: s.name.clone(),
+                    version: s.version.clone(),
+                    username: s.username.clone(),
+                    value: Arc::new(Zeroizing::new(s.value.clone())),
+                    granted_to: s.granted_to.clone(),
+                };
+                (s.name.clone(), Arc::new(view))
+            })
+            .collect();
         let state = WorkloadState {
             entries,
+            secrets,
+            synced: authorized.synced,
             svids: self.svids.clone(),
             bundle: Arc::new(Bundle {
                 trust_domain: self.trust_domain.clone(),
@@ -225,6 +241,8 @@ impl SvidCache {
         };
         self.published.send_if_modified(|current| {
             let same = current.bundle == state.bundle
+                && current.synced == state.synced
+                && current.secrets == state.secrets
                 && current.entries == state.entries
                 && current.svids.len() == state.svids.len()
                 && current

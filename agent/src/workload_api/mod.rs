@@ -4,6 +4,7 @@
 
 mod error;
 mod jwt;
+mod secrets;
 mod server;
 mod streams;
 #[cfg(test)]

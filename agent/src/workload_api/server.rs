@@ -9,6 +9,7 @@ use std::path::Path;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use mayfly_proto::v1::workload_secrets_server::WorkloadSecretsServer;
 use mayfly_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
 use crate::workload_api::WorkloadApi;
@@ -50,8 +51,10 @@ pub async fn serve_listener(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let closing = api.closing_handle();
+    let api = std::sync::Arc::new(api);
     tonic::transport::Server::builder()
-        .add_service(SpiffeWorkloadApiServer::new(api))
+        .add_service(SpiffeWorkloadApiServer::from_arc(api.clone()))
+        .add_service(WorkloadSecretsServer::from_arc(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             shutdown.await;
             closing.send_replace(true);

@@ -18,17 +18,28 @@ const PEM_LINE_LEN: usize = 64;
 
 /// Concatenated PEM `CERTIFICATE` blocks, one per DER certificate, in order.
 pub fn bundle_pem(certs: &[Vec<u8>]) -> String {
-    let mut out = String::new();
-    for der in certs {
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        let b64 = STANDARD.encode(der);
-        // Base64 output is ASCII, so every byte index is a char boundary.
-        for start in (0..b64.len()).step_by(PEM_LINE_LEN) {
-            out.push_str(&b64[start..b64.len().min(start + PEM_LINE_LEN)]);
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
+    certs
+        .iter()
+        .map(|der| pem_block("CERTIFICATE", der))
+        .collect()
+}
+
+/// One PEM block (`PRIVATE KEY` for a PKCS#8 key, `CERTIFICATE`, …) around `der`. The
+/// caller holds the result in `Zeroizing` where `der` is a key.
+pub fn pem_block(label: &str, der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / PEM_LINE_LEN + 64);
+    out.push_str("-----BEGIN ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    // Base64 output is ASCII, so every byte index is a char boundary.
+    for start in (0..b64.len()).step_by(PEM_LINE_LEN) {
+        out.push_str(&b64[start..b64.len().min(start + PEM_LINE_LEN)]);
+        out.push('\n');
     }
+    out.push_str("-----END ");
+    out.push_str(label);
+    out.push_str("-----\n");
     out
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use x509_parser::oid_registry::Oid;
 
-pub use bundle::{bundle_jwks, bundle_pem, jwt_jwks, parse_pem_certs};
+pub use bundle::{bundle_jwks, bundle_pem, jwt_jwks, parse_pem_certs, pem_block};
 pub use error::CaError;
 pub use jwt::{JwtAuthority, JwtClaims, validate_jwt};
 pub use x509::{

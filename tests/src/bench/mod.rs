@@ -12,6 +12,7 @@ pub mod http1;
 pub mod mayfly;
 pub mod openbao;
 pub mod rotation;
+pub mod sinks;
 
 use std::future::Future;
 use std::sync::Arc;

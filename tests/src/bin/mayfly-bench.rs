@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::{agent, mayfly, openbao, rotation};
+use mayfly_tests::bench::{agent, mayfly, openbao, rotation, sinks};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +74,18 @@ enum Cmd {
         #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
         pg_url: String,
     },
+    /// Measure a sink: rotate a secret on the daemon, time until the agent's sink file holds it.
+    Sink {
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        /// A secret granted to the agent, which a `kind = "secret"` sink writes to --file.
+        #[arg(long)]
+        secret: String,
+        #[arg(long)]
+        file: std::path::PathBuf,
+        #[arg(long, default_value_t = 100)]
+        rotations: usize,
+    },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
         /// The daemon's node API; must be on 127.0.0.1.
@@ -136,6 +148,22 @@ fn real_main() -> Result<ExitCode> {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Cmd::Sink {
+                admin_socket,
+                secret,
+                file,
+                rotations,
+            } => {
+                let result = sinks::run(&sinks::Options {
+                    admin_socket,
+                    secret,
+                    file,
+                    rotations,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(ExitCode::SUCCESS)
             }
             Cmd::Agent {
                 admin_socket,

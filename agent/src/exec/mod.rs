@@ -1,0 +1,399 @@
+//! The supervisor behind `mayfly-agent exec`: starts an app with granted secrets in its
+//! environment once they are all there, forwards signals to it, restarts it gracefully
+//! (or signals it) exactly once per change of what it was given, and reports its exit code.
+//! Where the secrets come from is the caller's business: a channel of snapshots.
+
+mod client;
+mod signal;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal as unix_signal};
+use tokio::sync::mpsc;
+use zeroize::Zeroizing;
+
+use crate::secret_ref::SecretRef;
+use crate::state::SecretView;
+
+pub use client::{ExecArgs, parse_env_file, run as run_cli};
+pub use signal::Signal;
+
+/// The secrets a workload may have right now, by name.
+pub type Snapshot = BTreeMap<String, Arc<SecretView>>;
+
+/// One environment variable for the child: a granted secret's field, or a literal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvValue {
+    Secret(SecretRef),
+    Literal(String),
+}
+
+/// What a change of the child's secrets does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeAction {
+    /// Stop it (stop signal, then SIGKILL after the timeout) and start it with the new values.
+    Restart,
+    /// Send it this signal; it re-reads its credentials itself (from a sink file, say).
+    Signal(Signal),
+    /// Leave it alone.
+    Nothing,
+}
+
+/// How to run the child.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    pub vars: Vec<(String, EnvValue)>,
+    /// Set in the child's environment so it can reach the Workload API too.
+    pub endpoint_socket: Option<PathBuf>,
+    pub on_change: ChangeAction,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    /// How long to wait for every referenced secret before giving up at start.
+    pub first_wait: Duration,
+}
+
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(
+        "secret(s) {names} not granted to this workload after {waited:?}: define `grants` on the secret for a SPIFFE ID whose entry matches this process"
+    )]
+    NotGranted { names: String, waited: Duration },
+    #[error("{reference}: {source}")]
+    Reference {
+        reference: String,
+        source: crate::secret_ref::SecretRefError,
+    },
+    #[error("cannot start {program}: {source}")]
+    Start { program: String, source: io::Error },
+    #[error("waiting for the child failed: {0}")]
+    Wait(io::Error),
+    #[error("cannot install a signal handler: {0}")]
+    Signals(io::Error),
+}
+
+/// The signals passed on to the child rather than acted on.
+const FORWARDED: [Signal; 7] = [
+    Signal::HUP,
+    Signal::INT,
+    Signal::QUIT,
+    Signal::TERM,
+    Signal::USR1,
+    Signal::USR2,
+    Signal::WINCH,
+];
+
+/// Runs the child until it exits and returns the exit code to end with (128 + signal for
+/// a child killed by a signal, as shells report it). `snapshots` delivers the secrets as
+/// they change; `restarts` asks for a restart with the current values.
+pub async fn supervise(
+    spec: ChildSpec,
+    mut snapshots: mpsc::Receiver<Snapshot>,
+    mut restarts: Option<mpsc::UnboundedReceiver<()>>,
+) -> Result<i32, ExecError> {
+    let mut env = first_env(&spec, &mut snapshots).await?;
+    let mut handlers = Vec::with_capacity(FORWARDED.len());
+    for sig in FORWARDED {
+        let stream = unix_signal(SignalKind::from_raw(sig.0)).map_err(ExecError::Signals)?;
+        handlers.push((sig, stream));
+    }
+    let mut child = start(&spec, &env)?;
+    let mut snapshots_open = true;
+    let mut stopping = false;
+    loop {
+        let forwarded = futures::future::select_all(
+            handlers
+                .iter_mut()
+                .map(|(sig, stream)| Box::pin(async move { stream.recv().await.map(|_| *sig) })),
+        );
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(ExecError::Wait)?;
+                return Ok(exit_code(status));
+            }
+            (sig, _, _) = forwarded => {
+                if let Some(sig) = sig {
+                    if sig == Signal::TERM || sig == Signal::INT {
+                        stopping = true;
+                    }
+                    send_to(&child, sig);
+                }
+            }
+            snapshot = snapshots.recv(), if snapshots_open => {
+                let Some(snapshot) = snapshot else {
+                    snapshots_open = false;
+                    continue;
+                };
+                if stopping {
+                    continue;
+                }
+                match resolve(&spec.vars, &snapshot) {
+                    Ok(next) if next != env => {
+                        env = next;
+                        match spec.on_change {
+                            ChangeAction::Restart => {
+                                tracing::info!(program = %spec.program, "secrets changed; restarting the child");
+                                child = restart(&spec, child, &env).await?;
+                            }
+                            ChangeAction::Signal(sig) => {
+                                tracing::info!(program = %spec.program, signal = %sig, "secrets changed; signalling the child");
+                                send_to(&child, sig);
+                            }
+                            ChangeAction::Nothing => {}
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(Missing(names)) => {
+                        tracing::warn!(secrets = %names.join(", "), "secrets are no longer granted; the child keeps the values it has");
+                    }
+                }
+            }
+            asked = async { restarts.as_mut()?.recv().await }, if restarts.is_some() => {
+                if asked.is_none() {
+                    restarts = None;
+                } else if !stopping {
+                    tracing::info!(program = %spec.program, "a sink changed; restarting the child");
+                    child = restart(&spec, child, &env).await?;
+                }
+            }
+        }
+    }
+}
+
+/// The resolved environment: name and value, in the order given.
+type ResolvedEnv = Vec<(String, Zeroizing<String>)>;
+
+struct Missing(Vec<String>);
+
+async fn first_env(
+    spec: &ChildSpec,
+    snapshots: &mut mpsc::Receiver<Snapshot>,
+) -> Result<ResolvedEnv, ExecError> {
+    let deadline = tokio::time::Instant::now() + spec.first_wait;
+    let mut missing = names_of(&spec.vars);
+    loop {
+        let snapshot = match tokio::time::timeout_at(deadline, snapshots.recv()).await {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) | Err(_) => {
+                return Err(ExecError::NotGranted {
+                    names: missing.join(", "),
+                    waited: spec.first_wait,
+                });
+            }
+        };
+        match resolve(&spec.vars, &snapshot) {
+            Ok(env) => return Ok(env),
+            Err(Missing(names)) => missing = names,
+        }
+    }
+}
+
+fn names_of(vars: &[(String, EnvValue)]) -> Vec<String> {
+    let mut names: Vec<String> = vars
+        .iter()
+        .filter_map(|(_, v)| match v {
+            EnvValue::Secret(r) => Some(r.name.clone()),
+            EnvValue::Literal(_) => None,
+        })
+        .collect();
+    names.dedup();
+    names
+}
+
+fn resolve(vars: &[(String, EnvValue)], snapshot: &Snapshot) -> Result<ResolvedEnv, Missing> {
+    let mut env = Vec::with_capacity(vars.len());
+    let mut missing = Vec::new();
+    for (key, value) in vars {
+        match value {
+            EnvValue::Literal(text) => env.push((key.clone(), Zeroizing::new(text.clone()))),
+            EnvValue::Secret(reference) => match snapshot
+                .get(&reference.name)
+                .map(|view| reference.resolve(view))
+            {
+                Some(Ok(text)) => env.push((key.clone(), Zeroizing::new(text))),
+                // A value that is not text cannot be an environment variable: as good as absent.
+                Some(Err(_)) | None => {
+                    if !missing.contains(&reference.name) {
+                        missing.push(reference.name.clone());
+                    }
+                }
+            },
+        }
+    }
+    if missing.is_empty() {
+        Ok(env)
+    } else {
+        Err(Missing(missing))
+    }
+}
+
+fn start(spec: &ChildSpec, env: &ResolvedEnv) -> Result<Child, ExecError> {
+    let mut command = Command::new(&spec.program);
+    command.args(&spec.args);
+    for (key, value) in env {
+        command.env(key, value.as_str());
+    }
+    if let Some(socket) = &spec.endpoint_socket {
+        command.env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        );
+    }
+    // Its own process group, so a terminal's Ctrl-C reaches it once (forwarded by us), not
+    // twice; and it dies with us rather than running on with credentials nobody rotates.
+    command.process_group(0);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|source| ExecError::Start {
+        program: spec.program.clone(),
+        source,
+    })?;
+    tracing::info!(program = %spec.program, pid = child.id(), "started the child");
+    Ok(child)
+}
+
+/// Stops the child gracefully (stop signal, SIGKILL after the timeout), then starts it again.
+async fn restart(
+    spec: &ChildSpec,
+    mut child: Child,
+    env: &ResolvedEnv,
+) -> Result<Child, ExecError> {
+    send_to(&child, spec.stop_signal);
+    match tokio::time::timeout(spec.stop_timeout, child.wait()).await {
+        Ok(status) => {
+            status.map_err(ExecError::Wait)?;
+        }
+        Err(_) => {
+            tracing::warn!(program = %spec.program, timeout = ?spec.stop_timeout, "the child ignored the stop signal; killing it");
+            let _ = child.kill().await;
+        }
+    }
+    start(spec, env)
+}
+
+fn send_to(child: &Child, sig: Signal) {
+    if let Some(pid) = child.id()
+        && let Err(e) = sig.send(pid as i32)
+    {
+        tracing::warn!(pid, signal = %sig, error = %e, "could not signal the child");
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(name: &str, version: &str, value: &str) -> (String, Arc<SecretView>) {
+        (
+            name.to_string(),
+            Arc::new(SecretView {
+                name: name.into(),
+                version: version.into(),
+                username: "app".into(),
+                value: Arc::new(Zeroizing::new(value.as_bytes().to_vec())),
+                granted_to: vec![],
+            }),
+        )
+    }
+
+    fn spec(dir: &std::path::Path, script: &str) -> ChildSpec {
+        ChildSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            vars: vec![
+                (
+                    "DB_PASSWORD".into(),
+                    EnvValue::Secret("secret:db".parse().unwrap()),
+                ),
+                ("OUT".into(), EnvValue::Literal(dir.display().to_string())),
+            ],
+            endpoint_socket: Some("/run/mayfly-agent/api.sock".into()),
+            on_change: ChangeAction::Restart,
+            stop_signal: Signal::TERM,
+            stop_timeout: Duration::from_secs(5),
+            first_wait: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn restarts_once_per_change_and_returns_the_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = "echo \"$DB_PASSWORD $SPIFFE_ENDPOINT_SOCKET\" >> \"$OUT/starts\"; \
+                      trap 'exit 0' TERM; [ -e \"$OUT/stop\" ] && exit 7; while :; do sleep 0.05; [ -e \"$OUT/stop\" ] && exit 7; done";
+        let spec = spec(dir.path(), script);
+        let (tx, rx) = mpsc::channel(8);
+        let run = tokio::spawn(supervise(spec, rx, None));
+        let starts = dir.path().join("starts");
+        let lines = || {
+            std::fs::read_to_string(&starts)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let wait_lines = |n: usize| {
+            let lines = &lines;
+            async move {
+                for _ in 0..200 {
+                    if lines().len() >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                panic!("never saw {n} starts: {:?}", lines());
+            }
+        };
+        tx.send([view("db", "v1", "one")].into()).await.unwrap();
+        wait_lines(1).await;
+        // The same values again, and an unrelated secret: no restart.
+        tx.send([view("db", "v1", "one"), view("other", "x", "y")].into())
+            .await
+            .unwrap();
+        tx.send([view("db", "v2", "two")].into()).await.unwrap();
+        wait_lines(2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            lines(),
+            vec![
+                "one unix:///run/mayfly-agent/api.sock",
+                "two unix:///run/mayfly-agent/api.sock"
+            ]
+        );
+        std::fs::write(dir.path().join("stop"), "").unwrap();
+        assert_eq!(run.await.unwrap().unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_secret_that_never_comes_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path(), "exit 0");
+        spec.first_wait = Duration::from_millis(200);
+        let (tx, rx) = mpsc::channel(8);
+        tx.send([view("other", "v1", "x")].into()).await.unwrap();
+        let err = supervise(spec, rx, None).await.unwrap_err().to_string();
+        assert!(err.contains("db"), "{err}");
+        assert!(!dir.path().join("starts").exists());
+    }
+}

@@ -1,0 +1,682 @@
+//! Sinks: what lets an app that only reads files live without a hardcoded credential.
+//! Each `[[sink]]` of agent.toml turns the agent's state (SVIDs, granted secrets) into
+//! files, written atomically with their mode and owner, and says what to do when they
+//! change. This module owns the typed sink definitions; `render` computes file contents,
+//! `runner` writes them and fires the change actions.
+
+mod render;
+mod runner;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use mayfly_proto::SpiffeId;
+
+use crate::exec::Signal;
+use crate::secret_ref::SecretRef;
+
+pub use render::{RenderError, RenderedFile};
+pub use runner::SinkRunner;
+
+/// One `[[sink]]` table as written. Which keys apply depends on `kind`; [`Sink::from_config`]
+/// turns it into a [`Sink`] or names the key that is wrong.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// svid, secret, template or env.
+    pub kind: SinkKindName,
+    /// How templates refer to an svid sink (`svids.NAME.cert_path`); optional elsewhere.
+    #[serde(default)]
+    pub name: Option<String>,
+    // svid
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    #[serde(default)]
+    pub hint: Option<String>,
+    #[serde(default)]
+    pub cert_path: Option<PathBuf>,
+    #[serde(default)]
+    pub key_path: Option<PathBuf>,
+    #[serde(default)]
+    pub bundle_path: Option<PathBuf>,
+    #[serde(default)]
+    pub include_intermediates: bool,
+    #[serde(default)]
+    pub cert_mode: Option<String>,
+    // secret, template, env
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+    #[serde(default)]
+    pub vars: Option<std::collections::BTreeMap<String, String>>,
+    // every kind
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// none, command, signal or restart.
+    #[serde(default)]
+    pub on_change: Option<String>,
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub signal: Option<String>,
+    #[serde(default)]
+    pub pid: Option<i32>,
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKindName {
+    Svid,
+    Secret,
+    Template,
+    Env,
+}
+
+/// A sink, checked: every path absolute, every reference parsed, the template compiled.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    /// How messages name it: its name, else its first path.
+    pub label: String,
+    pub name: Option<String>,
+    pub kind: SinkKind,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    pub on_change: OnChange,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    Svid {
+        select: SvidSelect,
+        cert_path: PathBuf,
+        key_path: PathBuf,
+        bundle_path: Option<PathBuf>,
+        /// Intermediates go to the bundle file instead of after the leaf.
+        include_intermediates: bool,
+        cert_mode: u32,
+        key_mode: u32,
+    },
+    Secret {
+        secret: SecretRef,
+        path: PathBuf,
+        mode: u32,
+    },
+    Template {
+        /// The template's text (from `template`, or read from `source` at start).
+        text: String,
+        path: PathBuf,
+        mode: u32,
+    },
+    Env {
+        vars: Vec<(String, SecretRef)>,
+        path: PathBuf,
+        mode: u32,
+    },
+}
+
+/// Which of the agent's entries an svid sink writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SvidSelect {
+    SpiffeId(SpiffeId),
+    Hint(String),
+}
+
+/// What happens after a sink's files changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnChange {
+    Nothing,
+    /// Run this program (argv, no shell), without waiting for it.
+    Command(Vec<String>),
+    Signal {
+        signal: Signal,
+        target: PidSource,
+    },
+    /// Restart the child the agent supervises (`[exec]` in agent.toml).
+    Restart,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PidSource {
+    Pid(i32),
+    /// Read at every change, so a restarted app is still found.
+    PidFile(PathBuf),
+}
+
+/// Secrets and keys are for the app alone; certificates and bundles are public.
+const SECRET_MODE: u32 = 0o600;
+const CERT_MODE: u32 = 0o644;
+
+impl Sink {
+    /// Checks one `[[sink]]` table. `has_supervisor` says whether `on_change = "restart"`
+    /// has a child to restart.
+    pub fn from_config(config: &SinkConfig, has_supervisor: bool) -> Result<Self, String> {
+        let kind = kind_of(config)?;
+        let label = config.name.clone().unwrap_or_else(|| match &kind {
+            SinkKind::Svid { cert_path, .. } => cert_path.display().to_string(),
+            SinkKind::Secret { path, .. }
+            | SinkKind::Template { path, .. }
+            | SinkKind::Env { path, .. } => path.display().to_string(),
+        });
+        let owner = config
+            .owner
+            .as_deref()
+            .map(|o| resolve_id(o, Lookup::User))
+            .transpose()?;
+        let group = config
+            .group
+            .as_deref()
+            .map(|g| resolve_id(g, Lookup::Group))
+            .transpose()?;
+        let on_change = on_change_of(config, has_supervisor)?;
+        Ok(Self {
+            label,
+            name: config.name.clone(),
+            kind,
+            owner,
+            group,
+            on_change,
+        })
+    }
+
+    /// Every file this sink writes.
+    pub fn paths(&self) -> Vec<&Path> {
+        match &self.kind {
+            SinkKind::Svid {
+                cert_path,
+                key_path,
+                bundle_path,
+                ..
+            } => {
+                let mut paths = vec![cert_path.as_path(), key_path.as_path()];
+                paths.extend(bundle_path.as_deref());
+                paths
+            }
+            SinkKind::Secret { path, .. }
+            | SinkKind::Template { path, .. }
+            | SinkKind::Env { path, .. } => vec![path.as_path()],
+        }
+    }
+}
+
+/// Checks every sink and what they have in common: unique names, no two writing one file.
+pub fn check_all(configs: &[SinkConfig], has_supervisor: bool) -> Result<Vec<Sink>, String> {
+    let mut sinks = Vec::with_capacity(configs.len());
+    for (i, config) in configs.iter().enumerate() {
+        let sink = Sink::from_config(config, has_supervisor)
+            .map_err(|e| format!("sink #{}: {e}", i + 1))?;
+        sinks.push(sink);
+    }
+    let mut seen_paths = std::collections::BTreeMap::new();
+    let mut seen_names = std::collections::BTreeSet::new();
+    for sink in &sinks {
+        if let Some(name) = &sink.name
+            && !seen_names.insert(name.clone())
+        {
+            return Err(format!("two sinks are named `{name}`"));
+        }
+        for path in sink.paths() {
+            if let Some(other) = seen_paths.insert(path.to_path_buf(), sink.label.clone()) {
+                return Err(format!(
+                    "sinks `{other}` and `{}` both write {}",
+                    sink.label,
+                    path.display()
+                ));
+            }
+        }
+    }
+    // Templates see every svid sink's paths; compile them now against that context's shape.
+    for sink in &sinks {
+        if let SinkKind::Template { text, .. } = &sink.kind {
+            render::compile_check(text).map_err(|e| format!("sink `{}`: {e}", sink.label))?;
+        }
+    }
+    Ok(sinks)
+}
+
+fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
+    let only_for = |key: &str, present: bool, kinds: &str| {
+        if present {
+            Err(format!("key `{key}` is only for kind = {kinds}"))
+        } else {
+            Ok(())
+        }
+    };
+    let svid_keys = c.spiffe_id.is_some()
+        || c.hint.is_some()
+        || c.cert_path.is_some()
+        || c.key_path.is_some()
+        || c.bundle_path.is_some()
+        || c.include_intermediates
+        || c.cert_mode.is_some();
+    if c.kind != SinkKindName::Svid {
+        only_for(
+            "spiffe_id/hint/cert_path/key_path/bundle_path/include_intermediates/cert_mode",
+            svid_keys,
+            "\"svid\"",
+        )?;
+    }
+    if c.kind != SinkKindName::Secret {
+        only_for("secret", c.secret.is_some(), "\"secret\"")?;
+    }
+    if c.kind != SinkKindName::Template {
+        only_for(
+            "template/source",
+            c.template.is_some() || c.source.is_some(),
+            "\"template\"",
+        )?;
+    }
+    if c.kind != SinkKindName::Env {
+        only_for("vars", c.vars.is_some(), "\"env\"")?;
+    }
+    let mode = parse_mode(c.mode.as_deref(), SECRET_MODE)?;
+    let file_path = || -> Result<PathBuf, String> {
+        let path = c
+            .path
+            .clone()
+            .ok_or("key `path` is required for this kind")?;
+        absolute("path", path)
+    };
+    match c.kind {
+        SinkKindName::Svid => {
+            only_for(
+                "path",
+                c.path.is_some(),
+                "secret, template or env (svid sinks take cert_path, key_path and bundle_path)",
+            )?;
+            let select = match (&c.spiffe_id, &c.hint) {
+                (Some(id), None) => SvidSelect::SpiffeId(
+                    SpiffeId::parse(id).map_err(|e| format!("key `spiffe_id`: {e}"))?,
+                ),
+                (None, Some(hint)) if !hint.is_empty() => SvidSelect::Hint(hint.clone()),
+                _ => return Err("an svid sink needs exactly one of `spiffe_id` or `hint`".into()),
+            };
+            Ok(SinkKind::Svid {
+                select,
+                cert_path: absolute(
+                    "cert_path",
+                    c.cert_path.clone().ok_or("key `cert_path` is required")?,
+                )?,
+                key_path: absolute(
+                    "key_path",
+                    c.key_path.clone().ok_or("key `key_path` is required")?,
+                )?,
+                bundle_path: c
+                    .bundle_path
+                    .clone()
+                    .map(|p| absolute("bundle_path", p))
+                    .transpose()?,
+                include_intermediates: c.include_intermediates,
+                cert_mode: parse_mode(c.cert_mode.as_deref(), CERT_MODE)?,
+                key_mode: mode,
+            })
+        }
+        SinkKindName::Secret => {
+            let name = c.secret.as_deref().ok_or("key `secret` is required")?;
+            // `secret = "orders-db"` and `secret = "secret:orders-db:username"` both work.
+            let reference = if name.starts_with("secret:") {
+                name.to_string()
+            } else {
+                format!("secret:{name}")
+            };
+            let secret = reference
+                .parse()
+                .map_err(|e| format!("key `secret`: {e}"))?;
+            Ok(SinkKind::Secret {
+                secret,
+                path: file_path()?,
+                mode,
+            })
+        }
+        SinkKindName::Template => {
+            let text = match (&c.template, &c.source) {
+                (Some(text), None) => text.clone(),
+                (None, Some(source)) => std::fs::read_to_string(source)
+                    .map_err(|e| format!("key `source`: cannot read {}: {e}", source.display()))?,
+                _ => {
+                    return Err(
+                        "a template sink needs exactly one of `template` (inline) or `source` (a file)"
+                            .into(),
+                    );
+                }
+            };
+            Ok(SinkKind::Template {
+                text,
+                path: file_path()?,
+                mode,
+            })
+        }
+        SinkKindName::Env => {
+            let vars = c.vars.as_ref().ok_or("key `vars` is required")?;
+            if vars.is_empty() {
+                return Err("key `vars`: name at least one variable".into());
+            }
+            let vars = vars
+                .iter()
+                .map(|(key, reference)| {
+                    check_env_name(key)?;
+                    let reference = reference
+                        .parse::<SecretRef>()
+                        .map_err(|e| format!("vars.{key}: {e}"))?;
+                    Ok((key.clone(), reference))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok(SinkKind::Env {
+                vars,
+                path: file_path()?,
+                mode,
+            })
+        }
+    }
+}
+
+fn on_change_of(c: &SinkConfig, has_supervisor: bool) -> Result<OnChange, String> {
+    let what = c.on_change.as_deref().unwrap_or("none");
+    let unused = |key: &str, present: bool| {
+        if present {
+            Err(format!(
+                "key `{key}` needs on_change = \"{}\"",
+                match key {
+                    "command" => "command",
+                    _ => "signal",
+                }
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if what != "command" {
+        unused("command", c.command.is_some())?;
+    }
+    if what != "signal" {
+        unused("signal", c.signal.is_some())?;
+        unused("pid", c.pid.is_some())?;
+        unused("pid_file", c.pid_file.is_some())?;
+    }
+    match what {
+        "none" => Ok(OnChange::Nothing),
+        "command" => {
+            let command = c
+                .command
+                .clone()
+                .filter(|argv| !argv.is_empty() && !argv[0].is_empty())
+                .ok_or("on_change = \"command\" needs `command = [\"program\", \"arg\", …]`")?;
+            Ok(OnChange::Command(command))
+        }
+        "signal" => {
+            let signal = c
+                .signal
+                .as_deref()
+                .ok_or("on_change = \"signal\" needs `signal` (HUP, USR1, TERM, …)")?
+                .parse::<Signal>()?;
+            let target = match (c.pid, &c.pid_file) {
+                (Some(pid), None) if pid > 0 => PidSource::Pid(pid),
+                (None, Some(file)) => PidSource::PidFile(absolute("pid_file", file.clone())?),
+                _ => {
+                    return Err(
+                        "on_change = \"signal\" needs exactly one of `pid` (> 0) or `pid_file`"
+                            .into(),
+                    );
+                }
+            };
+            Ok(OnChange::Signal { signal, target })
+        }
+        "restart" if has_supervisor => Ok(OnChange::Restart),
+        "restart" => Err(
+            "on_change = \"restart\" restarts the child of the agent's [exec] table, and there is none"
+                .into(),
+        ),
+        other => Err(format!(
+            "key `on_change`: `{other}` is not one of none, command, signal, restart"
+        )),
+    }
+}
+
+fn absolute(key: &str, path: PathBuf) -> Result<PathBuf, String> {
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(format!(
+            "key `{key}`: {} must be an absolute path to a file",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// Octal, as chmod takes it: "0600", "640".
+fn parse_mode(text: Option<&str>, default: u32) -> Result<u32, String> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "mode `{text}` is not an octal file mode such as \"0600\""
+        )),
+    }
+}
+
+/// The names systemd's EnvironmentFile= and shells accept.
+pub fn check_env_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "`{name}` is not an environment variable name (letters, digits and '_', not starting with a digit)"
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Lookup {
+    User,
+    Group,
+}
+
+/// A numeric id, or a user or group name looked up now (a sink for a user that does not
+/// exist is a configuration error, not something to retry).
+fn resolve_id(text: &str, lookup: Lookup) -> Result<u32, String> {
+    if let Ok(id) = text.parse::<u32>() {
+        return Ok(id);
+    }
+    let what = match lookup {
+        Lookup::User => "owner",
+        Lookup::Group => "group",
+    };
+    let name =
+        std::ffi::CString::new(text).map_err(|_| format!("{what} `{text}` is not a name"))?;
+    let mut buffer = vec![0u8; 16 * 1024];
+    let found = match lookup {
+        Lookup::User => {
+            // SAFETY: `passwd` is plain C data, valid when zeroed; getpwnam_r writes only
+            // into the struct and the buffer we pass, whose real length we give.
+            let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+            let mut result: *mut libc::passwd = std::ptr::null_mut();
+            let rc = unsafe {
+                libc::getpwnam_r(
+                    name.as_ptr(),
+                    &mut entry,
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    &mut result,
+                )
+            };
+            (rc == 0 && !result.is_null()).then_some(entry.pw_uid)
+        }
+        Lookup::Group => {
+            // SAFETY: as above, for getgrnam_r and `group`.
+            let mut entry: libc::group = unsafe { std::mem::zeroed() };
+            let mut result: *mut libc::group = std::ptr::null_mut();
+            let rc = unsafe {
+                libc::getgrnam_r(
+                    name.as_ptr(),
+                    &mut entry,
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    &mut result,
+                )
+            };
+            (rc == 0 && !result.is_null()).then_some(entry.gr_gid)
+        }
+    };
+    found.ok_or_else(|| {
+        format!(
+            "{what} `{text}`: no such {}",
+            match lookup {
+                Lookup::User => "user",
+                Lookup::Group => "group",
+            }
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<Vec<Sink>, String> {
+        #[derive(Deserialize)]
+        struct File {
+            sink: Vec<SinkConfig>,
+        }
+        let file: File = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        check_all(&file.sink, false)
+    }
+
+    #[test]
+    fn every_kind_parses_with_its_defaults() {
+        let sinks = parse(
+            r#"
+            [[sink]]
+            kind = "svid"
+            name = "web"
+            spiffe_id = "spiffe://example.org/web"
+            cert_path = "/tmp/x/svid.pem"
+            key_path = "/tmp/x/svid.key"
+            bundle_path = "/tmp/x/bundle.pem"
+            [[sink]]
+            kind = "secret"
+            secret = "orders-db"
+            path = "/tmp/x/pw"
+            on_change = "signal"
+            signal = "HUP"
+            pid_file = "/run/app.pid"
+            [[sink]]
+            kind = "template"
+            template = "{{ secrets['orders-db'].username }}"
+            path = "/tmp/x/t"
+            mode = "0640"
+            owner = "0"
+            group = "root"
+            [[sink]]
+            kind = "env"
+            path = "/tmp/x/env"
+            vars = { DB_PASSWORD = "secret:orders-db", DB_USER = "secret:orders-db:username" }
+            on_change = "command"
+            command = ["/bin/true"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(sinks.len(), 4);
+        assert!(matches!(
+            sinks[0].kind,
+            SinkKind::Svid {
+                cert_mode: 0o644,
+                key_mode: 0o600,
+                ..
+            }
+        ));
+        assert!(matches!(
+            sinks[1].kind,
+            SinkKind::Secret { mode: 0o600, .. }
+        ));
+        assert!(matches!(
+            sinks[2].kind,
+            SinkKind::Template { mode: 0o640, .. }
+        ));
+        assert_eq!((sinks[2].owner, sinks[2].group), (Some(0), Some(0)));
+        assert_eq!(
+            sinks[1].on_change,
+            OnChange::Signal {
+                signal: Signal::HUP,
+                target: PidSource::PidFile("/run/app.pid".into())
+            }
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (
+                "kind = \"secret\"\nsecret = \"a\"\npath = \"rel/pw\"",
+                "absolute path",
+            ),
+            (
+                "kind = \"secret\"\npath = \"/x/pw\"",
+                "`secret` is required",
+            ),
+            (
+                "kind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\ncert_path = \"/x/c\"",
+                "only for kind = \"svid\"",
+            ),
+            (
+                "kind = \"template\"\ntemplate = \"{{ oops\"\npath = \"/x/t\"",
+                "template",
+            ),
+            (
+                "kind = \"env\"\npath = \"/x/e\"\nvars = { 1X = \"secret:a\" }",
+                "not an environment variable name",
+            ),
+            (
+                "kind = \"env\"\npath = \"/x/e\"\nvars = { X = \"a\" }",
+                "not a secret reference",
+            ),
+            (
+                "kind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\nmode = \"999\"",
+                "octal",
+            ),
+            (
+                "kind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\nowner = \"no-such-user-here\"",
+                "no such user",
+            ),
+            (
+                "kind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\non_change = \"restart\"",
+                "[exec]",
+            ),
+            (
+                "kind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\non_change = \"signal\"\nsignal = \"HUP\"",
+                "pid",
+            ),
+            (
+                "kind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\nsignal = \"HUP\"",
+                "needs on_change = \"signal\"",
+            ),
+            (
+                "kind = \"svid\"\ncert_path = \"/x/c\"\nkey_path = \"/x/k\"",
+                "exactly one of `spiffe_id` or `hint`",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = parse(&format!("[[sink]]\n{body}\n")).unwrap_err();
+            assert!(err.contains(expected), "{body}: {err}");
+        }
+        let err = parse(
+            "[[sink]]\nkind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\n[[sink]]\nkind = \"secret\"\nsecret = \"b\"\npath = \"/x/pw\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("both write /x/pw"), "{err}");
+    }
+}
