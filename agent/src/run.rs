@@ -185,13 +185,11 @@ fn start_sinks_and_exec(
     if sinks.is_empty() && spec.is_none() {
         return Ok(());
     }
-    let (restart_tx, restart_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (ready_tx, mut ready_rx) = watch::channel(false);
-    let runner = SinkRunner::new(sinks, spec.is_some().then_some(restart_tx));
-    let sink_state = state.clone();
+    let (exec_tx, exec_rx) = tokio::sync::mpsc::channel(4);
+    let runner = SinkRunner::new(sinks, spec.is_some().then_some(exec_tx));
     let sink_fatal = fatal.clone();
     tokio::spawn(async move {
-        if let Err(e) = runner.run(sink_state, ready_tx).await {
+        if let Err(e) = runner.run(state).await {
             tracing::error!(error = %e, "stopping: a sink cannot be written");
             let _ = sink_fatal.send(Some(e.to_string()));
         }
@@ -199,30 +197,9 @@ fn start_sinks_and_exec(
     let Some(spec) = spec else {
         return Ok(());
     };
-    let (snapshots_tx, snapshots_rx) = tokio::sync::mpsc::channel(4);
-    let mut secrets = state;
-    tokio::spawn(async move {
-        // The app starts only once its files are in place.
-        if ready_rx.wait_for(|r| *r).await.is_err() {
-            return;
-        }
-        let mut last = None;
-        loop {
-            let current = secrets.borrow_and_update().secrets.clone();
-            if last.as_ref() != Some(&current) {
-                last = Some(current.clone());
-                if snapshots_tx.send(current).await.is_err() {
-                    return;
-                }
-            }
-            if secrets.changed().await.is_err() {
-                return;
-            }
-        }
-    });
     tokio::spawn(async move {
         let program = spec.program.clone();
-        let why = match crate::exec::supervise(spec, snapshots_rx, Some(restart_rx)).await {
+        let why = match crate::exec::supervise(spec, exec_rx).await {
             Ok(0) => CHILD_DONE.to_string(),
             Ok(code) => format!("the supervised child {program} exited with code {code}"),
             Err(e) => format!("[exec]: {e}"),

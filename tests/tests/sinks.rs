@@ -618,3 +618,69 @@ fn wait_child(child: &mut std::process::Child, timeout: Duration) -> std::proces
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn the_agents_exec_child_starts_after_its_files_and_restarts_once_per_change() {
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
+    opaque_secret(&daemon, "app-key", &[AGENT_ID]);
+    opaque_secret(&daemon, "app-cfg", &[AGENT_ID]);
+    let dir = sink_dir();
+    let cfg = dir.path().join("cfg");
+    let starts = dir.path().join("starts");
+    let stop = dir.path().join("stop");
+    let script = format!(
+        "echo \"$KEY $(cat {cfg})\" >> {starts}; trap 'exit 0' TERM; \
+         while :; do sleep 0.05; [ -e {stop} ] && exit 3; done",
+        cfg = cfg.display(),
+        starts = starts.display(),
+        stop = stop.display()
+    );
+    let extra = format!(
+        "[[sink]]\nkind = \"secret\"\nsecret = \"app-cfg\"\npath = \"{cfg}\"\non_change = \"restart\"\n\
+         [exec]\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\nenv = {{ KEY = \"secret:app-key\" }}\nstop_timeout = \"5s\"\n",
+        cfg = cfg.display(),
+    );
+    let mut agent = AgentProcess::start_with(&daemon, AGENT_ID, &extra).unwrap();
+    let (_, _, key) = current(&daemon, "app-key");
+    let (_, _, config) = current(&daemon, "app-cfg");
+    wait_for("the child's first start", Duration::from_secs(15), || {
+        lines(&starts).len() == 1
+    });
+    assert_eq!(
+        lines(&starts)[0],
+        format!("{key} {config}"),
+        "the file was there before the child"
+    );
+
+    // Its environment changed: one restart.
+    daemon.cli_ok(&["secret", "rotate", "app-key"]).unwrap();
+    let (_, _, key) = current(&daemon, "app-key");
+    wait_for(
+        "the restart for the new key",
+        Duration::from_secs(15),
+        || lines(&starts).len() == 2,
+    );
+    // A file it reads changed (on_change = "restart"): one restart.
+    daemon.cli_ok(&["secret", "rotate", "app-cfg"]).unwrap();
+    let (_, _, config) = current(&daemon, "app-cfg");
+    wait_for(
+        "the restart for the new file",
+        Duration::from_secs(15),
+        || lines(&starts).len() == 3,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(lines(&starts).len(), 3, "exactly one restart per change");
+    assert_eq!(lines(&starts)[2], format!("{key} {config}"));
+
+    // The child's end is the agent's: a failing exit code stops it with an error.
+    std::fs::write(&stop, "").unwrap();
+    let status = agent.wait_exit(Duration::from_secs(15)).unwrap();
+    assert!(!status.success());
+    assert!(
+        agent.log().contains("exited with code 3"),
+        "{}",
+        agent.log()
+    );
+    assert!(!agent.log().contains(&key) && !agent.log().contains(&config));
+}

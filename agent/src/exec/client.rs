@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use mayfly_proto::v1::WatchSecretsRequest;
 use mayfly_proto::v1::workload_secrets_client::WorkloadSecretsClient;
 
-use super::{ChangeAction, ChildSpec, EnvValue, Signal, Snapshot, supervise};
+use super::{ChangeAction, ChildSpec, EnvValue, Signal, Snapshot, Update, supervise};
 use crate::cli::Endpoint;
 use crate::cli::api::{channel, request, socket_path};
 use crate::sinks::check_env_name;
@@ -97,7 +97,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
     };
     let (tx, rx) = mpsc::channel(4);
     let follower = tokio::spawn(follow(socket, tx));
-    let code = supervise(spec, rx, None).await;
+    let code = supervise(spec, rx).await;
     follower.abort();
     Ok(code?)
 }
@@ -133,7 +133,7 @@ fn parse_pair(pair: &str) -> Result<(String, EnvValue), String> {
 
 /// Follows WatchSecrets for as long as the supervisor listens, reconnecting with backoff:
 /// an agent restart leaves the app running on the values it has.
-async fn follow(socket: PathBuf, snapshots: mpsc::Sender<Snapshot>) {
+async fn follow(socket: PathBuf, snapshots: mpsc::Sender<Update>) {
     let mut backoff = Backoff::default();
     loop {
         match watch_once(&socket, &snapshots, &mut backoff).await {
@@ -150,7 +150,7 @@ async fn follow(socket: PathBuf, snapshots: mpsc::Sender<Snapshot>) {
 /// Ok when the supervisor has gone away; Err when the stream broke.
 async fn watch_once(
     socket: &Path,
-    snapshots: &mpsc::Sender<Snapshot>,
+    snapshots: &mpsc::Sender<Update>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let mut client = WorkloadSecretsClient::new(channel(socket).await?);
@@ -176,7 +176,11 @@ async fn watch_once(
                 (s.name, Arc::new(view))
             })
             .collect();
-        if snapshots.send(snapshot).await.is_err() {
+        let update = Update {
+            secrets: snapshot,
+            restart: false,
+        };
+        if snapshots.send(update).await.is_err() {
             return Ok(());
         }
     }

@@ -27,6 +27,15 @@ pub use signal::Signal;
 /// The secrets a workload may have right now, by name.
 pub type Snapshot = BTreeMap<String, Arc<SecretView>>;
 
+/// What the supervisor is told on every change.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub secrets: Snapshot,
+    /// Restart even if the child's own values did not change (a sink it reads did).
+    /// One update restarts at most once, however many reasons it carries.
+    pub restart: bool,
+}
+
 /// One environment variable for the child: a granted secret's field, or a literal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnvValue {
@@ -92,21 +101,20 @@ const FORWARDED: [Signal; 7] = [
 ];
 
 /// Runs the child until it exits and returns the exit code to end with (128 + signal for
-/// a child killed by a signal, as shells report it). `snapshots` delivers the secrets as
-/// they change; `restarts` asks for a restart with the current values.
+/// a child killed by a signal, as shells report it). `updates` delivers the secrets as
+/// they change, and restart requests; the child starts with the first complete one.
 pub async fn supervise(
     spec: ChildSpec,
-    mut snapshots: mpsc::Receiver<Snapshot>,
-    mut restarts: Option<mpsc::UnboundedReceiver<()>>,
+    mut updates: mpsc::Receiver<Update>,
 ) -> Result<i32, ExecError> {
-    let mut env = first_env(&spec, &mut snapshots).await?;
+    let mut env = first_env(&spec, &mut updates).await?;
     let mut handlers = Vec::with_capacity(FORWARDED.len());
     for sig in FORWARDED {
         let stream = unix_signal(SignalKind::from_raw(sig.0)).map_err(ExecError::Signals)?;
         handlers.push((sig, stream));
     }
     let mut child = start(&spec, &env)?;
-    let mut snapshots_open = true;
+    let mut updates_open = true;
     let mut stopping = false;
     loop {
         let forwarded = futures::future::select_all(
@@ -127,41 +135,40 @@ pub async fn supervise(
                     send_to(&child, sig);
                 }
             }
-            snapshot = snapshots.recv(), if snapshots_open => {
-                let Some(snapshot) = snapshot else {
-                    snapshots_open = false;
+            update = updates.recv(), if updates_open => {
+                let Some(update) = update else {
+                    updates_open = false;
                     continue;
                 };
                 if stopping {
                     continue;
                 }
-                match resolve(&spec.vars, &snapshot) {
+                let changed = match resolve(&spec.vars, &update.secrets) {
                     Ok(next) if next != env => {
                         env = next;
-                        match spec.on_change {
-                            ChangeAction::Restart => {
-                                tracing::info!(program = %spec.program, "secrets changed; restarting the child");
-                                child = restart(&spec, child, &env).await?;
-                            }
-                            ChangeAction::Signal(sig) => {
-                                tracing::info!(program = %spec.program, signal = %sig, "secrets changed; signalling the child");
-                                send_to(&child, sig);
-                            }
-                            ChangeAction::Nothing => {}
-                        }
+                        true
                     }
-                    Ok(_) => {}
+                    Ok(_) => false,
                     Err(Missing(names)) => {
                         tracing::warn!(secrets = %names.join(", "), "secrets are no longer granted; the child keeps the values it has");
+                        false
                     }
-                }
-            }
-            asked = async { restarts.as_mut()?.recv().await }, if restarts.is_some() => {
-                if asked.is_none() {
-                    restarts = None;
-                } else if !stopping {
-                    tracing::info!(program = %spec.program, "a sink changed; restarting the child");
-                    child = restart(&spec, child, &env).await?;
+                };
+                let action = match (changed, update.restart) {
+                    (true, _) => spec.on_change,
+                    (false, true) => ChangeAction::Restart,
+                    (false, false) => ChangeAction::Nothing,
+                };
+                match action {
+                    ChangeAction::Restart => {
+                        tracing::info!(program = %spec.program, "its secrets or files changed; restarting the child");
+                        child = restart(&spec, child, &env).await?;
+                    }
+                    ChangeAction::Signal(sig) => {
+                        tracing::info!(program = %spec.program, signal = %sig, "its secrets changed; signalling the child");
+                        send_to(&child, sig);
+                    }
+                    ChangeAction::Nothing => {}
                 }
             }
         }
@@ -175,13 +182,13 @@ struct Missing(Vec<String>);
 
 async fn first_env(
     spec: &ChildSpec,
-    snapshots: &mut mpsc::Receiver<Snapshot>,
+    updates: &mut mpsc::Receiver<Update>,
 ) -> Result<ResolvedEnv, ExecError> {
     let deadline = tokio::time::Instant::now() + spec.first_wait;
     let mut missing = names_of(&spec.vars);
     loop {
-        let snapshot = match tokio::time::timeout_at(deadline, snapshots.recv()).await {
-            Ok(Some(snapshot)) => snapshot,
+        let update = match tokio::time::timeout_at(deadline, updates.recv()).await {
+            Ok(Some(update)) => update,
             Ok(None) | Err(_) => {
                 return Err(ExecError::NotGranted {
                     names: missing.join(", "),
@@ -189,7 +196,7 @@ async fn first_env(
                 });
             }
         };
-        match resolve(&spec.vars, &snapshot) {
+        match resolve(&spec.vars, &update.secrets) {
             Ok(env) => return Ok(env),
             Err(Missing(names)) => missing = names,
         }
@@ -344,7 +351,7 @@ mod tests {
                       trap 'exit 0' TERM; [ -e \"$OUT/stop\" ] && exit 7; while :; do sleep 0.05; [ -e \"$OUT/stop\" ] && exit 7; done";
         let spec = spec(dir.path(), script);
         let (tx, rx) = mpsc::channel(8);
-        let run = tokio::spawn(supervise(spec, rx, None));
+        let run = tokio::spawn(supervise(spec, rx));
         let starts = dir.path().join("starts");
         let lines = || {
             std::fs::read_to_string(&starts)
@@ -365,13 +372,25 @@ mod tests {
                 panic!("never saw {n} starts: {:?}", lines());
             }
         };
-        tx.send([view("db", "v1", "one")].into()).await.unwrap();
-        wait_lines(1).await;
-        // The same values again, and an unrelated secret: no restart.
-        tx.send([view("db", "v1", "one"), view("other", "x", "y")].into())
+        let update = |secrets: Vec<(String, Arc<SecretView>)>, restart| Update {
+            secrets: secrets.into_iter().collect(),
+            restart,
+        };
+        tx.send(update(vec![view("db", "v1", "one")], false))
             .await
             .unwrap();
-        tx.send([view("db", "v2", "two")].into()).await.unwrap();
+        wait_lines(1).await;
+        // The same values again, and an unrelated secret: no restart.
+        tx.send(update(
+            vec![view("db", "v1", "one"), view("other", "x", "y")],
+            false,
+        ))
+        .await
+        .unwrap();
+        // New values and a restart request in one update: one restart, not two.
+        tx.send(update(vec![view("db", "v2", "two")], true))
+            .await
+            .unwrap();
         wait_lines(2).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
@@ -381,6 +400,11 @@ mod tests {
                 "two unix:///run/mayfly-agent/api.sock"
             ]
         );
+        // A restart request alone (a sink the child reads changed) restarts it once.
+        tx.send(update(vec![view("db", "v2", "two")], true))
+            .await
+            .unwrap();
+        wait_lines(3).await;
         std::fs::write(dir.path().join("stop"), "").unwrap();
         assert_eq!(run.await.unwrap().unwrap(), 7);
     }
@@ -391,8 +415,13 @@ mod tests {
         let mut spec = spec(dir.path(), "exit 0");
         spec.first_wait = Duration::from_millis(200);
         let (tx, rx) = mpsc::channel(8);
-        tx.send([view("other", "v1", "x")].into()).await.unwrap();
-        let err = supervise(spec, rx, None).await.unwrap_err().to_string();
+        tx.send(Update {
+            secrets: [view("other", "v1", "x")].into(),
+            restart: false,
+        })
+        .await
+        .unwrap();
+        let err = supervise(spec, rx).await.unwrap_err().to_string();
         assert!(err.contains("db"), "{err}");
         assert!(!dir.path().join("starts").exists());
     }

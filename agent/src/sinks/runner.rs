@@ -15,6 +15,7 @@ use mayfly_proto::fsutil;
 
 use super::render::{RenderError, RenderedFile, render};
 use super::{OnChange, PidSource, Sink};
+use crate::exec::Update;
 use crate::state::WorkloadState;
 
 /// How often a pass that left a file unwritten is tried again without a state change.
@@ -22,8 +23,9 @@ const RETRY_EVERY: Duration = Duration::from_secs(5);
 
 pub struct SinkRunner {
     sinks: Arc<Vec<Sink>>,
-    /// Where `on_change = "restart"` asks the supervised child to restart.
-    restart: Option<mpsc::UnboundedSender<()>>,
+    /// The `[exec]` supervisor: told the secrets after every pass, and whether a sink with
+    /// `on_change = "restart"` changed, in one message so that one change restarts once.
+    exec: Option<mpsc::Sender<Update>>,
 }
 
 /// What one pass over the sinks did.
@@ -36,10 +38,10 @@ struct Pass {
 }
 
 impl SinkRunner {
-    pub fn new(sinks: Vec<Sink>, restart: Option<mpsc::UnboundedSender<()>>) -> Self {
+    pub fn new(sinks: Vec<Sink>, exec: Option<mpsc::Sender<Update>>) -> Self {
         Self {
             sinks: Arc::new(sinks),
-            restart,
+            exec,
         }
     }
 
@@ -47,11 +49,9 @@ impl SinkRunner {
     /// from it (a missing or ungranted secret, a template error: nothing is written and
     /// the error is returned), then keeps the files current until the state's publisher
     /// goes away.
-    /// `ready` turns true once the first pass has written what it could.
     pub async fn run(
         self,
         mut state: watch::Receiver<Arc<WorkloadState>>,
-        ready: watch::Sender<bool>,
     ) -> Result<(), RenderError> {
         let first = match state.wait_for(|s| s.synced).await {
             Ok(s) => s.clone(),
@@ -70,11 +70,23 @@ impl SinkRunner {
         loop {
             let current = state.borrow_and_update().clone();
             let sinks = self.sinks.clone();
-            let pass = tokio::task::spawn_blocking(move || write_pass(&sinks, &current))
+            let written = current.clone();
+            let pass = tokio::task::spawn_blocking(move || write_pass(&sinks, &written))
                 .await
                 .unwrap_or_default();
+            let mut restart = false;
             for index in &pass.changed {
-                self.fire(&self.sinks[*index]);
+                restart |= self.fire(&self.sinks[*index]);
+            }
+            // After the files: the child starts (or restarts) with its files in place.
+            if let Some(exec) = &self.exec {
+                let update = Update {
+                    secrets: current.secrets.clone(),
+                    restart,
+                };
+                if exec.send(update).await.is_err() {
+                    tracing::debug!("the supervised child is gone");
+                }
             }
             for (index, why) in &pass.failures {
                 // Once per distinct failure, not once per retry.
@@ -84,7 +96,6 @@ impl SinkRunner {
             }
             let retry = !pass.failures.is_empty();
             reported = pass.failures;
-            ready.send_replace(true);
             tokio::select! {
                 changed = state.changed() => {
                     if changed.is_err() {
@@ -96,7 +107,9 @@ impl SinkRunner {
         }
     }
 
-    fn fire(&self, sink: &Sink) {
+    /// Runs the sink's action; true when it is a restart of the supervised child.
+    fn fire(&self, sink: &Sink) -> bool {
+        tracing::info!(sink = %sink.label, "sink files updated");
         match &sink.on_change {
             OnChange::Nothing => {}
             OnChange::Command(argv) => {
@@ -136,13 +149,9 @@ impl SinkRunner {
                     }
                 }
             }
-            OnChange::Restart => {
-                if let Some(restart) = &self.restart {
-                    let _ = restart.send(());
-                }
-            }
+            OnChange::Restart => return true,
         }
-        tracing::info!(sink = %sink.label, "sink files updated");
+        false
     }
 }
 
