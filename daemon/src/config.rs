@@ -30,6 +30,11 @@ pub struct DaemonConfig {
     /// Largest gRPC message the node API accepts.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Where to serve Prometheus metrics over plain HTTP; off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
     #[serde(default)]
     pub ca: CaConfig,
     #[serde(default)]
@@ -77,6 +82,24 @@ pub struct SvidConfig {
     pub max_csr_batch: usize,
 }
 
+/// Which of several daemons sharing a datastore runs scheduled rotations: the one holding
+/// the scheduler lease. Jobs are claimed for the same duration, renewed as often.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// How long a lease (and a job claim) holds without renewal: the longest a lost
+    /// daemon's work waits before another daemon takes it over.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// How often the lease and the claims are renewed.
+    #[serde(default = "default_lease_renewal", deserialize_with = "duration")]
+    pub lease_renewal: Duration,
+    /// Who holds leases and claims; empty means `<hostname>:<data_dir>`, which a restarted
+    /// daemon shares with its previous run, so it resumes its own work at once.
+    #[serde(default)]
+    pub holder_id: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -116,6 +139,8 @@ impl DaemonConfig {
             datastore_url: String::new(),
             node_listen: default_node_listen(),
             max_message_bytes: default_max_message_bytes(),
+            metrics_listen: None,
+            scheduler: SchedulerConfig::default(),
             ca: CaConfig::default(),
             svid: SvidConfig::default(),
             log: LogConfig::default(),
@@ -158,6 +183,18 @@ impl DaemonConfig {
                 return Err(format!("secret `{}` is defined twice", secret.name));
             }
         }
+        let scheduler = &self.scheduler;
+        if scheduler.lease_ttl < Duration::from_secs(1) {
+            return Err("key `scheduler.lease_ttl`: must be at least 1s".into());
+        }
+        if scheduler.lease_renewal.is_zero() || scheduler.lease_renewal * 2 > scheduler.lease_ttl {
+            return Err(format!(
+                "key `scheduler.lease_renewal`: {} must be more than zero and at most half of \
+                 `scheduler.lease_ttl` ({}), so one missed renewal does not lose the lease",
+                humantime::format_duration(scheduler.lease_renewal),
+                humantime::format_duration(scheduler.lease_ttl)
+            ));
+        }
         if self.max_message_bytes < 1024 {
             return Err("key `max_message_bytes`: must be at least 1024".into());
         }
@@ -184,6 +221,36 @@ impl Default for SvidConfig {
             join_token_ttl: default_join_token_ttl(),
             max_csr_batch: default_max_batch(),
         }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: default_lease_ttl(),
+            lease_renewal: default_lease_renewal(),
+            holder_id: String::new(),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// The configured holder id, or `<hostname>:<data_dir>`.
+    pub fn holder(&self, data_dir: &Path) -> String {
+        if !self.holder_id.is_empty() {
+            return self.holder_id.clone();
+        }
+        let mut name = [0u8; 256];
+        // SAFETY: gethostname writes at most name.len() bytes into the buffer we own.
+        let rc = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
+        let host = if rc == 0 {
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            String::from_utf8_lossy(&name[..end]).into_owned()
+        } else {
+            "unknown-host".into()
+        };
+        let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+        format!("{host}:{}", dir.display())
     }
 }
 
@@ -236,6 +303,14 @@ fn default_max_batch() -> usize {
     1000
 }
 
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_lease_renewal() -> Duration {
+    Duration::from_secs(5)
+}
+
 fn default_log_level() -> String {
     "info".into()
 }
@@ -257,6 +332,39 @@ mod tests {
         assert_eq!(config.ca.ttl, Duration::from_secs(86400));
         assert_eq!(config.svid.join_token_ttl, Duration::from_secs(600));
         assert!(config.datastore_url.is_empty());
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.scheduler.lease_ttl, Duration::from_secs(15));
+        assert_eq!(config.scheduler.lease_renewal, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn lease_renewal_must_fit_the_lease_twice() {
+        let err = parse(
+            "trust_domain = \"example.org\"\n[scheduler]\nlease_ttl = \"10s\"\nlease_renewal = \"6s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("scheduler.lease_renewal"), "{err}");
+        let config = parse(
+            "trust_domain = \"example.org\"\nmetrics_listen = \"127.0.0.1:9464\"\n[scheduler]\nlease_ttl = \"3s\"\nlease_renewal = \"1s\"\nholder_id = \"d1\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(config.scheduler.holder(Path::new("/nowhere")), "d1");
+        let err = parse("trust_domain = \"example.org\"\nmetrics_listen = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn default_holder_names_host_and_data_dir() {
+        let holder = SchedulerConfig::default().holder(Path::new("/var/lib/mayfly-x"));
+        assert!(holder.ends_with(":/var/lib/mayfly-x"), "{holder}");
+        assert!(holder.len() > ":/var/lib/mayfly-x".len(), "{holder}");
     }
 
     #[test]

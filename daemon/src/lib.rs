@@ -7,6 +7,7 @@ pub mod config;
 pub mod dev;
 pub use mayfly_proto::fsutil;
 pub mod identity;
+pub mod metrics;
 pub mod secrets;
 pub mod server;
 pub mod store;

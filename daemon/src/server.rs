@@ -1,5 +1,5 @@
-//! Wiring: opens the store, starts the CA, and serves the node and admin APIs until
-//! shutdown. Everything the daemon runs is assembled here and nowhere else.
+//! Wiring: opens the store, starts the CA and the rotation engine, and serves the node and
+//! admin APIs (and the metrics endpoint, when configured) until shutdown. Everything the daemon runs is assembled here and nowhere else.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +19,8 @@ use crate::ca::manager::CaManager;
 use crate::config::DaemonConfig;
 use crate::fsutil;
 use crate::identity::{Clock, Registry, SystemClock};
-use crate::secrets::engine::RotationEngine;
+use crate::metrics::{self, Metrics};
+use crate::secrets::engine::{LeaseSettings, RotationEngine};
 use crate::secrets::local::SealingKey;
 use crate::store::Store;
 
@@ -27,6 +28,8 @@ use crate::store::Store;
 pub struct Daemon {
     pub node_addr: SocketAddr,
     pub admin_socket: PathBuf,
+    /// Where the metrics endpoint listens, when it does.
+    pub metrics_addr: Option<SocketAddr>,
     pub registry: Arc<Registry>,
     pub secrets: Arc<RotationEngine>,
 }
@@ -57,9 +60,26 @@ pub async fn start(
     );
     let sealing =
         Arc::new(SealingKey::load_or_create(&config.data_dir).context("loading the secrets key")?);
-    let secrets = RotationEngine::start(store.clone(), sealing, &config.secrets)
-        .await
-        .context("starting the rotation engine")?;
+    let metrics = Arc::new(Metrics::default());
+    let lease = LeaseSettings {
+        holder: config.scheduler.holder(&config.data_dir),
+        ttl: config.scheduler.lease_ttl,
+        renewal: config.scheduler.lease_renewal,
+    };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let secrets = RotationEngine::start(
+        store.clone(),
+        sealing,
+        &config.secrets,
+        lease,
+        clock.clone(),
+        metrics.clone(),
+    )
+    .await
+    .context("starting the rotation engine")?;
     let registry = Arc::new(Registry::load(store, ca.clone(), &config, clock.clone()).await?);
 
     let tick_ca = ca.clone();
@@ -84,11 +104,23 @@ pub async fn start(
 
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
-    let node_service = NodeServer::new(NodeApi::new(registry.clone(), secrets.clone()))
-        .max_decoding_message_size(config.max_message_bytes);
+    let node_service = NodeServer::new(NodeApi::new(
+        registry.clone(),
+        secrets.clone(),
+        metrics.clone(),
+    ))
+    .max_decoding_message_size(config.max_message_bytes);
     let admin_service = AdminServer::new(AdminApi::new(registry.clone(), secrets.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            tokio::spawn(metrics::serve(listener, metrics, stop_rx.clone()));
+            Some(addr)
+        }
+        None => None,
+    };
     let mut node_stop = stop_rx.clone();
     let mut admin_stop = stop_rx;
     let node = tonic::transport::Server::builder()
@@ -104,9 +136,11 @@ pub async fn start(
         });
     let admin_path = config.admin_socket.clone();
     let closing = registry.clone();
+    let stepping_down = secrets.clone();
     let handle = tokio::spawn(async move {
         tokio::spawn(async move {
             shutdown.await;
+            stepping_down.step_down().await;
             closing.close();
             let _ = stop_tx.send(true);
         });
@@ -116,11 +150,12 @@ pub async fn start(
         admin.context("admin API")?;
         Ok(())
     });
-    tracing::info!(node_api = %node_addr, admin_socket = %config.admin_socket.display(), trust_domain = %config.trust_domain, "mayflyd serving");
+    tracing::info!(node_api = %node_addr, admin_socket = %config.admin_socket.display(), metrics = ?metrics_addr, trust_domain = %config.trust_domain, "mayflyd serving");
     Ok((
         Daemon {
             node_addr,
             admin_socket: config.admin_socket.clone(),
+            metrics_addr,
             registry,
             secrets,
         },

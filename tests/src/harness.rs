@@ -59,6 +59,11 @@ pub struct DaemonOptions {
     pub extra_toml: String,
     /// Extra environment for the daemon process.
     pub env: Vec<(String, String)>,
+    /// Serve /metrics on a free 127.0.0.1 port (`DaemonProcess::metrics`).
+    pub metrics: bool,
+    /// Another daemon's data_dir whose CA keys and secrets key this one shares, as every
+    /// daemon on one datastore must.
+    pub keys_from: Option<PathBuf>,
 }
 
 impl Default for DaemonOptions {
@@ -68,6 +73,8 @@ impl Default for DaemonOptions {
             datastore_url: String::new(),
             extra_toml: String::new(),
             env: Vec::new(),
+            metrics: false,
+            keys_from: None,
         }
     }
 }
@@ -78,6 +85,8 @@ pub struct DaemonProcess {
     pub config_path: PathBuf,
     pub admin_socket: PathBuf,
     pub node_addr: String,
+    /// `127.0.0.1:PORT` of the metrics endpoint, when asked for.
+    pub metrics_addr: Option<String>,
     pub trust_domain: TrustDomain,
     /// Environment for the next spawn; tests change it between restarts.
     pub env: Vec<(String, String)>,
@@ -90,9 +99,19 @@ impl DaemonProcess {
         let port = free_port();
         let admin_socket = dir.path().join("admin.sock");
         let config_path = dir.path().join("daemon.toml");
+        let metrics_addr = options
+            .metrics
+            .then(|| format!("127.0.0.1:{}", free_port()));
+        if let Some(from) = &options.keys_from {
+            copy_shared_keys(from, &dir.path().join("data"))?;
+        }
+        let metrics_line = metrics_addr
+            .as_ref()
+            .map(|addr| format!("metrics_listen = \"{addr}\"\n"))
+            .unwrap_or_default();
         let config = format!(
             "trust_domain = \"{td}\"\ndata_dir = \"{data}\"\ndatastore_url = \"{url}\"\n\
-             node_listen = \"127.0.0.1:{port}\"\nadmin_socket = \"{sock}\"\n{extra}\n",
+             node_listen = \"127.0.0.1:{port}\"\nadmin_socket = \"{sock}\"\n{metrics_line}{extra}\n",
             td = options.trust_domain,
             data = dir.path().join("data").display(),
             url = options.datastore_url,
@@ -105,6 +124,7 @@ impl DaemonProcess {
             config_path,
             admin_socket,
             node_addr: format!("127.0.0.1:{port}"),
+            metrics_addr,
             env: options.env.clone(),
             child: None,
             dir,
@@ -190,6 +210,33 @@ impl DaemonProcess {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The metrics endpoint's answer to `GET /metrics` (over 127.0.0.1 only).
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let addr = self
+            .metrics_addr
+            .as_ref()
+            .context("this daemon was started without metrics")?;
+        let addr = crate::bench::http1::LoopbackAddr::parse(&format!("http://{addr}"))?;
+        let mut conn = crate::bench::http1::Conn::connect(&addr, Vec::new()).await?;
+        let (status, body) = conn
+            .send(http::Method::GET, "/metrics", bytes::Bytes::new())
+            .await?;
+        if !status.is_success() {
+            bail!("GET /metrics answered {status}");
+        }
+        Ok(String::from_utf8(body.to_vec())?)
+    }
+
+    /// One sample from /metrics, by its full name with labels, e.g.
+    /// `mayfly_rotations_total{secret="db",outcome="failed"}`; `None` if absent.
+    pub async fn metric(&self, series: &str) -> anyhow::Result<Option<f64>> {
+        let text = self.metrics().await?;
+        Ok(text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        }))
     }
 
     /// Runs an operator subcommand against this daemon.
@@ -490,6 +537,29 @@ fn wait_for_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Copies the CA keys and the secrets key from one data_dir into another (0700/0600),
+/// nothing else: the rest of a data_dir is the daemon's own.
+fn copy_shared_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let private_dir = |dir: &Path| -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(())
+    };
+    let copy = |src: &Path, dst: &Path| -> anyhow::Result<()> {
+        std::fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o600))?;
+        Ok(())
+    };
+    private_dir(to)?;
+    private_dir(&to.join("ca"))?;
+    for entry in std::fs::read_dir(from.join("ca"))? {
+        let entry = entry?;
+        copy(&entry.path(), &to.join("ca").join(entry.file_name()))?;
+    }
+    copy(&from.join("secrets.key"), &to.join("secrets.key"))
 }
 
 fn read_log(path: &Path) -> String {

@@ -46,7 +46,7 @@ impl AdminApi {
     }
 
     async fn summary(&self, name: &str) -> Result<v1::SecretSummary, Status> {
-        let spec = self.secrets.spec(name)?;
+        let spec = self.secrets.spec(name).await?;
         let record = self.secrets.record(name).await?;
         Ok(v1::SecretSummary {
             name: spec.name.clone(),

@@ -16,6 +16,7 @@ use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::convert;
 use crate::identity::{Change, Registry};
+use crate::metrics::{Metrics, SvidKind};
 use crate::secrets::engine::RotationEngine;
 use crate::store::AgentRecord;
 
@@ -25,11 +26,20 @@ const REFRESH_HINT: i64 = 300;
 pub struct NodeApi {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
+    metrics: Arc<Metrics>,
 }
 
 impl NodeApi {
-    pub fn new(registry: Arc<Registry>, secrets: Arc<RotationEngine>) -> Self {
-        Self { registry, secrets }
+    pub fn new(
+        registry: Arc<Registry>,
+        secrets: Arc<RotationEngine>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            registry,
+            secrets,
+            metrics,
+        }
     }
 
     /// Secrets granted to any SPIFFE ID this agent serves, with the IDs they go to.
@@ -150,6 +160,7 @@ impl Node for NodeApi {
                 tracing::warn!(error = %e, "attestation refused");
                 Status::from(e)
             })?;
+        self.metrics.svids_signed(SvidKind::X509, 1);
         Ok(Response::new(v1::AttestResponse {
             spiffe_id: svid.spiffe_id.to_string(),
             svid_chain: svid.chain,
@@ -166,6 +177,7 @@ impl Node for NodeApi {
             .registry
             .renew_agent(&agent, &request.into_inner().csr)
             .await?;
+        self.metrics.svids_signed(SvidKind::X509, 1);
         Ok(Response::new(v1::RenewAgentResponse {
             svid_chain: svid.chain,
             bundle: Some(self.bundle()),
@@ -190,8 +202,10 @@ impl Node for NodeApi {
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
         let registry = self.registry.clone();
-        let api = NodeApi::new(registry.clone(), self.secrets.clone());
+        let api = NodeApi::new(registry.clone(), self.secrets.clone(), self.metrics.clone());
+        let connected = self.metrics.agent_connected();
         tokio::spawn(async move {
+            let _connected = connected;
             tracing::debug!(agent = %agent_id, "sync stream open");
             loop {
                 let message = tokio::select! {
@@ -286,6 +300,8 @@ impl Node for NodeApi {
                 Status::from(e)
             })?;
         tracing::debug!(agent = %agent.spiffe_id, count = signed.len(), "signed SVIDs");
+        self.metrics
+            .svids_signed(SvidKind::X509, signed.len() as u64);
         Ok(Response::new(v1::SignSvidsResponse {
             svids: signed
                 .into_iter()
@@ -309,6 +325,7 @@ impl Node for NodeApi {
         let (spiffe_id, token, expires_at) =
             self.registry
                 .mint_jwt(&agent.spiffe_id, &body.entry_id, &body.audience)?;
+        self.metrics.svids_signed(SvidKind::Jwt, 1);
         Ok(Response::new(v1::MintJwtSvidResponse {
             spiffe_id,
             token,

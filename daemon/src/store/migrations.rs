@@ -24,6 +24,11 @@ const SQLITE: &[Embedded] = &[
         "secrets",
         include_str!("../../migrations/sqlite/0002_secrets.sql"),
     ),
+    (
+        3,
+        "leases",
+        include_str!("../../migrations/sqlite/0003_leases.sql"),
+    ),
 ];
 
 const POSTGRES: &[Embedded] = &[
@@ -36,6 +41,11 @@ const POSTGRES: &[Embedded] = &[
         2,
         "secrets",
         include_str!("../../migrations/postgres/0002_secrets.sql"),
+    ),
+    (
+        3,
+        "leases",
+        include_str!("../../migrations/postgres/0003_leases.sql"),
     ),
 ];
 

@@ -1,6 +1,7 @@
-//! The daemon's datastore: registration entries, join tokens, agents, CA slots and the
-//! bundle sequence, behind one schema with two backends (SQLite in `data_dir` by default,
-//! PostgreSQL for HA), reached through one code path over `sqlx::AnyPool`.
+//! The daemon's datastore: registration entries, join tokens, agents, CA slots, the
+//! bundle sequence, secrets and the leases several daemons share, behind one schema with
+//! two backends (SQLite in `data_dir` by default, PostgreSQL for HA), reached through one
+//! code path over `sqlx::AnyPool`.
 
 mod agents;
 mod bundle;
@@ -8,6 +9,7 @@ mod ca_slots;
 mod entries;
 mod error;
 mod join_tokens;
+mod leases;
 mod migrations;
 mod secrets;
 #[cfg(test)]
@@ -24,7 +26,8 @@ pub use ca_slots::{CaSlotRecord, CaSlotState};
 pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
 pub use error::StoreError;
 pub use join_tokens::JoinTokenRecord;
-pub use secrets::{JobRecord, LocalVersionRecord, SecretRecord};
+pub use leases::LeaseRecord;
+pub use secrets::{JobRecord, LocalVersionRecord, ScheduledStart, SecretRecord};
 
 /// The store's result type.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

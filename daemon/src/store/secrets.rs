@@ -1,4 +1,5 @@
-//! Secrets, their rotation jobs, and the versions of Mayfly's own encrypted store. Values
+//! Secrets, their rotation jobs (with the claims that keep two daemons from running one
+//! job, and the indexes that keep two jobs from running for one secret), and the versions of Mayfly's own encrypted store. Values
 //! and definitions arrive here already sealed: the datastore never sees plaintext.
 
 use sqlx::Row as _;
@@ -33,6 +34,24 @@ pub struct JobRecord {
     pub created_at: i64,
     pub updated_at: i64,
     pub finished_at: Option<i64>,
+    /// The schedule slot (unix ms) a scheduled job runs for; `None` for manual ones.
+    pub scheduled_for: Option<i64>,
+    /// The daemon running the job; `""` when none has claimed it.
+    pub claimed_by: String,
+    /// Until when (unix ms) the claim holds unless renewed.
+    pub claim_expires_at: i64,
+}
+
+/// What came of starting a scheduled rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduledStart {
+    /// The slot was ours and its job is recorded.
+    Started,
+    /// The slot was ours, but another rotation of the secret is unfinished; the slot is
+    /// skipped and the schedule moved on.
+    Busy,
+    /// Another daemon already took this slot (or the schedule changed under us).
+    Taken,
 }
 
 /// One version in Mayfly's own store.
@@ -49,7 +68,8 @@ macro_rules! job_query {
     ($tail:literal) => {
         concat!(
             "SELECT token, secret_name, state, username, trigger_kind, attempts, last_error, \
-             created_at, updated_at, finished_at FROM rotation_jobs ",
+             created_at, updated_at, finished_at, scheduled_for, claimed_by, claim_expires_at \
+             FROM rotation_jobs ",
             $tail
         )
     };
@@ -140,31 +160,74 @@ impl Store {
 
     // ----- rotation jobs -----
 
-    pub async fn insert_job(&self, job: &JobRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO rotation_jobs (token, secret_name, state, username, trigger_kind, attempts, last_error, created_at, updated_at, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(&job.token)
-        .bind(&job.secret_name)
-        .bind(&job.state)
-        .bind(&job.username)
-        .bind(&job.trigger_kind)
-        .bind(job.attempts)
-        .bind(&job.last_error)
-        .bind(job.created_at)
-        .bind(job.updated_at)
-        .bind(job.finished_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    /// Records a new job, unless the secret already has an unfinished one (or, for a
+    /// scheduled job, its slot already has a job): then nothing changes and the answer is
+    /// false. The datastore decides, so this holds across daemons.
+    pub async fn insert_job(&self, job: &JobRecord) -> Result<bool> {
+        let done = insert_job_query(job).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
     }
 
-    /// Records a job's progress.
-    pub async fn update_job(&self, job: &JobRecord) -> Result<()> {
-        sqlx::query(
+    /// Starts the scheduled job for slot `due` in one transaction: moves the secret's
+    /// schedule from `due` to `following` (only if it still says `due`, so of several
+    /// daemons one takes the slot) and records `job` unless another rotation of the
+    /// secret is unfinished.
+    pub async fn start_scheduled_job(
+        &self,
+        job: &JobRecord,
+        due: i64,
+        following: Option<i64>,
+    ) -> Result<ScheduledStart> {
+        let mut tx = self.pool.begin().await?;
+        let moved =
+            sqlx::query("UPDATE secrets SET next_run_at = $1 WHERE name = $2 AND next_run_at = $3")
+                .bind(following)
+                .bind(&job.secret_name)
+                .bind(due)
+                .execute(&mut *tx)
+                .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(ScheduledStart::Taken);
+        }
+        let inserted = insert_job_query(job).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(if inserted.rows_affected() == 1 {
+            ScheduledStart::Started
+        } else {
+            ScheduledStart::Busy
+        })
+    }
+
+    /// Claims (or renews the claim on) an unfinished job for `holder` until `expires_at`:
+    /// succeeds when `holder` holds it already or the previous claim ran out before `now`.
+    pub async fn claim_job(
+        &self,
+        token: &str,
+        holder: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE rotation_jobs SET claimed_by = $1, claim_expires_at = $2 \
+             WHERE token = $3 AND state <> 'promoted' AND state <> 'failed' \
+             AND (claimed_by = $1 OR claim_expires_at < $4)",
+        )
+        .bind(holder)
+        .bind(expires_at)
+        .bind(token)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a job's progress, if `holder` still holds its claim; false when another
+    /// daemon has taken the job over (nothing is written then).
+    pub async fn update_job(&self, job: &JobRecord, holder: &str) -> Result<bool> {
+        let done = sqlx::query(
             "UPDATE rotation_jobs SET state = $1, attempts = $2, last_error = $3, updated_at = $4, finished_at = $5 \
-             WHERE token = $6",
+             WHERE token = $6 AND claimed_by = $7",
         )
         .bind(&job.state)
         .bind(job.attempts)
@@ -172,9 +235,10 @@ impl Store {
         .bind(job.updated_at)
         .bind(job.finished_at)
         .bind(&job.token)
+        .bind(holder)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     pub async fn get_job(&self, token: &str) -> Result<JobRecord> {
@@ -191,11 +255,15 @@ impl Store {
         }
     }
 
-    /// Jobs that neither promoted nor failed: what a restarted daemon must finish.
-    pub async fn unfinished_jobs(&self) -> Result<Vec<JobRecord>> {
+    /// Unfinished jobs that `holder` may run: its own (a restarted daemon finishing what
+    /// it started) and those whose claim ran out before `now` (a lost daemon's).
+    pub async fn resumable_jobs(&self, holder: &str, now: i64) -> Result<Vec<JobRecord>> {
         let rows = sqlx::query(job_query!(
-            "WHERE state <> 'promoted' AND state <> 'failed' ORDER BY created_at, token"
+            "WHERE state <> 'promoted' AND state <> 'failed' AND (claimed_by = $1 OR claim_expires_at < $2) \
+             ORDER BY created_at, token"
         ))
+        .bind(holder)
+        .bind(now)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
@@ -312,6 +380,29 @@ impl Store {
     }
 }
 
+/// `ON CONFLICT DO NOTHING` without a target covers the partial unique indexes on
+/// unfinished jobs and schedule slots, on both backends.
+fn insert_job_query(job: &JobRecord) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(
+        "INSERT INTO rotation_jobs (token, secret_name, state, username, trigger_kind, attempts, last_error, \
+         created_at, updated_at, finished_at, scheduled_for, claimed_by, claim_expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
+    )
+    .bind(&job.token)
+    .bind(&job.secret_name)
+    .bind(&job.state)
+    .bind(&job.username)
+    .bind(&job.trigger_kind)
+    .bind(job.attempts)
+    .bind(&job.last_error)
+    .bind(job.created_at)
+    .bind(job.updated_at)
+    .bind(job.finished_at)
+    .bind(job.scheduled_for)
+    .bind(&job.claimed_by)
+    .bind(job.claim_expires_at)
+}
+
 fn secret_from_row(row: &AnyRow) -> Result<SecretRecord> {
     Ok(SecretRecord {
         name: row.try_get("name")?,
@@ -337,5 +428,8 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         finished_at: row.try_get("finished_at")?,
+        scheduled_for: row.try_get("scheduled_for")?,
+        claimed_by: row.try_get("claimed_by")?,
+        claim_expires_at: row.try_get("claim_expires_at")?,
     })
 }

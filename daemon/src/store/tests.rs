@@ -95,6 +95,11 @@ on_both_backends!(
     ca_slot_activation,
     bundle_sequence_grows,
     migrations_are_idempotent,
+    lease_is_held_renewed_and_taken_over,
+    lease_goes_to_one_of_many,
+    one_unfinished_job_per_secret,
+    job_claims_fence_progress,
+    schedule_slot_starts_one_job,
 );
 
 fn strings(values: &[&str]) -> Vec<String> {
@@ -686,7 +691,7 @@ async fn migrations_are_idempotent(db: TestDb) {
         .try_get("n")
         .expect("n");
     // Every embedded migration, each applied exactly once.
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
 
     if expected == Backend::Sqlite {
         let file = db.dir.path().join(SQLITE_FILE_NAME);
@@ -711,6 +716,319 @@ async fn migrations_are_idempotent(db: TestDb) {
             .expect("foreign keys flag");
         assert_eq!(foreign_keys, 1);
     }
+}
+
+const SCHEDULER: &str = "scheduler";
+
+async fn lease_is_held_renewed_and_taken_over(db: TestDb) {
+    // Two daemons, each with its own pool on the one datastore.
+    let a = db.connect().await;
+    let b = db.connect().await;
+    assert_eq!(a.get_lease(SCHEDULER).await.expect("read"), None);
+    assert!(
+        a.acquire_lease(SCHEDULER, "a", 1_000, 16_000)
+            .await
+            .expect("take")
+    );
+    assert!(
+        !b.acquire_lease(SCHEDULER, "b", 2_000, 17_000)
+            .await
+            .expect("refused")
+    );
+    assert!(
+        a.acquire_lease(SCHEDULER, "a", 5_000, 20_000)
+            .await
+            .expect("renew")
+    );
+    // At the old expiry the renewed lease still holds.
+    assert!(
+        !b.acquire_lease(SCHEDULER, "b", 16_001, 31_001)
+            .await
+            .expect("refused")
+    );
+    assert_eq!(
+        b.get_lease(SCHEDULER).await.expect("read"),
+        Some(LeaseRecord {
+            holder: "a".into(),
+            expires_at: 20_000
+        })
+    );
+    // A stops renewing: once the lease has run out, B takes it and A cannot renew.
+    assert!(
+        b.acquire_lease(SCHEDULER, "b", 20_001, 35_001)
+            .await
+            .expect("take over")
+    );
+    assert!(
+        !a.acquire_lease(SCHEDULER, "a", 20_002, 35_002)
+            .await
+            .expect("lost")
+    );
+    // Other leases are independent.
+    assert!(
+        a.acquire_lease("other", "a", 20_003, 35_003)
+            .await
+            .expect("other")
+    );
+    // Releasing hands it over at once; only the holder can release.
+    a.release_lease(SCHEDULER, "a")
+        .await
+        .expect("no-op release");
+    assert!(
+        !a.acquire_lease(SCHEDULER, "a", 21_000, 36_000)
+            .await
+            .expect("still b's")
+    );
+    b.release_lease(SCHEDULER, "b").await.expect("release");
+    assert!(
+        a.acquire_lease(SCHEDULER, "a", 21_001, 36_001)
+            .await
+            .expect("released")
+    );
+}
+
+async fn lease_goes_to_one_of_many(db: TestDb) {
+    const DAEMONS: usize = 8;
+    let mut stores = Vec::new();
+    for _ in 0..DAEMONS {
+        stores.push(db.connect().await);
+    }
+    // Twice: on an empty table (all insert) and on an expired lease (all update).
+    for (now, holder_prefix) in [(1_000, "first"), (100_000, "second")] {
+        let start = Arc::new(tokio::sync::Barrier::new(DAEMONS));
+        let mut tasks = Vec::new();
+        for (i, store) in stores.iter().enumerate() {
+            let store = store.clone();
+            let start = Arc::clone(&start);
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                let holder = format!("{holder_prefix}-{i}");
+                store
+                    .acquire_lease(SCHEDULER, &holder, now, now + 15_000)
+                    .await
+                    .map(|won| won.then_some(holder))
+            }));
+        }
+        let mut winners = Vec::new();
+        for task in tasks {
+            if let Some(holder) = task.await.expect("task").expect("acquire") {
+                winners.push(holder);
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one daemon leads: {winners:?}");
+        let lease = stores[0].get_lease(SCHEDULER).await.expect("read");
+        assert_eq!(lease.map(|l| l.holder), winners.pop());
+    }
+}
+
+fn secret_record(name: &str, next_run_at: Option<i64>) -> SecretRecord {
+    SecretRecord {
+        name: name.into(),
+        spec_sealed: vec![1, 2, 3],
+        source: "api".into(),
+        next_run_at,
+        last_run_at: None,
+        last_outcome: "never run".into(),
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+fn job(token: &str, secret: &str, holder: &str, claim_until: i64) -> JobRecord {
+    JobRecord {
+        token: token.into(),
+        secret_name: secret.into(),
+        state: "created".into(),
+        username: String::new(),
+        trigger_kind: "manual".into(),
+        attempts: 0,
+        last_error: String::new(),
+        created_at: 1,
+        updated_at: 1,
+        finished_at: None,
+        scheduled_for: None,
+        claimed_by: holder.into(),
+        claim_expires_at: claim_until,
+    }
+}
+
+async fn one_unfinished_job_per_secret(db: TestDb) {
+    let a = db.connect().await;
+    let b = db.connect().await;
+    for name in ["s", "t"] {
+        a.upsert_secret(&secret_record(name, None))
+            .await
+            .expect("secret");
+    }
+    assert!(
+        a.insert_job(&job("j1", "s", "a", 10_000))
+            .await
+            .expect("first")
+    );
+    // Another daemon asking to rotate the same secret is refused while j1 runs ...
+    assert!(
+        !b.insert_job(&job("j2", "s", "b", 10_000))
+            .await
+            .expect("busy")
+    );
+    // ... but not for another secret.
+    assert!(
+        b.insert_job(&job("j3", "t", "b", 10_000))
+            .await
+            .expect("other secret")
+    );
+    let mut finished = a.get_job("j1").await.expect("j1");
+    finished.state = "promoted".into();
+    finished.finished_at = Some(2);
+    assert!(a.update_job(&finished, "a").await.expect("finish"));
+    assert!(
+        b.insert_job(&job("j2", "s", "b", 10_000))
+            .await
+            .expect("free again")
+    );
+    let mut failed = b.get_job("j2").await.expect("j2");
+    failed.state = "failed".into();
+    assert!(b.update_job(&failed, "b").await.expect("fail"));
+    assert!(
+        a.insert_job(&job("j4", "s", "a", 10_000))
+            .await
+            .expect("after a failure")
+    );
+    let unfinished: Vec<String> = a
+        .resumable_jobs("nobody", 20_000)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|j| j.token)
+        .collect();
+    assert_eq!(unfinished, ["j3", "j4"]);
+}
+
+async fn job_claims_fence_progress(db: TestDb) {
+    let a = db.connect().await;
+    let b = db.connect().await;
+    a.upsert_secret(&secret_record("s", None))
+        .await
+        .expect("secret");
+    assert!(
+        a.insert_job(&job("j", "s", "a", 10_000))
+            .await
+            .expect("insert")
+    );
+    let mut progress = a.get_job("j").await.expect("read");
+    assert_eq!(
+        (progress.claimed_by.as_str(), progress.claim_expires_at),
+        ("a", 10_000)
+    );
+
+    // While A's claim holds, B can neither claim nor resume the job; A renews it.
+    assert!(!b.claim_job("j", "b", 5_000, 20_000).await.expect("refused"));
+    assert!(b.resumable_jobs("b", 5_000).await.expect("list").is_empty());
+    assert_eq!(a.resumable_jobs("a", 5_000).await.expect("own").len(), 1);
+    assert!(a.claim_job("j", "a", 9_000, 24_000).await.expect("renew"));
+    assert!(
+        !b.claim_job("j", "b", 10_001, 25_001)
+            .await
+            .expect("renewed")
+    );
+
+    // A goes silent; once its claim has run out, B takes the job over, and A's late
+    // progress is refused rather than written over B's.
+    let resumable = b.resumable_jobs("b", 24_001).await.expect("list");
+    assert_eq!(resumable.len(), 1);
+    assert!(
+        b.claim_job("j", "b", 24_001, 39_001)
+            .await
+            .expect("take over")
+    );
+    progress.state = "pending_stored".into();
+    assert!(!a.update_job(&progress, "a").await.expect("fenced"));
+    assert!(!a.claim_job("j", "a", 24_002, 39_002).await.expect("lost"));
+    assert_eq!(b.get_job("j").await.expect("read").state, "created");
+    progress.state = "pending_stored".into();
+    assert!(b.update_job(&progress, "b").await.expect("b records"));
+    assert_eq!(a.get_job("j").await.expect("read").state, "pending_stored");
+
+    // A finished job cannot be claimed at all.
+    progress.state = "promoted".into();
+    assert!(b.update_job(&progress, "b").await.expect("finish"));
+    assert!(
+        !b.claim_job("j", "b", 50_000, 65_000)
+            .await
+            .expect("finished")
+    );
+    assert!(
+        b.resumable_jobs("b", 50_000)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+async fn schedule_slot_starts_one_job(db: TestDb) {
+    use ScheduledStart::*;
+    let a = db.connect().await;
+    let b = db.connect().await;
+    a.upsert_secret(&secret_record("s", Some(2_000)))
+        .await
+        .expect("secret");
+    let scheduled = |token: &str, holder: &str, slot: i64| JobRecord {
+        scheduled_for: Some(slot),
+        trigger_kind: "schedule".into(),
+        ..job(token, "s", holder, 100_000)
+    };
+    // Both daemons think slot 2000 is due; the first takes it, the second finds it taken.
+    assert_eq!(
+        a.start_scheduled_job(&scheduled("a1", "a", 2_000), 2_000, Some(4_000))
+            .await
+            .expect("a"),
+        Started
+    );
+    assert_eq!(
+        b.start_scheduled_job(&scheduled("b1", "b", 2_000), 2_000, Some(4_000))
+            .await
+            .expect("b"),
+        Taken
+    );
+    assert_eq!(
+        a.get_secret("s").await.expect("read").next_run_at,
+        Some(4_000)
+    );
+    // Slot 4000 comes while a1 is unfinished: the slot is spent without a job.
+    assert_eq!(
+        b.start_scheduled_job(&scheduled("b2", "b", 4_000), 4_000, Some(6_000))
+            .await
+            .expect("b"),
+        Busy
+    );
+    assert_eq!(
+        b.get_secret("s").await.expect("read").next_run_at,
+        Some(6_000)
+    );
+    assert!(matches!(
+        b.get_job("b2").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // Even with the schedule wound back, a slot that has a job never gets a second.
+    let mut done = a.get_job("a1").await.expect("a1");
+    done.state = "promoted".into();
+    assert!(a.update_job(&done, "a").await.expect("finish"));
+    b.set_secret_schedule("s", Some(2_000))
+        .await
+        .expect("rewind");
+    assert_eq!(
+        b.start_scheduled_job(&scheduled("b3", "b", 2_000), 2_000, Some(4_000))
+            .await
+            .expect("b"),
+        Busy
+    );
+    assert!(matches!(
+        b.get_job("b3").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let jobs = a.jobs_for_secret("s", 10).await.expect("jobs");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].scheduled_for, Some(2_000));
 }
 
 #[tokio::test]
