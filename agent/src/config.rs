@@ -150,25 +150,13 @@ impl ExecConfig {
         let mut vars = Vec::with_capacity(self.env.len());
         for (key, value) in &self.env {
             crate::sinks::check_env_name(key).map_err(|e| format!("env: {e}"))?;
-            let value = if value.starts_with("secret:") {
-                EnvValue::Secret(value.parse().map_err(|e| format!("env.{key}: {e}"))?)
-            } else {
-                EnvValue::Literal(value.clone())
-            };
+            let value = EnvValue::parse(value).map_err(|e| format!("env.{key}: {e}"))?;
             vars.push((key.clone(), value));
         }
-        let on_change = match self.on_change.as_str() {
-            "restart" => ChangeAction::Restart,
-            "none" => ChangeAction::Nothing,
-            other => match other.strip_prefix("signal:") {
-                Some(name) => ChangeAction::Signal(name.parse()?),
-                None => {
-                    return Err(format!(
-                        "key `on_change`: `{other}` is not restart, none or signal:NAME"
-                    ));
-                }
-            },
-        };
+        let on_change: ChangeAction = self
+            .on_change
+            .parse()
+            .map_err(|e| format!("key `on_change`: {e}"))?;
         Ok(crate::exec::ChildSpec {
             program: program.clone(),
             args: args.to_vec(),

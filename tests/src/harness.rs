@@ -268,6 +268,28 @@ impl DaemonProcess {
         Ok(serde_json::from_str(&self.cli_ok(&all)?)?)
     }
 
+    /// `mayflyd secret create --file` with `toml` as the file; the summary it prints.
+    pub fn define_secret(&self, toml: &str) -> anyhow::Result<serde_json::Value> {
+        let path = self
+            .dir
+            .path()
+            .join(format!("secret-{}.toml", rand::random::<u32>()));
+        std::fs::write(&path, toml)?;
+        self.cli_json(&["secret", "create", "--file", &path.to_string_lossy()])
+    }
+
+    /// (version, username, value) of the secret's current version, as an operator reads it.
+    pub fn current_secret(&self, name: &str) -> anyhow::Result<(String, String, String)> {
+        let v = self.cli_json(&["secret", "get", name])?;
+        let field = |key: &str| {
+            v[key]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("no {key} in `secret get {name}`"))
+        };
+        Ok((field("version")?, field("username")?, field("value")?))
+    }
+
     /// A fresh join token for `spiffe_id`.
     pub fn join_token(&self, spiffe_id: &str) -> anyhow::Result<String> {
         let value = self.cli_json(&["token", "generate", "--spiffe-id", spiffe_id])?;
@@ -487,6 +509,15 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, failing the test after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -12,18 +12,11 @@ use sqlx::{Connection as _, Row as _};
 use mayfly_tests::harness::{DaemonOptions, DaemonProcess, init};
 use mayfly_tests::pg::TestDatabase;
 
-const LEADER: &str = "mayfly_scheduler_leader";
-
 fn define(daemon: &DaemonProcess, toml: &str) -> Value {
-    let path = daemon
-        .dir
-        .path()
-        .join(format!("secret-{}.toml", rand::random::<u32>()));
-    std::fs::write(&path, toml).unwrap();
-    daemon
-        .cli_json(&["secret", "create", "--file", path.to_str().unwrap()])
-        .unwrap()
+    daemon.define_secret(toml).unwrap()
 }
+
+const LEADER: &str = "mayfly_scheduler_leader";
 
 /// Polls `check` until it holds, failing the test after `timeout`.
 async fn eventually(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {

@@ -6,29 +6,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use mayfly_tests::harness::{DaemonOptions, DaemonProcess, init};
+use mayfly_tests::harness::{DaemonOptions, DaemonProcess, init, wait_for};
 use mayfly_tests::services::{
     self, drop_mysql_user, drop_pg_role, mysql_login, mysql_user, pg_role, pg_verifier,
 };
 
 fn define(daemon: &DaemonProcess, toml: &str) -> Value {
-    let path = daemon
-        .dir
-        .path()
-        .join(format!("secret-{}.toml", rand::random::<u32>()));
-    std::fs::write(&path, toml).unwrap();
-    daemon
-        .cli_json(&["secret", "create", "--file", path.to_str().unwrap()])
-        .unwrap()
+    daemon.define_secret(toml).unwrap()
 }
 
 fn current(daemon: &DaemonProcess, name: &str) -> (String, String, String) {
-    let v = daemon.cli_json(&["secret", "get", name]).unwrap();
-    (
-        v["version"].as_str().unwrap().to_string(),
-        v["username"].as_str().unwrap().to_string(),
-        v["value"].as_str().unwrap().to_string(),
-    )
+    daemon.current_secret(name).unwrap()
 }
 
 fn status(daemon: &DaemonProcess, name: &str) -> Value {
@@ -42,14 +30,6 @@ fn promoted_jobs(daemon: &DaemonProcess, name: &str) -> usize {
         .iter()
         .filter(|j| j["state"] == "promoted")
         .count()
-}
-
-fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut check: F) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A single-user secret in Mayfly's own store against MariaDB user `user`.

@@ -10,21 +10,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use mayfly_tests::harness::{AgentProcess, DaemonOptions, DaemonProcess, binary, init};
+use mayfly_tests::harness::{AgentProcess, DaemonOptions, DaemonProcess, binary, init, wait_for};
 use mayfly_tests::services::PasswordPostgres;
 
-const AGENT_ID: &str = "spiffe://example.org/node/a";
-
 fn define(daemon: &DaemonProcess, toml: &str) -> Value {
-    let path = daemon
-        .dir
-        .path()
-        .join(format!("secret-{}.toml", rand::random::<u32>()));
-    std::fs::write(&path, toml).unwrap();
-    daemon
-        .cli_json(&["secret", "create", "--file", path.to_str().unwrap()])
-        .unwrap()
+    daemon.define_secret(toml).unwrap()
 }
+
+fn current(daemon: &DaemonProcess, name: &str) -> (String, String, String) {
+    daemon.current_secret(name).unwrap()
+}
+
+const AGENT_ID: &str = "spiffe://example.org/node/a";
 
 /// An opaque secret in Mayfly's own store, granted to `grants`, with one version already.
 fn opaque_secret(daemon: &DaemonProcess, name: &str, grants: &[&str]) {
@@ -40,24 +37,6 @@ fn opaque_secret(daemon: &DaemonProcess, name: &str, grants: &[&str]) {
         ),
     );
     daemon.cli_ok(&["secret", "rotate", name]).unwrap();
-}
-
-/// (version, username, value) of the current version.
-fn current(daemon: &DaemonProcess, name: &str) -> (String, String, String) {
-    let v = daemon.cli_json(&["secret", "get", name]).unwrap();
-    (
-        v["version"].as_str().unwrap().to_string(),
-        v["username"].as_str().unwrap().to_string(),
-        v["value"].as_str().unwrap().to_string(),
-    )
-}
-
-fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut check: F) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn read(path: &Path) -> String {

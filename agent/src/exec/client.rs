@@ -123,11 +123,7 @@ fn parse_pair(pair: &str) -> Result<(String, EnvValue), String> {
         .split_once('=')
         .ok_or_else(|| format!("`{pair}` is not KEY=VALUE"))?;
     check_env_name(key)?;
-    let value = if value.starts_with("secret:") {
-        EnvValue::Secret(value.parse().map_err(|e| format!("{key}: {e}"))?)
-    } else {
-        EnvValue::Literal(value.to_string())
-    };
+    let value = EnvValue::parse(value).map_err(|e| format!("{key}: {e}"))?;
     Ok((key.to_string(), value))
 }
 

@@ -43,6 +43,17 @@ pub enum EnvValue {
     Literal(String),
 }
 
+impl EnvValue {
+    /// `secret:NAME[:FIELD]` is a reference; anything else is taken as it is.
+    pub fn parse(value: &str) -> Result<Self, crate::secret_ref::SecretRefError> {
+        if value.starts_with("secret:") {
+            Ok(Self::Secret(value.parse()?))
+        } else {
+            Ok(Self::Literal(value.to_string()))
+        }
+    }
+}
+
 /// What a change of the child's secrets does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeAction {
@@ -52,6 +63,24 @@ pub enum ChangeAction {
     Signal(Signal),
     /// Leave it alone.
     Nothing,
+}
+
+impl std::str::FromStr for ChangeAction {
+    type Err = String;
+
+    /// "restart", "none" or "signal:NAME", as `--on-change` and `[exec] on_change` take it.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "restart" => Ok(Self::Restart),
+            "none" => Ok(Self::Nothing),
+            other => match other.strip_prefix("signal:") {
+                Some(name) => Ok(Self::Signal(name.parse()?)),
+                None => Err(format!(
+                    "`{other}` is not restart, none or signal:NAME (signal:HUP)"
+                )),
+            },
+        }
+    }
 }
 
 /// How to run the child.

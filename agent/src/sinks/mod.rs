@@ -543,17 +543,23 @@ fn resolve_id(text: &str, lookup: Lookup) -> Result<u32, String> {
     })
 }
 
+/// `[[sink]]` tables from TOML text, checked, for the tests of this module and its children.
+#[cfg(test)]
+pub(crate) fn parse_for_tests(toml_text: &str) -> Result<Vec<Sink>, String> {
+    #[derive(Deserialize)]
+    struct File {
+        sink: Vec<SinkConfig>,
+    }
+    let file: File = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+    check_all(&file.sink, false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(toml_text: &str) -> Result<Vec<Sink>, String> {
-        #[derive(Deserialize)]
-        struct File {
-            sink: Vec<SinkConfig>,
-        }
-        let file: File = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        check_all(&file.sink, false)
+        parse_for_tests(toml_text)
     }
 
     #[test]

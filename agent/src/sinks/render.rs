@@ -360,7 +360,6 @@ fn redact(mut message: String, state: &WorkloadState) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::{SinkConfig, check_all};
     use crate::state::{Bundle, WorkloadState};
 
     fn state_with(secrets: &[(&str, &str, &str)]) -> WorkloadState {
@@ -387,12 +386,7 @@ mod tests {
     }
 
     fn sinks(toml_text: &str) -> Vec<Sink> {
-        #[derive(serde::Deserialize)]
-        struct File {
-            sink: Vec<SinkConfig>,
-        }
-        let file: File = toml::from_str(toml_text).unwrap();
-        check_all(&file.sink, false).unwrap()
+        crate::sinks::parse_for_tests(toml_text).unwrap()
     }
 
     fn text(files: Option<Vec<RenderedFile>>) -> String {

@@ -127,6 +127,22 @@ impl WorkloadApi {
         watch_stream::<V>(self.state.clone(), self.closing.subscribe(), caller)
     }
 
+    /// A stream for a caller that matches at least one entry; an unregistered caller is
+    /// refused from the call itself, before any stream starts.
+    async fn registered_stream<V: streams::View, T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<ResponseStream<V::Message>, Status> {
+        let caller = self
+            .attest_caller(request)
+            .await
+            .map_err(WorkloadApiError::into_status)?;
+        if self.state.borrow().entries_for(&caller).is_empty() {
+            return Err(WorkloadApiError::NoIdentityIssued { requested: None }.into_status());
+        }
+        Ok(self.stream::<V>(caller))
+    }
+
     async fn fetch_jwt_svids(
         &self,
         request: Request<JwtsvidRequest>,
@@ -235,15 +251,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let caller = self
-            .attest_caller(&request)
+        self.registered_stream::<X509SvidView, _>(&request)
             .await
-            .map_err(WorkloadApiError::into_status)?;
-        // An unregistered caller is refused from the call itself, before any stream starts.
-        if self.state.borrow().entries_for(&caller).is_empty() {
-            return Err(WorkloadApiError::NoIdentityIssued { requested: None }.into_status());
-        }
-        Ok(Response::new(self.stream::<X509SvidView>(caller)))
+            .map(Response::new)
     }
 
     async fn fetch_x509_bundles(

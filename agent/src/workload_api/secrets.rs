@@ -62,13 +62,8 @@ impl WorkloadSecrets for WorkloadApi {
         &self,
         request: Request<WatchSecretsRequest>,
     ) -> Result<Response<Self::WatchSecretsStream>, Status> {
-        let caller = self
-            .attest_caller(&request)
+        self.registered_stream::<SecretsView, _>(&request)
             .await
-            .map_err(WorkloadApiError::into_status)?;
-        if self.state.borrow().entries_for(&caller).is_empty() {
-            return Err(WorkloadApiError::NoIdentityIssued { requested: None }.into_status());
-        }
-        Ok(Response::new(self.stream::<SecretsView>(caller)))
+            .map(Response::new)
     }
 }
