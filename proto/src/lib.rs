@@ -8,6 +8,7 @@ pub mod selector;
 pub mod spiffe_id;
 pub mod svid;
 pub mod tls;
+pub mod workload_codec;
 
 pub use selector::{Selector, SelectorError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
