@@ -41,8 +41,9 @@ pub struct ExecArgs {
     /// How long to wait for every secret before giving up.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
-    #[command(flatten)]
-    pub endpoint: Endpoint,
+    /// The agent's socket; default: SPIFFE_ENDPOINT_SOCKET, then /run/mayfly-agent/api.sock.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -79,7 +80,10 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
         .stop_signal
         .parse()
         .map_err(|e| anyhow::anyhow!("--stop-signal: {e}"))?;
-    let socket = socket_path(&args.endpoint)?;
+    let socket = socket_path(&Endpoint {
+        socket: args.socket.clone(),
+        json: false,
+    })?;
     let socket = std::path::absolute(&socket).unwrap_or(socket);
     let (program, rest) = args
         .command
