@@ -18,6 +18,7 @@ use mayfly_proto::v1::{self};
 use crate::attest::node::{self, IdentityFiles, NodeError, NodeIdentity};
 use crate::config::AgentConfig;
 use crate::sinks::SinkRunner;
+use crate::sinks::runner::SinkProgress;
 use crate::state::{Bundle, JwtIssuer, WorkloadState};
 use crate::sync::svids::SvidCache;
 use crate::sync::{self, Authorized, Backoff, ClientCell, StreamEnd};
@@ -79,6 +80,7 @@ pub async fn start(
     let identity = Arc::new(watch::channel(identity).0);
 
     let (authorized_tx, authorized_rx) = watch::channel(Authorized::default());
+    let authorized_tx = Arc::new(authorized_tx);
     let placeholder = Bundle {
         trust_domain: config.trust_domain.clone(),
         x509_authorities: bundle.clone(),
@@ -100,15 +102,25 @@ pub async fn start(
     // Why the agent must stop by itself (banned, a sink that cannot be rendered, the
     // supervised child gone), as the message it ends with.
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
-    start_sinks_and_exec(&config, state_rx.clone(), fatal_tx.clone())?;
-    tokio::spawn(sync_loop(
-        config.clone(),
-        files.clone(),
-        tokens,
-        trust.clone(),
+    let progress = start_sinks_and_exec(&config, state_rx.clone(), fatal_tx.clone())?;
+    tokio::spawn(sync::revocations::acknowledge(
         client.clone(),
-        identity.clone(),
-        authorized_tx,
+        authorized_tx.clone(),
+        state_rx.clone(),
+        progress.clone(),
+    ));
+    tokio::spawn(sync_loop(
+        SyncContext {
+            config: config.clone(),
+            files: files.clone(),
+            tokens,
+            trust: trust.clone(),
+            client: client.clone(),
+            identity: identity.clone(),
+            authorized: authorized_tx,
+            state: state_rx.clone(),
+            progress,
+        },
         fatal_tx,
     ));
     tokio::spawn(renew_loop(
@@ -170,11 +182,12 @@ const CHILD_DONE: &str = "";
 /// Starts the sinks and, under `[exec]`, the supervised child once the sinks' first files
 /// are written. A sink that cannot be rendered from the first full state stops the agent
 /// before anything is written; so does the child's exit (with its code when not 0).
+/// Returns the sinks' progress, when there are sinks.
 fn start_sinks_and_exec(
     config: &AgentConfig,
     state: watch::Receiver<Arc<WorkloadState>>,
     fatal: watch::Sender<Option<String>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<watch::Receiver<SinkProgress>>> {
     let sinks = config.checked_sinks().map_err(anyhow::Error::msg)?;
     let spec = config
         .exec
@@ -183,10 +196,11 @@ fn start_sinks_and_exec(
         .transpose()
         .map_err(|e| anyhow::anyhow!("[exec]: {e}"))?;
     if sinks.is_empty() && spec.is_none() {
-        return Ok(());
+        return Ok(None);
     }
     let (exec_tx, exec_rx) = tokio::sync::mpsc::channel(4);
     let runner = SinkRunner::new(sinks, spec.is_some().then_some(exec_tx));
+    let progress = runner.progress();
     let sink_fatal = fatal.clone();
     tokio::spawn(async move {
         if let Err(e) = runner.run(state).await {
@@ -195,7 +209,7 @@ fn start_sinks_and_exec(
         }
     });
     let Some(spec) = spec else {
-        return Ok(());
+        return Ok(Some(progress));
     };
     tokio::spawn(async move {
         let program = spec.program.clone();
@@ -206,7 +220,7 @@ fn start_sinks_and_exec(
         };
         let _ = fatal.send(Some(why));
     });
-    Ok(())
+    Ok(Some(progress))
 }
 
 async fn attest_now(
@@ -258,17 +272,31 @@ fn lazy_client(
     Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn sync_loop(
+/// What the sync loop works with.
+struct SyncContext {
     config: AgentConfig,
     files: IdentityFiles,
     tokens: TokenSource,
     trust: TrustBundle,
     client: ClientCell,
     identity: Arc<watch::Sender<NodeIdentity>>,
-    authorized: watch::Sender<Authorized>,
-    fatal: watch::Sender<Option<String>>,
-) {
+    authorized: Arc<watch::Sender<Authorized>>,
+    state: watch::Receiver<Arc<WorkloadState>>,
+    progress: Option<watch::Receiver<SinkProgress>>,
+}
+
+async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<String>>) {
+    let SyncContext {
+        config,
+        files,
+        tokens,
+        trust,
+        client,
+        identity,
+        authorized,
+        state,
+        progress,
+    } = context;
     let mut backoff = Backoff::default();
     let save_files = files.clone();
     let on_bundle = move |bundle: &v1::Bundle| {
@@ -289,7 +317,23 @@ async fn sync_loop(
                 tokio::time::sleep(delay).await;
             }
             StreamEnd::Banned(reason) => {
-                tracing::error!(%reason, "this agent is banned; stopping");
+                tracing::error!(%reason, "this agent is banned; removing what it held, then stopping");
+                // Nothing it held may outlive it: sinks remove or blank their files, and
+                // the ban's revocation is acknowledged, before the agent goes.
+                authorized.send_modify(|a| {
+                    a.revoked_ids
+                        .extend(a.entries.values().map(|e| e.spiffe_id.clone()));
+                    a.entries.clear();
+                    a.secrets.clear();
+                    a.revoked_all = true;
+                });
+                sync::revocations::settle(
+                    &authorized,
+                    &state,
+                    progress.as_ref(),
+                    Duration::from_secs(5),
+                )
+                .await;
                 let _ = files.clear();
                 let _ = fatal.send(Some(format!("the daemon banned this agent: {reason}")));
                 return;

@@ -1,7 +1,7 @@
 //! What the agent currently holds, published whole through a watch channel: the sync
 //! stream and the SVID cache write it, the Workload API and sinks read it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -100,6 +100,26 @@ pub struct WorkloadState {
     pub secrets: BTreeMap<String, Arc<SecretView>>,
     /// True once the daemon has sent this agent's full state at least once.
     pub synced: bool,
+    /// Bumped on every change, so a reader can tell when it has caught up.
+    pub version: u64,
+    /// SPIFFE IDs whose entries were revoked: sinks remove or blank their files.
+    pub revoked_ids: BTreeSet<String>,
+    /// Everything is revoked (the agent was banned): every sink removes or blanks.
+    pub revoked_all: bool,
+    /// Revocations applied and not yet acknowledged, with what the SVID cache did.
+    pub revocations: Vec<Arc<PendingRevocation>>,
+}
+
+/// A revocation the agent is carrying out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRevocation {
+    pub message: mayfly_proto::v1::Revocation,
+    /// Serials the agent held and dropped.
+    pub dropped: Vec<String>,
+    /// SPIFFE IDs still valid here that wait for a fresh SVID.
+    pub awaiting: Vec<String>,
+    /// SPIFFE IDs that have their fresh SVID.
+    pub reissued: Vec<String>,
 }
 
 impl WorkloadState {
@@ -110,6 +130,10 @@ impl WorkloadState {
             bundle: Arc::new(bundle),
             secrets: BTreeMap::new(),
             synced: false,
+            version: 0,
+            revoked_ids: BTreeSet::new(),
+            revoked_all: false,
+            revocations: Vec::new(),
         }
     }
 

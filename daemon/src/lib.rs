@@ -1,6 +1,7 @@
 //! mayflyd as a library: the binary, the end-to-end tests and the bench harness share it.
 
 pub mod api;
+pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod dev;
 pub use mayfly_proto::fsutil;
 pub mod identity;
 pub mod metrics;
+pub mod revoke;
 pub mod secrets;
 pub mod server;
 pub mod store;

@@ -28,6 +28,11 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
+            // A revocation some agents did not acknowledge: the report, and exit 3.
+            if let Some(partial) = e.downcast_ref::<operator::Unacknowledged>() {
+                let _ = std::io::stdout().write_all(partial.0.as_bytes());
+                return std::process::ExitCode::from(3);
+            }
             eprintln!("mayflyd: {e:#}");
             std::process::ExitCode::FAILURE
         }
@@ -55,5 +60,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Bundle { command, conn } => operator::bundle(command, &conn).await,
         Command::Ca { command, conn } => operator::ca(command, &conn).await,
         Command::Secret { command, conn } => operator::secret(command, &conn).await,
+        Command::Revoke { command, conn } => operator::revoke(command, &conn).await,
+        Command::Audit { command, conn } => operator::audit(command, &conn).await,
     }
 }

@@ -15,11 +15,13 @@ use mayfly_proto::v1::admin_server::AdminServer;
 use mayfly_proto::v1::node_server::NodeServer;
 
 use crate::api::{admin::AdminApi, node::NodeApi, tls};
+use crate::audit::{Actor, Audit, Event};
 use crate::ca::manager::CaManager;
 use crate::config::DaemonConfig;
 use crate::fsutil;
 use crate::identity::{Clock, Registry, SystemClock};
 use crate::metrics::{self, Metrics};
+use crate::revoke::Revoker;
 use crate::secrets::engine::{LeaseSettings, RotationEngine};
 use crate::secrets::local::SealingKey;
 use crate::store::Store;
@@ -58,6 +60,9 @@ pub async fn start(
         .await
         .context("starting the CA")?,
     );
+    let audit = Audit::start(store.clone(), clock.clone())
+        .await
+        .context("opening the audit log")?;
     let sealing =
         Arc::new(SealingKey::load_or_create(&config.data_dir).context("loading the secrets key")?);
     let metrics = Arc::new(Metrics::default());
@@ -77,10 +82,38 @@ pub async fn start(
         lease,
         clock.clone(),
         metrics.clone(),
+        audit.clone(),
     )
     .await
     .context("starting the rotation engine")?;
-    let registry = Arc::new(Registry::load(store, ca.clone(), &config, clock.clone()).await?);
+    let registry =
+        Arc::new(Registry::load(store.clone(), ca.clone(), &config, clock.clone()).await?);
+    let revoker = Arc::new(Revoker::new(
+        registry.clone(),
+        secrets.clone(),
+        audit.clone(),
+    ));
+    audit.note(
+        Event::new(&Actor::Daemon, "daemon.start", config.trust_domain.as_str())
+            .scope(format!("node API {}", config.node_listen)),
+    );
+
+    // Issued-SVID and deny-list lines are needed only until the certificates expire.
+    let prune_store = store.clone();
+    let prune_clock = clock.clone();
+    tokio::spawn(async move {
+        let mut timer = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            timer.tick().await;
+            let now = crate::ca::manager::unix(prune_clock.now());
+            if let Err(e) = prune_store.prune_issued_svids(now).await {
+                tracing::warn!(error = %e, "could not prune expired issued SVIDs");
+            }
+            if let Err(e) = prune_store.prune_revoked_serials(now).await {
+                tracing::warn!(error = %e, "could not prune the deny list");
+            }
+        }
+    });
 
     let tick_ca = ca.clone();
     let tick_clock = clock.clone();
@@ -108,9 +141,16 @@ pub async fn start(
         registry.clone(),
         secrets.clone(),
         metrics.clone(),
+        audit.clone(),
+        revoker.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes);
-    let admin_service = AdminServer::new(AdminApi::new(registry.clone(), secrets.clone()));
+    let admin_service = AdminServer::new(AdminApi::new(
+        registry.clone(),
+        secrets.clone(),
+        audit.clone(),
+        revoker.clone(),
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_addr = match metrics_listener {

@@ -5,7 +5,7 @@
 //! `runner` writes them and fires the change actions.
 
 mod render;
-mod runner;
+pub mod runner;
 
 use std::path::{Path, PathBuf};
 
@@ -73,6 +73,10 @@ pub struct SinkConfig {
     pub pid: Option<i32>,
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
+    /// What happens to the files when what they hold is revoked: remove (the default) or
+    /// blank (truncate to empty, for apps that must find the file).
+    #[serde(default)]
+    pub on_revoke: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -94,6 +98,14 @@ pub struct Sink {
     pub owner: Option<u32>,
     pub group: Option<u32>,
     pub on_change: OnChange,
+    pub on_revoke: OnRevoke,
+}
+
+/// What a sink does with its files when what they hold is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRevoke {
+    Remove,
+    Blank,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +192,15 @@ impl Sink {
             .map(|g| resolve_id(g, Lookup::Group))
             .transpose()?;
         let on_change = on_change_of(config, has_supervisor)?;
+        let on_revoke = match config.on_revoke.as_deref() {
+            None | Some("remove") => OnRevoke::Remove,
+            Some("blank") => OnRevoke::Blank,
+            Some(other) => {
+                return Err(format!(
+                    "on_revoke = \"{other}\": use \"remove\" or \"blank\""
+                ));
+            }
+        };
         Ok(Self {
             label,
             name: config.name.clone(),
@@ -187,6 +208,7 @@ impl Sink {
             owner,
             group,
             on_change,
+            on_revoke,
         })
     }
 

@@ -2,7 +2,7 @@
 //! them all before writing anything, rewrites a file only when its content differs (mode
 //! and owner are put right either way), and fires a sink's change action once per change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use mayfly_proto::fsutil;
 
 use super::render::{RenderError, RenderedFile, render};
-use super::{OnChange, PidSource, Sink};
+use super::{OnChange, OnRevoke, PidSource, Sink, SinkKind, SvidSelect};
 use crate::exec::Update;
 use crate::state::WorkloadState;
 
@@ -26,6 +26,25 @@ pub struct SinkRunner {
     /// The `[exec]` supervisor: told the secrets after every pass, and whether a sink with
     /// `on_change = "restart"` changed, in one message so that one change restarts once.
     exec: Option<mpsc::Sender<Update>>,
+    progress: watch::Sender<SinkProgress>,
+}
+
+/// How far the sinks have caught up with the agent's state, and what they did about each
+/// revocation: what the agent's acknowledgement reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkProgress {
+    /// The `WorkloadState::version` the last finished pass wrote.
+    pub applied: u64,
+    /// Per revocation id.
+    pub revocations: BTreeMap<String, RevocationEffects>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevocationEffects {
+    pub removed: Vec<String>,
+    pub blanked: Vec<String>,
+    pub actions: Vec<String>,
+    pub errors: Vec<String>,
 }
 
 /// What one pass over the sinks did.
@@ -35,6 +54,9 @@ struct Pass {
     changed: Vec<usize>,
     /// Per sink, why it could not be brought up to date.
     failures: HashMap<usize, String>,
+    /// Files removed or blanked because what they held was revoked.
+    removed: Vec<String>,
+    blanked: Vec<String>,
 }
 
 impl SinkRunner {
@@ -42,7 +64,13 @@ impl SinkRunner {
         Self {
             sinks: Arc::new(sinks),
             exec,
+            progress: watch::channel(SinkProgress::default()).0,
         }
+    }
+
+    /// Follows the passes; the revocation acknowledgements wait on it.
+    pub fn progress(&self) -> watch::Receiver<SinkProgress> {
+        self.progress.subscribe()
     }
 
     /// Waits for the daemon's first full state, checks that every sink can be rendered
@@ -75,8 +103,13 @@ impl SinkRunner {
                 .await
                 .unwrap_or_default();
             let mut restart = false;
+            let mut actions = Vec::new();
             for index in &pass.changed {
-                restart |= self.fire(&self.sinks[*index]);
+                let sink = &self.sinks[*index];
+                restart |= self.fire(sink);
+                if sink.on_change != OnChange::Nothing {
+                    actions.push(format!("{}: {}", sink.label, describe(&sink.on_change)));
+                }
             }
             // After the files: the child starts (or restarts) with its files in place.
             if let Some(exec) = &self.exec {
@@ -88,6 +121,23 @@ impl SinkRunner {
                     tracing::debug!("the supervised child is gone");
                 }
             }
+            self.progress.send_modify(|progress| {
+                for revocation in &current.revocations {
+                    progress
+                        .revocations
+                        .entry(revocation.message.id.clone())
+                        .or_insert_with(|| RevocationEffects {
+                            removed: pass.removed.clone(),
+                            blanked: pass.blanked.clone(),
+                            actions: actions.clone(),
+                            errors: pass.failures.values().cloned().collect(),
+                        });
+                }
+                progress
+                    .revocations
+                    .retain(|id, _| current.revocations.iter().any(|r| r.message.id == *id));
+                progress.applied = current.version;
+            });
             for (index, why) in &pass.failures {
                 // Once per distinct failure, not once per retry.
                 if reported.get(index) != Some(why) {
@@ -155,10 +205,99 @@ impl SinkRunner {
     }
 }
 
+fn describe(action: &OnChange) -> String {
+    match action {
+        OnChange::Nothing => "nothing".into(),
+        OnChange::Command(argv) => format!("ran {}", argv[0]),
+        OnChange::Signal { signal, .. } => format!("sent {signal}"),
+        OnChange::Restart => "restarted the supervised child".into(),
+    }
+}
+
+/// The files of `sink` that hold something revoked, if any: every file once everything
+/// is revoked; an svid sink's files when its identity's entry was revoked.
+fn revoked_paths<'a>(sink: &'a Sink, state: &WorkloadState) -> Option<Vec<&'a Path>> {
+    if state.revoked_all {
+        return Some(sink.paths());
+    }
+    let SinkKind::Svid {
+        select, cert_path, ..
+    } = &sink.kind
+    else {
+        return None;
+    };
+    let served = state.entries.iter().any(|e| match select {
+        SvidSelect::SpiffeId(id) => e.spiffe_id == *id,
+        SvidSelect::Hint(hint) => e.hint == *hint,
+    });
+    if served || state.revoked_ids.is_empty() {
+        return None;
+    }
+    let revoked = match select {
+        SvidSelect::SpiffeId(id) => state.revoked_ids.contains(id.as_str()),
+        // Which identity the files hold: the certificate on disk says.
+        SvidSelect::Hint(_) => std::fs::read_to_string(cert_path)
+            .ok()
+            .and_then(|pem| mayfly_proto::svid::parse_pem_certs(&pem).ok())
+            .and_then(|certs| certs.into_iter().next())
+            .and_then(|leaf| mayfly_proto::tls::peer_identity(&leaf).ok())
+            .is_some_and(|id| state.revoked_ids.contains(id.spiffe_id.as_str())),
+    };
+    revoked.then(|| sink.paths())
+}
+
+/// Removes or blanks one file; true when it changed.
+fn revoke_file(path: &Path, how: OnRevoke, uid: Option<u32>, gid: Option<u32>) -> io::Result<bool> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match how {
+        OnRevoke::Remove => {
+            std::fs::remove_file(path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(true)
+        }
+        OnRevoke::Blank if meta.len() == 0 => Ok(false),
+        OnRevoke::Blank => {
+            fsutil::write_atomic_owned(path, b"", meta.mode() & 0o7777, uid, gid)?;
+            Ok(true)
+        }
+    }
+}
+
 /// Brings every sink's files up to date; blocking file I/O.
 fn write_pass(sinks: &[Sink], state: &WorkloadState) -> Pass {
     let mut pass = Pass::default();
     for (index, sink) in sinks.iter().enumerate() {
+        if let Some(paths) = revoked_paths(sink, state) {
+            let mut changed = false;
+            for path in paths {
+                match revoke_file(path, sink.on_revoke, sink.owner, sink.group) {
+                    Ok(true) => {
+                        changed = true;
+                        let shown = path.display().to_string();
+                        match sink.on_revoke {
+                            OnRevoke::Remove => pass.removed.push(shown),
+                            OnRevoke::Blank => pass.blanked.push(shown),
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        pass.failures
+                            .insert(index, format!("{}: {e}", path.display()));
+                    }
+                }
+            }
+            if changed {
+                tracing::warn!(sink = %sink.label, "revoked: sink files removed or blanked");
+                pass.changed.push(index);
+            }
+            continue;
+        }
         let files = match render(sink, sinks, state) {
             Ok(Some(files)) => files,
             Ok(None) => continue,

@@ -2,9 +2,10 @@
 //! state, the SVID cache that signs and renews workload SVIDs from it, and the agent's own
 //! SVID renewal and re-attestation after eviction.
 
+pub mod revocations;
 pub mod svids;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,15 @@ pub struct Authorized {
     pub secrets: BTreeMap<String, v1::GrantedSecret>,
     /// True once a full state has arrived on the current or an earlier stream.
     pub synced: bool,
+    /// Revoked serials and when their certificates expire (unix seconds): never served.
+    pub deny: BTreeMap<String, i64>,
+    /// SPIFFE IDs whose entries were revoked: files holding them are removed or blanked.
+    /// An ID leaves the set when an entry gives it again.
+    pub revoked_ids: BTreeSet<String>,
+    /// Everything this agent held is revoked (it was banned).
+    pub revoked_all: bool,
+    /// Revocations applied but not yet acknowledged to the daemon, oldest first.
+    pub revocations: Vec<v1::Revocation>,
 }
 
 /// How a sync stream ended.
@@ -93,8 +103,25 @@ fn apply(state: &mut Authorized, update: Update) {
                 .into_iter()
                 .map(|s| (s.name.clone(), s))
                 .collect();
+            state.deny = full
+                .deny_list
+                .into_iter()
+                .map(|s| (s.serial, s.not_after))
+                .collect();
+            // Being served again means no longer revoked.
+            state.revoked_all = false;
+            let given: BTreeSet<String> = state
+                .entries
+                .values()
+                .map(|e| e.spiffe_id.clone())
+                .collect();
+            state.revoked_ids.retain(|id| !given.contains(id));
+            for revocation in full.revocations {
+                revoke(state, revocation);
+            }
             state.synced = true;
         }
+        Update::Revoked(revocation) => revoke(state, revocation),
         Update::SecretUpdated(secret) => {
             state.secrets.insert(secret.name.clone(), secret);
         }
@@ -102,6 +129,7 @@ fn apply(state: &mut Authorized, update: Update) {
             state.secrets.remove(&name);
         }
         Update::EntryUpserted(entry) => {
+            state.revoked_ids.remove(&entry.spiffe_id);
             state.entries.insert(entry.id.clone(), entry);
         }
         Update::EntryDeleted(id) => {
@@ -109,6 +137,40 @@ fn apply(state: &mut Authorized, update: Update) {
         }
         Update::BundleChanged(bundle) => state.bundle = Some(bundle),
         Update::Evicted(_) => {}
+    }
+}
+
+/// Applies a revocation to the authorized state and queues its acknowledgement.
+fn revoke(state: &mut Authorized, revocation: v1::Revocation) {
+    for id in &revocation.entry_ids {
+        state.entries.remove(id);
+    }
+    for serial in &revocation.serials {
+        state.deny.insert(serial.serial.clone(), serial.not_after);
+    }
+    let still_given: BTreeSet<&str> = state
+        .entries
+        .values()
+        .map(|e| e.spiffe_id.as_str())
+        .collect();
+    for id in &revocation.spiffe_ids {
+        if !still_given.contains(id.as_str()) {
+            state.revoked_ids.insert(id.clone());
+        }
+    }
+    for secret in &revocation.replacements {
+        state.secrets.insert(secret.name.clone(), secret.clone());
+    }
+    if revocation.everything {
+        state
+            .revoked_ids
+            .extend(state.entries.values().map(|e| e.spiffe_id.clone()));
+        state.entries.clear();
+        state.secrets.clear();
+        state.revoked_all = true;
+    }
+    if !state.revocations.iter().any(|r| r.id == revocation.id) {
+        state.revocations.push(revocation);
     }
 }
 
@@ -172,7 +234,7 @@ mod tests {
             Update::FullState(v1::FullState {
                 entries: vec![entry("a"), entry("b")],
                 bundle: Some(v1::Bundle::default()),
-                secrets: vec![],
+                ..Default::default()
             }),
         );
         assert!(state.synced);
@@ -188,7 +250,7 @@ mod tests {
             Update::FullState(v1::FullState {
                 entries: vec![entry("z")],
                 bundle: None,
-                secrets: vec![],
+                ..Default::default()
             }),
         );
         assert_eq!(state.entries.keys().cloned().collect::<Vec<_>>(), vec!["z"]);
@@ -196,6 +258,49 @@ mod tests {
             state.bundle.is_some(),
             "a full state without bundle keeps the old one"
         );
+    }
+
+    #[test]
+    fn a_revocation_drops_entries_and_marks_ids() {
+        let mut state = Authorized::default();
+        apply(
+            &mut state,
+            Update::FullState(v1::FullState {
+                entries: vec![entry("a"), entry("b")],
+                ..Default::default()
+            }),
+        );
+        apply(
+            &mut state,
+            Update::Revoked(v1::Revocation {
+                id: "rv-1".into(),
+                entry_ids: vec!["a".into()],
+                spiffe_ids: vec!["spiffe://example.org/a".into()],
+                serials: vec![v1::RevokedSerial {
+                    serial: "0a".into(),
+                    not_after: 9,
+                }],
+                ..Default::default()
+            }),
+        );
+        assert_eq!(state.entries.keys().cloned().collect::<Vec<_>>(), vec!["b"]);
+        assert!(state.revoked_ids.contains("spiffe://example.org/a"));
+        assert_eq!(state.deny.get("0a"), Some(&9));
+        assert_eq!(state.revocations.len(), 1);
+        // Given again by a new entry: no longer revoked.
+        apply(&mut state, Update::EntryUpserted(entry("a")));
+        assert!(state.revoked_ids.is_empty());
+        // Everything: the agent was banned.
+        apply(
+            &mut state,
+            Update::Revoked(v1::Revocation {
+                id: "rv-2".into(),
+                everything: true,
+                ..Default::default()
+            }),
+        );
+        assert!(state.entries.is_empty() && state.revoked_all);
+        assert_eq!(state.revocations.len(), 2);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use mayfly_proto::v1::{self};
 use mayfly_proto::{Selector, SpiffeId, TrustDomain};
 
 use super::{Authorized, Backoff, ClientCell};
-use crate::state::{Bundle, EntryView, SecretView, WorkloadState, X509Svid};
+use crate::state::{Bundle, EntryView, PendingRevocation, SecretView, WorkloadState, X509Svid};
 
 /// Per-entry bookkeeping beside the published SVID.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +34,16 @@ pub struct SvidCache {
     renewals: HashMap<String, Renewal>,
     backoff: Backoff,
     retry_at_ms: Option<i64>,
+    /// What each pending revocation made this cache do.
+    effects: BTreeMap<String, Effects>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Effects {
+    dropped: Vec<String>,
+    /// Entry id -> SPIFFE ID, for entries that must get a fresh SVID.
+    awaiting: BTreeMap<String, String>,
+    reissued: Vec<String>,
 }
 
 impl SvidCache {
@@ -54,6 +64,7 @@ impl SvidCache {
             renewals: HashMap::new(),
             backoff: Backoff::default(),
             retry_at_ms: None,
+            effects: BTreeMap::new(),
         }
     }
 
@@ -80,9 +91,37 @@ impl SvidCache {
 
     async fn reconcile(&mut self, authorized: &Authorized) {
         let now = now_ms();
-        // Drop what is no longer ours or no longer valid.
-        self.svids
-            .retain(|id, svid| authorized.entries.contains_key(id) && svid.not_after * 1000 > now);
+        // What each new revocation takes from the cache, before anything is dropped.
+        for revocation in &authorized.revocations {
+            if self.effects.contains_key(&revocation.id) {
+                continue;
+            }
+            let mut effects = Effects::default();
+            for (entry_id, svid) in &self.svids {
+                let denied = revocation.serials.iter().any(|s| s.serial == svid.serial);
+                let entry_gone = !authorized.entries.contains_key(entry_id);
+                if denied
+                    || (entry_gone && revocation.entry_ids.contains(entry_id))
+                    || revocation.everything
+                {
+                    effects.dropped.push(svid.serial.clone());
+                    if !entry_gone {
+                        effects
+                            .awaiting
+                            .insert(entry_id.clone(), svid.spiffe_id.to_string());
+                    }
+                }
+            }
+            self.effects.insert(revocation.id.clone(), effects);
+        }
+        self.effects
+            .retain(|id, _| authorized.revocations.iter().any(|r| r.id == *id));
+        // Drop what is no longer ours, no longer valid, or revoked.
+        self.svids.retain(|id, svid| {
+            authorized.entries.contains_key(id)
+                && svid.not_after * 1000 > now
+                && !authorized.deny.contains_key(&svid.serial)
+        });
         self.renewals
             .retain(|id, _| authorized.entries.contains_key(id));
 
@@ -109,6 +148,19 @@ impl SvidCache {
                     self.retry_at_ms = Some(now + delay.as_millis() as i64);
                 }
             }
+        }
+        for effects in self.effects.values_mut() {
+            let svids = &self.svids;
+            effects.awaiting.retain(|entry_id, spiffe_id| {
+                if !authorized.entries.contains_key(entry_id) {
+                    return false;
+                }
+                if svids.contains_key(entry_id) {
+                    effects.reissued.push(spiffe_id.clone());
+                    return false;
+                }
+                true
+            });
         }
         self.publish(authorized);
     }
@@ -223,10 +275,27 @@ impl SvidCache {
                 (s.name.clone(), Arc::new(view))
             })
             .collect();
-        let state = WorkloadState {
+        let revocations = authorized
+            .revocations
+            .iter()
+            .map(|r| {
+                let effects = self.effects.get(&r.id).cloned().unwrap_or_default();
+                Arc::new(PendingRevocation {
+                    message: r.clone(),
+                    dropped: effects.dropped,
+                    awaiting: effects.awaiting.into_values().collect(),
+                    reissued: effects.reissued,
+                })
+            })
+            .collect();
+        let mut state = WorkloadState {
             entries,
             secrets,
             synced: authorized.synced,
+            version: 0,
+            revoked_ids: authorized.revoked_ids.clone(),
+            revoked_all: authorized.revoked_all,
+            revocations,
             svids: self.svids.clone(),
             bundle: Arc::new(Bundle {
                 trust_domain: self.trust_domain.clone(),
@@ -242,6 +311,9 @@ impl SvidCache {
         self.published.send_if_modified(|current| {
             let same = current.bundle == state.bundle
                 && current.synced == state.synced
+                && current.revoked_ids == state.revoked_ids
+                && current.revoked_all == state.revoked_all
+                && current.revocations == state.revocations
                 && current.secrets == state.secrets
                 && current.entries == state.entries
                 && current.svids.len() == state.svids.len()
@@ -253,6 +325,7 @@ impl SvidCache {
             if same {
                 return false;
             }
+            state.version = current.version + 1;
             *current = Arc::new(state);
             true
         });

@@ -11,21 +11,65 @@ use mayfly_proto::v1::admin_server::Admin;
 use mayfly_proto::v1::{self};
 
 use super::convert;
+use crate::audit::{Actor, Audit, Event};
 use crate::ca::manager::unix;
 use crate::ca::{bundle_jwks, bundle_pem};
 use crate::identity::{EntryChange, EntryInput, Registry};
+use crate::revoke::{Revoker, Target, report_message};
 use crate::secrets::engine::RotationEngine;
 use crate::secrets::spec::{SecretSpec, Strategy};
-use crate::store::{AgentStatus, CaSlotRecord, EntryFilter, JobRecord};
+use crate::store::{AgentStatus, AuditFilter, AuditRow, CaSlotRecord, EntryFilter, JobRecord};
 
 pub struct AdminApi {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
+    audit: Audit,
+    revoker: Arc<Revoker>,
 }
 
 impl AdminApi {
-    pub fn new(registry: Arc<Registry>, secrets: Arc<RotationEngine>) -> Self {
-        Self { registry, secrets }
+    pub fn new(
+        registry: Arc<Registry>,
+        secrets: Arc<RotationEngine>,
+        audit: Audit,
+        revoker: Arc<Revoker>,
+    ) -> Self {
+        Self {
+            registry,
+            secrets,
+            audit,
+            revoker,
+        }
+    }
+
+    /// Only root and the daemon's own user may administer it; anyone else is refused,
+    /// and the refusal is on the audit trail.
+    fn operator<T>(&self, request: &Request<T>, call: &str) -> Result<u32, Status> {
+        let uid = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .map(|cred| cred.uid())
+            .ok_or_else(|| Status::unauthenticated("the caller's credentials are unknown"))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let own = unsafe { libc::geteuid() };
+        if uid != 0 && uid != own {
+            tracing::warn!(uid, call, "admin call refused");
+            let why = format!("uid {uid} may not administer this daemon");
+            self.audit
+                .note(Event::new(&Actor::Operator(uid), "admin.denied", call).denied(why.clone()));
+            return Err(Status::permission_denied(why));
+        }
+        Ok(uid)
+    }
+
+    /// Records an operator's change, waiting for the commit so that what the operator is
+    /// told has happened is on the record.
+    async fn record(&self, event: Event) -> Result<(), Status> {
+        self.audit.record(event).await.map(|_| ()).map_err(|e| {
+            tracing::error!(error = %e, "admin change not recorded in the audit log");
+            Status::unavailable("the change was made but could not be recorded in the audit log; see the daemon's log")
+        })
     }
 
     /// Evicts or bans an agent; its sync stream hears of it at once.
@@ -34,7 +78,14 @@ impl AdminApi {
         request: Request<v1::AgentRequest>,
         status: AgentStatus,
     ) -> Result<Response<v1::Agent>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(
+            &request,
+            if status == AgentStatus::Banned {
+                "ban_agent"
+            } else {
+                "evict_agent"
+            },
+        )?;
         let body = request.into_inner();
         non_empty("spiffe_id", &body.spiffe_id)?;
         let record = self
@@ -42,6 +93,15 @@ impl AdminApi {
             .set_agent_status(&body.spiffe_id, status, &body.reason)
             .await?;
         tracing::warn!(uid, agent = %record.spiffe_id, status = %status, reason = %body.reason, "agent cut off");
+        let action = if status == AgentStatus::Banned {
+            "agent.ban"
+        } else {
+            "agent.evict"
+        };
+        self.record(
+            Event::new(&Actor::Operator(uid), action, &record.spiffe_id).reason(&body.reason),
+        )
+        .await?;
         Ok(Response::new(convert::agent(&record)))
     }
 
@@ -77,25 +137,6 @@ fn job_message(job: &JobRecord) -> v1::RotationJob {
         created_at: job.created_at,
         finished_at: job.finished_at.unwrap_or(0),
     }
-}
-
-/// Only root and the daemon's own user may administer it.
-fn operator<T>(request: &Request<T>) -> Result<u32, Status> {
-    let uid = request
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .map(|cred| cred.uid())
-        .ok_or_else(|| Status::unauthenticated("the caller's credentials are unknown"))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let own = unsafe { libc::geteuid() };
-    if uid != 0 && uid != own {
-        tracing::warn!(uid, "admin call refused");
-        return Err(Status::permission_denied(format!(
-            "uid {uid} may not administer this daemon"
-        )));
-    }
-    Ok(uid)
 }
 
 fn non_empty(field: &str, value: &str) -> Result<(), Status> {
@@ -136,7 +177,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::CreateEntryRequest>,
     ) -> Result<Response<v1::Entry>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "create_entry")?;
         let body = request.into_inner();
         non_empty("spiffe_id", &body.spiffe_id)?;
         non_empty("parent_id", &body.parent_id)?;
@@ -153,6 +194,17 @@ impl Admin for AdminApi {
             })
             .await?;
         tracing::info!(uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");
+        self.record(
+            Event::new(&Actor::Operator(uid), "entry.create", &record.spiffe_id)
+                .scope(format!(
+                    "entry {} parent {} selectors {}",
+                    record.id,
+                    record.parent_id,
+                    record.selectors.join(",")
+                ))
+                .ttl_secs(record.x509_svid_ttl),
+        )
+        .await?;
         Ok(Response::new(convert::entry(&record)))
     }
 
@@ -160,7 +212,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListEntriesRequest>,
     ) -> Result<Response<v1::ListEntriesResponse>, Status> {
-        operator(&request)?;
+        self.operator(&request, "list_entries")?;
         let body = request.into_inner();
         let filter = EntryFilter {
             parent_id: Some(body.parent_id).filter(|s| !s.is_empty()),
@@ -176,7 +228,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::GetEntryRequest>,
     ) -> Result<Response<v1::Entry>, Status> {
-        operator(&request)?;
+        self.operator(&request, "get_entry")?;
         let id = request.into_inner().id;
         non_empty("id", &id)?;
         Ok(Response::new(convert::entry(
@@ -188,7 +240,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::UpdateEntryRequest>,
     ) -> Result<Response<v1::Entry>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "update_entry")?;
         let body = request.into_inner();
         non_empty("id", &body.id)?;
         let record = self
@@ -207,6 +259,17 @@ impl Admin for AdminApi {
             )
             .await?;
         tracing::info!(uid, entry = %record.id, "entry updated");
+        self.record(
+            Event::new(&Actor::Operator(uid), "entry.update", &record.spiffe_id)
+                .scope(format!(
+                    "entry {} parent {} selectors {}",
+                    record.id,
+                    record.parent_id,
+                    record.selectors.join(",")
+                ))
+                .ttl_secs(record.x509_svid_ttl),
+        )
+        .await?;
         Ok(Response::new(convert::entry(&record)))
     }
 
@@ -214,11 +277,16 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::DeleteEntryRequest>,
     ) -> Result<Response<v1::DeleteEntryResponse>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "delete_entry")?;
         let id = request.into_inner().id;
         non_empty("id", &id)?;
         let deleted = self.registry.delete_entry(&id).await?;
         tracing::info!(uid, entry = %deleted.id, "entry deleted");
+        self.record(
+            Event::new(&Actor::Operator(uid), "entry.delete", &deleted.spiffe_id)
+                .scope(format!("entry {}", deleted.id)),
+        )
+        .await?;
         Ok(Response::new(v1::DeleteEntryResponse { id: deleted.id }))
     }
 
@@ -226,7 +294,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::GenerateJoinTokenRequest>,
     ) -> Result<Response<v1::GenerateJoinTokenResponse>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "generate_join_token")?;
         let body = request.into_inner();
         non_empty("spiffe_id", &body.spiffe_id)?;
         if body.ttl < 0 {
@@ -238,6 +306,17 @@ impl Admin for AdminApi {
             .generate_join_token(&body.spiffe_id, ttl)
             .await?;
         tracing::info!(uid, spiffe_id = %issued.spiffe_id, expires_at = issued.expires_at, "join token generated");
+        let hash = crate::identity::token_hash(&issued.token);
+        self.record(
+            Event::new(
+                &Actor::Operator(uid),
+                "token.create",
+                issued.spiffe_id.as_str(),
+            )
+            .scope(format!("join token sha256:{}", &hash[..12]))
+            .ttl_secs(issued.expires_at - unix(self.registry.now())),
+        )
+        .await?;
         Ok(Response::new(v1::GenerateJoinTokenResponse {
             token: issued.token,
             spiffe_id: issued.spiffe_id.to_string(),
@@ -249,7 +328,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsResponse>, Status> {
-        operator(&request)?;
+        self.operator(&request, "list_agents")?;
         let agents = self
             .registry
             .store()
@@ -279,7 +358,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::GetBundleRequest>,
     ) -> Result<Response<v1::GetBundleResponse>, Status> {
-        operator(&request)?;
+        self.operator(&request, "get_bundle")?;
         let current = self.registry.ca().current();
         let snapshot = &current.bundle;
         let jwks = bundle_jwks(
@@ -304,7 +383,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ShowCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
-        operator(&request)?;
+        self.operator(&request, "show_ca")?;
         let slots = self.registry.ca().slots().await?;
         Ok(Response::new(v1::ShowCaResponse {
             slots: slots.iter().map(ca_slot).collect(),
@@ -315,9 +394,11 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::PrepareCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "prepare_ca")?;
         let slot = self.registry.ca().prepare(self.registry.now()).await?;
         tracing::info!(uid, slot = %slot.id, "CA prepared by operator");
+        self.record(Event::new(&Actor::Operator(uid), "ca.prepare", &slot.id))
+            .await?;
         let slots = self.registry.ca().slots().await?;
         Ok(Response::new(v1::ShowCaResponse {
             slots: slots.iter().map(ca_slot).collect(),
@@ -328,9 +409,11 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ActivateCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "activate_ca")?;
         let slot = self.registry.ca().activate(self.registry.now()).await?;
         tracing::info!(uid, slot = %slot.id, at = unix(self.registry.now()), "CA activated by operator");
+        self.record(Event::new(&Actor::Operator(uid), "ca.activate", &slot.id))
+            .await?;
         let slots = self.registry.ca().slots().await?;
         Ok(Response::new(v1::ShowCaResponse {
             slots: slots.iter().map(ca_slot).collect(),
@@ -341,12 +424,14 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::CreateSecretRequest>,
     ) -> Result<Response<v1::SecretSummary>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "create_secret")?;
         let spec = SecretSpec::from_toml(&request.into_inner().definition)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = spec.name.clone();
         self.secrets.create(spec).await?;
         tracing::info!(uid, secret = %name, "secret defined");
+        self.record(Event::new(&Actor::Operator(uid), "secret.create", &name))
+            .await?;
         Ok(Response::new(self.summary(&name).await?))
     }
 
@@ -354,7 +439,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListSecretsRequest>,
     ) -> Result<Response<v1::ListSecretsResponse>, Status> {
-        operator(&request)?;
+        self.operator(&request, "list_secrets")?;
         let mut secrets = Vec::new();
         for spec in self.secrets.specs() {
             secrets.push(self.summary(&spec.name).await?);
@@ -366,7 +451,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::SecretStatus>, Status> {
-        operator(&request)?;
+        self.operator(&request, "get_secret_status")?;
         let name = request.into_inner().name;
         let secret = self.summary(&name).await?;
         let versions = self
@@ -398,7 +483,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::SecretSummary>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "delete_secret")?;
         let name = request.into_inner().name;
         let summary = self.summary(&name).await?;
         if summary.source == "config" {
@@ -408,6 +493,8 @@ impl Admin for AdminApi {
         }
         self.secrets.delete(&name).await?;
         tracing::info!(uid, secret = %name, "secret deleted");
+        self.record(Event::new(&Actor::Operator(uid), "secret.delete", &name))
+            .await?;
         Ok(Response::new(summary))
     }
 
@@ -415,9 +502,11 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::RotationOutcome>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "rotate_secret")?;
         let name = request.into_inner().name;
         tracing::info!(uid, secret = %name, "rotation requested by operator");
+        self.record(Event::new(&Actor::Operator(uid), "secret.rotate", &name))
+            .await?;
         let outcome = self.secrets.rotate_now(&name, "manual").await?;
         Ok(Response::new(v1::RotationOutcome {
             job: Some(job_message(&outcome.job)),
@@ -428,17 +517,156 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::SecretValueResponse>, Status> {
-        let uid = operator(&request)?;
+        let uid = self.operator(&request, "get_secret_value")?;
         let name = request.into_inner().name;
         let (version, credential) = self.secrets.current(&name).await?.ok_or_else(|| {
             Status::not_found(format!("secret {name} has no current version yet"))
         })?;
         tracing::warn!(uid, secret = %name, version = %version, "secret value read by operator");
+        self.record(
+            Event::new(&Actor::Operator(uid), "secret.read", &name)
+                .scope(format!("version {version}")),
+        )
+        .await?;
         Ok(Response::new(v1::SecretValueResponse {
             name,
             version,
             username: credential.username,
             value: credential.password.expose().to_string(),
         }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<v1::RevokeRequest>,
+    ) -> Result<Response<v1::RevocationReport>, Status> {
+        let uid = self.operator(&request, "revoke")?;
+        let body = request.into_inner();
+        let target =
+            Target::parse(&body.kind, &body.target).map_err(super::status::revoke_status)?;
+        if body.wait_ms < 0 {
+            return Err(Status::invalid_argument("wait_ms must not be negative"));
+        }
+        let wait = (body.wait_ms > 0).then(|| Duration::from_millis(body.wait_ms as u64));
+        let report = self
+            .revoker
+            .revoke(target, &body.reason, &Actor::Operator(uid), wait)
+            .await
+            .map_err(super::status::revoke_status)?;
+        Ok(Response::new(report_message(&report)))
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<v1::ListRevocationsRequest>,
+    ) -> Result<Response<v1::ListRevocationsResponse>, Status> {
+        self.operator(&request, "list_revocations")?;
+        let reports = self
+            .revoker
+            .list(1000)
+            .await
+            .map_err(super::status::revoke_status)?;
+        Ok(Response::new(v1::ListRevocationsResponse {
+            revocations: reports.iter().map(report_message).collect(),
+        }))
+    }
+
+    async fn get_revocation(
+        &self,
+        request: Request<v1::GetRevocationRequest>,
+    ) -> Result<Response<v1::RevocationReport>, Status> {
+        self.operator(&request, "get_revocation")?;
+        let id = request.into_inner().id;
+        non_empty("id", &id)?;
+        let report = self
+            .revoker
+            .report(&id)
+            .await
+            .map_err(super::status::revoke_status)?;
+        Ok(Response::new(report_message(&report)))
+    }
+
+    type ListAuditStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::AuditRecord, Status>> + Send>>;
+
+    async fn list_audit(
+        &self,
+        request: Request<v1::ListAuditRequest>,
+    ) -> Result<Response<Self::ListAuditStream>, Status> {
+        self.operator(&request, "list_audit")?;
+        let body = request.into_inner();
+        let audit = self.audit.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // Pages, so exporting a long trail does not hold it all in memory.
+        tokio::spawn(async move {
+            let mut filter = AuditFilter {
+                since_ms: (body.since_ms > 0).then_some(body.since_ms),
+                subject: Some(body.subject).filter(|s| !s.is_empty()),
+                action: Some(body.action).filter(|s| !s.is_empty()),
+                after_seq: 0,
+                limit: 0,
+            };
+            let mut left = if body.limit > 0 { body.limit } else { i64::MAX };
+            while left > 0 {
+                filter.limit = left.min(2000);
+                let page = match audit.list(&filter).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let Some(last) = page.last() else {
+                    return;
+                };
+                filter.after_seq = last.seq;
+                left -= page.len() as i64;
+                for row in page {
+                    if tx.send(Ok(audit_record(row))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<v1::VerifyAuditRequest>,
+    ) -> Result<Response<v1::VerifyAuditResponse>, Status> {
+        self.operator(&request, "verify_audit")?;
+        let verdict = self
+            .audit
+            .verify()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let (first_bad_seq, problem) = verdict.first_bad.unwrap_or((0, String::new()));
+        Ok(Response::new(v1::VerifyAuditResponse {
+            good: verdict.good,
+            head_seq: verdict.head.0,
+            head_hash: verdict.head.1,
+            first_bad_seq,
+            problem,
+        }))
+    }
+}
+
+fn audit_record(row: AuditRow) -> v1::AuditRecord {
+    v1::AuditRecord {
+        seq: row.seq,
+        at_ms: row.at_ms,
+        actor: row.actor,
+        action: row.action,
+        subject: row.subject,
+        scope: row.scope,
+        ttl_secs: row.ttl_secs,
+        reason: row.reason,
+        outcome: row.outcome,
+        detail: row.detail,
+        prev_hash: row.prev_hash,
+        hash: row.hash,
     }
 }

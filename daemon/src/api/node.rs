@@ -15,18 +15,23 @@ use mayfly_proto::v1::node_server::Node;
 use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::convert;
-use crate::identity::{Change, Registry};
+use crate::audit::{Actor, Audit, Event};
+use crate::identity::{Change, Registry, RevocationNotice};
 use crate::metrics::{Metrics, SvidKind};
+use crate::revoke::Revoker;
 use crate::secrets::engine::RotationEngine;
-use crate::store::AgentRecord;
+use crate::store::{AgentRecord, IssuedSvidRecord};
 
 /// Bundle refresh hint sent to agents, in seconds.
 const REFRESH_HINT: i64 = 300;
 
+#[derive(Clone)]
 pub struct NodeApi {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
     metrics: Arc<Metrics>,
+    audit: Audit,
+    revoker: Arc<Revoker>,
 }
 
 impl NodeApi {
@@ -34,35 +39,21 @@ impl NodeApi {
         registry: Arc<Registry>,
         secrets: Arc<RotationEngine>,
         metrics: Arc<Metrics>,
+        audit: Audit,
+        revoker: Arc<Revoker>,
     ) -> Self {
         Self {
             registry,
             secrets,
             metrics,
+            audit,
+            revoker,
         }
     }
 
     /// Secrets granted to any SPIFFE ID this agent serves, with the IDs they go to.
     fn granted(&self, agent: &str) -> Vec<(String, Vec<String>)> {
-        let ids: std::collections::BTreeSet<String> = self
-            .registry
-            .entries_for(agent)
-            .iter()
-            .map(|e| e.spiffe_id.clone())
-            .collect();
-        self.secrets
-            .specs()
-            .into_iter()
-            .filter_map(|spec| {
-                let to: Vec<String> = spec
-                    .grants
-                    .iter()
-                    .filter(|g| ids.contains(*g) || g.as_str() == agent)
-                    .cloned()
-                    .collect();
-                (!to.is_empty()).then_some((spec.name, to))
-            })
-            .collect()
+        self.registry.granted(&self.secrets.specs(), agent)
     }
 
     async fn secret_version(
@@ -96,12 +87,59 @@ impl NodeApi {
         out
     }
 
-    async fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentRecord, Status> {
+    async fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+        call: &str,
+    ) -> Result<AgentRecord, Status> {
         let peer = caller(request)?;
         self.registry.authenticate_agent(&peer).await.map_err(|e| {
             tracing::warn!(agent = %peer.spiffe_id, serial = %peer.serial, error = %e, "node API call refused");
+            self.audit.note(
+                Event::new(&Actor::Spiffe(peer.spiffe_id.to_string()), "node.denied", call)
+                    .scope(format!("serial {}", peer.serial))
+                    .denied(e.to_string()),
+            );
             Status::from(e)
         })
+    }
+
+    /// The secrets' current values for a revocation that replaced them, as this agent
+    /// may hold them.
+    async fn with_replacements(
+        &self,
+        agent: &str,
+        mut message: v1::Revocation,
+        secrets: &[String],
+    ) -> v1::Revocation {
+        if secrets.is_empty() {
+            return message;
+        }
+        for (name, to) in self.granted(agent) {
+            if secrets.contains(&name)
+                && let Some(version) = self.secret_version(&name, to).await
+            {
+                message.replacements.push(version);
+            }
+        }
+        message
+    }
+
+    fn note_grants(&self, agent: &str, secrets: &[v1::GrantedSecret]) {
+        for secret in secrets {
+            self.audit.note(
+                Event::new(
+                    &Actor::Spiffe(agent.to_string()),
+                    "secret.grant",
+                    &secret.name,
+                )
+                .scope(format!(
+                    "version {} to {}",
+                    secret.version,
+                    secret.granted_to.join(", ")
+                )),
+            );
+        }
     }
 
     fn bundle(&self) -> v1::Bundle {
@@ -113,8 +151,18 @@ impl NodeApi {
         )
     }
 
-    async fn full_state(&self, agent: &str) -> v1::SyncMessage {
-        v1::SyncMessage {
+    async fn full_state(&self, agent: &str) -> Result<v1::SyncMessage, Status> {
+        let (pending, deny_list) = self.revoker.pending_for(agent).await.map_err(|e| {
+            tracing::error!(agent, error = %e, "could not read the revocations for an agent");
+            Status::unavailable("the daemon cannot read its revocations now; retry")
+        })?;
+        let mut revocations = Vec::with_capacity(pending.len());
+        for (message, secrets) in pending {
+            revocations.push(self.with_replacements(agent, message, &secrets).await);
+        }
+        let secrets = self.granted_secrets(agent).await;
+        self.note_grants(agent, &secrets);
+        Ok(v1::SyncMessage {
             update: Some(Update::FullState(v1::FullState {
                 entries: self
                     .registry
@@ -123,9 +171,11 @@ impl NodeApi {
                     .map(|e| convert::entry(e))
                     .collect(),
                 bundle: Some(self.bundle()),
-                secrets: self.granted_secrets(agent).await,
+                secrets,
+                revocations,
+                deny_list,
             })),
-        }
+        })
     }
 }
 
@@ -152,14 +202,35 @@ impl Node for NodeApi {
         if body.join_token.is_empty() {
             return Err(Status::invalid_argument("join_token is required"));
         }
-        let svid = self
-            .registry
-            .attest(&body.join_token, &body.csr)
-            .await
-            .map_err(|e| {
+        let token = crate::identity::token_hash(&body.join_token);
+        let presenter = Actor::Unauthenticated(format!("join token {}", &token[..12]));
+        let svid = match self.registry.attest(&body.join_token, &body.csr).await {
+            Ok(svid) => svid,
+            Err(e) => {
                 tracing::warn!(error = %e, "attestation refused");
-                Status::from(e)
-            })?;
+                self.audit.note(
+                    Event::new(&presenter, "agent.attest", "")
+                        .scope(format!("join token sha256:{}", &token[..12]))
+                        .denied(e.to_string()),
+                );
+                return Err(Status::from(e));
+            }
+        };
+        if let Err(e) = self
+            .audit
+            .record(
+                Event::new(&presenter, "agent.attest", svid.spiffe_id.as_str())
+                    .scope(format!(
+                        "join token sha256:{} used; serial {}",
+                        &token[..12],
+                        svid.serial
+                    ))
+                    .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now())),
+            )
+            .await
+        {
+            tracing::error!(error = %e, "attestation not recorded in the audit log");
+        }
         self.metrics.svids_signed(SvidKind::X509, 1);
         Ok(Response::new(v1::AttestResponse {
             spiffe_id: svid.spiffe_id.to_string(),
@@ -172,11 +243,20 @@ impl Node for NodeApi {
         &self,
         request: Request<v1::RenewAgentRequest>,
     ) -> Result<Response<v1::RenewAgentResponse>, Status> {
-        let agent = self.authenticate(&request).await?;
+        let agent = self.authenticate(&request, "RenewAgent").await?;
         let svid = self
             .registry
             .renew_agent(&agent, &request.into_inner().csr)
             .await?;
+        self.audit.note(
+            Event::new(
+                &Actor::Spiffe(agent.spiffe_id.clone()),
+                "agent.renew",
+                &agent.spiffe_id,
+            )
+            .scope(format!("serial {}", svid.serial))
+            .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now())),
+        );
         self.metrics.svids_signed(SvidKind::X509, 1);
         Ok(Response::new(v1::RenewAgentResponse {
             svid_chain: svid.chain,
@@ -190,7 +270,7 @@ impl Node for NodeApi {
         &self,
         request: Request<v1::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let agent = self.authenticate(&request).await?;
+        let agent = self.authenticate(&request, "Sync").await?;
         let agent_id = agent.spiffe_id.clone();
         // Subscribe before taking the snapshot so no change falls between the two.
         let mut changes = self.registry.subscribe_changes();
@@ -198,11 +278,10 @@ impl Node for NodeApi {
         let mut closing = self.registry.closing();
         let mut promoted = self.secrets.subscribe();
         let (tx, rx) = mpsc::channel(256);
-        tx.send(Ok(self.full_state(&agent_id).await))
+        tx.send(Ok(self.full_state(&agent_id).await?))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
-        let registry = self.registry.clone();
-        let api = NodeApi::new(registry.clone(), self.secrets.clone(), self.metrics.clone());
+        let api = self.clone();
         let connected = self.metrics.agent_connected();
         tokio::spawn(async move {
             let _connected = connected;
@@ -218,6 +297,10 @@ impl Node for NodeApi {
                         Ok(Change::EntryDeleted { id, parent_id }) if parent_id == agent_id => {
                             Update::EntryDeleted(id)
                         }
+                        Ok(Change::Revoked(notice)) if notice.agents.contains(&agent_id) => {
+                            let RevocationNotice { message, secrets, .. } = &*notice;
+                            Update::Revoked(api.with_replacements(&agent_id, message.clone(), secrets).await)
+                        }
                         Ok(Change::AgentEvicted { spiffe_id, banned, reason })
                             if spiffe_id == agent_id =>
                         {
@@ -231,9 +314,9 @@ impl Node for NodeApi {
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             // Missed changes: resend everything rather than guess.
-                            match api.full_state(&agent_id).await.update {
-                                Some(update) => update,
-                                None => continue,
+                            match api.full_state(&agent_id).await {
+                                Ok(v1::SyncMessage { update: Some(update) }) => update,
+                                _ => break,
                             }
                         }
                         Err(broadcast::error::RecvError::Closed) => break,
@@ -244,14 +327,17 @@ impl Node for NodeApi {
                                 continue;
                             };
                             match api.secret_version(&p.secret, to).await {
-                                Some(version) => Update::SecretUpdated(version),
+                                Some(version) => {
+                                    api.note_grants(&agent_id, std::slice::from_ref(&version));
+                                    Update::SecretUpdated(version)
+                                }
                                 None => continue,
                             }
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => {
-                            match api.full_state(&agent_id).await.update {
-                                Some(update) => update,
-                                None => continue,
+                            match api.full_state(&agent_id).await {
+                                Ok(v1::SyncMessage { update: Some(update) }) => update,
+                                _ => break,
                             }
                         }
                         Err(broadcast::error::RecvError::Closed) => break,
@@ -282,7 +368,7 @@ impl Node for NodeApi {
         &self,
         request: Request<v1::SignSvidsRequest>,
     ) -> Result<Response<v1::SignSvidsResponse>, Status> {
-        let agent = self.authenticate(&request).await?;
+        let agent = self.authenticate(&request, "SignSvids").await?;
         let csrs: Vec<(String, Vec<u8>)> = request
             .into_inner()
             .csrs
@@ -292,13 +378,45 @@ impl Node for NodeApi {
         if csrs.is_empty() {
             return Err(Status::invalid_argument("the batch carries no CSR"));
         }
+        let actor = Actor::Spiffe(agent.spiffe_id.clone());
         let signed = self
             .registry
             .sign_batch(&agent.spiffe_id, &csrs)
             .map_err(|e| {
                 tracing::warn!(agent = %agent.spiffe_id, error = %e, "signing refused");
+                self.audit.note(
+                    Event::new(&actor, "svid.sign", "")
+                        .scope(format!("{} CSRs", csrs.len()))
+                        .denied(e.to_string()),
+                );
                 Status::from(e)
             })?;
+        // The serials are on record before anyone holds them, so a revocation finds them.
+        let ca_slot = self.registry.ca().current().active_slot.clone();
+        let issued: Vec<IssuedSvidRecord> = signed
+            .iter()
+            .map(|s| IssuedSvidRecord {
+                serial: s.issued.serial_hex.clone(),
+                entry_id: s.entry_id.clone(),
+                spiffe_id: s.spiffe_id.clone(),
+                agent_id: agent.spiffe_id.clone(),
+                ca_slot: ca_slot.clone(),
+                issued_at: s.issued.not_before,
+                not_after: s.issued.not_after,
+            })
+            .collect();
+        let subjects: std::collections::BTreeSet<&str> =
+            signed.iter().map(|s| s.spiffe_id.as_str()).collect();
+        let event = Event::new(&actor, "svid.sign", subjects.into_iter().collect::<Vec<_>>().join(","))
+            .scope(format!("{} X509-SVIDs", signed.len()))
+            .ttl_secs(signed.iter().map(|s| s.issued.not_after - s.issued.not_before).max().unwrap_or(0))
+            .detail(serde_json::json!({
+                "serials": signed.iter().map(|s| (s.entry_id.as_str(), s.issued.serial_hex.as_str())).collect::<Vec<_>>(),
+            }));
+        self.audit.record_issued(event, issued).await.map_err(|e| {
+            tracing::error!(error = %e, "signed SVIDs not recorded; refusing to hand them out");
+            Status::unavailable("the daemon could not record the signed SVIDs; retry")
+        })?;
         tracing::debug!(agent = %agent.spiffe_id, count = signed.len(), "signed SVIDs");
         self.metrics
             .svids_signed(SvidKind::X509, signed.len() as u64);
@@ -320,16 +438,56 @@ impl Node for NodeApi {
         &self,
         request: Request<v1::MintJwtSvidRequest>,
     ) -> Result<Response<v1::MintJwtSvidResponse>, Status> {
-        let agent = self.authenticate(&request).await?;
+        let agent = self.authenticate(&request, "MintJwtSvid").await?;
         let body = request.into_inner();
+        let actor = Actor::Spiffe(agent.spiffe_id.clone());
         let (spiffe_id, token, expires_at) =
-            self.registry
-                .mint_jwt(&agent.spiffe_id, &body.entry_id, &body.audience)?;
+            match self
+                .registry
+                .mint_jwt(&agent.spiffe_id, &body.entry_id, &body.audience)
+            {
+                Ok(minted) => minted,
+                Err(e) => {
+                    self.audit.note(
+                        Event::new(&actor, "jwt.mint", &body.entry_id)
+                            .scope(format!("aud {}", body.audience.join(",")))
+                            .denied(e.to_string()),
+                    );
+                    return Err(e.into());
+                }
+            };
+        self.audit.note(
+            Event::new(&actor, "jwt.mint", &spiffe_id)
+                .scope(format!("aud {}", body.audience.join(",")))
+                .ttl_secs(expires_at - crate::ca::manager::unix(self.registry.now())),
+        );
         self.metrics.svids_signed(SvidKind::Jwt, 1);
         Ok(Response::new(v1::MintJwtSvidResponse {
             spiffe_id,
             token,
             expires_at,
         }))
+    }
+
+    async fn ack_revocation(
+        &self,
+        request: Request<v1::RevocationAck>,
+    ) -> Result<Response<v1::RevocationAckResponse>, Status> {
+        let peer = caller(&request)?;
+        let agent = self
+            .registry
+            .authenticate_banned_agent(&peer)
+            .await
+            .map_err(Status::from)?;
+        let ack = request.into_inner();
+        if ack.revocation_id.is_empty() {
+            return Err(Status::invalid_argument("revocation_id is required"));
+        }
+        self.revoker
+            .acknowledge(&agent.spiffe_id, &ack)
+            .await
+            .map_err(super::status::revoke_status)?;
+        tracing::info!(agent = %agent.spiffe_id, revocation = %ack.revocation_id, dropped = ack.dropped_serials.len(), removed = ack.files_removed.len(), "revocation acknowledged");
+        Ok(Response::new(v1::RevocationAckResponse {}))
     }
 }

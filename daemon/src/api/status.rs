@@ -76,3 +76,15 @@ impl From<EngineError> for Status {
         }
     }
 }
+
+pub fn revoke_status(error: crate::revoke::RevokeError) -> Status {
+    use crate::revoke::RevokeError;
+    match error {
+        RevokeError::Invalid(m) => Status::invalid_argument(m),
+        RevokeError::NotFound(m) => Status::not_found(m),
+        RevokeError::Failed(m) => Status::failed_precondition(m),
+        RevokeError::Store(e) => store_status(&e),
+        RevokeError::Identity(e) => e.into(),
+        RevokeError::Engine(e) => e.into(),
+    }
+}

@@ -71,6 +71,106 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Emergency revocation, pushed to every affected agent; waits for their
+    /// acknowledgements and exits 3 if any agent did not acknowledge in time.
+    Revoke {
+        #[command(subcommand)]
+        command: RevokeCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// The hash-chained audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeOptions {
+    /// Why: required, and kept on the audit trail.
+    #[arg(long)]
+    pub reason: String,
+    /// How long to wait for the agents' acknowledgements.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub wait: std::time::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// One X509-SVID, by serial; agents get a fresh SVID under a new key.
+    Svid {
+        /// Hex serial, as `mayfly-agent api fetch` or openssl shows it.
+        #[arg(long)]
+        serial: String,
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// Every entry giving this SPIFFE ID: the entries go, their SVIDs are denied, and the
+    /// files holding them are removed or blanked.
+    Entry {
+        #[arg(long)]
+        spiffe_id: String,
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// Every entry carrying this selector, e.g. unix:uid:1000.
+    Selector {
+        selector: String,
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// An agent and everything it holds: it is banned and drops all it serves.
+    Agent {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// A secret's current value: rotate now and invalidate the old value on its target.
+    Secret {
+        name: String,
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// Recent revocations and how many agents acknowledged each.
+    List,
+    /// One revocation, agent by agent.
+    Status { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Records in order.
+    List {
+        /// From this time on: RFC 3339 (2026-12-01T10:00:00Z) or an age (1h, 30m).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this subject (a trailing * matches a prefix).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only this action, or family of actions (revoke matches revoke.entry).
+        #[arg(long)]
+        action: Option<String>,
+        /// At most this many records.
+        #[arg(long)]
+        limit: Option<i64>,
+    },
+    /// Every record with its hashes, for archiving or another verifier.
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+    },
+    /// Recompute the chain; exits 1 naming the first bad record.
+    Verify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
 }
 
 #[derive(Debug, Args)]

@@ -11,8 +11,8 @@ use mayfly_proto::v1::{self};
 
 use super::output::{self, pretty};
 use super::{
-    AgentCommand, BundleCommand, BundleFormat, CaCommand, Connection, EntryCommand, OutputFormat,
-    SecretCommand, TokenCommand,
+    AgentCommand, AuditCommand, BundleCommand, BundleFormat, CaCommand, Connection, EntryCommand,
+    OutputFormat, RevokeCommand, RevokeOptions, SecretCommand, TokenCommand,
 };
 use crate::config::DaemonConfig;
 
@@ -281,4 +281,150 @@ pub async fn secret(command: SecretCommand, conn: &Connection) -> anyhow::Result
             }
         }
     })
+}
+
+/// A revocation report in which some agent did not acknowledge: printed, and exit 3.
+#[derive(Debug)]
+pub struct Unacknowledged(pub String);
+
+impl std::fmt::Display for Unacknowledged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unacknowledged {}
+
+pub async fn revoke(command: RevokeCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let format = conn.output;
+    let (kind, target, options): (&str, String, RevokeOptions) = match command {
+        RevokeCommand::List => {
+            let list = call(client.list_revocations(v1::ListRevocationsRequest {}).await)?;
+            return Ok(output::revocations(format, &list.revocations));
+        }
+        RevokeCommand::Status { id } => {
+            let report = call(client.get_revocation(v1::GetRevocationRequest { id }).await)?;
+            return Ok(output::revocation_report(format, &report));
+        }
+        RevokeCommand::Svid { serial, options } => ("svid", serial, options),
+        RevokeCommand::Entry { spiffe_id, options } => ("entry", spiffe_id, options),
+        RevokeCommand::Selector { selector, options } => ("selector", selector, options),
+        RevokeCommand::Agent { id, options } => ("agent", id, options),
+        RevokeCommand::Secret { name, options } => ("secret", name, options),
+    };
+    if options.reason.trim().is_empty() {
+        anyhow::bail!("--reason must say why, for the audit trail");
+    }
+    let report = call(
+        client
+            .revoke(v1::RevokeRequest {
+                kind: kind.to_string(),
+                target,
+                reason: options.reason,
+                wait_ms: options.wait.as_millis().max(1) as i64,
+            })
+            .await,
+    )?;
+    let text = output::revocation_report(format, &report);
+    if report.agents.iter().any(|a| !a.acknowledged) {
+        return Err(Unacknowledged(text).into());
+    }
+    Ok(text)
+}
+
+pub async fn audit(command: AuditCommand, conn: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(conn).await?;
+    let format = conn.output;
+    match command {
+        AuditCommand::List {
+            since,
+            subject,
+            action,
+            limit,
+        } => {
+            let since_ms = since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
+            let records = collect_audit(
+                &mut client,
+                v1::ListAuditRequest {
+                    since_ms,
+                    subject: subject.unwrap_or_default(),
+                    action: action.unwrap_or_default(),
+                    limit: limit.unwrap_or(0),
+                },
+            )
+            .await?;
+            Ok(output::audit_records(format, &records))
+        }
+        AuditCommand::Export { format: _ } => {
+            let records = collect_audit(&mut client, v1::ListAuditRequest::default()).await?;
+            let mut out = String::new();
+            for record in &records {
+                out.push_str(&output::audit_json(record).to_string());
+                out.push('\n');
+            }
+            Ok(out)
+        }
+        AuditCommand::Verify => {
+            let verdict = call(client.verify_audit(v1::VerifyAuditRequest {}).await)?;
+            if verdict.first_bad_seq > 0 {
+                anyhow::bail!(
+                    "the audit log is broken at record {}: {} ({} records before it verify; the \
+                     last good one is {} with hash {})",
+                    verdict.first_bad_seq,
+                    verdict.problem,
+                    verdict.good,
+                    verdict.head_seq,
+                    verdict.head_hash
+                );
+            }
+            Ok(match format {
+                OutputFormat::Json => pretty(&serde_json::json!({
+                    "records": verdict.good,
+                    "head_seq": verdict.head_seq,
+                    "head_hash": verdict.head_hash,
+                    "intact": true,
+                })),
+                OutputFormat::Table => format!(
+                    "audit log intact: {} records, head {} {}\n",
+                    verdict.good, verdict.head_seq, verdict.head_hash
+                ),
+            })
+        }
+    }
+}
+
+async fn collect_audit(
+    client: &mut AdminClient<Channel>,
+    request: v1::ListAuditRequest,
+) -> anyhow::Result<Vec<v1::AuditRecord>> {
+    let mut stream = call(client.list_audit(request).await)?;
+    let mut records = Vec::new();
+    while let Some(record) = stream
+        .message()
+        .await
+        .map_err(|status| anyhow::anyhow!("{} ({:?})", status.message(), status.code()))?
+    {
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// `--since`: an RFC 3339 time, or an age such as `90m`.
+fn parse_since(text: &str) -> anyhow::Result<i64> {
+    let at = match humantime::parse_rfc3339_weak(text) {
+        Ok(at) => at,
+        Err(_) => {
+            let age = humantime::parse_duration(text).map_err(|_| {
+                anyhow::anyhow!("--since {text}: give a time (2026-12-01T10:00:00Z) or an age (1h)")
+            })?;
+            std::time::SystemTime::now()
+                .checked_sub(age)
+                .unwrap_or(std::time::UNIX_EPOCH)
+        }
+    };
+    Ok(at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0))
 }

@@ -315,6 +315,144 @@ pub fn pretty(value: &Value) -> String {
     text
 }
 
+fn when_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64),
+    )
+    .to_string()
+}
+
+pub fn revocation_json(r: &v1::RevocationReport) -> Value {
+    json!({
+        "id": r.id,
+        "kind": r.kind,
+        "target": r.target,
+        "reason": r.reason,
+        "actor": r.actor,
+        "created_at_ms": r.created_at,
+        "serials": r.serials,
+        "entry_ids": r.entry_ids,
+        "spiffe_ids": r.spiffe_ids,
+        "agents_affected": r.agents.len(),
+        "acknowledged": r.agents.iter().filter(|a| a.acknowledged).map(|a| &a.agent).collect::<Vec<_>>(),
+        "not_acknowledged": r.agents.iter().filter(|a| !a.acknowledged).map(|a| &a.agent).collect::<Vec<_>>(),
+        "agents": r.agents.iter().map(|a| json!({
+            "agent": a.agent,
+            "acknowledged": a.acknowledged,
+            "acked_at_ms": a.acked_at,
+            "detail": serde_json::from_str::<Value>(&a.detail).unwrap_or(Value::Null),
+        })).collect::<Vec<_>>(),
+        "elapsed_ms": r.elapsed_ms,
+        "notes": r.notes,
+    })
+}
+
+pub fn revocation_report(format: OutputFormat, r: &v1::RevocationReport) -> String {
+    if format == OutputFormat::Json {
+        return pretty(&revocation_json(r));
+    }
+    let acked = r.agents.iter().filter(|a| a.acknowledged).count();
+    let missing: Vec<&str> = r
+        .agents
+        .iter()
+        .filter(|a| !a.acknowledged)
+        .map(|a| a.agent.as_str())
+        .collect();
+    let mut out = format!(
+        "revocation {} ({} {}): {} agents affected, {} acknowledged, {} not acknowledged, {} ms\n",
+        r.id,
+        r.kind,
+        r.target,
+        r.agents.len(),
+        acked,
+        missing.len(),
+        r.elapsed_ms
+    );
+    out.push_str(&format!("reason: {}\n", r.reason));
+    if !r.serials.is_empty() {
+        out.push_str(&format!("deny-listed serials: {}\n", r.serials.join(", ")));
+    }
+    for note in &r.notes {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    for agent in &missing {
+        out.push_str(&format!("not acknowledged: {agent}\n"));
+    }
+    out
+}
+
+pub fn revocations(format: OutputFormat, list: &[v1::RevocationReport]) -> String {
+    match format {
+        OutputFormat::Json => pretty(&Value::Array(list.iter().map(revocation_json).collect())),
+        OutputFormat::Table => table(
+            &["ID", "KIND", "TARGET", "WHEN", "ACKED", "REASON"],
+            &list
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        r.kind.clone(),
+                        r.target.clone(),
+                        when_ms(r.created_at),
+                        format!(
+                            "{}/{}",
+                            r.agents.iter().filter(|a| a.acknowledged).count(),
+                            r.agents.len()
+                        ),
+                        r.reason.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+pub fn audit_json(r: &v1::AuditRecord) -> Value {
+    json!({
+        "seq": r.seq,
+        "at_ms": r.at_ms,
+        "actor": r.actor,
+        "action": r.action,
+        "subject": r.subject,
+        "scope": r.scope,
+        "ttl_secs": r.ttl_secs,
+        "reason": r.reason,
+        "outcome": r.outcome,
+        "detail": r.detail,
+        "prev_hash": r.prev_hash,
+        "hash": r.hash,
+    })
+}
+
+pub fn audit_records(format: OutputFormat, list: &[v1::AuditRecord]) -> String {
+    match format {
+        OutputFormat::Json => pretty(&Value::Array(list.iter().map(audit_json).collect())),
+        OutputFormat::Table => table(
+            &[
+                "SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "OUTCOME", "SCOPE", "REASON",
+            ],
+            &list
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.seq.to_string(),
+                        when_ms(r.at_ms),
+                        r.actor.clone(),
+                        r.action.clone(),
+                        r.subject.clone(),
+                        r.outcome.clone(),
+                        r.scope.clone(),
+                        r.reason.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

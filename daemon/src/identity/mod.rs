@@ -30,6 +30,19 @@ pub enum Change {
         banned: bool,
         reason: String,
     },
+    /// An operator revocation, for the agents it names.
+    Revoked(Arc<RevocationNotice>),
+}
+
+/// A revocation as the sync streams push it.
+#[derive(Debug, Clone)]
+pub struct RevocationNotice {
+    /// Without the secrets' replacement values: each stream adds those for its agent.
+    pub message: mayfly_proto::v1::Revocation,
+    /// The secrets whose old value was revoked.
+    pub secrets: Vec<String>,
+    /// The agents that must apply and acknowledge it.
+    pub agents: std::collections::BTreeSet<String>,
 }
 
 pub use mayfly_proto::clock::{Clock, SystemClock};
@@ -250,6 +263,72 @@ impl Registry {
         Ok(deleted)
     }
 
+    /// Deletes entries for a revocation. Agents hear of it through the revocation itself
+    /// (which also says to remove their files), not as ordinary deletions.
+    pub async fn revoke_entries(&self, ids: &[String]) -> Result<Vec<EntryRecord>, IdentityError> {
+        let mut gone = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.store.delete_entry(id).await {
+                Ok(deleted) => gone.push(deleted),
+                // Deleted meanwhile by another operator: nothing left to revoke.
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.entries.send_modify(|index| {
+            let mut next = HashMap::clone(index);
+            for deleted in &gone {
+                next.remove(&deleted.id);
+            }
+            *index = Arc::new(next);
+        });
+        Ok(gone)
+    }
+
+    /// Pushes a revocation to the sync streams of the agents it names.
+    pub fn publish_revocation(&self, notice: RevocationNotice) {
+        let _ = self.changes.send(Change::Revoked(Arc::new(notice)));
+    }
+
+    /// Entries (from the in-memory index) carrying `selector`.
+    pub fn entries_with_selector(&self, selector: &str) -> Vec<Arc<EntryRecord>> {
+        let mut list: Vec<_> = self
+            .entries
+            .borrow()
+            .values()
+            .filter(|e| e.selectors.iter().any(|s| s == selector))
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
+        list
+    }
+
+    /// Of `specs`, the secrets granted to `agent` itself or to a SPIFFE ID it serves,
+    /// with the IDs each goes to.
+    pub fn granted(
+        &self,
+        specs: &[crate::secrets::spec::SecretSpec],
+        agent: &str,
+    ) -> Vec<(String, Vec<String>)> {
+        let ids: std::collections::BTreeSet<String> = self
+            .entries_for(agent)
+            .iter()
+            .map(|e| e.spiffe_id.clone())
+            .collect();
+        specs
+            .iter()
+            .filter_map(|spec| {
+                let to: Vec<String> = spec
+                    .grants
+                    .iter()
+                    .filter(|g| ids.contains(*g) || g.as_str() == agent)
+                    .cloned()
+                    .collect();
+                (!to.is_empty()).then(|| (spec.name.clone(), to))
+            })
+            .collect()
+    }
+
     pub async fn get_entry(&self, id: &str) -> Result<EntryRecord, IdentityError> {
         Ok(self.store.get_entry(id).await?)
     }
@@ -406,6 +485,23 @@ impl Registry {
         &self,
         peer: &mayfly_proto::tls::PeerIdentity,
     ) -> Result<AgentRecord, IdentityError> {
+        self.authenticate(peer, false).await
+    }
+
+    /// As [`Self::authenticate_agent`], but a banned agent still holding its last SVID
+    /// passes: it may report what it did about its own revocation, nothing else.
+    pub async fn authenticate_banned_agent(
+        &self,
+        peer: &mayfly_proto::tls::PeerIdentity,
+    ) -> Result<AgentRecord, IdentityError> {
+        self.authenticate(peer, true).await
+    }
+
+    async fn authenticate(
+        &self,
+        peer: &mayfly_proto::tls::PeerIdentity,
+        banned_ok: bool,
+    ) -> Result<AgentRecord, IdentityError> {
         let id = peer.spiffe_id.as_str();
         let agent = match self.cached_agent(id) {
             Some(agent) => agent,
@@ -423,6 +519,7 @@ impl Registry {
         match agent.status {
             AgentStatus::Active => {}
             AgentStatus::Evicted => return Err(IdentityError::AgentEvicted(id.to_string())),
+            AgentStatus::Banned if banned_ok => {}
             AgentStatus::Banned => return Err(IdentityError::AgentBanned(id.to_string())),
         }
         if agent.serial != peer.serial {

@@ -22,6 +22,7 @@ use super::local::SealingKey;
 use super::runtime::{EngineError, SecretRuntime};
 use super::spec::{SecretSpec, Strategy};
 use super::{Credential, SecretStoreError};
+use crate::audit::{Actor, Audit, Event};
 use crate::ca::manager::unix;
 use crate::metrics::{Metrics, RotationOutcome};
 use crate::store::{JobRecord, ScheduledStart, SecretRecord, Store, StoreError};
@@ -74,6 +75,7 @@ pub struct RotationEngine {
     /// Until when this daemon's scheduler lease holds, when it holds one.
     leader_until: Mutex<Option<SystemTime>>,
     stopping: AtomicBool,
+    audit: Audit,
 }
 
 #[derive(Clone)]
@@ -105,6 +107,7 @@ impl RotationEngine {
         lease: LeaseSettings,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        audit: Audit,
     ) -> Result<Arc<Self>, EngineError> {
         let engine = Arc::new(Self {
             datastore: datastore.clone(),
@@ -120,6 +123,7 @@ impl RotationEngine {
             lease,
             leader_until: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            audit,
         });
         for spec in configured {
             engine.save_spec(spec, "config").await?;
@@ -513,6 +517,7 @@ impl RotationEngine {
                         return;
                     }
                     tracing::info!(secret = %name, job = %job.token, state = %job.state, "rotation step done");
+                    self.audit_step(&job, crate::audit::OK, "");
                     crash_point(&job.state);
                 }
                 Err(e) => {
@@ -524,6 +529,7 @@ impl RotationEngine {
                         job.state = "failed".into();
                         job.finished_at = Some(job.updated_at);
                         tracing::error!(secret = %name, job = %job.token, error = %job.last_error, "rotation failed; the current version is untouched");
+                        self.audit_step(&job, crate::audit::FAILED, &job.last_error);
                     } else {
                         self.metrics.step_retried();
                         tracing::warn!(secret = %name, job = %job.token, attempt = step_attempts, error = %job.last_error, "rotation step failed; retrying");
@@ -563,6 +569,25 @@ impl RotationEngine {
                 version: job.token.clone(),
             });
         }
+    }
+
+    /// One record per rotation step: the state reached (or `failed`), by whom it was set
+    /// off. Never the value.
+    fn audit_step(&self, job: &JobRecord, outcome: &str, why: &str) {
+        let actor = if job.trigger_kind == "schedule" {
+            Actor::Scheduler
+        } else {
+            Actor::Daemon
+        };
+        self.audit.note(
+            Event::new(&actor, &format!("rotation.{}", job.state), &job.secret_name)
+                .scope(format!(
+                    "job {} user {} trigger {}",
+                    job.token, job.username, job.trigger_kind
+                ))
+                .outcome(outcome)
+                .reason(why),
+        );
     }
 
     /// One idempotent step from `job.state`; returns the next state.

@@ -29,6 +29,11 @@ const SQLITE: &[Embedded] = &[
         "leases",
         include_str!("../../migrations/sqlite/0003_leases.sql"),
     ),
+    (
+        4,
+        "audit_revocations",
+        include_str!("../../migrations/sqlite/0004_audit_revocations.sql"),
+    ),
 ];
 
 const POSTGRES: &[Embedded] = &[
@@ -46,6 +51,11 @@ const POSTGRES: &[Embedded] = &[
         3,
         "leases",
         include_str!("../../migrations/postgres/0003_leases.sql"),
+    ),
+    (
+        4,
+        "audit_revocations",
+        include_str!("../../migrations/postgres/0004_audit_revocations.sql"),
     ),
 ];
 

@@ -1,9 +1,10 @@
 //! The daemon's datastore: registration entries, join tokens, agents, CA slots, the
-//! bundle sequence, secrets and the leases several daemons share, behind one schema with
+//! bundle sequence, secrets, the audit log, revocations and the leases several daemons share, behind one schema with
 //! two backends (SQLite in `data_dir` by default, PostgreSQL for HA), reached through one
 //! code path over `sqlx::AnyPool`.
 
 mod agents;
+mod audit;
 mod bundle;
 mod ca_slots;
 mod entries;
@@ -11,6 +12,7 @@ mod error;
 mod join_tokens;
 mod leases;
 mod migrations;
+mod revocations;
 mod secrets;
 #[cfg(test)]
 mod tests;
@@ -22,11 +24,13 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Connection as _};
 
 pub use agents::{AgentRecord, AgentStatus};
+pub use audit::{AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord};
 pub use ca_slots::{CaSlotRecord, CaSlotState};
 pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
 pub use error::StoreError;
 pub use join_tokens::JoinTokenRecord;
 pub use leases::LeaseRecord;
+pub use revocations::{RevocationAckRecord, RevocationRecord, RevokedSerialRecord};
 pub use secrets::{JobRecord, LocalVersionRecord, ScheduledStart, SecretRecord};
 
 /// The store's result type.

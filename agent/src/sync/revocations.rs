@@ -1,0 +1,118 @@
+//! Acknowledging revocations: once the SVID cache has dropped what a revocation names (and
+//! got fresh SVIDs where the entry is still valid) and the sinks have caught up with that
+//! state, the agent tells the daemon what it did.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use mayfly_proto::v1;
+
+use super::{Authorized, ClientCell};
+use crate::sinks::runner::SinkProgress;
+use crate::state::WorkloadState;
+
+/// How long an acknowledgement waits for fresh SVIDs before it goes out without them.
+const REISSUE_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a pending acknowledgement is looked at again when nothing changes.
+const RECHECK: Duration = Duration::from_millis(500);
+
+/// Runs until the state's publisher goes away.
+pub async fn acknowledge(
+    client: ClientCell,
+    authorized: Arc<watch::Sender<Authorized>>,
+    mut state: watch::Receiver<Arc<WorkloadState>>,
+    mut progress: Option<watch::Receiver<SinkProgress>>,
+) {
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let current = state.borrow_and_update().clone();
+        first_seen.retain(|id, _| current.revocations.iter().any(|r| r.message.id == *id));
+        for pending in &current.revocations {
+            let id = &pending.message.id;
+            let seen = *first_seen.entry(id.clone()).or_insert_with(Instant::now);
+            let reissued = pending.awaiting.is_empty() || seen.elapsed() >= REISSUE_WAIT;
+            let sinks = progress.as_ref().map(|p| p.borrow().clone());
+            let written = sinks.as_ref().is_none_or(|p| p.applied >= current.version);
+            if !reissued || !written {
+                continue;
+            }
+            let effects = sinks
+                .and_then(|p| p.revocations.get(id).cloned())
+                .unwrap_or_default();
+            let mut errors = effects.errors;
+            errors.extend(
+                pending
+                    .awaiting
+                    .iter()
+                    .map(|spiffe_id| format!("no fresh SVID for {spiffe_id} yet")),
+            );
+            let ack = v1::RevocationAck {
+                revocation_id: id.clone(),
+                dropped_serials: pending.dropped.clone(),
+                reissued: pending.reissued.clone(),
+                files_removed: effects.removed,
+                files_blanked: effects.blanked,
+                actions: effects.actions,
+                errors,
+            };
+            let mut node = client.borrow().clone();
+            match tokio::time::timeout(Duration::from_secs(5), node.ack_revocation(ack)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(revocation = %id, kind = %pending.message.kind, dropped = pending.dropped.len(), reissued = pending.reissued.len(), "revocation carried out and acknowledged");
+                    authorized.send_modify(|a| a.revocations.retain(|r| r.id != *id));
+                }
+                Ok(Err(status)) => {
+                    tracing::warn!(revocation = %id, code = ?status.code(), error = %status.message(), "the daemon did not take the revocation's acknowledgement; retrying")
+                }
+                Err(_) => {
+                    tracing::warn!(revocation = %id, "acknowledging the revocation timed out; retrying")
+                }
+            }
+        }
+        let waiting = !current.revocations.is_empty();
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            changed = async {
+                match progress.as_mut() {
+                    Some(p) => p.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !changed {
+                    progress = None;
+                }
+            }
+            _ = tokio::time::sleep(RECHECK), if waiting => {}
+        }
+    }
+}
+
+/// Waits (at most `limit`) until every revocation is acknowledged and the sinks have
+/// written the latest state: an agent that must stop says its last word first.
+pub async fn settle(
+    authorized: &watch::Sender<Authorized>,
+    state: &watch::Receiver<Arc<WorkloadState>>,
+    progress: Option<&watch::Receiver<SinkProgress>>,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let acked = authorized.borrow().revocations.is_empty();
+        let current = state.borrow().clone();
+        let written = progress.is_none_or(|p| p.borrow().applied >= current.version);
+        let dropped = current.revocations.is_empty() && current.entries.is_empty();
+        if acked && written && dropped {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!("stopping before every revocation was carried out and acknowledged");
+}

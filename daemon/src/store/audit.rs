@@ -1,0 +1,331 @@
+//! The audit log's rows and the issued-SVID register written beside them. Appending is
+//! the only write: rows are never updated or deleted by the daemon. Each append is one
+//! transaction that reads the chain's tail, hashes the new rows onto it and inserts them;
+//! on PostgreSQL an advisory lock orders the appends of every daemon sharing the store.
+
+use sqlx::Row as _;
+use sqlx::any::AnyRow;
+
+use super::{Backend, Result, Store};
+
+/// Orders audit appends across daemons on PostgreSQL (`pg_advisory_xact_lock`).
+const APPEND_LOCK: i64 = 0x6d61_7966_6c79_0001;
+
+/// The hash the first record chains to.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit record as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub scope: String,
+    pub ttl_secs: i64,
+    pub reason: String,
+    pub outcome: String,
+    /// JSON, or empty.
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// One record to append: every field but the position in the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditFields {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub scope: String,
+    pub ttl_secs: i64,
+    pub reason: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// A workload SVID the daemon signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedSvidRecord {
+    pub serial: String,
+    pub entry_id: String,
+    pub spiffe_id: String,
+    pub agent_id: String,
+    pub ca_slot: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    pub not_after: i64,
+}
+
+/// Which audit rows to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only rows at or after this time (unix ms).
+    pub since_ms: Option<i64>,
+    /// Only rows about this subject: equal, or starting with it when it ends in `*`.
+    pub subject: Option<String>,
+    /// Only rows with this action, or whose action starts with it followed by `.`.
+    pub action: Option<String>,
+    /// Only rows after this sequence number (paging).
+    pub after_seq: i64,
+    pub limit: i64,
+}
+
+/// The position a new row chains onto: the last row's seq and hash.
+pub type ChainTail = (i64, String);
+
+impl Store {
+    /// The last row of the chain, or `(0, GENESIS_HASH)` when there is none.
+    pub async fn audit_tail(&self) -> Result<ChainTail> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => (row.try_get("seq")?, row.try_get("hash")?),
+            None => (0, GENESIS_HASH.to_string()),
+        })
+    }
+
+    /// Appends `records` (in order) and records `issued`, in one transaction, and returns
+    /// the new tail. `known_tail` is where the caller believes the chain ends; on SQLite,
+    /// which one daemon owns, it is trusted (the insert fails on a duplicate seq if it is
+    /// wrong), while on PostgreSQL the tail is read under the append lock.
+    pub async fn append_audit(
+        &self,
+        records: &[AuditFields],
+        issued: &[IssuedSvidRecord],
+        known_tail: Option<&ChainTail>,
+        hash: impl Fn(i64, &str, &AuditFields) -> String,
+    ) -> Result<ChainTail> {
+        let mut tx = self.pool.begin().await?;
+        let mut tail = match (self.backend, known_tail) {
+            (Backend::Sqlite, Some(tail)) => tail.clone(),
+            (backend, _) => {
+                if backend == Backend::Postgres {
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                        .bind(APPEND_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match row {
+                    Some(row) => (row.try_get("seq")?, row.try_get("hash")?),
+                    None => (0, GENESIS_HASH.to_string()),
+                }
+            }
+        };
+        for record in records {
+            let seq = tail.0 + 1;
+            let digest = hash(seq, &tail.1, record);
+            sqlx::query(
+                "INSERT INTO audit_log (seq, at_ms, actor, action, subject, scope, ttl_secs, \
+                 reason, outcome, detail, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(seq)
+            .bind(record.at_ms)
+            .bind(&record.actor)
+            .bind(&record.action)
+            .bind(&record.subject)
+            .bind(&record.scope)
+            .bind(record.ttl_secs)
+            .bind(&record.reason)
+            .bind(&record.outcome)
+            .bind(&record.detail)
+            .bind(&tail.1)
+            .bind(&digest)
+            .execute(&mut *tx)
+            .await?;
+            tail = (seq, digest);
+        }
+        for svid in issued {
+            sqlx::query(
+                "INSERT INTO issued_svids (serial, entry_id, spiffe_id, agent_id, ca_slot, \
+                 issued_at, not_after) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (serial) DO NOTHING",
+            )
+            .bind(&svid.serial)
+            .bind(&svid.entry_id)
+            .bind(&svid.spiffe_id)
+            .bind(&svid.agent_id)
+            .bind(&svid.ca_slot)
+            .bind(svid.issued_at)
+            .bind(svid.not_after)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(tail)
+    }
+
+    /// Rows in chain order, filtered.
+    pub async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>> {
+        enum Bind {
+            Int(i64),
+            Text(String),
+        }
+        let mut sql = String::from(
+            "SELECT seq, at_ms, actor, action, subject, scope, ttl_secs, reason, outcome, \
+             detail, prev_hash, hash FROM audit_log WHERE seq > $1",
+        );
+        let mut binds = vec![Bind::Int(filter.after_seq)];
+        let mut push = |sql: &mut String, clause: &str, values: Vec<Bind>| {
+            // Each `?` in the clause becomes the next numbered placeholder.
+            let mut text = String::new();
+            for part in clause.split('?').enumerate() {
+                if part.0 > 0 {
+                    text.push_str(&format!("${}", binds.len() + 1));
+                    binds.push(Bind::Int(0));
+                }
+                text.push_str(part.1);
+            }
+            let first = binds.len() - values.len();
+            for (i, value) in values.into_iter().enumerate() {
+                binds[first + i] = value;
+            }
+            sql.push_str(&text);
+        };
+        if let Some(since) = filter.since_ms {
+            push(&mut sql, " AND at_ms >= ?", vec![Bind::Int(since)]);
+        }
+        if let Some(subject) = &filter.subject {
+            match subject.strip_suffix('*') {
+                Some(prefix) => push(
+                    &mut sql,
+                    " AND substr(subject, 1, ?) = ?",
+                    vec![
+                        Bind::Int(prefix.chars().count() as i64),
+                        Bind::Text(prefix.to_string()),
+                    ],
+                ),
+                None => push(
+                    &mut sql,
+                    " AND subject = ?",
+                    vec![Bind::Text(subject.clone())],
+                ),
+            }
+        }
+        if let Some(action) = &filter.action {
+            let dotted = format!("{action}.");
+            push(
+                &mut sql,
+                " AND (action = ? OR substr(action, 1, ?) = ?)",
+                vec![
+                    Bind::Text(action.clone()),
+                    Bind::Int(dotted.chars().count() as i64),
+                    Bind::Text(dotted),
+                ],
+            );
+        }
+        let limit = if filter.limit > 0 {
+            filter.limit
+        } else {
+            i64::MAX
+        };
+        push(&mut sql, " ORDER BY seq LIMIT ?", vec![Bind::Int(limit)]);
+        // Built from the fixed fragments above only; every value is a bound parameter.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for value in binds {
+            query = match value {
+                Bind::Int(n) => query.bind(n),
+                Bind::Text(t) => query.bind(t),
+            };
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(audit_row).collect()
+    }
+
+    /// The serials signed for these entries that have not expired.
+    pub async fn live_serials_for_entries(
+        &self,
+        entry_ids: &[String],
+        now: i64,
+    ) -> Result<Vec<IssuedSvidRecord>> {
+        let mut out = Vec::new();
+        for id in entry_ids {
+            let rows = sqlx::query(
+                "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
+                 FROM issued_svids WHERE entry_id = $1 AND not_after > $2",
+            )
+            .bind(id)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+            for row in &rows {
+                out.push(issued_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The serials signed to this agent's workloads that have not expired.
+    pub async fn live_serials_for_agent(
+        &self,
+        agent_id: &str,
+        now: i64,
+    ) -> Result<Vec<IssuedSvidRecord>> {
+        let rows = sqlx::query(
+            "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
+             FROM issued_svids WHERE agent_id = $1 AND not_after > $2",
+        )
+        .bind(agent_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(issued_row).collect()
+    }
+
+    pub async fn issued_svid(&self, serial: &str) -> Result<Option<IssuedSvidRecord>> {
+        let row = sqlx::query(
+            "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
+             FROM issued_svids WHERE serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(issued_row).transpose()
+    }
+
+    /// Forgets SVIDs that expired before `before` (unix seconds).
+    pub async fn prune_issued_svids(&self, before: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM issued_svids WHERE not_after < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn audit_row(row: &AnyRow) -> Result<AuditRow> {
+    Ok(AuditRow {
+        seq: row.try_get("seq")?,
+        at_ms: row.try_get("at_ms")?,
+        actor: row.try_get("actor")?,
+        action: row.try_get("action")?,
+        subject: row.try_get("subject")?,
+        scope: row.try_get("scope")?,
+        ttl_secs: row.try_get("ttl_secs")?,
+        reason: row.try_get("reason")?,
+        outcome: row.try_get("outcome")?,
+        detail: row.try_get("detail")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+fn issued_row(row: &AnyRow) -> Result<IssuedSvidRecord> {
+    Ok(IssuedSvidRecord {
+        serial: row.try_get("serial")?,
+        entry_id: row.try_get("entry_id")?,
+        spiffe_id: row.try_get("spiffe_id")?,
+        agent_id: row.try_get("agent_id")?,
+        ca_slot: row.try_get("ca_slot")?,
+        issued_at: row.try_get("issued_at")?,
+        not_after: row.try_get("not_after")?,
+    })
+}

@@ -1,0 +1,233 @@
+//! Revocations, the deny list of revoked serials, and which agents have acknowledged each
+//! revocation. A revocation, its serials and its expected acknowledgements are written in
+//! one transaction, so a crash leaves either all of it or none.
+
+use sqlx::Row as _;
+use sqlx::any::AnyRow;
+
+use super::{Result, Store, StoreError};
+
+/// One operator revocation as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    pub id: String,
+    pub kind: String,
+    pub target: String,
+    pub reason: String,
+    pub actor: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// JSON: what the revocation covered.
+    pub detail: String,
+}
+
+/// A revoked serial and when its certificate expires (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedSerialRecord {
+    pub serial: String,
+    pub not_after: i64,
+}
+
+/// An agent a revocation was pushed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationAckRecord {
+    pub agent_id: String,
+    /// Unix milliseconds, when acknowledged.
+    pub acked_at: Option<i64>,
+    pub detail: String,
+}
+
+impl Store {
+    pub async fn create_revocation(
+        &self,
+        revocation: &RevocationRecord,
+        serials: &[RevokedSerialRecord],
+        agents: &[String],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO revocations (id, kind, target, reason, actor, created_at, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&revocation.id)
+        .bind(&revocation.kind)
+        .bind(&revocation.target)
+        .bind(&revocation.reason)
+        .bind(&revocation.actor)
+        .bind(revocation.created_at)
+        .bind(&revocation.detail)
+        .execute(&mut *tx)
+        .await?;
+        for serial in serials {
+            // A serial revoked twice keeps its first revocation.
+            sqlx::query(
+                "INSERT INTO revoked_serials (serial, not_after, revocation_id) \
+                 VALUES ($1, $2, $3) ON CONFLICT (serial) DO NOTHING",
+            )
+            .bind(&serial.serial)
+            .bind(serial.not_after)
+            .bind(&revocation.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for agent in agents {
+            sqlx::query(
+                "INSERT INTO revocation_acks (revocation_id, agent_id, detail) \
+                 VALUES ($1, $2, '')",
+            )
+            .bind(&revocation.id)
+            .bind(agent)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an agent's acknowledgement. False when it had already acknowledged; an
+    /// error when the revocation was never pushed to this agent.
+    pub async fn ack_revocation(
+        &self,
+        id: &str,
+        agent: &str,
+        at_ms: i64,
+        detail: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE revocation_acks SET acked_at = $1, detail = $2 \
+             WHERE revocation_id = $3 AND agent_id = $4 AND acked_at IS NULL",
+        )
+        .bind(at_ms)
+        .bind(detail)
+        .bind(id)
+        .bind(agent)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let exists = sqlx::query(
+            "SELECT 1 AS one FROM revocation_acks WHERE revocation_id = $1 AND agent_id = $2",
+        )
+        .bind(id)
+        .bind(agent)
+        .fetch_optional(&self.pool)
+        .await?;
+        match exists {
+            Some(_) => Ok(false),
+            None => Err(StoreError::NotFound {
+                kind: "revocation for this agent",
+                id: id.to_string(),
+            }),
+        }
+    }
+
+    pub async fn get_revocation(&self, id: &str) -> Result<RevocationRecord> {
+        let row = sqlx::query(
+            "SELECT id, kind, target, reason, actor, created_at, detail FROM revocations \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "revocation",
+            id: id.to_string(),
+        })?;
+        revocation_row(&row)
+    }
+
+    /// Newest first.
+    pub async fn list_revocations(&self, limit: i64) -> Result<Vec<RevocationRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, kind, target, reason, actor, created_at, detail FROM revocations \
+             ORDER BY created_at DESC, id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(revocation_row).collect()
+    }
+
+    pub async fn revocation_serials(&self, id: &str) -> Result<Vec<RevokedSerialRecord>> {
+        let rows = sqlx::query(
+            "SELECT serial, not_after FROM revoked_serials WHERE revocation_id = $1 \
+             ORDER BY serial",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(serial_row).collect()
+    }
+
+    pub async fn revocation_acks(&self, id: &str) -> Result<Vec<RevocationAckRecord>> {
+        let rows = sqlx::query(
+            "SELECT agent_id, acked_at, detail FROM revocation_acks WHERE revocation_id = $1 \
+             ORDER BY agent_id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RevocationAckRecord {
+                    agent_id: row.try_get("agent_id")?,
+                    acked_at: row.try_get("acked_at")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The revocations pushed to `agent` that it has not acknowledged, oldest first.
+    pub async fn pending_revocations(&self, agent: &str) -> Result<Vec<RevocationRecord>> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.kind, r.target, r.reason, r.actor, r.created_at, r.detail \
+             FROM revocations r JOIN revocation_acks a ON a.revocation_id = r.id \
+             WHERE a.agent_id = $1 AND a.acked_at IS NULL ORDER BY r.created_at, r.id",
+        )
+        .bind(agent)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(revocation_row).collect()
+    }
+
+    /// Every revoked serial whose certificate has not expired by `now` (unix seconds).
+    pub async fn deny_list(&self, now: i64) -> Result<Vec<RevokedSerialRecord>> {
+        let rows = sqlx::query(
+            "SELECT serial, not_after FROM revoked_serials WHERE not_after > $1 ORDER BY serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(serial_row).collect()
+    }
+
+    /// Drops deny-list lines whose certificate expired before `before` (unix seconds).
+    pub async fn prune_revoked_serials(&self, before: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM revoked_serials WHERE not_after < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn revocation_row(row: &AnyRow) -> Result<RevocationRecord> {
+    Ok(RevocationRecord {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        target: row.try_get("target")?,
+        reason: row.try_get("reason")?,
+        actor: row.try_get("actor")?,
+        created_at: row.try_get("created_at")?,
+        detail: row.try_get("detail")?,
+    })
+}
+
+fn serial_row(row: &AnyRow) -> Result<RevokedSerialRecord> {
+    Ok(RevokedSerialRecord {
+        serial: row.try_get("serial")?,
+        not_after: row.try_get("not_after")?,
+    })
+}
