@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::Clock;
 use crate::store::{
-    AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord, Store,
-    StoreError,
+    AckUpdate, AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord,
+    Store, StoreError,
 };
 
 /// At most this many queued events go into one transaction.
@@ -111,6 +111,7 @@ impl Event {
 struct Job {
     events: Vec<AuditFields>,
     issued: Vec<IssuedSvidRecord>,
+    acks: Vec<AckUpdate>,
     done: Option<oneshot::Sender<Result<i64, String>>>,
 }
 
@@ -148,6 +149,11 @@ impl Audit {
         fields
     }
 
+    /// Waits until everything noted so far is committed.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        self.submit(Vec::new(), Vec::new()).await.map(|_| ())
+    }
+
     /// Appends and waits until the record is committed; returns its sequence number.
     pub async fn record(&self, event: Event) -> Result<i64, AuditError> {
         self.submit(vec![self.stamp(event)], Vec::new()).await
@@ -158,6 +164,19 @@ impl Audit {
         let _ = self.tx.send(Job {
             events: vec![self.stamp(event)],
             issued: Vec::new(),
+            acks: Vec::new(),
+            done: None,
+        });
+    }
+
+    /// Records an agent's acknowledgement of a revocation with its audit record, without
+    /// waiting. Losing it in a crash is harmless: the revocation stays pending for the
+    /// agent, which applies it again (nothing left to do) and acknowledges again.
+    pub fn note_ack(&self, event: Event, ack: AckUpdate) {
+        let _ = self.tx.send(Job {
+            events: vec![self.stamp(event)],
+            issued: Vec::new(),
+            acks: vec![ack],
             done: None,
         });
     }
@@ -182,6 +201,7 @@ impl Audit {
             .send(Job {
                 events,
                 issued,
+                acks: Vec::new(),
                 done: Some(done),
             })
             .map_err(|_| AuditError::Stopped)?;
@@ -232,14 +252,15 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Job>, mut tail: Ch
         }
         let events: Vec<AuditFields> = jobs.iter().flat_map(|j| j.events.clone()).collect();
         let issued: Vec<IssuedSvidRecord> = jobs.iter().flat_map(|j| j.issued.clone()).collect();
+        let acks: Vec<AckUpdate> = jobs.iter().flat_map(|j| j.acks.clone()).collect();
         let mut result = store
-            .append_audit(&events, &issued, Some(&tail), record_hash)
+            .append_audit(&events, &issued, &acks, Some(&tail), record_hash)
             .await;
         if result.is_err() {
             // Another writer may have moved the tail (a daemon sharing a SQLite file, or a
             // transient error): read it again and try once more.
             result = store
-                .append_audit(&events, &issued, None, record_hash)
+                .append_audit(&events, &issued, &acks, None, record_hash)
                 .await;
         }
         match result {

@@ -263,26 +263,17 @@ impl Registry {
         Ok(deleted)
     }
 
-    /// Deletes entries for a revocation. Agents hear of it through the revocation itself
-    /// (which also says to remove their files), not as ordinary deletions.
-    pub async fn revoke_entries(&self, ids: &[String]) -> Result<Vec<EntryRecord>, IdentityError> {
-        let mut gone = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.store.delete_entry(id).await {
-                Ok(deleted) => gone.push(deleted),
-                // Deleted meanwhile by another operator: nothing left to revoke.
-                Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+    /// Drops entries a revocation deleted from the in-memory index. Agents hear of it
+    /// through the revocation itself (which also says to remove their files), not as
+    /// ordinary deletions.
+    pub fn forget_revoked_entries(&self, gone: &[EntryRecord]) {
         self.entries.send_modify(|index| {
             let mut next = HashMap::clone(index);
-            for deleted in &gone {
+            for deleted in gone {
                 next.remove(&deleted.id);
             }
             *index = Arc::new(next);
         });
-        Ok(gone)
     }
 
     /// Pushes a revocation to the sync streams of the agents it names.

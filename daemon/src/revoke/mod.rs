@@ -21,7 +21,9 @@ use crate::identity::{IdentityError, Registry, RevocationNotice};
 use crate::secrets::engine::RotationEngine;
 use crate::secrets::runtime::EngineError;
 use crate::secrets::spec::Strategy;
-use crate::store::{AgentStatus, EntryFilter, RevocationRecord, RevokedSerialRecord, StoreError};
+use crate::store::{
+    AckUpdate, AgentStatus, EntryFilter, RevocationRecord, RevokedSerialRecord, StoreError,
+};
 
 /// How long `revoke` waits for acknowledgements unless told otherwise.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
@@ -383,9 +385,10 @@ impl Revoker {
             detail: serde_json::to_string(&scope).unwrap_or_default(),
         };
         let agent_list: Vec<String> = agents.iter().cloned().collect();
-        store
-            .create_revocation(&record, &serials, &agent_list)
+        let deleted = store
+            .create_revocation(&record, &serials, &agent_list, &scope.entry_ids)
             .await?;
+        self.registry.forget_revoked_entries(&deleted);
         self.audit
             .record(
                 Event::new(actor, &format!("revoke.{}", record.kind), &record.target)
@@ -406,9 +409,6 @@ impl Revoker {
         // Waiting starts before the push so no acknowledgement is missed.
         let (acked_tx, mut acked_rx) = watch::channel(BTreeSet::new());
         self.waiting_map().insert(record.id.clone(), acked_tx);
-        if !scope.entry_ids.is_empty() {
-            self.registry.revoke_entries(&scope.entry_ids).await?;
-        }
         self.registry.publish_revocation(RevocationNotice {
             message: message(&record, &scope, &serials),
             secrets: scope.secrets.clone(),
@@ -452,6 +452,11 @@ impl Revoker {
             }
         }
         self.waiting_map().remove(&record.id);
+        // The acknowledgements seen here are committed with their records; wait for that.
+        self.audit
+            .flush()
+            .await
+            .map_err(|e| RevokeError::Failed(e.to_string()))?;
         let mut report = self.report(&record.id).await?;
         report.elapsed_ms = last_ack.as_millis() as i64;
         Ok(report)
@@ -524,25 +529,26 @@ impl Revoker {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let first = self
+        let known = self
             .registry
             .store()
-            .ack_revocation(&ack.revocation_id, agent, at_ms, &detail.to_string())
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound { .. } => RevokeError::NotFound(format!(
+            .revocation_ack(&ack.revocation_id, agent)
+            .await?
+            .ok_or_else(|| {
+                RevokeError::NotFound(format!(
                     "revocation {} was not sent to agent {agent}",
                     ack.revocation_id
-                )),
-                other => other.into(),
+                ))
             })?;
-        if first {
+        if known.acked_at.is_none() {
             let outcome = if ack.errors.is_empty() {
                 crate::audit::OK
             } else {
                 crate::audit::FAILED
             };
-            self.audit.note(
+            // The acknowledgement and its record commit together, grouped with whatever
+            // else is being recorded: a fan-out to a thousand agents is a few commits.
+            self.audit.note_ack(
                 Event::new(
                     &Actor::Spiffe(agent.to_string()),
                     "revoke.ack",
@@ -550,7 +556,13 @@ impl Revoker {
                 )
                 .outcome(outcome)
                 .reason(ack.errors.join("; "))
-                .detail(detail),
+                .detail(detail.clone()),
+                AckUpdate {
+                    revocation_id: ack.revocation_id.clone(),
+                    agent_id: agent.to_string(),
+                    at_ms,
+                    detail: detail.to_string(),
+                },
             );
         }
         self.mark(&ack.revocation_id, BTreeSet::from([agent.to_string()]));

@@ -60,6 +60,17 @@ pub struct IssuedSvidRecord {
     pub not_after: i64,
 }
 
+/// An agent's acknowledgement of a revocation, recorded with its audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckUpdate {
+    pub revocation_id: String,
+    pub agent_id: String,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// JSON: what the agent did.
+    pub detail: String,
+}
+
 /// Which audit rows to read.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -89,14 +100,16 @@ impl Store {
         })
     }
 
-    /// Appends `records` (in order) and records `issued`, in one transaction, and returns
-    /// the new tail. `known_tail` is where the caller believes the chain ends; on SQLite,
+    /// Appends `records` (in order), records `issued` and applies `acks` (an agent that
+    /// had already acknowledged keeps its first acknowledgement), in one transaction, and
+    /// returns the new tail. `known_tail` is where the caller believes the chain ends; on SQLite,
     /// which one daemon owns, it is trusted (the insert fails on a duplicate seq if it is
     /// wrong), while on PostgreSQL the tail is read under the append lock.
     pub async fn append_audit(
         &self,
         records: &[AuditFields],
         issued: &[IssuedSvidRecord],
+        acks: &[AckUpdate],
         known_tail: Option<&ChainTail>,
         hash: impl Fn(i64, &str, &AuditFields) -> String,
     ) -> Result<ChainTail> {
@@ -104,12 +117,19 @@ impl Store {
         let mut tail = match (self.backend, known_tail) {
             (Backend::Sqlite, Some(tail)) => tail.clone(),
             (backend, _) => {
-                if backend == Backend::Postgres {
-                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                        .bind(APPEND_LOCK)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                // Take the write lock before reading the tail, so no other writer can
+                // append between the read and the insert.
+                let lock = match backend {
+                    Backend::Postgres => {
+                        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK)
+                    }
+                    // A write as the transaction's first statement takes SQLite's write
+                    // lock (waiting out the busy timeout); it changes no row.
+                    Backend::Sqlite => {
+                        sqlx::query("UPDATE audit_log SET seq = seq WHERE seq < $1").bind(0i64)
+                    }
+                };
+                lock.execute(&mut *tx).await?;
                 let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -159,6 +179,18 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        for ack in acks {
+            sqlx::query(
+                "UPDATE revocation_acks SET acked_at = $1, detail = $2 \
+                 WHERE revocation_id = $3 AND agent_id = $4 AND acked_at IS NULL",
+            )
+            .bind(ack.at_ms)
+            .bind(&ack.detail)
+            .bind(&ack.revocation_id)
+            .bind(&ack.agent_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(tail)
     }
@@ -197,7 +229,7 @@ impl Store {
             match subject.strip_suffix('*') {
                 Some(prefix) => push(
                     &mut sql,
-                    " AND substr(subject, 1, ?) = ?",
+                    " AND substr(subject, 1, CAST(? AS INTEGER)) = ?",
                     vec![
                         Bind::Int(prefix.chars().count() as i64),
                         Bind::Text(prefix.to_string()),
@@ -214,7 +246,7 @@ impl Store {
             let dotted = format!("{action}.");
             push(
                 &mut sql,
-                " AND (action = ? OR substr(action, 1, ?) = ?)",
+                " AND (action = ? OR substr(action, 1, CAST(? AS INTEGER)) = ?)",
                 vec![
                     Bind::Text(action.clone()),
                     Bind::Int(dotted.chars().count() as i64),

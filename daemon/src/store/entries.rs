@@ -204,18 +204,27 @@ impl Store {
 
     /// Deletes the entry and returns what it was, so the caller can tell agents what to drop.
     pub async fn delete_entry(&self, id: &str) -> Result<EntryRecord> {
-        let row = sqlx::query(concat!(
-            "DELETE FROM registration_entries WHERE id = $1 RETURNING ",
-            entry_columns!()
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => entry_from_row(&row),
-            None => Err(not_found(id)),
-        }
+        let mut conn = self.pool.acquire().await?;
+        delete_entry_in(&mut conn, id)
+            .await?
+            .ok_or_else(|| not_found(id))
     }
+}
+
+/// Deletes one entry on `conn` (a transaction's, or a pooled connection); `None` if it
+/// did not exist.
+pub(super) async fn delete_entry_in(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+) -> Result<Option<EntryRecord>> {
+    let row = sqlx::query(concat!(
+        "DELETE FROM registration_entries WHERE id = $1 RETURNING ",
+        entry_columns!()
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(entry_from_row).transpose()
 }
 
 fn not_found(id: &str) -> StoreError {

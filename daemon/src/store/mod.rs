@@ -24,7 +24,9 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Connection as _};
 
 pub use agents::{AgentRecord, AgentStatus};
-pub use audit::{AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord};
+pub use audit::{
+    AckUpdate, AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord,
+};
 pub use ca_slots::{CaSlotRecord, CaSlotState};
 pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
 pub use error::StoreError;

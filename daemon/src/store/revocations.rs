@@ -7,6 +7,14 @@ use sqlx::any::AnyRow;
 
 use super::{Result, Store, StoreError};
 
+fn ack_row(row: &AnyRow) -> Result<RevocationAckRecord> {
+    Ok(RevocationAckRecord {
+        agent_id: row.try_get("agent_id")?,
+        acked_at: row.try_get("acked_at")?,
+        detail: row.try_get("detail")?,
+    })
+}
+
 /// One operator revocation as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevocationRecord {
@@ -38,13 +46,23 @@ pub struct RevocationAckRecord {
 }
 
 impl Store {
+    /// Records a revocation with its deny-list serials and the agents that must
+    /// acknowledge it, and deletes the entries it revokes, in one transaction. Returns the
+    /// entries deleted (an entry another operator deleted meanwhile is skipped).
     pub async fn create_revocation(
         &self,
         revocation: &RevocationRecord,
         serials: &[RevokedSerialRecord],
         agents: &[String],
-    ) -> Result<()> {
+        entry_ids: &[String],
+    ) -> Result<Vec<super::EntryRecord>> {
         let mut tx = self.pool.begin().await?;
+        let mut deleted = Vec::with_capacity(entry_ids.len());
+        for id in entry_ids {
+            if let Some(entry) = super::entries::delete_entry_in(&mut tx, id).await? {
+                deleted.push(entry);
+            }
+        }
         sqlx::query(
             "INSERT INTO revocations (id, kind, target, reason, actor, created_at, detail) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -81,45 +99,24 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(deleted)
     }
 
-    /// Records an agent's acknowledgement. False when it had already acknowledged; an
-    /// error when the revocation was never pushed to this agent.
-    pub async fn ack_revocation(
+    /// Whether `revocation` was pushed to `agent`, and its acknowledgement so far.
+    pub async fn revocation_ack(
         &self,
-        id: &str,
+        revocation: &str,
         agent: &str,
-        at_ms: i64,
-        detail: &str,
-    ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE revocation_acks SET acked_at = $1, detail = $2 \
-             WHERE revocation_id = $3 AND agent_id = $4 AND acked_at IS NULL",
+    ) -> Result<Option<RevocationAckRecord>> {
+        let row = sqlx::query(
+            "SELECT agent_id, acked_at, detail FROM revocation_acks \
+             WHERE revocation_id = $1 AND agent_id = $2",
         )
-        .bind(at_ms)
-        .bind(detail)
-        .bind(id)
-        .bind(agent)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 1 {
-            return Ok(true);
-        }
-        let exists = sqlx::query(
-            "SELECT 1 AS one FROM revocation_acks WHERE revocation_id = $1 AND agent_id = $2",
-        )
-        .bind(id)
+        .bind(revocation)
         .bind(agent)
         .fetch_optional(&self.pool)
         .await?;
-        match exists {
-            Some(_) => Ok(false),
-            None => Err(StoreError::NotFound {
-                kind: "revocation for this agent",
-                id: id.to_string(),
-            }),
-        }
+        row.as_ref().map(ack_row).transpose()
     }
 
     pub async fn get_revocation(&self, id: &str) -> Result<RevocationRecord> {
@@ -168,15 +165,7 @@ impl Store {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RevocationAckRecord {
-                    agent_id: row.try_get("agent_id")?,
-                    acked_at: row.try_get("acked_at")?,
-                    detail: row.try_get("detail")?,
-                })
-            })
-            .collect()
+        rows.iter().map(ack_row).collect()
     }
 
     /// The revocations pushed to `agent` that it has not acknowledged, oldest first.

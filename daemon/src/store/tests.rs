@@ -100,6 +100,9 @@ on_both_backends!(
     one_unfinished_job_per_secret,
     job_claims_fence_progress,
     schedule_slot_starts_one_job,
+    audit_appends_chain_across_daemons,
+    audit_filters,
+    revocation_bookkeeping,
 );
 
 fn strings(values: &[&str]) -> Vec<String> {
@@ -691,7 +694,7 @@ async fn migrations_are_idempotent(db: TestDb) {
         .try_get("n")
         .expect("n");
     // Every embedded migration, each applied exactly once.
-    assert_eq!(applied, 3);
+    assert_eq!(applied, 4);
 
     if expected == Backend::Sqlite {
         let file = db.dir.path().join(SQLITE_FILE_NAME);
@@ -1029,6 +1032,260 @@ async fn schedule_slot_starts_one_job(db: TestDb) {
     let jobs = a.jobs_for_secret("s", 10).await.expect("jobs");
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].scheduled_for, Some(2_000));
+}
+
+fn audit_fields(action: &str, subject: &str, at_ms: i64) -> AuditFields {
+    AuditFields {
+        at_ms,
+        actor: "uid:0".into(),
+        action: action.into(),
+        subject: subject.into(),
+        outcome: "ok".into(),
+        ..AuditFields::default()
+    }
+}
+
+async fn audit_appends_chain_across_daemons(db: TestDb) {
+    // Two stores on one database, as two daemons sharing it: appends from both interleave
+    // into one chain. On SQLite the second writer's stale tail makes its first attempt
+    // fail, and a retry with the tail read afresh succeeds, as the audit writer does.
+    let first = db.connect().await;
+    let second = db.connect().await;
+    let hash = crate::audit::record_hash;
+    assert_eq!(
+        first.audit_tail().await.unwrap(),
+        (0, GENESIS_HASH.to_string())
+    );
+    let mut tasks = Vec::new();
+    for (n, store) in [first.clone(), second.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut tail = store.audit_tail().await.unwrap();
+            for i in 0..20 {
+                let record = [audit_fields("entry.create", &format!("w{n}-{i}"), 1000 + i)];
+                tail = match store
+                    .append_audit(&record, &[], &[], Some(&tail), hash)
+                    .await
+                {
+                    Ok(tail) => tail,
+                    Err(_) => store
+                        .append_audit(&record, &[], &[], None, hash)
+                        .await
+                        .unwrap(),
+                };
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rows = first.list_audit(&AuditFilter::default()).await.unwrap();
+    assert_eq!(rows.len(), 40);
+    let verdict = crate::audit::verify_rows(&rows);
+    assert_eq!(verdict.first_bad, None, "one chain: {verdict:?}");
+    assert_eq!(verdict.head, second.audit_tail().await.unwrap());
+
+    // Issued serials go in with their record.
+    let issued = IssuedSvidRecord {
+        serial: "0abc".into(),
+        entry_id: "e1".into(),
+        spiffe_id: "spiffe://example.org/web".into(),
+        agent_id: NODE_A.into(),
+        ca_slot: "slot".into(),
+        issued_at: 100,
+        not_after: 200,
+    };
+    first
+        .append_audit(
+            &[audit_fields("svid.sign", "w", 1)],
+            std::slice::from_ref(&issued),
+            &[],
+            None,
+            hash,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first.issued_svid("0abc").await.unwrap(),
+        Some(issued.clone())
+    );
+    assert_eq!(
+        first
+            .live_serials_for_entries(&["e1".into()], 150)
+            .await
+            .unwrap(),
+        vec![issued.clone()]
+    );
+    assert!(
+        first
+            .live_serials_for_entries(&["e1".into()], 200)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        first
+            .live_serials_for_agent(NODE_A, 150)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(first.prune_issued_svids(201).await.unwrap(), 1);
+    assert_eq!(first.issued_svid("0abc").await.unwrap(), None);
+    first.close().await;
+    second.close().await;
+}
+
+async fn audit_filters(db: TestDb) {
+    let store = db.connect().await;
+    let hash = crate::audit::record_hash;
+    let records = [
+        audit_fields("entry.create", "spiffe://example.org/web", 100),
+        audit_fields("revoke.entry", "spiffe://example.org/web", 200),
+        audit_fields("revoke.ack", "rv-1", 300),
+        audit_fields("revoked", "spiffe://example.org/api", 400),
+    ];
+    store
+        .append_audit(&records, &[], &[], None, hash)
+        .await
+        .unwrap();
+    let subjects = |rows: Vec<AuditRow>| rows.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+    let web = AuditFilter {
+        subject: Some("spiffe://example.org/web".into()),
+        ..AuditFilter::default()
+    };
+    assert_eq!(subjects(store.list_audit(&web).await.unwrap()), vec![1, 2]);
+    let prefix = AuditFilter {
+        subject: Some("spiffe://example.org/*".into()),
+        ..AuditFilter::default()
+    };
+    assert_eq!(
+        subjects(store.list_audit(&prefix).await.unwrap()),
+        vec![1, 2, 4]
+    );
+    // A family matches its members, not other actions that merely start alike.
+    let family = AuditFilter {
+        action: Some("revoke".into()),
+        ..AuditFilter::default()
+    };
+    assert_eq!(
+        subjects(store.list_audit(&family).await.unwrap()),
+        vec![2, 3]
+    );
+    let since = AuditFilter {
+        since_ms: Some(250),
+        limit: 1,
+        ..AuditFilter::default()
+    };
+    assert_eq!(subjects(store.list_audit(&since).await.unwrap()), vec![3]);
+    let paged = AuditFilter {
+        after_seq: 3,
+        ..AuditFilter::default()
+    };
+    assert_eq!(subjects(store.list_audit(&paged).await.unwrap()), vec![4]);
+    store.close().await;
+}
+
+async fn revocation_bookkeeping(db: TestDb) {
+    let store = db.connect().await;
+    let doomed = store
+        .create_entry(
+            &new_entry("spiffe://example.org/db", NODE_A, &["unix:uid:5"]),
+            1,
+        )
+        .await
+        .unwrap();
+    let revocation = RevocationRecord {
+        id: "rv-1".into(),
+        kind: "entry".into(),
+        target: "spiffe://example.org/db".into(),
+        reason: "test".into(),
+        actor: "uid:0".into(),
+        created_at: 1000,
+        detail: "{}".into(),
+    };
+    let serials = [RevokedSerialRecord {
+        serial: "0a".into(),
+        not_after: 500,
+    }];
+    let deleted = store
+        .create_revocation(
+            &revocation,
+            &serials,
+            &[NODE_A.into(), NODE_B.into()],
+            &[doomed.id.clone(), "already-gone".into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        deleted,
+        vec![doomed.clone()],
+        "deleted in the same transaction"
+    );
+    assert!(store.get_entry(&doomed.id).await.is_err());
+    assert_eq!(store.get_revocation("rv-1").await.unwrap(), revocation);
+    assert_eq!(store.deny_list(400).await.unwrap(), serials.to_vec());
+    assert!(
+        store.deny_list(500).await.unwrap().is_empty(),
+        "expired lines are not sent"
+    );
+    assert_eq!(
+        store.pending_revocations(NODE_A).await.unwrap(),
+        vec![revocation.clone()]
+    );
+
+    // A's acknowledgement, as the audit writer applies it.
+    let ack = AckUpdate {
+        revocation_id: "rv-1".into(),
+        agent_id: NODE_A.into(),
+        at_ms: 1200,
+        detail: "{\"files_removed\":[]}".into(),
+    };
+    store
+        .append_audit(
+            &[audit_fields("revoke.ack", "rv-1", 1200)],
+            &[],
+            std::slice::from_ref(&ack),
+            None,
+            crate::audit::record_hash,
+        )
+        .await
+        .unwrap();
+    // A second acknowledgement does not move the first.
+    let later = AckUpdate {
+        at_ms: 9999,
+        ..ack.clone()
+    };
+    store
+        .append_audit(&[], &[], &[later], None, crate::audit::record_hash)
+        .await
+        .unwrap();
+    let acks = store.revocation_acks("rv-1").await.unwrap();
+    assert_eq!(acks.len(), 2);
+    assert_eq!(
+        (acks[0].agent_id.as_str(), acks[0].acked_at),
+        (NODE_A, Some(1200))
+    );
+    assert_eq!(
+        (acks[1].agent_id.as_str(), acks[1].acked_at),
+        (NODE_B, None)
+    );
+    assert!(store.pending_revocations(NODE_A).await.unwrap().is_empty());
+    assert_eq!(store.pending_revocations(NODE_B).await.unwrap().len(), 1);
+    assert!(
+        store
+            .revocation_ack("rv-1", "spiffe://example.org/node/z")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.list_revocations(10).await.unwrap(), vec![revocation]);
+    assert_eq!(
+        store.revocation_serials("rv-1").await.unwrap(),
+        serials.to_vec()
+    );
+    assert_eq!(store.prune_revoked_serials(501).await.unwrap(), 1);
+    store.close().await;
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod http1;
 pub mod mayfly;
 pub mod openbao;
+pub mod revocation;
 pub mod rotation;
 pub mod sinks;
 

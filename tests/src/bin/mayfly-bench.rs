@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::{agent, mayfly, openbao, rotation, sinks};
+use mayfly_tests::bench::{agent, mayfly, openbao, revocation, rotation, sinks};
 
 #[derive(Parser)]
 #[command(
@@ -86,6 +86,21 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         rotations: usize,
     },
+    /// Revocation fan-out: simulated agents on real sync streams, `revoke selector`
+    /// timed until every agent's acknowledgement is in.
+    Revocation {
+        /// The daemon's node API; must be on 127.0.0.1.
+        #[arg(long)]
+        node_addr: String,
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
         /// The daemon's node API; must be on 127.0.0.1.
@@ -144,6 +159,29 @@ fn real_main() -> Result<ExitCode> {
                 .await?;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(if result.missed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Cmd::Revocation {
+                node_addr,
+                admin_socket,
+                trust_domain,
+                agents,
+                rounds,
+            } => {
+                raise_fd_limit();
+                let result = revocation::run(&revocation::Options {
+                    node_addr,
+                    admin_socket,
+                    trust_domain,
+                    agents,
+                    rounds,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(if result.unacknowledged == 0 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
