@@ -93,6 +93,7 @@ pub async fn start(
         secrets.clone(),
         audit.clone(),
     ));
+    tokio::spawn(revoker.clone().watch_other_daemons());
     audit.note(
         Event::new(&Actor::Daemon, "daemon.start", config.trust_domain.as_str())
             .scope(format!("node API {}", config.node_listen)),

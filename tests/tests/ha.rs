@@ -342,3 +342,88 @@ async fn a_failed_rotation_is_counted_on_the_metrics_endpoint() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_daemon_reaches_an_agent_on_the_other() {
+    init();
+    let db = TestDatabase::create().await.unwrap();
+    let options = DaemonOptions {
+        datastore_url: db.url.clone(),
+        ..DaemonOptions::default()
+    };
+    let first = DaemonProcess::start(options.clone()).unwrap();
+    let second = DaemonProcess::start(DaemonOptions {
+        keys_from: Some(first.data_dir()),
+        ..options
+    })
+    .unwrap();
+    let node = "spiffe://example.org/node/ha";
+    let web = "spiffe://example.org/web";
+    second
+        .cli_json(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            web,
+            "--parent-id",
+            node,
+            "--selector",
+            "unix:uid:0",
+        ])
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let cert = files.path().join("svid.pem");
+    // The agent talks to the second daemon only.
+    let agent = mayfly_tests::harness::AgentProcess::start_with(
+        &second,
+        node,
+        &format!(
+            "[[sink]]\nkind = \"svid\"\nspiffe_id = \"{web}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
+            cert.display(),
+            files.path().join("svid.key").display()
+        ),
+    )
+    .unwrap();
+    mayfly_tests::harness::wait_for("the svid sink", Duration::from_secs(15), || {
+        std::fs::metadata(&cert).is_ok_and(|m| m.len() > 0)
+    });
+
+    // The operator revokes on the first daemon.
+    let out = first
+        .cli(&[
+            "revoke",
+            "selector",
+            "unix:uid:0",
+            "--reason",
+            "ha",
+            "--output",
+            "json",
+        ])
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no report: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.log()
+        )
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{report:#}\nsecond daemon:\n{}\nagent:\n{}",
+        second.log(),
+        agent.log()
+    );
+    assert_eq!(report["acknowledged"], serde_json::json!([node]));
+    assert!(
+        !cert.exists(),
+        "the agent on the other daemon removed the file"
+    );
+    // The other daemon's audit trail is the same chain: it verifies from either.
+    assert!(
+        second
+            .cli_ok(&["audit", "verify"])
+            .unwrap()
+            .starts_with("audit log intact")
+    );
+}

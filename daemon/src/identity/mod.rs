@@ -266,11 +266,11 @@ impl Registry {
     /// Drops entries a revocation deleted from the in-memory index. Agents hear of it
     /// through the revocation itself (which also says to remove their files), not as
     /// ordinary deletions.
-    pub fn forget_revoked_entries(&self, gone: &[EntryRecord]) {
+    pub fn forget_revoked_entries(&self, ids: &[String]) {
         self.entries.send_modify(|index| {
             let mut next = HashMap::clone(index);
-            for deleted in gone {
-                next.remove(&deleted.id);
+            for id in ids {
+                next.remove(id);
             }
             *index = Arc::new(next);
         });
@@ -279,19 +279,6 @@ impl Registry {
     /// Pushes a revocation to the sync streams of the agents it names.
     pub fn publish_revocation(&self, notice: RevocationNotice) {
         let _ = self.changes.send(Change::Revoked(Arc::new(notice)));
-    }
-
-    /// Entries (from the in-memory index) carrying `selector`.
-    pub fn entries_with_selector(&self, selector: &str) -> Vec<Arc<EntryRecord>> {
-        let mut list: Vec<_> = self
-            .entries
-            .borrow()
-            .values()
-            .filter(|e| e.selectors.iter().any(|s| s == selector))
-            .cloned()
-            .collect();
-        list.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
-        list
     }
 
     /// Of `specs`, the secrets granted to `agent` itself or to a SPIFFE ID it serves,

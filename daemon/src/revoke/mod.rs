@@ -169,7 +169,12 @@ pub struct Revoker {
     audit: Audit,
     /// Revocations being waited on here, with the agents that have acknowledged so far.
     waiting: Mutex<HashMap<String, watch::Sender<BTreeSet<String>>>>,
+    /// Revocations already pushed to this daemon's streams, with when they were made.
+    published: Mutex<HashMap<String, i64>>,
 }
+
+/// How often a daemon looks for revocations made by another daemon on the same store.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 impl Revoker {
     pub fn new(registry: Arc<Registry>, secrets: Arc<RotationEngine>, audit: Audit) -> Self {
@@ -178,7 +183,72 @@ impl Revoker {
             secrets,
             audit,
             waiting: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn published_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.published.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes revocations that another daemon sharing the datastore made to the agents
+    /// connected here, within [`WATCH_EVERY`]; their acknowledgements land in the store,
+    /// where the revoking daemon looks for them.
+    pub async fn watch_other_daemons(self: Arc<Self>) {
+        let started = unix_ms(self.registry.now());
+        let mut timer = tokio::time::interval(WATCH_EVERY);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = self.registry.closing();
+        loop {
+            tokio::select! {
+                _ = timer.tick() => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            // Clocks of daemons differ a little; look back a few seconds, and remember
+            // what has been pushed for a minute.
+            let now = unix_ms(self.registry.now());
+            let since = (now - 5_000).max(started - 5_000);
+            self.published_map().retain(|_, at| *at >= now - 60_000);
+            let records = match self.registry.store().revocations_since(since).await {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for other daemons' revocations");
+                    continue;
+                }
+            };
+            for record in records {
+                if self.published_map().contains_key(&record.id) {
+                    continue;
+                }
+                if let Err(e) = self.publish_stored(&record).await {
+                    tracing::warn!(revocation = %record.id, error = %e, "could not push another daemon's revocation");
+                    continue;
+                }
+                self.published_map()
+                    .insert(record.id.clone(), record.created_at);
+            }
+        }
+    }
+
+    async fn publish_stored(&self, record: &RevocationRecord) -> Result<(), RevokeError> {
+        let store = self.registry.store();
+        let scope: Scope = serde_json::from_str(&record.detail).unwrap_or_default();
+        let serials = store.revocation_serials(&record.id).await?;
+        let agents: BTreeSet<String> = store
+            .revocation_acks(&record.id)
+            .await?
+            .into_iter()
+            .filter(|a| a.acked_at.is_none())
+            .map(|a| a.agent_id)
+            .collect();
+        self.registry.forget_revoked_entries(&scope.entry_ids);
+        tracing::info!(revocation = %record.id, kind = %record.kind, agents = agents.len(), "pushing a revocation made by another daemon");
+        self.registry.publish_revocation(RevocationNotice {
+            message: message(record, &scope, &serials),
+            secrets: scope.secrets.clone(),
+            agents,
+        });
+        Ok(())
     }
 
     /// Revokes, pushes, and waits up to `wait` for every affected agent to acknowledge.
@@ -276,7 +346,16 @@ impl Revoker {
                 .await?;
             }
             Target::Selector { selector } => {
-                let entries = self.registry.entries_with_selector(&selector.to_string());
+                // From the store, not this daemon's index: another daemon sharing the
+                // store may have made the entries.
+                let wanted = selector.to_string();
+                let entries: Vec<_> = self
+                    .registry
+                    .list_entries(&EntryFilter::default())
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.selectors.contains(&wanted))
+                    .collect();
                 if entries.is_empty() {
                     return Err(RevokeError::NotFound(format!(
                         "no entry has the selector {selector}"
@@ -320,9 +399,9 @@ impl Revoker {
                     });
                 }
                 scope.everything = true;
-                scope.spiffe_ids = self
-                    .registry
-                    .entries_for(&agent.spiffe_id)
+                scope.spiffe_ids = store
+                    .entries_for_parent(&agent.spiffe_id)
+                    .await?
                     .iter()
                     .map(|e| e.spiffe_id.clone())
                     .collect::<BTreeSet<_>>()
@@ -378,16 +457,18 @@ impl Revoker {
             target: target.text(),
             reason: reason.to_string(),
             actor: actor.to_string(),
-            created_at: now
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0),
+            created_at: unix_ms(now),
             detail: serde_json::to_string(&scope).unwrap_or_default(),
         };
         let agent_list: Vec<String> = agents.iter().cloned().collect();
+        // Known here before it is in the store, so the watch on other daemons' revocations
+        // does not push it a second time.
+        self.published_map()
+            .insert(record.id.clone(), record.created_at);
         let deleted = store
             .create_revocation(&record, &serials, &agent_list, &scope.entry_ids)
             .await?;
+        let deleted: Vec<String> = deleted.into_iter().map(|e| e.id).collect();
         self.registry.forget_revoked_entries(&deleted);
         self.audit
             .record(
@@ -523,12 +604,7 @@ impl Revoker {
             "actions": ack.actions,
             "errors": ack.errors,
         });
-        let at_ms = self
-            .registry
-            .now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let at_ms = unix_ms(self.registry.now());
         let known = self
             .registry
             .store()
@@ -659,6 +735,12 @@ fn message(
         everything: scope.everything,
         created_at: record.created_at,
     }
+}
+
+fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// The report as the admin API returns it.

@@ -146,6 +146,18 @@ impl Store {
         rows.iter().map(revocation_row).collect()
     }
 
+    /// Revocations created at or after `since_ms`, oldest first.
+    pub async fn revocations_since(&self, since_ms: i64) -> Result<Vec<RevocationRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, kind, target, reason, actor, created_at, detail FROM revocations \
+             WHERE created_at >= $1 ORDER BY created_at, id",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(revocation_row).collect()
+    }
+
     pub async fn revocation_serials(&self, id: &str) -> Result<Vec<RevokedSerialRecord>> {
         let rows = sqlx::query(
             "SELECT serial, not_after FROM revoked_serials WHERE revocation_id = $1 \
