@@ -103,11 +103,16 @@ pub async fn start(
     // supervised child gone), as the message it ends with.
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
     let progress = start_sinks_and_exec(&config, state_rx.clone(), fatal_tx.clone())?;
+    let renew_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(sync::revocations::acknowledge(
-        client.clone(),
-        authorized_tx.clone(),
-        state_rx.clone(),
-        progress.clone(),
+        sync::revocations::Acknowledger {
+            client: client.clone(),
+            authorized: authorized_tx.clone(),
+            state: state_rx.clone(),
+            progress: progress.clone(),
+            identity: identity.subscribe(),
+            renew_now: renew_now.clone(),
+        },
     ));
     tokio::spawn(sync_loop(
         SyncContext {
@@ -129,6 +134,7 @@ pub async fn start(
         trust.clone(),
         client.clone(),
         identity.clone(),
+        renew_now,
     ));
 
     let api = crate::workload_api::WorkloadApi::new(
@@ -367,13 +373,15 @@ async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<String>>) {
     }
 }
 
-/// Renews the agent's own SVID at half-life and swaps the client to the new one.
+/// Renews the agent's own SVID at half-life (or at once when told: its CA is tainted)
+/// and swaps the client to the new one.
 async fn renew_loop(
     config: AgentConfig,
     files: IdentityFiles,
     trust: TrustBundle,
     client: ClientCell,
     identity: Arc<watch::Sender<NodeIdentity>>,
+    renew_now: Arc<tokio::sync::Notify>,
 ) {
     let mut changes = identity.subscribe();
     loop {
@@ -388,6 +396,9 @@ async fn renew_loop(
                 continue;
             }
             _ = tokio::time::sleep(wait) => {}
+            _ = renew_now.notified() => {
+                tracing::warn!("the CA behind this agent's SVID is tainted; renewing it now");
+            }
         }
         let mut active = client.borrow().clone();
         match node::renew(&mut active, &current).await {

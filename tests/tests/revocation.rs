@@ -564,3 +564,126 @@ async fn an_edited_or_deleted_audit_row_makes_verify_name_that_row() {
     let records = audit(&daemon, &["--action", "daemon.start"]);
     assert_eq!(records.len(), 2);
 }
+
+fn issuer_and_subject(der: &[u8]) -> (String, String) {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    (cert.issuer().to_string(), cert.subject().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tainted_ca_is_replaced_on_every_agent_and_then_leaves_the_bundle() {
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
+    create_entry(&daemon, "spiffe://example.org/web", A, "unix:uid:0");
+    let a = AgentProcess::start(&daemon, A).unwrap();
+    let _b = AgentProcess::start(&daemon, B).unwrap();
+    let old_ca = daemon.bundle().unwrap();
+    assert_eq!(old_ca.len(), 1);
+    let (_, old_ca_subject) = issuer_and_subject(&old_ca[0]);
+
+    let api = WorkloadApiClient::connect_to(a.endpoint()).await.unwrap();
+    let mut stream = Box::pin(api.stream_x509_contexts().await.unwrap());
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(15), stream.next())
+            .await
+            .expect("an X509 context")
+            .unwrap()
+            .unwrap()
+    };
+    let mut first = next().await;
+    while first.svids().is_empty() {
+        first = next().await;
+    }
+    let old_serial = leaf_serial(&first.svids()[0]);
+    assert_eq!(
+        issuer_and_subject(first.svids()[0].leaf().as_ref()).0,
+        old_ca_subject
+    );
+    let agents_before = daemon.cli_json(&["agent", "list"]).unwrap();
+
+    // Nothing is tainted yet, and the active CA cannot be revoked.
+    let out = daemon.cli(&["ca", "revoke"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no CA has been tainted"));
+
+    let (code, report) = {
+        let out = daemon
+            .cli(&[
+                "ca",
+                "taint",
+                "--reason",
+                "CA key on a stolen backup",
+                "--output",
+                "json",
+            ])
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}\n{}", String::from_utf8_lossy(&out.stderr), a.log()));
+        (out.status.code(), report)
+    };
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["kind"], "ca");
+    assert_eq!(
+        strings(&report["acknowledged"]),
+        vec![A.to_string(), B.to_string()]
+    );
+    assert_eq!(strings(&report["serials"]), vec![old_serial.clone()]);
+
+    // The workload's SVID is re-signed by the new CA, under a new key.
+    let slots = daemon.cli_json(&["ca", "show"]).unwrap();
+    let states: Vec<&str> = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert!(
+        states.contains(&"active") && states.contains(&"retired"),
+        "{slots:#}"
+    );
+    let replaced = loop {
+        let context = next().await;
+        if context
+            .svids()
+            .first()
+            .is_some_and(|s| leaf_serial(s) != old_serial)
+        {
+            break context;
+        }
+    };
+    let (issuer, _) = issuer_and_subject(replaced.svids()[0].leaf().as_ref());
+    assert_ne!(issuer, old_ca_subject, "signed by the new CA");
+    // Both agents renewed their own SVIDs.
+    let agents_after = daemon.cli_json(&["agent", "list"]).unwrap();
+    for (before, after) in agents_before
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(agents_after.as_array().unwrap())
+    {
+        assert_eq!(before["spiffe_id"], after["spiffe_id"]);
+        assert_ne!(before["serial"], after["serial"], "agent SVID renewed");
+    }
+
+    // Nothing depends on the old CA any more: it leaves the bundle.
+    daemon.cli_ok(&["ca", "revoke"]).unwrap();
+    let bundle = daemon.bundle().unwrap();
+    assert_eq!(bundle.len(), 1);
+    assert_ne!(bundle[0], old_ca[0]);
+    let revoked_again = daemon.cli(&["ca", "revoke"]).unwrap();
+    assert!(!revoked_again.status.success());
+
+    // The agents still work under the new CA alone: a new entry reaches the workload.
+    create_entry(&daemon, "spiffe://example.org/after", A, "unix:uid:0");
+    loop {
+        let context = next().await;
+        if context
+            .svids()
+            .iter()
+            .any(|s| s.spiffe_id().to_string() == "spiffe://example.org/after")
+        {
+            break;
+        }
+    }
+    let records = audit(&daemon, &["--action", "ca.revoke"]);
+    assert!(records.iter().any(|r| r["outcome"] == "ok"), "{records:?}");
+}

@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use mayfly_proto::v1;
 
 use super::{Authorized, ClientCell};
+use crate::attest::node::NodeIdentity;
 use crate::sinks::runner::SinkProgress;
 use crate::state::WorkloadState;
 
@@ -20,21 +21,48 @@ const REISSUE_WAIT: Duration = Duration::from_secs(10);
 /// How often a pending acknowledgement is looked at again when nothing changes.
 const RECHECK: Duration = Duration::from_millis(500);
 
+/// What the acknowledgements follow and whom they prod.
+pub struct Acknowledger {
+    pub client: ClientCell,
+    pub authorized: Arc<watch::Sender<Authorized>>,
+    pub state: watch::Receiver<Arc<WorkloadState>>,
+    pub progress: Option<watch::Receiver<SinkProgress>>,
+    /// The agent's own SVID, renewed at once when a revocation taints its CA.
+    pub identity: watch::Receiver<NodeIdentity>,
+    pub renew_now: Arc<Notify>,
+}
+
 /// Runs until the state's publisher goes away.
-pub async fn acknowledge(
-    client: ClientCell,
-    authorized: Arc<watch::Sender<Authorized>>,
-    mut state: watch::Receiver<Arc<WorkloadState>>,
-    mut progress: Option<watch::Receiver<SinkProgress>>,
-) {
-    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+pub async fn acknowledge(context: Acknowledger) {
+    let Acknowledger {
+        client,
+        authorized,
+        mut state,
+        mut progress,
+        identity,
+        renew_now,
+    } = context;
+    // When each pending revocation was first seen, and (for a tainted CA) the serial of
+    // the agent's own SVID then.
+    let mut first_seen: HashMap<String, (Instant, String)> = HashMap::new();
     loop {
         let current = state.borrow_and_update().clone();
         first_seen.retain(|id, _| current.revocations.iter().any(|r| r.message.id == *id));
         for pending in &current.revocations {
             let id = &pending.message.id;
-            let seen = *first_seen.entry(id.clone()).or_insert_with(Instant::now);
-            let reissued = pending.awaiting.is_empty() || seen.elapsed() >= REISSUE_WAIT;
+            let (seen, own_serial) = first_seen
+                .entry(id.clone())
+                .or_insert_with(|| {
+                    if pending.message.renew_agent_svid {
+                        renew_now.notify_one();
+                    }
+                    (Instant::now(), identity.borrow().serial.clone())
+                })
+                .clone();
+            let timed_out = seen.elapsed() >= REISSUE_WAIT;
+            let renewed =
+                !pending.message.renew_agent_svid || identity.borrow().serial != own_serial;
+            let reissued = (pending.awaiting.is_empty() && renewed) || timed_out;
             let sinks = progress.as_ref().map(|p| p.borrow().clone());
             let written = sinks.as_ref().is_none_or(|p| p.applied >= current.version);
             if !reissued || !written {
@@ -44,6 +72,14 @@ pub async fn acknowledge(
                 .and_then(|p| p.revocations.get(id).cloned())
                 .unwrap_or_default();
             let mut errors = effects.errors;
+            let mut reissued = pending.reissued.clone();
+            if pending.message.renew_agent_svid {
+                if renewed {
+                    reissued.push(format!("agent SVID {}", identity.borrow().serial));
+                } else {
+                    errors.push("the agent's own SVID is not renewed yet".into());
+                }
+            }
             errors.extend(
                 pending
                     .awaiting
@@ -53,7 +89,7 @@ pub async fn acknowledge(
             let ack = v1::RevocationAck {
                 revocation_id: id.clone(),
                 dropped_serials: pending.dropped.clone(),
-                reissued: pending.reissued.clone(),
+                reissued,
                 files_removed: effects.removed,
                 files_blanked: effects.blanked,
                 actions: effects.actions,

@@ -420,6 +420,42 @@ impl Admin for AdminApi {
         }))
     }
 
+    async fn taint_ca(
+        &self,
+        request: Request<v1::TaintCaRequest>,
+    ) -> Result<Response<v1::RevocationReport>, Status> {
+        let uid = self.operator(&request, "taint_ca")?;
+        let body = request.into_inner();
+        if body.wait_ms < 0 {
+            return Err(Status::invalid_argument("wait_ms must not be negative"));
+        }
+        let wait = (body.wait_ms > 0).then(|| Duration::from_millis(body.wait_ms as u64));
+        let report = self
+            .revoker
+            .taint_ca(&body.reason, &Actor::Operator(uid), wait)
+            .await
+            .map_err(super::status::revoke_status)?;
+        Ok(Response::new(report_message(&report)))
+    }
+
+    async fn revoke_ca(
+        &self,
+        request: Request<v1::RevokeCaRequest>,
+    ) -> Result<Response<v1::ShowCaResponse>, Status> {
+        let uid = self.operator(&request, "revoke_ca")?;
+        let slot = request.into_inner().slot_id;
+        let removed = self
+            .revoker
+            .revoke_ca(Some(slot.as_str()), &Actor::Operator(uid))
+            .await
+            .map_err(super::status::revoke_status)?;
+        tracing::warn!(uid, slot = %removed, "CA revoked by operator");
+        let slots = self.registry.ca().slots().await?;
+        Ok(Response::new(v1::ShowCaResponse {
+            slots: slots.iter().map(ca_slot).collect(),
+        }))
+    }
+
     async fn create_secret(
         &self,
         request: Request<v1::CreateSecretRequest>,

@@ -125,6 +125,19 @@ impl NodeApi {
         message
     }
 
+    /// An agent's own SVID as the issued-SVID register keeps it (no entry).
+    fn agent_svid_record(&self, svid: &crate::identity::AgentSvid) -> IssuedSvidRecord {
+        IssuedSvidRecord {
+            serial: svid.serial.clone(),
+            entry_id: String::new(),
+            spiffe_id: svid.spiffe_id.to_string(),
+            agent_id: svid.spiffe_id.to_string(),
+            ca_slot: self.registry.ca().current().active_slot.clone(),
+            issued_at: crate::ca::manager::unix(self.registry.now()),
+            not_after: svid.expires_at,
+        }
+    }
+
     fn note_grants(&self, agent: &str, secrets: &[v1::GrantedSecret]) {
         for secret in secrets {
             self.audit.note(
@@ -216,17 +229,16 @@ impl Node for NodeApi {
                 return Err(Status::from(e));
             }
         };
+        let event = Event::new(&presenter, "agent.attest", svid.spiffe_id.as_str())
+            .scope(format!(
+                "join token sha256:{} used; serial {}",
+                &token[..12],
+                svid.serial
+            ))
+            .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now()));
         if let Err(e) = self
             .audit
-            .record(
-                Event::new(&presenter, "agent.attest", svid.spiffe_id.as_str())
-                    .scope(format!(
-                        "join token sha256:{} used; serial {}",
-                        &token[..12],
-                        svid.serial
-                    ))
-                    .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now())),
-            )
+            .record_issued(event, vec![self.agent_svid_record(&svid)])
             .await
         {
             tracing::error!(error = %e, "attestation not recorded in the audit log");
@@ -248,15 +260,20 @@ impl Node for NodeApi {
             .registry
             .renew_agent(&agent, &request.into_inner().csr)
             .await?;
-        self.audit.note(
-            Event::new(
-                &Actor::Spiffe(agent.spiffe_id.clone()),
-                "agent.renew",
-                &agent.spiffe_id,
-            )
-            .scope(format!("serial {}", svid.serial))
-            .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now())),
-        );
+        let event = Event::new(
+            &Actor::Spiffe(agent.spiffe_id.clone()),
+            "agent.renew",
+            &agent.spiffe_id,
+        )
+        .scope(format!("serial {}", svid.serial))
+        .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now()));
+        if let Err(e) = self
+            .audit
+            .record_issued(event, vec![self.agent_svid_record(&svid)])
+            .await
+        {
+            tracing::error!(error = %e, "agent renewal not recorded in the audit log");
+        }
         self.metrics.svids_signed(SvidKind::X509, 1);
         Ok(Response::new(v1::RenewAgentResponse {
             svid_chain: svid.chain,

@@ -32,9 +32,10 @@ impl From<IdentityError> for Status {
 impl From<CaManagerError> for Status {
     fn from(error: CaManagerError) -> Self {
         match &error {
-            CaManagerError::NothingPrepared | CaManagerError::AlreadyPrepared(_) => {
-                Status::failed_precondition(error.to_string())
-            }
+            CaManagerError::NothingPrepared
+            | CaManagerError::AlreadyPrepared(_)
+            | CaManagerError::NotRetired { .. } => Status::failed_precondition(error.to_string()),
+            CaManagerError::NoSuchSlot(_) => Status::not_found(error.to_string()),
             CaManagerError::Store(store) => store_status(store),
             _ => internal("CA", &error),
         }

@@ -51,6 +51,10 @@ pub enum CaManagerError {
     AlreadyPrepared(String),
     #[error("the datastore has no active CA")]
     NoActive,
+    #[error("there is no CA slot {0}; `mayflyd ca show` lists them")]
+    NoSuchSlot(String),
+    #[error("CA slot {id} is {state}: only a retired CA can be revoked (taint it first)")]
+    NotRetired { id: String, state: String },
 }
 
 pub struct CaManager {
@@ -143,6 +147,42 @@ impl CaManager {
         self.republish(now).await?;
         tracing::info!(slot = %prepared.id, "activated the prepared CA");
         Ok(prepared)
+    }
+
+    /// Switches signing to a new CA at once (preparing one if none is), for a CA whose key
+    /// may be compromised. Returns the slot that was active, now retired.
+    pub async fn taint(&self, now: SystemTime) -> Result<String, CaManagerError> {
+        let old = self.current().active_slot.clone();
+        if self.prepared().await?.is_none() {
+            match self.prepare(now).await {
+                Ok(_) | Err(CaManagerError::AlreadyPrepared(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.activate(now).await?;
+        Ok(old)
+    }
+
+    /// Removes a retired CA from the bundle and its keys from the disk.
+    pub async fn remove(&self, slot_id: &str, now: SystemTime) -> Result<(), CaManagerError> {
+        let _guard = self.changing.lock().await;
+        let slots = self.store.list_ca_slots().await?;
+        let slot = slots
+            .iter()
+            .find(|s| s.id == slot_id)
+            .ok_or_else(|| CaManagerError::NoSuchSlot(slot_id.to_string()))?;
+        if slot.state != CaSlotState::Retired {
+            return Err(CaManagerError::NotRetired {
+                id: slot.id.clone(),
+                state: slot.state.as_str().to_string(),
+            });
+        }
+        self.store.delete_ca_slot(&slot.id).await?;
+        remove_keys(&self.key_dir, &slot.id);
+        self.store.bump_bundle_sequence().await?;
+        self.republish(now).await?;
+        tracing::warn!(slot = %slot.id, "CA removed from the bundle");
+        Ok(())
     }
 
     /// Prepares at half-life and activates at a sixth remaining; called on a timer.
@@ -421,5 +461,31 @@ mod tests {
         let mut found = states(&ca.slots().await.unwrap());
         found.sort_by_key(|s| s.as_str());
         assert_eq!(found, vec![CaSlotState::Active, CaSlotState::Retired]);
+    }
+
+    #[tokio::test]
+    async fn taint_switches_at_once_and_only_a_retired_ca_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let ca = manager(dir.path(), Duration::from_secs(3600), now).await;
+        let first = ca.current().active_slot.clone();
+        assert_eq!(ca.taint(now).await.unwrap(), first);
+        let second = ca.current().active_slot.clone();
+        assert_ne!(second, first, "a new CA signs at once");
+        assert_eq!(ca.current().bundle.x509_authorities.len(), 2);
+        assert!(matches!(
+            ca.remove(&second, now).await,
+            Err(CaManagerError::NotRetired { .. })
+        ));
+        ca.remove(&first, now).await.unwrap();
+        assert_eq!(ca.current().bundle.x509_authorities.len(), 1);
+        assert!(matches!(
+            ca.remove(&first, now).await,
+            Err(CaManagerError::NoSuchSlot(_))
+        ));
+        // With a CA already prepared, taint activates that one.
+        let prepared = ca.prepare(now).await.unwrap();
+        assert_eq!(ca.taint(now).await.unwrap(), second);
+        assert_eq!(ca.current().active_slot, prepared.id);
     }
 }

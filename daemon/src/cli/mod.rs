@@ -329,6 +329,19 @@ pub enum CaCommand {
     Prepare,
     /// Sign with the prepared CA from now on.
     Activate,
+    /// The CA's key may be compromised: sign with a new CA at once, and have every agent
+    /// re-sign everything chained to the old one (waits for acknowledgements; exit 3 if
+    /// any agent did not acknowledge).
+    Taint {
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// Remove a retired CA from the bundle once nothing depends on it.
+    Revoke {
+        /// The retired slot (default: the most recently tainted).
+        #[arg(long)]
+        slot: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -210,6 +210,27 @@ pub async fn ca(command: CaCommand, conn: &Connection) -> anyhow::Result<String>
         CaCommand::Show => call(client.show_ca(v1::ShowCaRequest {}).await)?,
         CaCommand::Prepare => call(client.prepare_ca(v1::PrepareCaRequest {}).await)?,
         CaCommand::Activate => call(client.activate_ca(v1::ActivateCaRequest {}).await)?,
+        CaCommand::Revoke { slot } => call(
+            client
+                .revoke_ca(v1::RevokeCaRequest {
+                    slot_id: slot.unwrap_or_default(),
+                })
+                .await,
+        )?,
+        CaCommand::Taint { options } => {
+            if options.reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why, for the audit trail");
+            }
+            let report = call(
+                client
+                    .taint_ca(v1::TaintCaRequest {
+                        reason: options.reason,
+                        wait_ms: options.wait.as_millis().max(1) as i64,
+                    })
+                    .await,
+            )?;
+            return acknowledged(conn.output, &report);
+        }
     };
     Ok(output::ca_slots(conn.output, &slots.slots))
 }
@@ -326,7 +347,12 @@ pub async fn revoke(command: RevokeCommand, conn: &Connection) -> anyhow::Result
             })
             .await,
     )?;
-    let text = output::revocation_report(format, &report);
+    acknowledged(format, &report)
+}
+
+/// The report; an error carrying it (exit 3) when some agent did not acknowledge.
+fn acknowledged(format: OutputFormat, report: &v1::RevocationReport) -> anyhow::Result<String> {
+    let text = output::revocation_report(format, report);
     if report.agents.iter().any(|a| !a.acknowledged) {
         return Err(Unacknowledged(text).into());
     }

@@ -141,8 +141,22 @@ pub struct Scope {
     pub secrets: Vec<String>,
     #[serde(default)]
     pub everything: bool,
+    /// The CA behind the agents' own SVIDs is tainted: they renew at once.
+    #[serde(default)]
+    pub renew_agent_svid: bool,
     #[serde(default)]
     pub notes: Vec<String>,
+}
+
+/// A resolved revocation, before anything is written.
+struct Plan {
+    kind: String,
+    target: String,
+    scope: Scope,
+    serials: Vec<RevokedSerialRecord>,
+    agents: BTreeSet<String>,
+    /// The agent to ban once the revocation is pushed.
+    ban: Option<String>,
 }
 
 /// One agent's standing on a revocation.
@@ -286,8 +300,14 @@ impl Revoker {
         started: Instant,
         wait: Duration,
     ) -> Result<Report, RevokeError> {
-        let now = self.registry.now();
-        let now_s = unix(now);
+        let plan = self.resolve(target).await?;
+        self.execute(plan, reason, actor, started, wait).await
+    }
+
+    /// What revoking `target` covers, from the store; changes nothing (but a secret's
+    /// replacement rotations, which must succeed before its old value can be revoked).
+    async fn resolve(&self, target: &Target) -> Result<Plan, RevokeError> {
+        let now_s = unix(self.registry.now());
         let store = self.registry.store();
         let mut scope = Scope::default();
         let mut serials: Vec<RevokedSerialRecord> = Vec::new();
@@ -305,6 +325,13 @@ impl Revoker {
                     return Err(RevokeError::Invalid(format!(
                         "serial {serial} ({}) already expired; nothing to revoke",
                         issued.spiffe_id
+                    )));
+                }
+                if issued.entry_id.is_empty() {
+                    return Err(RevokeError::Invalid(format!(
+                        "serial {serial} is agent {}'s own SVID: revoke the agent with \
+                         `mayflyd revoke agent --id {}`",
+                        issued.agent_id, issued.agent_id
                     )));
                 }
                 // The entry's current parent holds it; if the entry moved, the old one may too.
@@ -451,10 +478,39 @@ impl Revoker {
             }
         }
 
-        let record = RevocationRecord {
-            id: format!("rv-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+        Ok(Plan {
             kind: target.kind().to_string(),
             target: target.text(),
+            scope,
+            serials,
+            agents,
+            ban,
+        })
+    }
+
+    /// Records the revocation and its audit record, pushes it, and waits for the agents.
+    async fn execute(
+        &self,
+        plan: Plan,
+        reason: &str,
+        actor: &Actor,
+        started: Instant,
+        wait: Duration,
+    ) -> Result<Report, RevokeError> {
+        let Plan {
+            kind,
+            target,
+            scope,
+            serials,
+            agents,
+            ban,
+        } = plan;
+        let now = self.registry.now();
+        let store = self.registry.store();
+        let record = RevocationRecord {
+            id: format!("rv-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+            kind,
+            target,
             reason: reason.to_string(),
             actor: actor.to_string(),
             created_at: unix_ms(now),
@@ -588,6 +644,160 @@ impl Revoker {
                 set.len() != before
             });
         }
+    }
+
+    /// `mayflyd ca taint`: a new CA signs from now on, and every agent re-signs what the
+    /// old one signed (its workloads' SVIDs, under new keys, and its own), acknowledging
+    /// like any revocation. The old CA stays in the bundle until `revoke_ca`.
+    pub async fn taint_ca(
+        &self,
+        reason: &str,
+        actor: &Actor,
+        wait: Option<Duration>,
+    ) -> Result<Report, RevokeError> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(RevokeError::Invalid(
+                "--reason is required: say why, for the audit trail".into(),
+            ));
+        }
+        let wait = wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT);
+        let started = Instant::now();
+        let now = self.registry.now();
+        let old = self
+            .registry
+            .ca()
+            .taint(now)
+            .await
+            .map_err(|e| RevokeError::Failed(format!("preparing the new CA: {e}")))?;
+        let new = self.registry.ca().current().active_slot.clone();
+        let store = self.registry.store();
+        let mut serials = Vec::new();
+        for svid in store.live_serials_for_slot(&old, unix(now)).await? {
+            if !svid.entry_id.is_empty() {
+                serials.push(RevokedSerialRecord {
+                    serial: svid.serial,
+                    not_after: svid.not_after,
+                });
+            }
+        }
+        let agents: BTreeSet<String> = store
+            .list_agents()
+            .await?
+            .into_iter()
+            .filter(|a| a.status == AgentStatus::Active)
+            .map(|a| a.spiffe_id)
+            .collect();
+        let scope = Scope {
+            renew_agent_svid: true,
+            notes: vec![format!(
+                "CA {old} is tainted and CA {new} signs from now on; `mayflyd ca revoke` takes \
+                 {old} out of the bundle once every agent has acknowledged"
+            )],
+            ..Scope::default()
+        };
+        let plan = Plan {
+            kind: "ca".into(),
+            target: old,
+            scope,
+            serials,
+            agents,
+            ban: None,
+        };
+        self.execute(plan, reason, actor, started, wait).await
+    }
+
+    /// `mayflyd ca revoke`: removes a retired CA from the bundle, refusing (and naming
+    /// them) while any unexpired SVID it signed is not deny-listed, any agent still holds
+    /// its own SVID from it, or any agent has not acknowledged its taint.
+    pub async fn revoke_ca(
+        &self,
+        slot: Option<&str>,
+        actor: &Actor,
+    ) -> Result<String, RevokeError> {
+        let store = self.registry.store();
+        let slot = match slot.filter(|s| !s.is_empty()) {
+            Some(slot) => slot.to_string(),
+            None => store
+                .list_revocations(1000)
+                .await?
+                .into_iter()
+                .find(|r| r.kind == "ca")
+                .map(|r| r.target)
+                .ok_or_else(|| {
+                    RevokeError::NotFound(
+                        "no CA has been tainted; name the retired slot with --slot".into(),
+                    )
+                })?,
+        };
+        let now_s = unix(self.registry.now());
+        let denied: BTreeSet<String> = store
+            .deny_list(now_s)
+            .await?
+            .into_iter()
+            .map(|s| s.serial)
+            .collect();
+        let live = store.live_serials_for_slot(&slot, now_s).await?;
+        let agent_serials: BTreeSet<&str> = live
+            .iter()
+            .filter(|s| s.entry_id.is_empty())
+            .map(|s| s.serial.as_str())
+            .collect();
+        let workloads = live
+            .iter()
+            .filter(|s| !s.entry_id.is_empty() && !denied.contains(&s.serial))
+            .count();
+        let mut on_old = Vec::new();
+        for agent in store.list_agents().await? {
+            if agent.status == AgentStatus::Active && agent_serials.contains(agent.serial.as_str())
+            {
+                on_old.push(agent.spiffe_id);
+            }
+        }
+        let mut unacked = BTreeSet::new();
+        for revocation in store.list_revocations(1000).await? {
+            if revocation.kind == "ca" && revocation.target == slot {
+                for ack in store.revocation_acks(&revocation.id).await? {
+                    if ack.acked_at.is_none() {
+                        unacked.insert(ack.agent_id);
+                    }
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        if workloads > 0 {
+            problems.push(format!(
+                "{workloads} unexpired SVIDs it signed are not revoked (run `mayflyd ca taint` first)"
+            ));
+        }
+        if !on_old.is_empty() {
+            problems.push(format!(
+                "agents still on an SVID it signed: {}",
+                on_old.join(", ")
+            ));
+        }
+        if !unacked.is_empty() {
+            problems.push(format!(
+                "agents that have not acknowledged its taint: {}",
+                unacked.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if !problems.is_empty() {
+            let why = format!("CA {slot} is still depended on: {}", problems.join("; "));
+            self.audit
+                .note(Event::new(actor, "ca.revoke", &slot).failed(why.clone()));
+            return Err(RevokeError::Failed(why));
+        }
+        self.registry
+            .ca()
+            .remove(&slot, self.registry.now())
+            .await
+            .map_err(|e| RevokeError::Failed(e.to_string()))?;
+        self.audit
+            .record(Event::new(actor, "ca.revoke", &slot).reason("removed from the bundle"))
+            .await
+            .map_err(|e| RevokeError::Failed(e.to_string()))?;
+        Ok(slot)
     }
 
     /// Records an agent's acknowledgement (from its node API call).
@@ -734,6 +944,7 @@ fn message(
         replacements: Vec::new(),
         everything: scope.everything,
         created_at: record.created_at,
+        renew_agent_svid: scope.renew_agent_svid,
     }
 }
 

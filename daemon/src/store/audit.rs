@@ -47,7 +47,8 @@ pub struct AuditFields {
     pub detail: String,
 }
 
-/// A workload SVID the daemon signed.
+/// An SVID the daemon signed: a workload's (with its entry), or an agent's own (with an
+/// empty entry id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedSvidRecord {
     pub serial: String,
@@ -306,6 +307,23 @@ impl Store {
              FROM issued_svids WHERE agent_id = $1 AND not_after > $2",
         )
         .bind(agent_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(issued_row).collect()
+    }
+
+    /// Unexpired SVIDs (workload and agent) signed by CA slot `slot`.
+    pub async fn live_serials_for_slot(
+        &self,
+        slot: &str,
+        now: i64,
+    ) -> Result<Vec<IssuedSvidRecord>> {
+        let rows = sqlx::query(
+            "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
+             FROM issued_svids WHERE ca_slot = $1 AND not_after > $2",
+        )
+        .bind(slot)
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
