@@ -104,6 +104,8 @@ pub struct WorkloadState {
     pub version: u64,
     /// SPIFFE IDs whose entries were revoked: sinks remove or blank their files.
     pub revoked_ids: BTreeSet<String>,
+    /// Secrets whose grants were revoked with their entries.
+    pub revoked_secrets: BTreeSet<String>,
     /// Everything is revoked (the agent was banned): every sink removes or blanks.
     pub revoked_all: bool,
     /// Revocations applied and not yet acknowledged, with what the SVID cache did.
@@ -132,6 +134,7 @@ impl WorkloadState {
             synced: false,
             version: 0,
             revoked_ids: BTreeSet::new(),
+            revoked_secrets: BTreeSet::new(),
             revoked_all: false,
             revocations: Vec::new(),
         }

@@ -206,8 +206,25 @@ async fn revoking_an_entry_removes_its_files_and_reports_exactly_which_agents_ac
     create_entry(&daemon, db, A, "unix:uid:0");
     create_entry(&daemon, db, B, "unix:uid:0");
     create_entry(&daemon, "spiffe://example.org/other", C, "unix:uid:0");
+    // A secret granted to the revoked identity alone goes with it.
+    daemon
+        .define_secret(&format!(
+            "name = \"db-password\"\nschedule = \"@yearly\"\ngrants = [\"{db}\"]\n[store]\nkind = \"local\"\n[target]\nkind = \"none\"\n"
+        ))
+        .unwrap();
+    daemon.cli_ok(&["secret", "rotate", "db-password"]).unwrap();
     let (dir_a, dir_b, dir_c) = (temp_dir(), temp_dir(), temp_dir());
-    let a = AgentProcess::start_with(&daemon, A, &svid_sink(dir_a.path(), db, "remove")).unwrap();
+    let password = dir_a.path().join("db-password");
+    let a = AgentProcess::start_with(
+        &daemon,
+        A,
+        &format!(
+            "{}[[sink]]\nkind = \"secret\"\nsecret = \"db-password\"\npath = \"{}\"\n",
+            svid_sink(dir_a.path(), db, "remove"),
+            password.display()
+        ),
+    )
+    .unwrap();
     let _b = AgentProcess::start_with(&daemon, B, &svid_sink(dir_b.path(), db, "blank")).unwrap();
     let _c = AgentProcess::start_with(
         &daemon,
@@ -223,6 +240,7 @@ async fn revoking_an_entry_removes_its_files_and_reports_exactly_which_agents_ac
             || non_empty(&cert),
         );
     }
+    assert!(non_empty(&password));
 
     let started = Instant::now();
     let (code, report) = revoke(
@@ -266,7 +284,11 @@ async fn revoking_an_entry_removes_its_files_and_reports_exactly_which_agents_ac
             .unwrap()["detail"]
             .clone()
     };
-    assert_eq!(by_agent(A)["files_removed"].as_array().unwrap().len(), 3);
+    assert_eq!(by_agent(A)["files_removed"].as_array().unwrap().len(), 4);
+    assert!(
+        !password.exists(),
+        "the secret granted to the revoked identity is gone"
+    );
     assert_eq!(by_agent(B)["files_blanked"].as_array().unwrap().len(), 3);
 
     // The entries are gone and the workload on A has no identity any more.

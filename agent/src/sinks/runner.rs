@@ -269,40 +269,59 @@ fn revoke_file(path: &Path, how: OnRevoke, uid: Option<u32>, gid: Option<u32>) -
     }
 }
 
+/// Removes or blanks the files of a sink whose content is revoked.
+fn revoke_sink(index: usize, sink: &Sink, paths: &[&Path], pass: &mut Pass) {
+    let mut changed = false;
+    for path in paths {
+        match revoke_file(path, sink.on_revoke, sink.owner, sink.group) {
+            Ok(true) => {
+                changed = true;
+                let shown = path.display().to_string();
+                match sink.on_revoke {
+                    OnRevoke::Remove => pass.removed.push(shown),
+                    OnRevoke::Blank => pass.blanked.push(shown),
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                pass.failures
+                    .insert(index, format!("{}: {e}", path.display()));
+            }
+        }
+    }
+    if changed {
+        tracing::warn!(sink = %sink.label, "revoked: sink files removed or blanked");
+        pass.changed.push(index);
+    }
+}
+
 /// Brings every sink's files up to date; blocking file I/O.
 fn write_pass(sinks: &[Sink], state: &WorkloadState) -> Pass {
     let mut pass = Pass::default();
     for (index, sink) in sinks.iter().enumerate() {
-        if let Some(paths) = revoked_paths(sink, state) {
-            let mut changed = false;
-            for path in paths {
-                match revoke_file(path, sink.on_revoke, sink.owner, sink.group) {
-                    Ok(true) => {
-                        changed = true;
-                        let shown = path.display().to_string();
-                        match sink.on_revoke {
-                            OnRevoke::Remove => pass.removed.push(shown),
-                            OnRevoke::Blank => pass.blanked.push(shown),
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        pass.failures
-                            .insert(index, format!("{}: {e}", path.display()));
-                    }
+        // What the sink should hold, unless what it holds is revoked: its identity or
+        // everything (checked first), or its secret, revoked with the entries it was
+        // granted to (found when rendering fails on it).
+        let rendered = match revoked_paths(sink, state) {
+            Some(paths) => Err(paths),
+            None => match render(sink, sinks, state) {
+                Err(RenderError::NotGranted { secret, .. })
+                    if state.revoked_secrets.contains(&secret) =>
+                {
+                    Err(sink.paths())
                 }
-            }
-            if changed {
-                tracing::warn!(sink = %sink.label, "revoked: sink files removed or blanked");
-                pass.changed.push(index);
-            }
-            continue;
-        }
-        let files = match render(sink, sinks, state) {
-            Ok(Some(files)) => files,
-            Ok(None) => continue,
-            Err(e) => {
+                other => Ok(other),
+            },
+        };
+        let files = match rendered {
+            Ok(Ok(Some(files))) => files,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
                 pass.failures.insert(index, e.to_string());
+                continue;
+            }
+            Err(paths) => {
+                revoke_sink(index, sink, &paths, &mut pass);
                 continue;
             }
         };

@@ -32,6 +32,9 @@ pub struct Authorized {
     /// SPIFFE IDs whose entries were revoked: files holding them are removed or blanked.
     /// An ID leaves the set when an entry gives it again.
     pub revoked_ids: BTreeSet<String>,
+    /// Secrets no longer granted here because the entries they were granted to were
+    /// revoked: sinks using them remove or blank their files.
+    pub revoked_secrets: BTreeSet<String>,
     /// Everything this agent held is revoked (it was banned).
     pub revoked_all: bool,
     /// Revocations applied but not yet acknowledged to the daemon, oldest first.
@@ -116,6 +119,9 @@ fn apply(state: &mut Authorized, update: Update) {
                 .map(|e| e.spiffe_id.clone())
                 .collect();
             state.revoked_ids.retain(|id| !given.contains(id));
+            state
+                .revoked_secrets
+                .retain(|name| !state.secrets.contains_key(name));
             for revocation in full.revocations {
                 revoke(state, revocation);
             }
@@ -123,6 +129,7 @@ fn apply(state: &mut Authorized, update: Update) {
         }
         Update::Revoked(revocation) => revoke(state, revocation),
         Update::SecretUpdated(secret) => {
+            state.revoked_secrets.remove(&secret.name);
             state.secrets.insert(secret.name.clone(), secret);
         }
         Update::SecretRemoved(name) => {
@@ -158,7 +165,29 @@ fn revoke(state: &mut Authorized, revocation: v1::Revocation) {
             state.revoked_ids.insert(id.clone());
         }
     }
+    // A secret granted only to revoked identities goes with them.
+    let revoked: BTreeSet<&str> = revocation
+        .spiffe_ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !still_given.contains(id))
+        .collect();
+    if !revoked.is_empty() {
+        let mut gone = Vec::new();
+        for (name, secret) in state.secrets.iter_mut() {
+            let before = secret.granted_to.len();
+            secret.granted_to.retain(|g| !revoked.contains(g.as_str()));
+            if secret.granted_to.is_empty() && before > 0 {
+                gone.push(name.clone());
+            }
+        }
+        for name in gone {
+            state.secrets.remove(&name);
+            state.revoked_secrets.insert(name);
+        }
+    }
     for secret in &revocation.replacements {
+        state.revoked_secrets.remove(&secret.name);
         state.secrets.insert(secret.name.clone(), secret.clone());
     }
     if revocation.everything {

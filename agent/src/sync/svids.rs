@@ -294,6 +294,7 @@ impl SvidCache {
             synced: authorized.synced,
             version: 0,
             revoked_ids: authorized.revoked_ids.clone(),
+            revoked_secrets: authorized.revoked_secrets.clone(),
             revoked_all: authorized.revoked_all,
             revocations,
             svids: self.svids.clone(),
@@ -312,6 +313,7 @@ impl SvidCache {
             let same = current.bundle == state.bundle
                 && current.synced == state.synced
                 && current.revoked_ids == state.revoked_ids
+                && current.revoked_secrets == state.revoked_secrets
                 && current.revoked_all == state.revoked_all
                 && current.revocations == state.revocations
                 && current.secrets == state.secrets
