@@ -139,6 +139,14 @@ fn job_message(job: &JobRecord) -> v1::RotationJob {
     }
 }
 
+/// A revocation's `wait_ms`: 0 for the default.
+fn wait_of(wait_ms: i64) -> Result<Option<Duration>, Status> {
+    if wait_ms < 0 {
+        return Err(Status::invalid_argument("wait_ms must not be negative"));
+    }
+    Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
+}
+
 fn non_empty(field: &str, value: &str) -> Result<(), Status> {
     if value.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field} is required")));
@@ -426,10 +434,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<v1::RevocationReport>, Status> {
         let uid = self.operator(&request, "taint_ca")?;
         let body = request.into_inner();
-        if body.wait_ms < 0 {
-            return Err(Status::invalid_argument("wait_ms must not be negative"));
-        }
-        let wait = (body.wait_ms > 0).then(|| Duration::from_millis(body.wait_ms as u64));
+        let wait = wait_of(body.wait_ms)?;
         let report = self
             .revoker
             .taint_ca(&body.reason, &Actor::Operator(uid), wait)
@@ -580,10 +585,7 @@ impl Admin for AdminApi {
         let body = request.into_inner();
         let target =
             Target::parse(&body.kind, &body.target).map_err(super::status::revoke_status)?;
-        if body.wait_ms < 0 {
-            return Err(Status::invalid_argument("wait_ms must not be negative"));
-        }
-        let wait = (body.wait_ms > 0).then(|| Duration::from_millis(body.wait_ms as u64));
+        let wait = wait_of(body.wait_ms)?;
         let report = self
             .revoker
             .revoke(target, &body.reason, &Actor::Operator(uid), wait)

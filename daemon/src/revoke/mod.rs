@@ -181,10 +181,16 @@ pub struct Revoker {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
     audit: Audit,
-    /// Revocations being waited on here, with the agents that have acknowledged so far.
-    waiting: Mutex<HashMap<String, watch::Sender<BTreeSet<String>>>>,
+    /// Revocations being waited on here: the agents they were sent to, and those that
+    /// have acknowledged so far.
+    waiting: Mutex<HashMap<String, Waiting>>,
     /// Revocations already pushed to this daemon's streams, with when they were made.
     published: Mutex<HashMap<String, i64>>,
+}
+
+struct Waiting {
+    expected: Arc<BTreeSet<String>>,
+    acked: watch::Sender<BTreeSet<String>>,
 }
 
 /// How often a daemon looks for revocations made by another daemon on the same store.
@@ -348,56 +354,37 @@ impl Revoker {
                     not_after: issued.not_after,
                 });
             }
-            Target::Entry { spiffe_id } => {
-                let entries = self
-                    .registry
-                    .list_entries(&EntryFilter {
-                        spiffe_id: Some(spiffe_id.to_string()),
-                        ..EntryFilter::default()
-                    })
-                    .await?;
-                if entries.is_empty() {
-                    return Err(RevokeError::NotFound(format!(
-                        "no entry gives {spiffe_id}; `mayflyd entry list` shows them"
-                    )));
-                }
-                self.cover_entries(
-                    entries
-                        .iter()
-                        .map(|e| (e.id.clone(), e.spiffe_id.clone(), e.parent_id.clone())),
-                    &mut scope,
-                    &mut agents,
-                    &mut serials,
-                    now_s,
-                )
-                .await?;
-            }
-            Target::Selector { selector } => {
+            Target::Entry { .. } | Target::Selector { .. } => {
                 // From the store, not this daemon's index: another daemon sharing the
                 // store may have made the entries.
-                let wanted = selector.to_string();
+                let (filter, wanted, none) = match target {
+                    Target::Entry { spiffe_id } => (
+                        EntryFilter {
+                            spiffe_id: Some(spiffe_id.to_string()),
+                            ..EntryFilter::default()
+                        },
+                        None,
+                        format!("no entry gives {spiffe_id}; `mayflyd entry list` shows them"),
+                    ),
+                    Target::Selector { selector } => (
+                        EntryFilter::default(),
+                        Some(selector.to_string()),
+                        format!("no entry has the selector {selector}"),
+                    ),
+                    _ => unreachable!("matched above"),
+                };
                 let entries: Vec<_> = self
                     .registry
-                    .list_entries(&EntryFilter::default())
+                    .list_entries(&filter)
                     .await?
                     .into_iter()
-                    .filter(|e| e.selectors.contains(&wanted))
+                    .filter(|e| wanted.as_ref().is_none_or(|w| e.selectors.contains(w)))
                     .collect();
                 if entries.is_empty() {
-                    return Err(RevokeError::NotFound(format!(
-                        "no entry has the selector {selector}"
-                    )));
+                    return Err(RevokeError::NotFound(none));
                 }
-                self.cover_entries(
-                    entries
-                        .iter()
-                        .map(|e| (e.id.clone(), e.spiffe_id.clone(), e.parent_id.clone())),
-                    &mut scope,
-                    &mut agents,
-                    &mut serials,
-                    now_s,
-                )
-                .await?;
+                self.cover_entries(&entries, &mut scope, &mut agents, &mut serials, now_s)
+                    .await?;
             }
             Target::Agent { spiffe_id } => {
                 let agent = store.get_agent(spiffe_id.as_str()).await?.ok_or_else(|| {
@@ -545,7 +532,13 @@ impl Revoker {
 
         // Waiting starts before the push so no acknowledgement is missed.
         let (acked_tx, mut acked_rx) = watch::channel(BTreeSet::new());
-        self.waiting_map().insert(record.id.clone(), acked_tx);
+        self.waiting_map().insert(
+            record.id.clone(),
+            Waiting {
+                expected: Arc::new(agents.clone()),
+                acked: acked_tx,
+            },
+        );
         self.registry.publish_revocation(RevocationNotice {
             message: message(&record, &scope, &serials),
             secrets: scope.secrets.clone(),
@@ -601,17 +594,17 @@ impl Revoker {
 
     async fn cover_entries(
         &self,
-        entries: impl Iterator<Item = (String, String, String)>,
+        entries: &[crate::store::EntryRecord],
         scope: &mut Scope,
         agents: &mut BTreeSet<String>,
         serials: &mut Vec<RevokedSerialRecord>,
         now_s: i64,
     ) -> Result<(), RevokeError> {
         let mut ids = BTreeSet::new();
-        for (id, spiffe_id, parent) in entries {
-            scope.entry_ids.push(id);
-            ids.insert(spiffe_id);
-            agents.insert(parent);
+        for entry in entries {
+            scope.entry_ids.push(entry.id.clone());
+            ids.insert(entry.spiffe_id.clone());
+            agents.insert(entry.parent_id.clone());
         }
         scope.spiffe_ids = ids.into_iter().collect();
         for svid in self
@@ -630,15 +623,13 @@ impl Revoker {
         Ok(())
     }
 
-    fn waiting_map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<BTreeSet<String>>>> {
+    fn waiting_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiting>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn mark(&self, id: &str, agents: BTreeSet<String>) {
-        if let Some(tx) = self.waiting_map().get(id) {
-            tx.send_if_modified(|set| {
+        if let Some(waiting) = self.waiting_map().get(id) {
+            waiting.acked.send_if_modified(|set| {
                 let before = set.len();
                 set.extend(agents);
                 set.len() != before
@@ -815,18 +806,32 @@ impl Revoker {
             "errors": ack.errors,
         });
         let at_ms = unix_ms(self.registry.now());
-        let known = self
-            .registry
-            .store()
-            .revocation_ack(&ack.revocation_id, agent)
-            .await?
-            .ok_or_else(|| {
-                RevokeError::NotFound(format!(
-                    "revocation {} was not sent to agent {agent}",
-                    ack.revocation_id
-                ))
-            })?;
-        if known.acked_at.is_none() {
+        // While the revoking call waits, this daemon knows whom it was sent to and who
+        // has answered; otherwise (a late or repeated acknowledgement, another daemon's
+        // revocation) the store does.
+        let in_memory = self
+            .waiting_map()
+            .get(&ack.revocation_id)
+            .map(|w| (w.expected.contains(agent), w.acked.borrow().contains(agent)));
+        let (sent, already) = match in_memory {
+            Some(known) => known,
+            None => match self
+                .registry
+                .store()
+                .revocation_ack(&ack.revocation_id, agent)
+                .await?
+            {
+                Some(row) => (true, row.acked_at.is_some()),
+                None => (false, false),
+            },
+        };
+        if !sent {
+            return Err(RevokeError::NotFound(format!(
+                "revocation {} was not sent to agent {agent}",
+                ack.revocation_id
+            )));
+        }
+        if !already {
             let outcome = if ack.errors.is_empty() {
                 crate::audit::OK
             } else {

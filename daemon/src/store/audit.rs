@@ -8,6 +8,25 @@ use sqlx::any::AnyRow;
 
 use super::{Backend, Result, Store};
 
+/// The columns of `issued_svids`, in the order `issued_row` reads them.
+macro_rules! issued_columns {
+    () => {
+        "serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after"
+    };
+}
+
+/// How many values go into one `IN (...)` list: far below SQLite's and PostgreSQL's
+/// limits on bound parameters.
+pub(super) const IN_LIST_CHUNK: usize = 500;
+
+/// `$first, $first+1, …` for `count` values.
+pub(super) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Orders audit appends across daemons on PostgreSQL (`pg_advisory_xact_lock`).
 const APPEND_LOCK: i64 = 0x6d61_7966_6c79_0001;
 
@@ -280,37 +299,41 @@ impl Store {
         now: i64,
     ) -> Result<Vec<IssuedSvidRecord>> {
         let mut out = Vec::new();
-        for id in entry_ids {
-            let rows = sqlx::query(
-                "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
-                 FROM issued_svids WHERE entry_id = $1 AND not_after > $2",
-            )
-            .bind(id)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await?;
-            for row in &rows {
-                out.push(issued_row(row)?);
+        // A few statements for a thousand entries, not a thousand statements.
+        for chunk in entry_ids.chunks(IN_LIST_CHUNK) {
+            let sql = format!(
+                "SELECT {} FROM issued_svids WHERE not_after > $1 AND entry_id IN ({})",
+                issued_columns!(),
+                placeholders(2, chunk.len())
+            );
+            // Built from fixed text and numbered placeholders only.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                out.push(issued_row(&row)?);
             }
         }
         Ok(out)
     }
 
-    /// The serials signed to this agent's workloads that have not expired.
+    /// The SVIDs signed to this agent (its workloads' and its own) that have not expired.
     pub async fn live_serials_for_agent(
         &self,
         agent_id: &str,
         now: i64,
     ) -> Result<Vec<IssuedSvidRecord>> {
-        let rows = sqlx::query(
-            "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
-             FROM issued_svids WHERE agent_id = $1 AND not_after > $2",
+        self.live_serials_where(
+            concat!(
+                "SELECT ",
+                issued_columns!(),
+                " FROM issued_svids WHERE agent_id = $1 AND not_after > $2"
+            ),
+            agent_id,
+            now,
         )
-        .bind(agent_id)
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(issued_row).collect()
+        .await
     }
 
     /// Unexpired SVIDs (workload and agent) signed by CA slot `slot`.
@@ -319,22 +342,38 @@ impl Store {
         slot: &str,
         now: i64,
     ) -> Result<Vec<IssuedSvidRecord>> {
-        let rows = sqlx::query(
-            "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
-             FROM issued_svids WHERE ca_slot = $1 AND not_after > $2",
+        self.live_serials_where(
+            concat!(
+                "SELECT ",
+                issued_columns!(),
+                " FROM issued_svids WHERE ca_slot = $1 AND not_after > $2"
+            ),
+            slot,
+            now,
         )
-        .bind(slot)
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
+        .await
+    }
+
+    async fn live_serials_where(
+        &self,
+        sql: &'static str,
+        key: &str,
+        now: i64,
+    ) -> Result<Vec<IssuedSvidRecord>> {
+        let rows = sqlx::query(sql)
+            .bind(key)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(issued_row).collect()
     }
 
     pub async fn issued_svid(&self, serial: &str) -> Result<Option<IssuedSvidRecord>> {
-        let row = sqlx::query(
-            "SELECT serial, entry_id, spiffe_id, agent_id, ca_slot, issued_at, not_after \
-             FROM issued_svids WHERE serial = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            issued_columns!(),
+            " FROM issued_svids WHERE serial = $1"
+        ))
         .bind(serial)
         .fetch_optional(&self.pool)
         .await?;

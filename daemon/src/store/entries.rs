@@ -211,6 +211,29 @@ impl Store {
     }
 }
 
+/// Deletes the entries with these ids (at most a few hundred) on `conn` in one statement,
+/// returning those that existed.
+pub(super) async fn delete_entries_in(
+    conn: &mut sqlx::AnyConnection,
+    ids: &[String],
+) -> Result<Vec<EntryRecord>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "DELETE FROM registration_entries WHERE id IN ({}) RETURNING {}",
+        super::audit::placeholders(1, ids.len()),
+        entry_columns!()
+    );
+    // Built from fixed text and numbered placeholders only.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for id in ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
+    rows.iter().map(entry_from_row).collect()
+}
+
 /// Deletes one entry on `conn` (a transaction's, or a pooled connection); `None` if it
 /// did not exist.
 pub(super) async fn delete_entry_in(

@@ -5,6 +5,7 @@
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
+use super::audit::IN_LIST_CHUNK;
 use super::{Result, Store, StoreError};
 
 fn ack_row(row: &AnyRow) -> Result<RevocationAckRecord> {
@@ -58,10 +59,8 @@ impl Store {
     ) -> Result<Vec<super::EntryRecord>> {
         let mut tx = self.pool.begin().await?;
         let mut deleted = Vec::with_capacity(entry_ids.len());
-        for id in entry_ids {
-            if let Some(entry) = super::entries::delete_entry_in(&mut tx, id).await? {
-                deleted.push(entry);
-            }
+        for chunk in entry_ids.chunks(IN_LIST_CHUNK) {
+            deleted.extend(super::entries::delete_entries_in(&mut tx, chunk).await?);
         }
         sqlx::query(
             "INSERT INTO revocations (id, kind, target, reason, actor, created_at, detail) \
@@ -76,27 +75,37 @@ impl Store {
         .bind(&revocation.detail)
         .execute(&mut *tx)
         .await?;
-        for serial in serials {
+        for chunk in serials.chunks(IN_LIST_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, $1)", 2 * i + 2, 2 * i + 3))
+                .collect::<Vec<_>>()
+                .join(", ");
             // A serial revoked twice keeps its first revocation.
-            sqlx::query(
-                "INSERT INTO revoked_serials (serial, not_after, revocation_id) \
-                 VALUES ($1, $2, $3) ON CONFLICT (serial) DO NOTHING",
-            )
-            .bind(&serial.serial)
-            .bind(serial.not_after)
-            .bind(&revocation.id)
-            .execute(&mut *tx)
-            .await?;
+            let sql = format!(
+                "INSERT INTO revoked_serials (serial, not_after, revocation_id) VALUES {values} \
+                 ON CONFLICT (serial) DO NOTHING"
+            );
+            // Built from fixed text and numbered placeholders only.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&revocation.id);
+            for serial in chunk {
+                query = query.bind(&serial.serial).bind(serial.not_after);
+            }
+            query.execute(&mut *tx).await?;
         }
-        for agent in agents {
-            sqlx::query(
-                "INSERT INTO revocation_acks (revocation_id, agent_id, detail) \
-                 VALUES ($1, $2, '')",
-            )
-            .bind(&revocation.id)
-            .bind(agent)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in agents.chunks(IN_LIST_CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| format!("($1, ${}, '')", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO revocation_acks (revocation_id, agent_id, detail) VALUES {values}"
+            );
+            // Built from fixed text and numbered placeholders only.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&revocation.id);
+            for agent in chunk {
+                query = query.bind(agent);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(deleted)

@@ -5,17 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 
-use mayfly_daemon::ca::generate_csr;
-use mayfly_daemon::cli::{Connection, OutputFormat, operator};
 use mayfly_proto::TrustDomain;
-use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self};
 
-use super::{BenchResult, CsrPool, Worker, drive};
+use super::{BenchAgent, BenchResult, CsrPool, Worker, admin_and_bundle, drive};
 
 pub struct Options {
     pub node_addr: String,
@@ -65,38 +61,15 @@ pub async fn run(opts: &Options) -> Result<(BenchResult, Option<String>)> {
         uuid::Uuid::new_v4().simple()
     );
 
-    let mut admin = operator::connect(&Connection {
-        socket: Some(opts.admin_socket.clone()),
-        config: None,
-        output: OutputFormat::Json,
-    })
+    let (mut admin, bundle) = admin_and_bundle(&opts.admin_socket).await?;
+    let agent = BenchAgent::attest(
+        &mut admin,
+        &opts.node_addr,
+        &trust_domain,
+        &bundle,
+        &agent_id,
+    )
     .await?;
-    let bundle = admin
-        .get_bundle(v1::GetBundleRequest {})
-        .await?
-        .into_inner()
-        .bundle
-        .context("no bundle")?
-        .x509_authorities;
-    let token = admin
-        .generate_join_token(v1::GenerateJoinTokenRequest {
-            spiffe_id: agent_id.clone(),
-            ttl: 0,
-        })
-        .await?
-        .into_inner()
-        .token;
-
-    let server = server_id(&trust_domain)?;
-    let anonymous = client_config(server.clone(), TrustBundle::new(&bundle)?, None)?;
-    let (key, csr) = generate_csr(None)?;
-    let attested = NodeClient::new(connect(&opts.node_addr, anonymous).await?)
-        .attest(v1::AttestRequest {
-            join_token: token,
-            csr,
-        })
-        .await?
-        .into_inner();
 
     let pool = CsrPool::generate(opts.csr_pool, &prefix)?;
     let mut entry_ids = Vec::with_capacity(pool.len());
@@ -128,21 +101,10 @@ pub async fn run(opts: &Options) -> Result<(BenchResult, Option<String>)> {
         })
         .collect();
 
-    let chain: Vec<CertificateDer<'static>> = attested
-        .svid_chain
-        .iter()
-        .map(|c| CertificateDer::from(c.clone()))
-        .collect();
     let mut workers = Vec::with_capacity(opts.concurrency);
     for _ in 0..opts.concurrency {
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
-        let config = client_config(
-            server.clone(),
-            TrustBundle::new(&bundle)?,
-            Some((chain.clone(), key)),
-        )?;
         workers.push(SignWorker {
-            client: NodeClient::new(connect(&opts.node_addr, config).await?),
+            client: agent.client().await?,
             requests: Arc::clone(&requests),
             batch: opts.batch,
         });

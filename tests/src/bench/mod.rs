@@ -277,6 +277,100 @@ fn round_to(v: f64, places: i32) -> f64 {
     (v * f).round() / f
 }
 
+/// The admin client on `socket` and the trust bundle's CA certificates (DER).
+pub async fn admin_and_bundle(
+    socket: &std::path::Path,
+) -> Result<(
+    mayfly_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    Vec<Vec<u8>>,
+)> {
+    use mayfly_daemon::cli::{Connection, OutputFormat, operator};
+    let mut admin = operator::connect(&Connection {
+        socket: Some(socket.to_path_buf()),
+        config: None,
+        output: OutputFormat::Json,
+    })
+    .await?;
+    let bundle = admin
+        .get_bundle(mayfly_proto::v1::GetBundleRequest {})
+        .await?
+        .into_inner()
+        .bundle
+        .context("no bundle")?
+        .x509_authorities;
+    Ok((admin, bundle))
+}
+
+/// An agent the bench attested with its own join token and key, whose SVID opens mTLS
+/// connections to the node API as a real agent's does.
+pub struct BenchAgent {
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key_pkcs8: zeroize::Zeroizing<Vec<u8>>,
+    server: mayfly_proto::SpiffeId,
+    bundle: Vec<Vec<u8>>,
+    node_addr: String,
+}
+
+impl BenchAgent {
+    pub async fn attest(
+        admin: &mut mayfly_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+        node_addr: &str,
+        trust_domain: &mayfly_proto::TrustDomain,
+        bundle: &[Vec<u8>],
+        agent_id: &str,
+    ) -> Result<Self> {
+        use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
+        use mayfly_proto::v1::{self, node_client::NodeClient};
+        let token = admin
+            .generate_join_token(v1::GenerateJoinTokenRequest {
+                spiffe_id: agent_id.to_string(),
+                ttl: 0,
+            })
+            .await?
+            .into_inner()
+            .token;
+        let server = server_id(trust_domain)?;
+        let anonymous = client_config(server.clone(), TrustBundle::new(bundle)?, None)?;
+        let (key_pkcs8, csr) = mayfly_daemon::ca::generate_csr(None)?;
+        let attested = NodeClient::new(connect(node_addr, anonymous).await?)
+            .attest(v1::AttestRequest {
+                join_token: token,
+                csr,
+            })
+            .await
+            .with_context(|| format!("attesting {agent_id}"))?
+            .into_inner();
+        Ok(Self {
+            chain: attested
+                .svid_chain
+                .into_iter()
+                .map(rustls::pki_types::CertificateDer::from)
+                .collect(),
+            key_pkcs8,
+            server,
+            bundle: bundle.to_vec(),
+            node_addr: node_addr.to_string(),
+        })
+    }
+
+    /// A new mTLS connection with this agent's SVID.
+    pub async fn client(
+        &self,
+    ) -> Result<mayfly_proto::v1::node_client::NodeClient<tonic::transport::Channel>> {
+        use mayfly_proto::tls::{TrustBundle, client_config, connect};
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()));
+        let config = client_config(
+            self.server.clone(),
+            TrustBundle::new(&self.bundle)?,
+            Some((self.chain.clone(), key)),
+        )?;
+        Ok(mayfly_proto::v1::node_client::NodeClient::new(
+            connect(&self.node_addr, config).await?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

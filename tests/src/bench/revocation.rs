@@ -11,19 +11,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use mayfly_daemon::ca::generate_csr;
-use mayfly_daemon::cli::{Connection, OutputFormat, operator};
 use mayfly_proto::TrustDomain;
-use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
-use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self, sync_message::Update};
 
-use super::Latencies;
+use super::{BenchAgent, Latencies, admin_and_bundle};
 
 pub struct Options {
     pub node_addr: String,
@@ -63,20 +58,7 @@ struct Seen {
 pub async fn run(opts: &Options) -> Result<RevocationResult> {
     ensure!(opts.agents > 0 && opts.rounds > 0, "need agents and rounds");
     let trust_domain = TrustDomain::new(&opts.trust_domain)?;
-    let mut admin = operator::connect(&Connection {
-        socket: Some(opts.admin_socket.clone()),
-        config: None,
-        output: OutputFormat::Json,
-    })
-    .await?;
-    let bundle = admin
-        .get_bundle(v1::GetBundleRequest {})
-        .await?
-        .into_inner()
-        .bundle
-        .context("no bundle")?
-        .x509_authorities;
-    let server = server_id(&trust_domain)?;
+    let (mut admin, bundle) = admin_and_bundle(&opts.admin_socket).await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
 
     // Attest every agent and open its stream; each stream reports what it saw.
@@ -84,36 +66,16 @@ pub async fn run(opts: &Options) -> Result<RevocationResult> {
     let mut agent_ids = Vec::with_capacity(opts.agents);
     for i in 0..opts.agents {
         let agent_id = format!("spiffe://{trust_domain}/node/rv-{run_id}-{i}");
-        let token = admin
-            .generate_join_token(v1::GenerateJoinTokenRequest {
-                spiffe_id: agent_id.clone(),
-                ttl: 0,
-            })
-            .await?
-            .into_inner()
-            .token;
-        let anonymous = client_config(server.clone(), TrustBundle::new(&bundle)?, None)?;
-        let (key, csr) = generate_csr(None)?;
-        let attested = NodeClient::new(connect(&opts.node_addr, anonymous).await?)
-            .attest(v1::AttestRequest {
-                join_token: token,
-                csr,
-            })
-            .await
-            .with_context(|| format!("attesting simulated agent {i}"))?
-            .into_inner();
-        let chain: Vec<CertificateDer<'static>> = attested
-            .svid_chain
-            .iter()
-            .map(|c| CertificateDer::from(c.clone()))
-            .collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
-        let config = client_config(
-            server.clone(),
-            TrustBundle::new(&bundle)?,
-            Some((chain, key)),
-        )?;
-        let mut client = NodeClient::new(connect(&opts.node_addr, config).await?);
+        let agent = BenchAgent::attest(
+            &mut admin,
+            &opts.node_addr,
+            &trust_domain,
+            &bundle,
+            &agent_id,
+        )
+        .await
+        .with_context(|| format!("attesting simulated agent {i}"))?;
+        let mut client = agent.client().await?;
         let mut stream = client
             .sync(v1::SyncRequest {})
             .await
