@@ -19,7 +19,7 @@ use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self, sync_message::Update};
 
 /// What the daemon last told this agent it may hold.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct Authorized {
     pub entries: BTreeMap<String, v1::Entry>,
     pub bundle: Option<v1::Bundle>,
@@ -39,6 +39,30 @@ pub struct Authorized {
     pub revoked_all: bool,
     /// Revocations applied but not yet acknowledged to the daemon, oldest first.
     pub revocations: Vec<v1::Revocation>,
+}
+
+impl std::fmt::Debug for Authorized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secret values never reach Debug output: names and versions only.
+        let secrets: Vec<(&str, &str)> = self
+            .secrets
+            .values()
+            .map(|s| (s.name.as_str(), s.version.as_str()))
+            .collect();
+        f.debug_struct("Authorized")
+            .field("entries", &self.entries.keys().collect::<Vec<_>>())
+            .field("secrets", &secrets)
+            .field("synced", &self.synced)
+            .field("deny", &self.deny.len())
+            .field("revoked_ids", &self.revoked_ids)
+            .field("revoked_secrets", &self.revoked_secrets)
+            .field("revoked_all", &self.revoked_all)
+            .field(
+                "revocations",
+                &self.revocations.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a sync stream ended.
@@ -199,7 +223,10 @@ fn revoke(state: &mut Authorized, revocation: v1::Revocation) {
         state.revoked_all = true;
     }
     if !state.revocations.iter().any(|r| r.id == revocation.id) {
-        state.revocations.push(revocation);
+        // The replacement values now live in `secrets`; the pending copy keeps none.
+        let mut pending = revocation;
+        pending.replacements.clear();
+        state.revocations.push(pending);
     }
 }
 
@@ -330,6 +357,31 @@ mod tests {
         );
         assert!(state.entries.is_empty() && state.revoked_all);
         assert_eq!(state.revocations.len(), 2);
+    }
+
+    #[test]
+    fn revocations_keep_no_secret_value_and_debug_shows_none() {
+        let mut state = Authorized::default();
+        let secret = v1::GrantedSecret {
+            name: "db".into(),
+            version: "v2".into(),
+            value: b"s3cr3t-Value-xyz".to_vec(),
+            granted_to: vec!["spiffe://example.org/a".into()],
+            ..Default::default()
+        };
+        apply(
+            &mut state,
+            Update::Revoked(v1::Revocation {
+                id: "rv-1".into(),
+                replacements: vec![secret],
+                ..Default::default()
+            }),
+        );
+        assert_eq!(state.secrets["db"].value, b"s3cr3t-Value-xyz");
+        assert!(state.revocations[0].replacements.is_empty());
+        let shown = format!("{state:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("v2"));
     }
 
     #[test]
