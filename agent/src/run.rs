@@ -137,13 +137,16 @@ pub async fn start(
         renew_now,
     ));
 
+    let (denials, report_denials) = sync::denials::reporter(client.clone());
+    tokio::spawn(report_denials);
     let api = crate::workload_api::WorkloadApi::new(
         state_rx.clone(),
         Arc::new(crate::attest::workload::WorkloadAttestor::new()),
         Arc::new(DaemonJwtIssuer {
             client: client.clone(),
         }),
-    );
+    )
+    .with_denials(denials);
     let socket = config.socket_path.clone();
     let listener = crate::workload_api::bind(&socket)?;
     let spiffe_id = identity.borrow().spiffe_id.to_string();

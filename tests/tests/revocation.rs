@@ -307,6 +307,13 @@ async fn revoking_an_entry_removes_its_files_and_reports_exactly_which_agents_ac
         String::from_utf8_lossy(&fetch.stderr)
     );
 
+    // The refusal is on the daemon's audit trail, reported by the agent.
+    wait_for("the agent's denial report", Duration::from_secs(10), || {
+        audit(&daemon, &["--action", "workload.denied"])
+            .iter()
+            .any(|r| r["actor"] == A && r["subject"] == "FetchX509SVID" && r["outcome"] == "denied")
+    });
+
     // The same revocation, by selector, reaches C alone.
     let (code, report) = revoke(
         &daemon,

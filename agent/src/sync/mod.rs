@@ -2,6 +2,7 @@
 //! state, the SVID cache that signs and renews workload SVIDs from it, and the agent's own
 //! SVID renewal and re-attestation after eviction.
 
+pub mod denials;
 pub mod revocations;
 pub mod svids;
 

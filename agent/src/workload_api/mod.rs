@@ -63,6 +63,8 @@ pub struct WorkloadApi {
     jwt_cache: JwtCache,
     /// Turned true on shutdown so that open streams end instead of holding the server.
     closing: Arc<watch::Sender<bool>>,
+    /// Refusals go here, for the daemon's audit trail.
+    denials: Option<crate::sync::denials::DenialSink>,
 }
 
 impl WorkloadApi {
@@ -78,6 +80,19 @@ impl WorkloadApi {
             clock: Arc::new(SystemClock),
             jwt_cache: JwtCache::new(JWT_CACHE_CAPACITY),
             closing: Arc::new(watch::Sender::new(false)),
+            denials: None,
+        }
+    }
+
+    /// Reports every refused request (no identity, missing security header) to `sink`.
+    pub fn with_denials(mut self, sink: crate::sync::denials::DenialSink) -> Self {
+        self.denials = Some(sink);
+        self
+    }
+
+    fn deny(&self, call: &str, caller: &[Selector], error: &WorkloadApiError) {
+        if let Some(sink) = &self.denials {
+            sink.deny(call, caller, &error.to_string());
         }
     }
 
@@ -96,13 +111,16 @@ impl WorkloadApi {
     async fn attest_caller<T>(
         &self,
         request: &Request<T>,
+        call: &'static str,
     ) -> Result<Vec<Selector>, WorkloadApiError> {
         let header_ok = request
             .metadata()
             .get(WORKLOAD_HEADER)
             .is_some_and(|v| v.as_bytes() == b"true");
         if !header_ok {
-            return Err(WorkloadApiError::MissingSecurityHeader);
+            let error = WorkloadApiError::MissingSecurityHeader;
+            self.deny(call, &[], &error);
+            return Err(error);
         }
         let ucred = request
             .extensions()
@@ -132,13 +150,16 @@ impl WorkloadApi {
     async fn registered_stream<V: streams::View, T>(
         &self,
         request: &Request<T>,
+        call: &'static str,
     ) -> Result<ResponseStream<V::Message>, Status> {
         let caller = self
-            .attest_caller(request)
+            .attest_caller(request, call)
             .await
             .map_err(WorkloadApiError::into_status)?;
         if self.state.borrow().entries_for(&caller).is_empty() {
-            return Err(WorkloadApiError::NoIdentityIssued { requested: None }.into_status());
+            let error = WorkloadApiError::NoIdentityIssued { requested: None };
+            self.deny(call, &caller, &error);
+            return Err(error.into_status());
         }
         Ok(self.stream::<V>(caller))
     }
@@ -147,7 +168,7 @@ impl WorkloadApi {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<JwtsvidResponse, WorkloadApiError> {
-        let caller = self.attest_caller(&request).await?;
+        let caller = self.attest_caller(&request, "FetchJWTSVID").await?;
         let JwtsvidRequest {
             audience,
             spiffe_id,
@@ -172,9 +193,11 @@ impl WorkloadApi {
             }
         }
         if chosen.is_empty() {
-            return Err(WorkloadApiError::NoIdentityIssued {
+            let error = WorkloadApiError::NoIdentityIssued {
                 requested: requested.map(|id| id.as_str().to_owned()),
-            });
+            };
+            self.deny("FetchJWTSVID", &caller, &error);
+            return Err(error);
         }
 
         let svids = try_join_all(chosen.iter().map(|entry| self.jwt_for(entry, &audience))).await?;
@@ -215,7 +238,7 @@ impl WorkloadApi {
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<ValidateJwtsvidResponse, WorkloadApiError> {
-        self.attest_caller(&request).await?;
+        self.attest_caller(&request, "ValidateJWTSVID").await?;
         let ValidateJwtsvidRequest { audience, svid } = request.into_inner();
         if audience.is_empty() {
             return Err(WorkloadApiError::MissingField("audience"));
@@ -251,7 +274,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        self.registered_stream::<X509SvidView, _>(&request)
+        self.registered_stream::<X509SvidView, _>(&request, "FetchX509SVID")
             .await
             .map(Response::new)
     }
@@ -261,7 +284,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self
-            .attest_caller(&request)
+            .attest_caller(&request, "FetchX509Bundles")
             .await
             .map_err(WorkloadApiError::into_status)?;
         Ok(Response::new(self.stream::<X509BundlesView>(caller)))
@@ -282,7 +305,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let caller = self
-            .attest_caller(&request)
+            .attest_caller(&request, "FetchJWTBundles")
             .await
             .map_err(WorkloadApiError::into_status)?;
         Ok(Response::new(self.stream::<JwtBundlesView>(caller)))

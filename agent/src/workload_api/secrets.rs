@@ -62,7 +62,7 @@ impl WorkloadSecrets for WorkloadApi {
         &self,
         request: Request<WatchSecretsRequest>,
     ) -> Result<Response<Self::WatchSecretsStream>, Status> {
-        self.registered_stream::<SecretsView, _>(&request)
+        self.registered_stream::<SecretsView, _>(&request, "WatchSecrets")
             .await
             .map(Response::new)
     }

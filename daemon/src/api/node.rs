@@ -22,6 +22,9 @@ use crate::revoke::Revoker;
 use crate::secrets::engine::RotationEngine;
 use crate::store::{AgentRecord, IssuedSvidRecord};
 
+/// The most denials one `ReportDenials` call may carry (agents send at most 500).
+const MAX_DENIALS_PER_REPORT: usize = 1000;
+
 /// Bundle refresh hint sent to agents, in seconds.
 const REFRESH_HINT: i64 = 300;
 
@@ -506,5 +509,36 @@ impl Node for NodeApi {
             .map_err(super::status::revoke_status)?;
         tracing::info!(agent = %agent.spiffe_id, revocation = %ack.revocation_id, dropped = ack.dropped_serials.len(), removed = ack.files_removed.len(), "revocation acknowledged");
         Ok(Response::new(v1::RevocationAckResponse {}))
+    }
+
+    async fn report_denials(
+        &self,
+        request: Request<v1::DenialReport>,
+    ) -> Result<Response<v1::DenialReportResponse>, Status> {
+        let agent = self.authenticate(&request, "ReportDenials").await?;
+        let report = request.into_inner();
+        if report.denials.len() > MAX_DENIALS_PER_REPORT {
+            return Err(Status::out_of_range(format!(
+                "a report may carry at most {MAX_DENIALS_PER_REPORT} denials; this one has {}",
+                report.denials.len()
+            )));
+        }
+        let actor = Actor::Spiffe(agent.spiffe_id.clone());
+        for denial in report.denials {
+            self.audit.note(
+                Event::new(&actor, "workload.denied", &denial.call)
+                    .scope(format!("workload {}", denial.selectors.join(" ")))
+                    .denied(denial.reason)
+                    .detail(serde_json::json!({ "agent_time_ms": denial.at_ms })),
+            );
+        }
+        if report.dropped > 0 {
+            self.audit
+                .note(Event::new(&actor, "workload.denied", "").denied(format!(
+                    "{} more denials not reported: the agent's queue was full",
+                    report.dropped
+                )));
+        }
+        Ok(Response::new(v1::DenialReportResponse {}))
     }
 }
