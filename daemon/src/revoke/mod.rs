@@ -279,13 +279,7 @@ impl Revoker {
         actor: &Actor,
         wait: Option<Duration>,
     ) -> Result<Report, RevokeError> {
-        let reason = reason.trim();
-        if reason.is_empty() {
-            return Err(RevokeError::Invalid(
-                "--reason is required: say why, for the audit trail".into(),
-            ));
-        }
-        let wait = wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT);
+        let (reason, wait) = checked(reason, wait)?;
         let started = Instant::now();
         let result = self.apply(&target, reason, actor, started, wait).await;
         if let Err(e) = &result {
@@ -646,13 +640,7 @@ impl Revoker {
         actor: &Actor,
         wait: Option<Duration>,
     ) -> Result<Report, RevokeError> {
-        let reason = reason.trim();
-        if reason.is_empty() {
-            return Err(RevokeError::Invalid(
-                "--reason is required: say why, for the audit trail".into(),
-            ));
-        }
-        let wait = wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT);
+        let (reason, wait) = checked(reason, wait)?;
         let started = Instant::now();
         let now = self.registry.now();
         let old = self
@@ -951,6 +939,17 @@ fn message(
         created_at: record.created_at,
         renew_agent_svid: scope.renew_agent_svid,
     }
+}
+
+/// The reason every revocation must give, trimmed, and how long to wait (capped).
+fn checked(reason: &str, wait: Option<Duration>) -> Result<(&str, Duration), RevokeError> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(RevokeError::Invalid(
+            "--reason is required: say why, for the audit trail".into(),
+        ));
+    }
+    Ok((reason, wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT)))
 }
 
 fn unix_ms(t: std::time::SystemTime) -> i64 {
