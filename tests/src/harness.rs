@@ -290,6 +290,32 @@ impl DaemonProcess {
         Ok((field("version")?, field("username")?, field("value")?))
     }
 
+    /// `mayflyd entry create` for `spiffe_id` under `parent` with `selector` and any
+    /// `extra` flags; the new entry's id.
+    pub fn create_entry(
+        &self,
+        spiffe_id: &str,
+        parent: &str,
+        selector: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent,
+            "--selector",
+            selector,
+        ];
+        args.extend_from_slice(extra);
+        self.cli_json(&args)?["id"]
+            .as_str()
+            .map(str::to_string)
+            .context("no id in `entry create` output")
+    }
+
     /// A fresh join token for `spiffe_id`.
     pub fn join_token(&self, spiffe_id: &str) -> anyhow::Result<String> {
         let value = self.cli_json(&["token", "generate", "--spiffe-id", spiffe_id])?;

@@ -12,21 +12,9 @@ const NODE: &str = "spiffe://example.org/node/web-1";
 
 fn create_entry(daemon: &DaemonProcess, spiffe_id: &str, uid: u32, extra: &[&str]) -> String {
     let selector = format!("unix:uid:{uid}");
-    let mut args = vec![
-        "entry",
-        "create",
-        "--spiffe-id",
-        spiffe_id,
-        "--parent-id",
-        NODE,
-        "--selector",
-        &selector,
-    ];
-    args.extend_from_slice(extra);
-    daemon.cli_json(&args).unwrap()["id"]
-        .as_str()
+    daemon
+        .create_entry(spiffe_id, NODE, &selector, extra)
         .unwrap()
-        .to_string()
 }
 
 async fn client(agent: &AgentProcess) -> WorkloadApiClient {

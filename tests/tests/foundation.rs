@@ -19,23 +19,15 @@ const AGENT_A: &str = "spiffe://example.org/node/a";
 const AGENT_B: &str = "spiffe://example.org/node/b";
 
 fn create_entry(daemon: &DaemonProcess, spiffe_id: &str, parent: &str, uid: u32) -> String {
-    let value = daemon
-        .cli_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
+    let selector = format!("unix:uid:{uid}");
+    daemon
+        .create_entry(
             spiffe_id,
-            "--parent-id",
             parent,
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--x509-ttl",
-            "10m",
-            "--dns",
-            "web.example.org",
-        ])
-        .unwrap();
-    value["id"].as_str().unwrap().to_string()
+            &selector,
+            &["--x509-ttl", "10m", "--dns", "web.example.org"],
+        )
+        .unwrap()
 }
 
 fn csr_request(entry_id: &str) -> v1::SignSvidsRequest {

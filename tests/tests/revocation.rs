@@ -17,20 +17,8 @@ const C: &str = "spiffe://example.org/node/c";
 
 fn create_entry(daemon: &DaemonProcess, spiffe_id: &str, parent: &str, selector: &str) -> String {
     daemon
-        .cli_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            spiffe_id,
-            "--parent-id",
-            parent,
-            "--selector",
-            selector,
-        ])
-        .unwrap()["id"]
-        .as_str()
+        .create_entry(spiffe_id, parent, selector, &[])
         .unwrap()
-        .to_string()
 }
 
 /// An svid sink for `spiffe_id` writing into `dir`, with `on_revoke`.

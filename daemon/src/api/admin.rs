@@ -63,6 +63,14 @@ impl AdminApi {
         Ok(uid)
     }
 
+    /// Every CA slot, as the CA subcommands print them.
+    async fn ca_slots(&self) -> Result<Response<v1::ShowCaResponse>, Status> {
+        let slots = self.registry.ca().slots().await?;
+        Ok(Response::new(v1::ShowCaResponse {
+            slots: slots.iter().map(ca_slot).collect(),
+        }))
+    }
+
     /// Records an operator's change, waiting for the commit so that what the operator is
     /// told has happened is on the record.
     async fn record(&self, event: Event) -> Result<(), Status> {
@@ -392,10 +400,7 @@ impl Admin for AdminApi {
         request: Request<v1::ShowCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
         self.operator(&request, "show_ca")?;
-        let slots = self.registry.ca().slots().await?;
-        Ok(Response::new(v1::ShowCaResponse {
-            slots: slots.iter().map(ca_slot).collect(),
-        }))
+        self.ca_slots().await
     }
 
     async fn prepare_ca(
@@ -407,10 +412,7 @@ impl Admin for AdminApi {
         tracing::info!(uid, slot = %slot.id, "CA prepared by operator");
         self.record(Event::new(&Actor::Operator(uid), "ca.prepare", &slot.id))
             .await?;
-        let slots = self.registry.ca().slots().await?;
-        Ok(Response::new(v1::ShowCaResponse {
-            slots: slots.iter().map(ca_slot).collect(),
-        }))
+        self.ca_slots().await
     }
 
     async fn activate_ca(
@@ -422,10 +424,7 @@ impl Admin for AdminApi {
         tracing::info!(uid, slot = %slot.id, at = unix(self.registry.now()), "CA activated by operator");
         self.record(Event::new(&Actor::Operator(uid), "ca.activate", &slot.id))
             .await?;
-        let slots = self.registry.ca().slots().await?;
-        Ok(Response::new(v1::ShowCaResponse {
-            slots: slots.iter().map(ca_slot).collect(),
-        }))
+        self.ca_slots().await
     }
 
     async fn taint_ca(
@@ -455,10 +454,7 @@ impl Admin for AdminApi {
             .await
             .map_err(super::status::revoke_status)?;
         tracing::warn!(uid, slot = %removed, "CA revoked by operator");
-        let slots = self.registry.ca().slots().await?;
-        Ok(Response::new(v1::ShowCaResponse {
-            slots: slots.iter().map(ca_slot).collect(),
-        }))
+        self.ca_slots().await
     }
 
     async fn create_secret(
