@@ -290,10 +290,11 @@ impl Node for NodeApi {
         &self,
         request: Request<v1::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
+        // Subscribe before checking the agent and taking the snapshot, so that no change
+        // falls in between: an eviction or ban made after the check reaches this stream.
+        let mut changes = self.registry.subscribe_changes();
         let agent = self.authenticate(&request, "Sync").await?;
         let agent_id = agent.spiffe_id.clone();
-        // Subscribe before taking the snapshot so no change falls between the two.
-        let mut changes = self.registry.subscribe_changes();
         let mut authorities = self.registry.ca().subscribe();
         let mut closing = self.registry.closing();
         let mut promoted = self.secrets.subscribe();
