@@ -112,7 +112,4 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The gRPC server stopped with an error.
-    #[error("the Workload API server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }

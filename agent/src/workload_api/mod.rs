@@ -3,6 +3,7 @@
 //! agent's published [`WorkloadState`].
 
 mod error;
+mod grpc;
 mod jwt;
 mod secrets;
 mod server;
@@ -15,7 +16,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::future::{BoxFuture, try_join_all};
 use tokio::sync::watch;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use mayfly_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -53,8 +53,9 @@ pub trait CallerAttestor: Send + Sync + 'static {
 
 pub use mayfly_proto::clock::{Clock, SystemClock};
 
-/// The Workload API service: hand it to [`serve`], or to a tonic server as
-/// `SpiffeWorkloadApiServer::new(api)`.
+/// The Workload API service: hand it to [`serve`]. Its calls are the generated service
+/// traits' methods; the transport puts the caller's [`PeerCred`] in each request's
+/// extensions.
 pub struct WorkloadApi {
     state: watch::Receiver<Arc<WorkloadState>>,
     attestor: Arc<dyn CallerAttestor>,
@@ -122,16 +123,10 @@ impl WorkloadApi {
             self.deny(call, &[], &error);
             return Err(error);
         }
-        let ucred = request
+        let peer = *request
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
+            .get::<PeerCred>()
             .ok_or(WorkloadApiError::NoPeerCredentials)?;
-        let peer = PeerCred {
-            pid: ucred.pid(),
-            uid: ucred.uid(),
-            gid: ucred.gid(),
-        };
         let selectors = self
             .attestor
             .attest(peer)

@@ -2,18 +2,22 @@
 //! comes from the kernel's peer credentials, not from who may connect) and serving it until
 //! shutdown, ending open streams so that shutdown does not wait on them forever.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
 
-use mayfly_proto::v1::workload_secrets_server::WorkloadSecretsServer;
-use mayfly_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-
-use crate::workload_api::WorkloadApi;
 use crate::workload_api::error::ServeError;
+use crate::workload_api::{PeerCred, WorkloadApi, grpc};
 
 /// Any local process may connect: the Workload API decides what to give from the caller's
 /// attested selectors, and an unregistered caller gets nothing.
@@ -42,25 +46,128 @@ pub fn bind(socket_path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Serves `api` on a listener from [`bind`] until `shutdown` completes. Open streams are
-/// then ended with `Unavailable` (clients reconnect to the next agent) and in-flight unary
-/// calls are let finish.
+/// Serves `api` on a listener from [`bind`] until `shutdown` completes. Then no new
+/// connection is accepted, open streams end with `Unavailable` (clients reconnect to the
+/// next agent), in-flight unary calls are let finish, and every connection is told to go
+/// away; this returns once all of them have closed.
 pub async fn serve_listener(
     listener: UnixListener,
     api: WorkloadApi,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let closing = api.closing_handle();
-    let api = std::sync::Arc::new(api);
-    tonic::transport::Server::builder()
-        .add_service(SpiffeWorkloadApiServer::from_arc(api.clone()))
-        .add_service(WorkloadSecretsServer::from_arc(api))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown.await;
-            closing.send_replace(true);
-        })
-        .await?;
+    let api = Arc::new(api);
+    let http2 = http2_settings();
+    // Each connection task holds a sender; recv() returns None once every one is gone.
+    let (open_tx, mut all_closed) = mpsc::channel::<Infallible>(1);
+    let mut shutdown = pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let peer = peer_credentials(&stream);
+                    tokio::spawn(serve_connection(
+                        &http2,
+                        stream,
+                        peer,
+                        api.clone(),
+                        closing.subscribe(),
+                        open_tx.clone(),
+                    ));
+                }
+                Err(e) => {
+                    // Out of descriptors or a connection reset before it was accepted: the
+                    // listener itself is fine, so keep serving the workloads already here.
+                    tracing::warn!(error = %e, "accepting a Workload API connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    closing.send_replace(true);
+    drop(open_tx);
+    let _ = all_closed.recv().await;
     Ok(())
+}
+
+/// How long the accept loop pauses after a failed accept (EMFILE would otherwise spin).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// HTTP/2 as a local gRPC server needs it: request bodies are a few hundred bytes, so small
+/// flow-control windows bound what a workload can make the agent buffer; no HPACK table
+/// for what workloads send (a workload sends one or two header blocks per connection, and
+/// the table would otherwise hold them for as long as the connection lives); and no `date`
+/// header (gRPC has no use for it).
+fn http2_settings() -> http2::Builder<TokioExecutor> {
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
+        .initial_stream_window_size(REQUEST_WINDOW)
+        .initial_connection_window_size(REQUEST_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .header_table_size(0)
+        .auto_date_header(false);
+    http2
+}
+
+/// Flow-control window for what workloads send: room for the largest request and more.
+const REQUEST_WINDOW: u32 = 2 * crate::workload_api::grpc::MAX_REQUEST_BYTES as u32;
+
+/// Request headers are a path, a content type and a few short metadata values.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<grpc::GrpcBody>, Infallible>> + Send>>;
+
+/// The workload's credentials, read once when it connects.
+fn peer_credentials(stream: &UnixStream) -> Option<PeerCred> {
+    match stream.peer_cred() {
+        Ok(cred) => Some(PeerCred {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "no peer credentials on a Workload API connection");
+            None
+        }
+    }
+}
+
+/// Drives one workload's connection until it closes, or until `closing` turns true: then
+/// the connection is told to go away and closes once its calls have ended. `open` is
+/// dropped when it has.
+///
+/// Both the connection and each call's handler are boxed: a task is as large as the future
+/// it runs for as long as it runs, so an inline handler would be paid for by every open
+/// stream long after it returned, and an inline connection would be laid out twice.
+fn serve_connection(
+    http2: &http2::Builder<TokioExecutor>,
+    stream: UnixStream,
+    peer: Option<PeerCred>,
+    api: Arc<WorkloadApi>,
+    mut closing: watch::Receiver<bool>,
+    open: mpsc::Sender<Infallible>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let service = service_fn(move |request| -> HandlerFuture {
+        let api = api.clone();
+        Box::pin(async move { Ok(grpc::handle(&api, peer, request).await) })
+    });
+    let mut connection = Box::pin(http2.serve_connection(TokioIo::new(stream), service));
+    async move {
+        let _open = open;
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = async { let _ = closing.wait_for(|closing| *closing).await; } => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "Workload API connection ended with an error");
+        }
+    }
 }
 
 /// Binds `socket_path` (see [`bind`]) and serves `api` on it until `shutdown` completes;

@@ -780,3 +780,207 @@ async fn wait_for_socket(path: &Path) {
     }
     panic!("{} never accepted a connection", path.display());
 }
+
+/// What a raw HTTP/2 request got back: the HTTP status, the headers, every data frame's
+/// bytes run together, and the trailers (none for a headers-only answer).
+struct RawAnswer {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl RawAnswer {
+    /// The gRPC status code, from the trailers or, for a headers-only answer, the headers.
+    fn grpc_status(&self) -> Option<&str> {
+        self.trailers
+            .as_ref()
+            .unwrap_or(&self.headers)
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap())
+    }
+}
+
+/// Sends one request as given, over HTTP/2 on the fixture's socket, and reads the whole
+/// answer.
+async fn raw_call(
+    f: &Fixture,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> RawAnswer {
+    let stream = UnixStream::connect(&f.socket).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://workload.local{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (response, mut body_tx) = send
+        .send_request(request.body(()).unwrap(), body.is_empty())
+        .unwrap();
+    if !body.is_empty() {
+        body_tx.send_data(body.into(), true).unwrap();
+    }
+    let response = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
+    let (parts, mut received) = response.into_parts();
+    let mut body = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, received.data()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        let _ = received.flow_control().release_capacity(chunk.len());
+        body.extend_from_slice(&chunk);
+    }
+    let trailers = tokio::time::timeout(WAIT, received.trailers())
+        .await
+        .unwrap()
+        .unwrap();
+    RawAnswer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        trailers,
+    }
+}
+
+/// A gRPC message: the uncompressed flag (or `compressed`), the length, the bytes.
+fn grpc_message(bytes: &[u8], compressed: bool) -> Vec<u8> {
+    let mut framed = vec![u8::from(compressed)];
+    framed.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    framed.extend_from_slice(bytes);
+    framed
+}
+
+const GRPC: [(&str, &str); 3] = [
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+    (WORKLOAD_HEADER, "true"),
+];
+
+#[tokio::test]
+async fn what_is_not_grpc_gets_an_http_error_and_unknown_methods_are_unimplemented() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsIs).await;
+    let x509 = "/SpiffeWorkloadAPI/FetchX509SVID";
+
+    let get = raw_call(&f, "GET", x509, &GRPC, Vec::new()).await;
+    assert_eq!(get.status, http::StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(get.headers["allow"], "POST");
+
+    let json = [
+        ("content-type", "application/json"),
+        (WORKLOAD_HEADER, "true"),
+    ];
+    let wrong_type = raw_call(&f, "POST", x509, &json, grpc_message(&[], false)).await;
+    assert_eq!(wrong_type.status, http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // Newer optional methods (FetchWITSVID) and anything else: Unimplemented, headers only.
+    for path in [
+        "/SpiffeWorkloadAPI/FetchWITSVID",
+        "/grpc.health.v1.Health/Check",
+    ] {
+        let answer = raw_call(&f, "POST", path, &GRPC, grpc_message(&[], false)).await;
+        assert_eq!(answer.status, http::StatusCode::OK);
+        assert_eq!(answer.grpc_status(), Some("12"), "{path}");
+        assert!(answer.trailers.is_none() && answer.body.is_empty());
+        let message = answer.headers["grpc-message"].to_str().unwrap();
+        assert!(message.contains("FetchWITSVID") || message.contains("Health"));
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_by_name() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsIs).await;
+    let jwt = "/SpiffeWorkloadAPI/FetchJWTSVID";
+    let request = JwtsvidRequest {
+        audience: vec!["backend".into()],
+        spiffe_id: String::new(),
+    };
+    let encoded = prost::Message::encode_to_vec(&request);
+
+    // The same request, well formed, is answered.
+    let ok = raw_call(&f, "POST", jwt, &GRPC, grpc_message(&encoded, false)).await;
+    assert_eq!(ok.grpc_status(), Some("0"));
+    assert!(ok.body.len() > 5);
+
+    let compressed = raw_call(
+        &f,
+        "POST",
+        jwt,
+        &[GRPC[0], GRPC[1], GRPC[2], ("grpc-encoding", "gzip")],
+        grpc_message(&encoded, true),
+    )
+    .await;
+    assert_eq!(compressed.grpc_status(), Some("12"));
+    assert_eq!(compressed.headers["grpc-accept-encoding"], "identity");
+    assert!(
+        compressed.headers["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("gzip")
+    );
+
+    let huge = JwtsvidRequest {
+        audience: vec!["a".repeat(grpc::MAX_REQUEST_BYTES)],
+        spiffe_id: String::new(),
+    };
+    let too_large = raw_call(
+        &f,
+        "POST",
+        jwt,
+        &GRPC,
+        grpc_message(&prost::Message::encode_to_vec(&huge), false),
+    )
+    .await;
+    assert_eq!(too_large.grpc_status(), Some("11"));
+
+    let mut two = grpc_message(&encoded, false);
+    two.extend(grpc_message(&encoded, false));
+    let two = raw_call(&f, "POST", jwt, &GRPC, two).await;
+    assert_eq!(two.grpc_status(), Some("13"));
+
+    let cut = grpc_message(&encoded, false);
+    let cut = raw_call(&f, "POST", jwt, &GRPC, cut[..cut.len() - 1].to_vec()).await;
+    assert_eq!(cut.grpc_status(), Some("13"));
+
+    let none = raw_call(&f, "POST", jwt, &GRPC, Vec::new()).await;
+    assert_eq!(none.grpc_status(), Some("13"));
+
+    let garbage = raw_call(&f, "POST", jwt, &GRPC, grpc_message(&[0xff; 8], false)).await;
+    assert_eq!(garbage.grpc_status(), Some("13"));
+
+    let bad_timeout = [GRPC[0], GRPC[1], GRPC[2], ("grpc-timeout", "soon")];
+    let bad_timeout = raw_call(&f, "POST", jwt, &bad_timeout, grpc_message(&encoded, false)).await;
+    assert_eq!(bad_timeout.grpc_status(), Some("3"));
+
+    // None of it disturbed the server.
+    let again = raw_call(&f, "POST", jwt, &GRPC, grpc_message(&encoded, false)).await;
+    assert_eq!(again.grpc_status(), Some("0"));
+}
+
+#[tokio::test]
+async fn a_stream_ends_with_deadline_exceeded_when_its_grpc_timeout_passes() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsIs).await;
+    let headers = [GRPC[0], GRPC[1], GRPC[2], ("grpc-timeout", "300m")];
+    let started = std::time::Instant::now();
+    let answer = raw_call(
+        &f,
+        "POST",
+        "/SpiffeWorkloadAPI/FetchX509SVID",
+        &headers,
+        grpc_message(&[], false),
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(answer.headers["content-type"], "application/grpc");
+    // The first message came, whole, before the deadline ended the stream.
+    let len = u32::from_be_bytes(answer.body[1..5].try_into().unwrap()) as usize;
+    assert_eq!(answer.body.len(), 5 + len);
+    let response: X509svidResponse = prost::Message::decode(&answer.body[5..]).unwrap();
+    assert_eq!(response.svids.len(), 2);
+    assert_eq!(answer.grpc_status(), Some("4"));
+}
