@@ -984,3 +984,46 @@ async fn a_stream_ends_with_deadline_exceeded_when_its_grpc_timeout_passes() {
     assert_eq!(response.svids.len(), 2);
     assert_eq!(answer.grpc_status(), Some("4"));
 }
+
+#[tokio::test]
+async fn calls_after_the_first_on_one_connection_are_answered() {
+    // The agent asks workloads to keep no HPACK table (SETTINGS_HEADER_TABLE_SIZE 0) and
+    // drops what the first request put there once they acknowledge: every later request
+    // opens with a table size update, and must still be understood.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsIs).await;
+    let stream = UnixStream::connect(&f.socket).await.unwrap();
+    let (send, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    let request = JwtsvidRequest {
+        audience: vec!["backend".into()],
+        spiffe_id: String::new(),
+    };
+    let body = grpc_message(&prost::Message::encode_to_vec(&request), false);
+    for call in 0..4 {
+        let mut send = send.clone().ready().await.unwrap();
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri("http://workload.local/SpiffeWorkloadAPI/FetchJWTSVID");
+        for (name, value) in GRPC {
+            request = request.header(name, value);
+        }
+        let (response, mut body_tx) = send.send_request(request.body(()).unwrap(), false).unwrap();
+        body_tx.send_data(body.clone().into(), true).unwrap();
+        let mut received = tokio::time::timeout(WAIT, response)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_body();
+        let mut answer = Vec::new();
+        while let Some(chunk) = received.data().await {
+            let chunk = chunk.unwrap();
+            let _ = received.flow_control().release_capacity(chunk.len());
+            answer.extend_from_slice(&chunk);
+        }
+        let trailers = received.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "0", "call {call}");
+        let response: JwtsvidResponse = prost::Message::decode(&answer[5..]).unwrap();
+        assert_eq!(response.svids.len(), 2, "call {call}");
+    }
+}

@@ -44,18 +44,36 @@ pub struct AgentResult {
     pub first_message_p50_ms: f64,
     pub first_message_p99_ms: f64,
     pub agent_rss_kib: u64,
+    /// What `agent_rss_kib` is made of: anonymous memory (heap, stacks) and pages of mapped
+    /// files (the executable, libc).
+    pub agent_rss_anon_kib: u64,
+    pub agent_rss_file_kib: u64,
     pub agent_rss_idle_kib: u64,
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
+/// The agent's resident memory as /proc/PID/status gives it: VmRSS, RssAnon, RssFile.
+struct Resident {
+    total_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
+}
+
+fn resident(pid: u32) -> Result<Resident> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading the agent's /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS line")
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} line in /proc/{pid}/status"))
+    };
+    Ok(Resident {
+        total_kib: field("VmRSS:")?,
+        anon_kib: field("RssAnon:")?,
+        file_kib: field("RssFile:")?,
+    })
 }
 
 pub async fn run(opts: &Options) -> Result<AgentResult> {
@@ -68,7 +86,7 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     let selector = format!("unix:uid:{uid}");
-    let rss_idle = rss_kib(opts.agent_pid)?;
+    let rss_idle = resident(opts.agent_pid)?.total_kib;
 
     // 1. Entry created -> SVID on an open stream. A caller with no entry at all is refused,
     // so one anchor entry comes first; the stream is opened once its SVID is there.
@@ -199,7 +217,7 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
     }
     // Steady state: the connections stay open while the agent settles.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss = rss_kib(opts.agent_pid)?;
+    let rss = resident(opts.agent_pid)?;
     let _ = hold_tx.send(true);
     for holder in holders {
         let _ = holder.await;
@@ -215,7 +233,9 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
         burst_p99_ms: burst.percentile_ms(99.0),
         first_message_p50_ms: first_message.percentile_ms(50.0),
         first_message_p99_ms: first_message.percentile_ms(99.0),
-        agent_rss_kib: rss,
+        agent_rss_kib: rss.total_kib,
+        agent_rss_anon_kib: rss.anon_kib,
+        agent_rss_file_kib: rss.file_kib,
         agent_rss_idle_kib: rss_idle,
     })
 }

@@ -172,6 +172,14 @@ impl Decoder {
         };
 
         self.max_size_update = Some(size);
+
+        // Mayfly patch: the peer's next header block must open with a size update no
+        // larger than `size`, which evicts down to it. Evicting now, when the new size is
+        // acknowledged, frees the table of a connection that sends no further header
+        // block: a workload holding one stream open for hours.
+        if size < self.table.max_size {
+            self.table.set_max_size(size);
+        }
     }
 
     /// Decodes the headers found in the given buffer.
@@ -256,6 +264,11 @@ impl Decoder {
                 }
             }
         }
+
+        // Mayfly patch: the decoded strings share this buffer's allocation; letting go of
+        // it frees the allocation with the last header that uses it, instead of keeping it
+        // for the connection's lifetime.
+        self.buffer = BytesMut::new();
 
         Ok(())
     }
@@ -549,6 +562,10 @@ impl Table {
         self.max_size = size;
         // Make the table size fit within the new constraints.
         self.consolidate();
+        // Mayfly patch: an emptied table keeps no storage.
+        if self.entries.is_empty() {
+            self.entries = VecDeque::new();
+        }
     }
 
     fn reserve(&mut self, size: usize) {
