@@ -133,23 +133,19 @@ impl Store {
         known_tail: Option<&ChainTail>,
         hash: impl Fn(i64, &str, &AuditFields) -> String,
     ) -> Result<ChainTail> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut tail = match (self.backend, known_tail) {
             (Backend::Sqlite, Some(tail)) => tail.clone(),
             (backend, _) => {
-                // Take the write lock before reading the tail, so no other writer can
-                // append between the read and the insert.
-                let lock = match backend {
-                    Backend::Postgres => {
-                        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK)
-                    }
-                    // A write as the transaction's first statement takes SQLite's write
-                    // lock (waiting out the busy timeout); it changes no row.
-                    Backend::Sqlite => {
-                        sqlx::query("UPDATE audit_log SET seq = seq WHERE seq < $1").bind(0i64)
-                    }
-                };
-                lock.execute(&mut *tx).await?;
+                // Hold the write lock before reading the tail, so no other writer can
+                // append between the read and the insert. SQLite's transaction took it
+                // when it began (see `begin_write`).
+                if backend == Backend::Postgres {
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                        .bind(APPEND_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
                     .fetch_optional(&mut *tx)
                     .await?;

@@ -128,7 +128,7 @@ impl Store {
     /// Makes the prepared slot `id` the active one and retires the one it replaces, in one
     /// transaction: readers see either the old CA or the new one active, never both or none.
     pub async fn activate_ca_slot(&self, id: &str, now: i64) -> Result<CaSlotRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // Write first: a SQLite transaction that reads before writing can fail to upgrade
         // its lock under contention, and the busy timeout does not cover that case.
         sqlx::query("UPDATE ca_slots SET state = 'retired' WHERE state = 'active' AND id <> $1")

@@ -129,6 +129,18 @@ impl Store {
         self.backend
     }
 
+    /// Begins a transaction that writes. On SQLite it takes the write lock first (`BEGIN
+    /// IMMEDIATE`), waiting out the busy timeout for it: a deferred transaction that reads
+    /// and then writes fails at once with "database is locked" when another connection has
+    /// committed since its read (SQLITE_BUSY_SNAPSHOT), which no busy timeout waits out, and
+    /// with the audit writer committing beside every rotation step that was most of them.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
     /// Closes every pooled connection; later calls fail. Lets tests and shutdown release a
     /// PostgreSQL database or the SQLite file deterministically.
     pub async fn close(&self) {

@@ -57,7 +57,7 @@ impl Store {
         agents: &[String],
         entry_ids: &[String],
     ) -> Result<Vec<super::EntryRecord>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut deleted = Vec::with_capacity(entry_ids.len());
         for chunk in entry_ids.chunks(IN_LIST_CHUNK) {
             deleted.extend(super::entries::delete_entries_in(&mut tx, chunk).await?);

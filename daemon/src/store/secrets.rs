@@ -127,7 +127,7 @@ impl Store {
     /// Deletes a secret with its jobs and local versions.
     pub async fn delete_secret(&self, name: &str) -> Result<SecretRecord> {
         let record = self.get_secret(name).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for sql in [
             "DELETE FROM rotation_jobs WHERE secret_name = $1",
             "DELETE FROM local_secret_versions WHERE secret_name = $1",
@@ -178,7 +178,7 @@ impl Store {
         due: i64,
         following: Option<i64>,
     ) -> Result<ScheduledStart> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let moved =
             sqlx::query("UPDATE secrets SET next_run_at = $1 WHERE name = $2 AND next_run_at = $3")
                 .bind(following)
@@ -326,7 +326,7 @@ impl Store {
     /// Makes `version` current in one transaction: current -> previous, previous -> aged
     /// out, and nothing left pending. A no-op once done.
     pub async fn promote_local_version(&self, secret: &str, version: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let stage: Option<String> = sqlx::query(
             "SELECT stage FROM local_secret_versions WHERE secret_name = $1 AND version_id = $2",
         )

@@ -103,6 +103,7 @@ on_both_backends!(
     audit_appends_chain_across_daemons,
     audit_filters,
     revocation_bookkeeping,
+    writes_that_read_first_wait_for_other_writers,
 );
 
 fn strings(values: &[&str]) -> Vec<String> {
@@ -1333,4 +1334,57 @@ fn sqlite_paths_survive_the_url() {
         percent_encode_path("/var/lib/my dir/100%#?/mayfly.db"),
         "/var/lib/my%20dir/100%25%23%3F/mayfly.db"
     );
+}
+
+async fn writes_that_read_first_wait_for_other_writers(db: TestDb) {
+    // A rotation promoting a version (read its stage, then write) while the audit writer
+    // commits: on SQLite a transaction that read before another connection committed
+    // cannot write any more ("database is locked" at once, whatever the busy timeout), so
+    // every writing transaction must take the write lock first.
+    let store = db.connect().await;
+    store
+        .upsert_secret(&secret_record("busy", None))
+        .await
+        .unwrap();
+    let rotations = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..150 {
+                let version = format!("v{i:03}");
+                let record = LocalVersionRecord {
+                    version_id: version.clone(),
+                    stage: "pending".into(),
+                    sealed: vec![7; 32],
+                    created_at: i,
+                };
+                store.insert_local_version("busy", &record).await.unwrap();
+                store
+                    .promote_local_version("busy", &version)
+                    .await
+                    .unwrap_or_else(|e| panic!("promoting {version}: {e}"));
+            }
+        })
+    };
+    let hash = crate::audit::record_hash;
+    let mut writers = Vec::new();
+    for n in 0..3 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..100 {
+                let record = [audit_fields("secret.rotate", &format!("a{n}-{i}"), i)];
+                store
+                    .append_audit(&record, &[], &[], None, hash)
+                    .await
+                    .unwrap_or_else(|e| panic!("appending a{n}-{i}: {e}"));
+            }
+        }));
+    }
+    rotations.await.unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let versions = store.local_versions("busy").await.unwrap();
+    let current: Vec<_> = versions.iter().filter(|v| v.stage == "current").collect();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].version_id, "v149");
 }
