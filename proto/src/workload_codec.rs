@@ -1,7 +1,8 @@
-//! The Workload API's protobuf codec: prost, with buffers sized to the message instead of
-//! tonic's fixed 8 KiB. A Workload API stream lives as long as its workload, and tonic keeps
-//! a stream's encode buffer (and whatever capacity it was given) for the stream's lifetime,
-//! so with a thousand connected workloads the default alone holds 8 MiB the messages never use.
+//! The Workload API's protobuf codec for tonic: prost, with buffers sized to the message
+//! instead of tonic's fixed 8 KiB, since a Workload API stream lives as long as its workload
+//! and tonic keeps a stream's buffers for the stream's lifetime. The generated clients use
+//! it (`mayfly-agent api`, `exec`, the bench); the agent's own server does not go through
+//! tonic and frames each message itself (agent/src/workload_api/grpc.rs).
 
 use std::marker::PhantomData;
 
