@@ -21,8 +21,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prost::Message;
 use tokio::time::{Instant, Sleep};
+use tonic::Status;
 use tonic::metadata::MetadataMap;
-use tonic::{Code, Status};
 use zeroize::Zeroizing;
 
 use mayfly_proto::v1::workload_secrets_server::WorkloadSecrets;
@@ -132,32 +132,55 @@ async fn dispatch(
 ) -> Result<Reply, Status> {
     let (parts, body) = request.into_parts();
     let message = read_message(body, parts.headers.get("grpc-encoding")).await?;
-    let metadata = MetadataMap::from_headers(parts.headers);
+    let call = Call {
+        metadata: MetadataMap::from_headers(parts.headers),
+        peer,
+        message,
+    };
     match rpc {
         Rpc::FetchX509Svid => {
-            let request = decode(metadata, peer, message)?;
-            stream_reply(SpiffeWorkloadApi::fetch_x509svid(api, request).await?)
+            stream_reply(SpiffeWorkloadApi::fetch_x509svid(api, call.decode()?).await?)
         }
         Rpc::FetchX509Bundles => {
-            let request = decode(metadata, peer, message)?;
-            stream_reply(SpiffeWorkloadApi::fetch_x509_bundles(api, request).await?)
+            stream_reply(SpiffeWorkloadApi::fetch_x509_bundles(api, call.decode()?).await?)
         }
         Rpc::FetchJwtSvid => {
-            let request = decode(metadata, peer, message)?;
-            message_reply(SpiffeWorkloadApi::fetch_jwtsvid(api, request).await?)
+            message_reply(SpiffeWorkloadApi::fetch_jwtsvid(api, call.decode()?).await?)
         }
         Rpc::FetchJwtBundles => {
-            let request = decode(metadata, peer, message)?;
-            stream_reply(SpiffeWorkloadApi::fetch_jwt_bundles(api, request).await?)
+            stream_reply(SpiffeWorkloadApi::fetch_jwt_bundles(api, call.decode()?).await?)
         }
         Rpc::ValidateJwtSvid => {
-            let request = decode(metadata, peer, message)?;
-            message_reply(SpiffeWorkloadApi::validate_jwtsvid(api, request).await?)
+            message_reply(SpiffeWorkloadApi::validate_jwtsvid(api, call.decode()?).await?)
         }
         Rpc::WatchSecrets => {
-            let request = decode(metadata, peer, message)?;
-            stream_reply(WorkloadSecrets::watch_secrets(api, request).await?)
+            stream_reply(WorkloadSecrets::watch_secrets(api, call.decode()?).await?)
         }
+    }
+}
+
+/// A request as read off the wire, before its message is decoded into the method's type.
+struct Call {
+    metadata: MetadataMap,
+    peer: Option<PeerCred>,
+    message: Bytes,
+}
+
+impl Call {
+    /// The request the service traits take, with the caller's credentials in its
+    /// extensions.
+    fn decode<T: Message + Default>(self) -> Result<tonic::Request<T>, Status> {
+        let message = T::decode(self.message)
+            .map_err(|e| Status::internal(format!("decoding the request: {e}")))?;
+        let mut extensions = tonic::Extensions::new();
+        if let Some(peer) = self.peer {
+            extensions.insert(peer);
+        }
+        Ok(tonic::Request::from_parts(
+            self.metadata,
+            extensions,
+            message,
+        ))
     }
 }
 
@@ -225,20 +248,6 @@ fn too_large() -> Status {
     Status::out_of_range(format!(
         "the request message is larger than {MAX_REQUEST_BYTES} bytes"
     ))
-}
-
-fn decode<T: Message + Default>(
-    metadata: MetadataMap,
-    peer: Option<PeerCred>,
-    message: Bytes,
-) -> Result<tonic::Request<T>, Status> {
-    let message =
-        T::decode(message).map_err(|e| Status::internal(format!("decoding the request: {e}")))?;
-    let mut extensions = tonic::Extensions::new();
-    if let Some(peer) = peer {
-        extensions.insert(peer);
-    }
-    Ok(tonic::Request::from_parts(metadata, extensions, message))
 }
 
 /// One message with its gRPC prefix, in an allocation of its own that is wiped when HTTP/2
@@ -390,10 +399,8 @@ impl Body for GrpcBody {
                     this.deadline = None;
                     let mut trailers = HeaderMap::new();
                     match status {
-                        Some(status) if status.code() != Code::Ok => {
-                            status_headers(&status, &mut trailers);
-                        }
-                        _ => {
+                        Some(status) => status_headers(&status, &mut trailers),
+                        None => {
                             trailers.insert("grpc-status", never_indexed("0"));
                         }
                     }
@@ -437,7 +444,7 @@ mod tests {
         assert!(at("5n").unwrap().is_some());
         for bad in ["", "S", "10", "10s", "123456789S", "-1S", "1.5S", "1 S"] {
             let error = at(bad).unwrap_err();
-            assert_eq!(error.code(), Code::InvalidArgument, "{bad:?}");
+            assert_eq!(error.code(), tonic::Code::InvalidArgument, "{bad:?}");
             assert!(error.message().contains("grpc-timeout"), "{bad:?}");
         }
         assert!(deadline(&HeaderMap::new()).unwrap().is_none());

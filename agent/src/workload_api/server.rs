@@ -112,7 +112,7 @@ fn http2_settings() -> http2::Builder<TokioExecutor> {
 }
 
 /// Flow-control window for what workloads send: room for the largest request and more.
-const REQUEST_WINDOW: u32 = 2 * crate::workload_api::grpc::MAX_REQUEST_BYTES as u32;
+const REQUEST_WINDOW: u32 = 2 * grpc::MAX_REQUEST_BYTES as u32;
 
 /// Request headers are a path, a content type and a few short metadata values.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;

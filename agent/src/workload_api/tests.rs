@@ -801,8 +801,8 @@ impl RawAnswer {
     }
 }
 
-/// Sends one request as given, over HTTP/2 on the fixture's socket, and reads the whole
-/// answer.
+/// Sends one request as given, over HTTP/2 on a new connection to the fixture's socket,
+/// and reads the whole answer.
 async fn raw_call(
     f: &Fixture,
     method: &str,
@@ -811,8 +811,20 @@ async fn raw_call(
     body: Vec<u8>,
 ) -> RawAnswer {
     let stream = UnixStream::connect(&f.socket).await.unwrap();
-    let (mut send, connection) = h2::client::handshake(stream).await.unwrap();
+    let (send, connection) = h2::client::handshake(stream).await.unwrap();
     tokio::spawn(connection);
+    raw_call_on(send, method, path, headers, body).await
+}
+
+/// [`raw_call`] on a connection already open.
+async fn raw_call_on(
+    send: h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> RawAnswer {
+    let mut send = send.ready().await.unwrap();
     let mut request = http::Request::builder()
         .method(method)
         .uri(format!("http://workload.local{path}"));
@@ -1001,29 +1013,16 @@ async fn calls_after_the_first_on_one_connection_are_answered() {
     };
     let body = grpc_message(&prost::Message::encode_to_vec(&request), false);
     for call in 0..4 {
-        let mut send = send.clone().ready().await.unwrap();
-        let mut request = http::Request::builder()
-            .method("POST")
-            .uri("http://workload.local/SpiffeWorkloadAPI/FetchJWTSVID");
-        for (name, value) in GRPC {
-            request = request.header(name, value);
-        }
-        let (response, mut body_tx) = send.send_request(request.body(()).unwrap(), false).unwrap();
-        body_tx.send_data(body.clone().into(), true).unwrap();
-        let mut received = tokio::time::timeout(WAIT, response)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_body();
-        let mut answer = Vec::new();
-        while let Some(chunk) = received.data().await {
-            let chunk = chunk.unwrap();
-            let _ = received.flow_control().release_capacity(chunk.len());
-            answer.extend_from_slice(&chunk);
-        }
-        let trailers = received.trailers().await.unwrap().unwrap();
-        assert_eq!(trailers["grpc-status"], "0", "call {call}");
-        let response: JwtsvidResponse = prost::Message::decode(&answer[5..]).unwrap();
+        let answer = raw_call_on(
+            send.clone(),
+            "POST",
+            "/SpiffeWorkloadAPI/FetchJWTSVID",
+            &GRPC,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(answer.grpc_status(), Some("0"), "call {call}");
+        let response: JwtsvidResponse = prost::Message::decode(&answer.body[5..]).unwrap();
         assert_eq!(response.svids.len(), 2, "call {call}");
     }
 }
