@@ -161,7 +161,9 @@ impl ExecConfig {
             program: program.clone(),
             args: args.to_vec(),
             vars,
-            endpoint_socket: Some(socket.to_path_buf()),
+            endpoint: Some(crate::cli::endpoint::WorkloadEndpoint::Unix(
+                socket.to_path_buf(),
+            )),
             on_change,
             stop_signal: self
                 .stop_signal

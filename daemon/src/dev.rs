@@ -2,7 +2,6 @@
 //! `vault server -dev`, with an entry for the invoking user. Runs until Ctrl-C.
 
 use std::future::Future;
-use std::time::Duration;
 
 use anyhow::Context;
 
@@ -10,9 +9,10 @@ use mayfly_agent::config::AgentConfig;
 use mayfly_proto::TrustDomain;
 use mayfly_proto::svid::bundle_pem;
 
-use crate::cli::DevArgs;
+use mayfly_proto::v1;
+
+use crate::cli::{Connection, DevArgs, OutputFormat, operator};
 use crate::config::DaemonConfig;
-use crate::identity::EntryInput;
 use crate::server;
 
 pub async fn run(
@@ -35,19 +35,33 @@ pub async fn run(
     let uid = unsafe { libc::getuid() };
     let node_id = format!("spiffe://{trust_domain}/node/dev");
     let workload_id = format!("spiffe://{trust_domain}/dev/uid-{uid}");
-    let registry = &daemon.registry;
-    let token = registry
-        .generate_join_token(&node_id, Some(Duration::from_secs(600)))
-        .await?;
-    registry
-        .create_entry(EntryInput {
+    // Through the admin socket, as an operator would: the token and the entry are on the
+    // audit trail like any operator change.
+    let mut admin = operator::connect(&Connection {
+        socket: Some(daemon.admin_socket.clone()),
+        config: None,
+        output: OutputFormat::Json,
+    })
+    .await?;
+    let token = admin
+        .generate_join_token(v1::GenerateJoinTokenRequest {
+            spiffe_id: node_id.clone(),
+            ttl: 600,
+        })
+        .await
+        .context("creating the dev agent's join token")?
+        .into_inner();
+    admin
+        .create_entry(v1::CreateEntryRequest {
             spiffe_id: workload_id.clone(),
             parent_id: node_id.clone(),
             selectors: vec![format!("unix:uid:{uid}")],
             hint: "dev".into(),
-            ..EntryInput::default()
+            ..v1::CreateEntryRequest::default()
         })
-        .await?;
+        .await
+        .context("creating the dev entry")?;
+    let registry = &daemon.registry;
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir)?;
     let bootstrap = agent_dir.join("bootstrap-bundle.pem");

@@ -54,6 +54,25 @@ ensure_venv() {
   command -v moto_server >/dev/null || mayfly_die "moto_server is not in .venv"
 }
 
+# ensure_node_modules DIR: DIR/node_modules holds what DIR/package-lock.json pins (the
+# interop matrix's @grpc/grpc-js client), installed with the machine's node and npm; a
+# stamp with the lock file's hash makes the second run a no-op.
+ensure_node_modules() {
+  local dir=$1 stamp want
+  stamp="$dir/node_modules/.mayfly-lock.sha256"
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    mayfly_log "installing Node.js and npm (Debian packages)"
+    apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  want="$({ node --version; cat "$dir/package-lock.json"; } | sha256sum | cut -d' ' -f1)"
+  if [[ -f $stamp && "$(<"$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  mayfly_log "installing the Node interop client's packages into $dir/node_modules"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  printf '%s\n' "$want" >"$stamp"
+}
+
 ensure_postgres() {
   pg_isready -q -h 127.0.0.1 && return 0
   mayfly_log "starting PostgreSQL"

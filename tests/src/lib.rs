@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod harness;
+pub mod interop;
 pub mod pg;
 pub mod services;

@@ -1,11 +1,10 @@
 //! `mayfly-agent api …`: a Workload API client for operators, over the agent's socket.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
-use hyper_util::rt::TokioIo;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::Channel;
 
 use mayfly_proto::svid::{bundle_pem, pem_block};
 use mayfly_proto::tls::peer_identity;
@@ -15,43 +14,18 @@ use mayfly_proto::workload::{
 };
 use mayfly_proto::{WORKLOAD_HEADER, fsutil};
 
+use super::endpoint::WorkloadEndpoint;
 use super::{ApiCommand, Endpoint, FetchKind};
 
-/// The socket named by the flag, `SPIFFE_ENDPOINT_SOCKET`, or the default.
-pub fn socket_path(endpoint: &Endpoint) -> anyhow::Result<PathBuf> {
-    if let Some(path) = &endpoint.socket {
-        return Ok(path.clone());
-    }
-    match std::env::var("SPIFFE_ENDPOINT_SOCKET") {
-        Ok(value) => {
-            let path = value.strip_prefix("unix://").with_context(|| {
-                format!(
-                    "SPIFFE_ENDPOINT_SOCKET={value}: only unix:///absolute/path is supported here"
-                )
-            })?;
-            Ok(PathBuf::from(path))
-        }
-        Err(_) => Ok(PathBuf::from("/run/mayfly-agent/api.sock")),
-    }
+/// The endpoint named by the flag, `SPIFFE_ENDPOINT_SOCKET`, or the default.
+pub fn endpoint_of(endpoint: &Endpoint) -> anyhow::Result<WorkloadEndpoint> {
+    WorkloadEndpoint::resolve(endpoint.socket.as_deref())
 }
 
-pub async fn client(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
-    Ok(SpiffeWorkloadApiClient::new(channel(path).await?))
-}
-
-/// A channel to the agent's Unix socket (the Workload API and Mayfly's workload services).
-pub async fn channel(path: &Path) -> anyhow::Result<Channel> {
-    let path = path.to_path_buf();
-    let shown = path.display().to_string();
-    TonicEndpoint::from_static("http://workload.api")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .with_context(|| format!("connecting to the Workload API at {shown}"))
+pub async fn client(
+    endpoint: &WorkloadEndpoint,
+) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    Ok(SpiffeWorkloadApiClient::new(endpoint.connect().await?))
 }
 
 pub fn request<T>(message: T) -> tonic::Request<T> {
@@ -68,7 +42,7 @@ fn status(e: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn run(command: ApiCommand, endpoint: &Endpoint) -> anyhow::Result<String> {
-    let mut api = client(&socket_path(endpoint)?).await?;
+    let mut api = client(&endpoint_of(endpoint)?).await?;
     match command {
         ApiCommand::Fetch {
             kind: FetchKind::X509 { write },

@@ -2,6 +2,7 @@
 //! and `api …`, a Workload API client for operators (like `spire-agent api`).
 
 pub mod api;
+pub mod endpoint;
 
 use std::path::PathBuf;
 
@@ -43,9 +44,11 @@ pub enum Command {
 
 #[derive(Debug, Args, Clone)]
 pub struct Endpoint {
-    /// The Workload API socket; default: SPIFFE_ENDPOINT_SOCKET, then /run/mayfly-agent/api.sock.
-    #[arg(long, global = true)]
-    pub socket: Option<PathBuf>,
+    /// The Workload API: unix:///absolute/path, a path, or tcp://IP:port (the forms
+    /// SPIFFE_ENDPOINT_SOCKET takes); default: SPIFFE_ENDPOINT_SOCKET, then
+    /// unix:///run/mayfly-agent/api.sock.
+    #[arg(long, global = true, value_name = "ENDPOINT")]
+    pub socket: Option<String>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,

@@ -2,7 +2,7 @@
 //! WorkloadSecrets stream (reconnecting with backoff while the app keeps running) and
 //! feeds it to the supervisor.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +15,8 @@ use mayfly_proto::v1::WatchSecretsRequest;
 use mayfly_proto::v1::workload_secrets_client::WorkloadSecretsClient;
 
 use super::{ChangeAction, ChildSpec, EnvValue, Signal, Snapshot, Update, supervise};
-use crate::cli::Endpoint;
-use crate::cli::api::{channel, request, socket_path};
+use crate::cli::api::request;
+use crate::cli::endpoint::WorkloadEndpoint;
 use crate::sinks::check_env_name;
 use crate::state::SecretView;
 use crate::sync::Backoff;
@@ -41,9 +41,10 @@ pub struct ExecArgs {
     /// How long to wait for every secret before giving up.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
-    /// The agent's socket; default: SPIFFE_ENDPOINT_SOCKET, then /run/mayfly-agent/api.sock.
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
+    /// The agent: unix:///absolute/path, a path, or tcp://IP:port; default:
+    /// SPIFFE_ENDPOINT_SOCKET, then unix:///run/mayfly-agent/api.sock.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub socket: Option<String>,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -80,11 +81,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
         .stop_signal
         .parse()
         .map_err(|e| anyhow::anyhow!("--stop-signal: {e}"))?;
-    let socket = socket_path(&Endpoint {
-        socket: args.socket.clone(),
-        json: false,
-    })?;
-    let socket = std::path::absolute(&socket).unwrap_or(socket);
+    let endpoint = WorkloadEndpoint::resolve(args.socket.as_deref())?;
     let (program, rest) = args
         .command
         .split_first()
@@ -93,14 +90,14 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
         program: program.clone(),
         args: rest.to_vec(),
         vars,
-        endpoint_socket: Some(socket.clone()),
+        endpoint: Some(endpoint.clone()),
         on_change,
         stop_signal,
         stop_timeout: args.stop_timeout,
         first_wait: args.wait,
     };
     let (tx, rx) = mpsc::channel(4);
-    let follower = tokio::spawn(follow(socket, tx));
+    let follower = tokio::spawn(follow(endpoint, tx));
     let code = supervise(spec, rx).await;
     follower.abort();
     Ok(code?)
@@ -133,10 +130,10 @@ fn parse_pair(pair: &str) -> Result<(String, EnvValue), String> {
 
 /// Follows WatchSecrets for as long as the supervisor listens, reconnecting with backoff:
 /// an agent restart leaves the app running on the values it has.
-async fn follow(socket: PathBuf, snapshots: mpsc::Sender<Update>) {
+async fn follow(endpoint: WorkloadEndpoint, snapshots: mpsc::Sender<Update>) {
     let mut backoff = Backoff::default();
     loop {
-        match watch_once(&socket, &snapshots, &mut backoff).await {
+        match watch_once(&endpoint, &snapshots, &mut backoff).await {
             Ok(()) => return,
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -149,11 +146,11 @@ async fn follow(socket: PathBuf, snapshots: mpsc::Sender<Update>) {
 
 /// Ok when the supervisor has gone away; Err when the stream broke.
 async fn watch_once(
-    socket: &Path,
+    endpoint: &WorkloadEndpoint,
     snapshots: &mpsc::Sender<Update>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let mut client = WorkloadSecretsClient::new(channel(socket).await?);
+    let mut client = WorkloadSecretsClient::new(endpoint.connect().await?);
     let mut stream = client
         .watch_secrets(request(WatchSecretsRequest {}))
         .await

@@ -9,7 +9,6 @@ mod signal;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal as unix_signal};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
+use crate::cli::endpoint::WorkloadEndpoint;
 use crate::secret_ref::SecretRef;
 use crate::state::SecretView;
 
@@ -90,7 +90,7 @@ pub struct ChildSpec {
     pub args: Vec<String>,
     pub vars: Vec<(String, EnvValue)>,
     /// Set in the child's environment so it can reach the Workload API too.
-    pub endpoint_socket: Option<PathBuf>,
+    pub endpoint: Option<WorkloadEndpoint>,
     pub on_change: ChangeAction,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
@@ -277,11 +277,8 @@ fn start(spec: &ChildSpec, env: &ResolvedEnv) -> Result<Child, ExecError> {
     for (key, value) in env {
         command.env(key, value.as_str());
     }
-    if let Some(socket) = &spec.endpoint_socket {
-        command.env(
-            "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", socket.display()),
-        );
+    if let Some(endpoint) = &spec.endpoint {
+        command.env("SPIFFE_ENDPOINT_SOCKET", endpoint.to_string());
     }
     // Its own process group, so a terminal's Ctrl-C reaches it once (forwarded by us), not
     // twice; and it dies with us rather than running on with credentials nobody rotates.
@@ -365,7 +362,7 @@ mod tests {
                 ),
                 ("OUT".into(), EnvValue::Literal(dir.display().to_string())),
             ],
-            endpoint_socket: Some("/run/mayfly-agent/api.sock".into()),
+            endpoint: Some(WorkloadEndpoint::Unix("/run/mayfly-agent/api.sock".into())),
             on_change: ChangeAction::Restart,
             stop_signal: Signal::TERM,
             stop_timeout: Duration::from_secs(5),

@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use mayfly_agent::cli::api::{client, request};
+use mayfly_agent::cli::endpoint::WorkloadEndpoint;
 use mayfly_daemon::cli::{Connection, OutputFormat, operator};
 use mayfly_proto::v1::{self};
 use mayfly_proto::workload::X509svidRequest;
@@ -101,7 +102,7 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
         .await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut stream = loop {
-        let mut api = client(&opts.agent_socket).await?;
+        let mut api = client(&WorkloadEndpoint::Unix(opts.agent_socket.clone())).await?;
         match api.fetch_x509svid(request(X509svidRequest {})).await {
             Ok(response) => break response.into_inner(),
             Err(status) => {
@@ -164,7 +165,7 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
     for wave in (0..opts.connections).collect::<Vec<_>>().chunks(50) {
         let mut tasks = Vec::with_capacity(wave.len());
         for _ in wave {
-            let socket = opts.agent_socket.clone();
+            let socket = WorkloadEndpoint::Unix(opts.agent_socket.clone());
             let mut hold = hold_rx.clone();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             holders.push(tokio::spawn(async move {
@@ -205,7 +206,7 @@ pub async fn run(opts: &Options) -> Result<AgentResult> {
 
     // 3. With every workload connected, fresh FetchX509SVID calls one at a time.
     let mut first_message = Latencies::with_capacity(opts.connections);
-    let mut api = client(&opts.agent_socket).await?;
+    let mut api = client(&WorkloadEndpoint::Unix(opts.agent_socket.clone())).await?;
     for _ in 0..opts.connections {
         let started = Instant::now();
         let mut stream = api

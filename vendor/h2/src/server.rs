@@ -1700,15 +1700,24 @@ impl proto::Peer for Peer {
 
         // A request translated from HTTP/1 must not include the :authority
         // header
+        //
+        // Mayfly patch: an `:authority` that `http::uri::Authority` cannot
+        // parse is left out of the request's URI instead of resetting the
+        // stream. gRPC clients on a Unix socket send the socket path there:
+        // gRPC's C core percent-encodes it (`tmp%2Fagent%2Fapi.sock`, a valid
+        // RFC 3986 reg-name that `http` refuses because of the `%`),
+        // grpc-java sends it raw (`/tmp/agent/api.sock`). No server built on
+        // this crate here routes by authority, so such a request is served
+        // as one that sent none.
         if let Some(authority) = pseudo.authority {
-            let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
-                    "malformed headers: malformed authority ({:?}): {}",
+            match uri::Authority::from_maybe_shared(authority.clone().into_inner()) {
+                Ok(authority) => parts.authority = Some(authority),
+                Err(why) => tracing::debug!(
+                    "ignoring an :authority that is not a URI authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
