@@ -172,14 +172,6 @@ impl Decoder {
         };
 
         self.max_size_update = Some(size);
-
-        // Mayfly patch: the peer's next header block must open with a size update no
-        // larger than `size`, which evicts down to it. Evicting now, when the new size is
-        // acknowledged, frees the table of a connection that sends no further header
-        // block: a workload holding one stream open for hours.
-        if size < self.table.max_size {
-            self.table.set_max_size(size);
-        }
     }
 
     /// Decodes the headers found in the given buffer.
@@ -562,10 +554,6 @@ impl Table {
         self.max_size = size;
         // Make the table size fit within the new constraints.
         self.consolidate();
-        // Mayfly patch: an emptied table keeps no storage.
-        if self.entries.is_empty() {
-            self.entries = VecDeque::new();
-        }
     }
 
     fn reserve(&mut self, size: usize) {

@@ -160,10 +160,7 @@ impl Table {
     fn index_dynamic(&mut self, header: Header, statik: Option<(usize, bool)>) -> Index {
         debug_assert!(self.assert_valid_state("one"));
 
-        // Mayfly patch: a sensitive header is never inserted, so it reserves nothing
-        // (upstream allocates the index for it, and a connection whose headers are all
-        // sensitive kept that index for its lifetime).
-        if !header.is_sensitive() {
+        if header.len() + self.size < self.max_size || !header.is_sensitive() {
             // Only grow internal storage if needed
             self.reserve_one();
         }
