@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use mayfly_proto::TrustDomain;
+use mayfly_common::TrustDomain;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,46 +61,21 @@ pub struct ExecConfig {
     pub stop_signal: String,
     #[serde(
         default = "default_stop_timeout",
-        deserialize_with = "mayfly_proto::process::duration"
+        deserialize_with = "mayfly_common::process::duration"
     )]
     pub stop_timeout: std::time::Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    #[serde(default)]
-    pub format: LogFormat,
-    #[serde(default = "default_log_level")]
-    pub level: String,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::default(),
-            level: default_log_level(),
-        }
-    }
-}
-
-pub use mayfly_proto::process::ConfigError;
+pub use mayfly_common::process::ConfigError;
+pub use mayfly_common::process::{LogConfig, LogFormat};
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        mayfly_proto::process::load_toml(path, Self::check)
+        mayfly_common::process::load_toml(path, Self::check)
     }
 
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        mayfly_proto::process::parse_toml(text, origin, Self::check)
+        mayfly_common::process::parse_toml(text, origin, Self::check)
     }
 
     fn check(&self) -> Result<(), String> {
@@ -202,10 +177,6 @@ fn default_socket_path() -> PathBuf {
 
 fn default_batch() -> usize {
     100
-}
-
-fn default_log_level() -> String {
-    "info".into()
 }
 
 #[cfg(test)]

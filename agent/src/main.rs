@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 
-use mayfly_proto::process::{init_logging, shutdown_signal};
+use mayfly_common::process::{init_logging, shutdown_signal};
 
 use mayfly_agent::cli::{Cli, Command, api};
 use mayfly_agent::config::{AgentConfig, LogFormat};

@@ -10,8 +10,8 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use mayfly_proto::svid::parse_pem_certs;
-use mayfly_proto::tls::TrustBundle;
+use mayfly_common::svid::parse_pem_certs;
+use mayfly_common::tls::TrustBundle;
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self};
 
@@ -272,12 +272,12 @@ fn lazy_client(
         .map(|c| CertificateDer::from(c.clone()))
         .collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_pkcs8.to_vec()));
-    let tls = mayfly_proto::tls::client_config(
-        mayfly_proto::tls::server_id(&config.trust_domain)?,
+    let tls = mayfly_common::tls::client_config(
+        mayfly_common::tls::server_id(&config.trust_domain)?,
         trust,
         Some((chain, key)),
     )?;
-    let channel = mayfly_proto::tls::connect_lazy(&config.daemon_address, tls)?;
+    let channel = mayfly_common::tls::connect_lazy(&config.daemon_address, tls)?;
     Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
@@ -389,7 +389,7 @@ async fn renew_loop(
     let mut changes = identity.subscribe();
     loop {
         let current = changes.borrow_and_update().clone();
-        let due = mayfly_proto::svid::renewal_due(current.not_before, current.not_after, 0.5);
+        let due = mayfly_common::svid::renewal_due(current.not_before, current.not_after, 0.5);
         let wait = Duration::from_secs((due - unix_now()).max(0) as u64);
         tokio::select! {
             changed = changes.changed() => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use mayfly_proto::{Selector, SpiffeId, TrustDomain};
+use mayfly_common::{Selector, SpiffeId, TrustDomain};
 
 /// A registration entry as the agent needs it: who may receive which identity.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use mayfly_proto::TrustDomain;
-use mayfly_proto::process::duration;
+use mayfly_common::TrustDomain;
+use mayfly_common::process::duration;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,34 +100,17 @@ pub struct SchedulerConfig {
     pub holder_id: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    #[serde(default)]
-    pub format: LogFormat,
-    /// A tracing filter, e.g. "info" or "mayfly_daemon=debug".
-    #[serde(default = "default_log_level")]
-    pub level: String,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-pub use mayfly_proto::process::ConfigError;
+pub use mayfly_common::process::ConfigError;
+pub use mayfly_common::process::{LogConfig, LogFormat};
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        mayfly_proto::process::load_toml(path, Self::check)
+        mayfly_common::process::load_toml(path, Self::check)
     }
 
     /// `origin` only names the file in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        mayfly_proto::process::parse_toml(text, origin, Self::check)
+        mayfly_common::process::parse_toml(text, origin, Self::check)
     }
 
     /// The defaults `mayflyd dev` runs on.
@@ -254,15 +237,6 @@ impl SchedulerConfig {
     }
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::default(),
-            level: default_log_level(),
-        }
-    }
-}
-
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/mayfly")
 }
@@ -309,10 +283,6 @@ fn default_lease_ttl() -> Duration {
 
 fn default_lease_renewal() -> Duration {
     Duration::from_secs(5)
-}
-
-fn default_log_level() -> String {
-    "info".into()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod dev;
-pub use mayfly_proto::fsutil;
+pub use mayfly_common::fsutil;
 pub mod identity;
 pub mod metrics;
 pub mod revoke;

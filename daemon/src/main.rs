@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 
-use mayfly_proto::process::{init_logging, shutdown_signal};
+use mayfly_common::process::{init_logging, shutdown_signal};
 
 use mayfly_daemon::cli::{Cli, Command, operator};
 use mayfly_daemon::config::{DaemonConfig, LogFormat};

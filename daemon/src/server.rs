@@ -106,7 +106,7 @@ pub async fn start(
         let mut timer = tokio::time::interval(std::time::Duration::from_secs(3600));
         loop {
             timer.tick().await;
-            let now = crate::ca::manager::unix(prune_clock.now());
+            let now = mayfly_common::clock::unix(prune_clock.now());
             if let Err(e) = prune_store.prune_issued_svids(now).await {
                 tracing::warn!(error = %e, "could not prune expired issued SVIDs");
             }

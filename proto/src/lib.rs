@@ -1,17 +1,10 @@
-//! The contract between `mayflyd`, `mayfly-agent` and SPIFFE workloads: the generated
-//! gRPC services and the identity types both sides must agree on.
+//! The contract between `mayflyd`, `mayfly-agent` and SPIFFE workloads, and nothing else:
+//! the generated gRPC services, the Workload API's codec, and Debug impls that keep secret
+//! fields out of every print. What the programs share beyond the wire is `mayfly-common`.
 
-pub mod clock;
-pub mod fsutil;
-pub mod process;
-pub mod selector;
-pub mod spiffe_id;
-pub mod svid;
-pub mod tls;
+#![forbid(unsafe_code)]
+
 pub mod workload_codec;
-
-pub use selector::{Selector, SelectorError};
-pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// The SPIFFE Workload API. Its proto has no package, so the service is `SpiffeWorkloadAPI`.
 pub mod workload {

@@ -10,9 +10,9 @@ use anyhow::{Context, bail};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 
+use mayfly_common::TrustDomain;
+use mayfly_common::tls::{TrustBundle, client_config, connect, server_id};
 use mayfly_daemon::ca::{generate_csr, parse_pem_certs};
-use mayfly_proto::TrustDomain;
-use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self};
 

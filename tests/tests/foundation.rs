@@ -9,8 +9,8 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use mayfly_common::tls::peer_identity;
 use mayfly_daemon::ca::{SvidRequest, X509Authority, generate_ca, generate_csr};
-use mayfly_proto::tls::peer_identity;
 use mayfly_proto::v1::{self, sync_message::Update};
 use mayfly_tests::harness::{DaemonOptions, DaemonProcess, init};
 use mayfly_tests::pg::TestDatabase;

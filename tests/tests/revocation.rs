@@ -71,7 +71,7 @@ fn strings(value: &Value) -> Vec<String> {
 
 fn leaf_serial(svid: &spiffe::X509Svid) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).unwrap();
-    mayfly_proto::tls::hex_serial(cert.raw_serial())
+    mayfly_common::tls::hex_serial(cert.raw_serial())
 }
 
 fn audit(daemon: &DaemonProcess, args: &[&str]) -> Vec<Value> {

@@ -236,8 +236,8 @@ fn files_keep_their_mode_and_owner_and_are_rewritten_only_on_change() {
     );
     // The SVID sink: the web entry's certificate, a private key only its owner reads.
     let cert = read(&tls.join("svid.pem"));
-    let der = mayfly_proto::svid::parse_pem_certs(&cert).unwrap();
-    let identity = mayfly_proto::tls::peer_identity(&der[0]).unwrap();
+    let der = mayfly_common::svid::parse_pem_certs(&cert).unwrap();
+    let identity = mayfly_common::tls::peer_identity(&der[0]).unwrap();
     assert_eq!(identity.spiffe_id.as_str(), "spiffe://example.org/web");
     assert!(read(&tls.join("svid.key")).starts_with("-----BEGIN PRIVATE KEY-----"));
     let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
@@ -499,6 +499,7 @@ fn exec_restarts_its_child_once_per_rotation_forwards_signals_and_returns_its_co
     wait_for("the forwarded signal", Duration::from_secs(5), || {
         lines(&signals) == ["usr1"]
     });
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_child(&mut child, Duration::from_secs(10));
     assert_eq!(

@@ -8,11 +8,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use mayfly_proto::svid::{bundle_pem, generate_csr, parse_pem_certs};
-use mayfly_proto::tls::{TrustBundle, client_config, connect, peer_identity, server_id};
+use mayfly_common::svid::{bundle_pem, generate_csr, parse_pem_certs};
+use mayfly_common::tls::{TrustBundle, client_config, connect, peer_identity, server_id};
+use mayfly_common::{SpiffeId, TrustDomain, fsutil};
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self};
-use mayfly_proto::{SpiffeId, TrustDomain, fsutil};
 
 /// The agent's SVID and key.
 #[derive(Clone)]
@@ -59,9 +59,9 @@ pub enum NodeError {
     #[error("cannot reach the daemon at {address}: {message}")]
     Unreachable { address: String, message: String },
     #[error("TLS: {0}")]
-    Tls(#[from] mayfly_proto::tls::TlsError),
+    Tls(#[from] mayfly_common::tls::TlsError),
     #[error("key or CSR: {0}")]
-    Crypto(#[from] mayfly_proto::svid::CaError),
+    Crypto(#[from] mayfly_common::svid::CaError),
 }
 
 /// The agent's identity and the bundle it last received, as kept on disk.
@@ -264,8 +264,8 @@ pub async fn authenticated_client(
         .max_encoding_message_size(16 * 1024 * 1024))
 }
 
-fn tls_id(e: mayfly_proto::SpiffeIdError) -> NodeError {
-    NodeError::Tls(mayfly_proto::tls::TlsError::BadSpiffeId(e))
+fn tls_id(e: mayfly_common::SpiffeIdError) -> NodeError {
+    NodeError::Tls(mayfly_common::tls::TlsError::BadSpiffeId(e))
 }
 
 fn unreachable(address: &str, e: tonic::transport::Error) -> NodeError {
@@ -288,7 +288,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::time::{Duration, SystemTime};
 
-    use mayfly_proto::svid::{SvidRequest, X509Authority, generate_ca};
+    use mayfly_common::svid::{SvidRequest, X509Authority, generate_ca};
 
     #[test]
     fn identity_round_trips_through_private_files() {

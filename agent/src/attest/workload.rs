@@ -16,7 +16,7 @@ use tokio::net::unix::UCred;
 use tokio::sync::OnceCell;
 use tracing::debug;
 
-use mayfly_proto::Selector;
+use mayfly_common::Selector;
 
 /// How many executables' digests are remembered; a node rarely runs more distinct
 /// binaries than this, and each entry is under a hundred bytes.

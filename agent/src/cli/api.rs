@@ -6,13 +6,14 @@ use anyhow::{Context, bail};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use mayfly_proto::svid::{bundle_pem, pem_block};
-use mayfly_proto::tls::peer_identity;
+use mayfly_common::fsutil;
+use mayfly_common::svid::{bundle_pem, pem_block};
+use mayfly_common::tls::peer_identity;
+use mayfly_proto::WORKLOAD_HEADER;
 use mayfly_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly_proto::workload::{
     JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest, X509svidResponse,
 };
-use mayfly_proto::{WORKLOAD_HEADER, fsutil};
 
 use super::endpoint::WorkloadEndpoint;
 use super::{ApiCommand, Endpoint, FetchKind};

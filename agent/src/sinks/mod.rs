@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use mayfly_proto::SpiffeId;
+use mayfly_common::SpiffeId;
 
 use crate::exec::Signal;
 use crate::secret_ref::SecretRef;
@@ -527,6 +527,8 @@ fn resolve_id(text: &str, lookup: Lookup) -> Result<u32, String> {
             // into the struct and the buffer we pass, whose real length we give.
             let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
             let mut result: *mut libc::passwd = std::ptr::null_mut();
+            // SAFETY: `name` is a NUL-terminated C string that outlives the call; `entry`,
+            // `buffer` (with its real length) and `result` are ours for the call.
             let rc = unsafe {
                 libc::getpwnam_r(
                     name.as_ptr(),
@@ -542,6 +544,7 @@ fn resolve_id(text: &str, lookup: Lookup) -> Result<u32, String> {
             // SAFETY: as above, for getgrnam_r and `group`.
             let mut entry: libc::group = unsafe { std::mem::zeroed() };
             let mut result: *mut libc::group = std::ptr::null_mut();
+            // SAFETY: as for getpwnam_r above.
             let rc = unsafe {
                 libc::getgrnam_r(
                     name.as_ptr(),

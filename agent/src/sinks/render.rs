@@ -10,7 +10,7 @@ use minijinja::value::{Object, Value};
 use minijinja::{Environment, UndefinedBehavior};
 use zeroize::Zeroizing;
 
-use mayfly_proto::svid::{bundle_pem, pem_block};
+use mayfly_common::svid::{bundle_pem, pem_block};
 
 use super::{Sink, SinkKind, SvidSelect};
 use crate::secret_ref::{SecretRef, SecretRefError};
@@ -364,7 +364,7 @@ mod tests {
 
     fn state_with(secrets: &[(&str, &str, &str)]) -> WorkloadState {
         let mut state = WorkloadState::empty(Bundle {
-            trust_domain: mayfly_proto::TrustDomain::new("example.org").unwrap(),
+            trust_domain: mayfly_common::TrustDomain::new("example.org").unwrap(),
             x509_authorities: vec![],
             jwt_keys: vec![],
             sequence: 1,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use mayfly_proto::fsutil;
+use mayfly_common::fsutil;
 
 use super::render::{RenderError, RenderedFile, render};
 use super::{OnChange, OnRevoke, PidSource, Sink, SinkKind, SvidSelect};
@@ -238,9 +238,9 @@ fn revoked_paths<'a>(sink: &'a Sink, state: &WorkloadState) -> Option<Vec<&'a Pa
         // Which identity the files hold: the certificate on disk says.
         SvidSelect::Hint(_) => std::fs::read_to_string(cert_path)
             .ok()
-            .and_then(|pem| mayfly_proto::svid::parse_pem_certs(&pem).ok())
+            .and_then(|pem| mayfly_common::svid::parse_pem_certs(&pem).ok())
             .and_then(|certs| certs.into_iter().next())
-            .and_then(|leaf| mayfly_proto::tls::peer_identity(&leaf).ok())
+            .and_then(|leaf| mayfly_common::tls::peer_identity(&leaf).ok())
             .is_some_and(|id| state.revoked_ids.contains(id.spiffe_id.as_str())),
     };
     revoked.then(|| sink.paths())

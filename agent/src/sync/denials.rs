@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use mayfly_proto::Selector;
+use mayfly_common::Selector;
 use mayfly_proto::v1;
 
 use super::ClientCell;

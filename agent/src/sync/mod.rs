@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use mayfly_proto::tls::TrustBundle;
+use mayfly_common::tls::TrustBundle;
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self, sync_message::Update};
 

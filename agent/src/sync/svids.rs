@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use mayfly_proto::svid::{BACKDATE_SECS, generate_csr};
-use mayfly_proto::tls::peer_identity;
+use mayfly_common::svid::{BACKDATE_SECS, generate_csr};
+use mayfly_common::tls::peer_identity;
+use mayfly_common::{Selector, SpiffeId, TrustDomain};
 use mayfly_proto::v1::{self};
-use mayfly_proto::{Selector, SpiffeId, TrustDomain};
 
 use super::{Authorized, Backoff, ClientCell};
 use crate::state::{Bundle, EntryView, PendingRevocation, SecretView, WorkloadState, X509Svid};

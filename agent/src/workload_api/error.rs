@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tonic::{Code, Status};
 
-use mayfly_proto::svid::CaError;
+use mayfly_common::svid::CaError;
 
 /// Message SPIRE uses for "this caller matches no registration entry". The `spiffe` crate
 /// (0.19) looks for exactly this phrase in a `PermissionDenied` status to report
@@ -44,7 +44,7 @@ pub enum WorkloadApiError {
     MissingField(&'static str),
     /// `spiffe_id` in a JWT-SVID request is not a SPIFFE ID.
     #[error("the requested spiffe_id is not a valid SPIFFE ID: {0}")]
-    InvalidSpiffeId(mayfly_proto::SpiffeIdError),
+    InvalidSpiffeId(mayfly_common::SpiffeIdError),
     /// The JWT-SVID handed to `ValidateJWTSVID` does not validate.
     #[error("the JWT-SVID is not valid: {0}")]
     InvalidJwt(CaError),

@@ -18,13 +18,14 @@ use futures::future::{BoxFuture, try_join_all};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use mayfly_common::{Selector, SpiffeId};
+use mayfly_proto::WORKLOAD_HEADER;
 use mayfly_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use mayfly_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
     X509svidRequest, X509svidResponse,
 };
-use mayfly_proto::{Selector, SpiffeId, WORKLOAD_HEADER};
 
 use crate::state::{EntryView, JwtIssuer, WorkloadState};
 use crate::workload_api::jwt::{JWT_CACHE_CAPACITY, JwtCache, JwtCacheKey, claims_to_struct};
@@ -51,7 +52,7 @@ pub trait CallerAttestor: Send + Sync + 'static {
     fn attest(&self, peer: PeerCred) -> BoxFuture<'_, Result<Vec<Selector>, String>>;
 }
 
-pub use mayfly_proto::clock::{Clock, SystemClock};
+pub use mayfly_common::clock::{Clock, SystemClock};
 
 /// The Workload API service: hand it to [`serve`]. Its calls are the generated service
 /// traits' methods; the transport puts the caller's [`PeerCred`] in each request's
@@ -243,7 +244,7 @@ impl WorkloadApi {
         }
         let bundle = self.state.borrow().bundle.clone();
         let claims =
-            mayfly_proto::svid::validate_jwt(&svid, &audience, &bundle.jwt_keys, self.clock.now())
+            mayfly_common::svid::validate_jwt(&svid, &audience, &bundle.jwt_keys, self.clock.now())
                 .map_err(WorkloadApiError::InvalidJwt)?;
         // The keys are this trust domain's: they vouch only for subjects inside it.
         let subject = SpiffeId::parse(&claims.sub).map_err(WorkloadApiError::InvalidSpiffeId)?;

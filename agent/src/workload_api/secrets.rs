@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use mayfly_proto::Selector;
+use mayfly_common::Selector;
 use mayfly_proto::v1::workload_secrets_server::WorkloadSecrets;
 use mayfly_proto::v1::{WatchSecretsRequest, WatchSecretsResponse, WorkloadSecret};
 

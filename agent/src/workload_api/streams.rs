@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tokio::sync::watch;
 
-use mayfly_proto::Selector;
+use mayfly_common::Selector;
 use mayfly_proto::workload::{JwtBundlesResponse, X509BundlesResponse, X509svid, X509svidResponse};
 
 use crate::state::{Bundle, WorkloadState, X509Svid};
@@ -212,7 +212,7 @@ impl View for JwtBundlesView {
     }
 
     fn encode(&self) -> JwtBundlesResponse {
-        let jwks = mayfly_proto::svid::jwt_jwks(&self.keys).to_string();
+        let jwks = mayfly_common::svid::jwt_jwks(&self.keys).to_string();
         JwtBundlesResponse {
             bundles: [(self.trust_domain.clone(), jwks.into_bytes())].into(),
         }

@@ -1,6 +1,6 @@
 //! The Workload API served on a real Unix socket to the `spiffe` crate's client (the
 //! conformance check) and to the raw generated client for what that client hides. SVIDs and
-//! JWT-SVIDs come from the real `mayfly_proto::svid` CA and signer.
+//! JWT-SVIDs come from the real `mayfly_common::svid` CA and signer.
 //!
 //! The process runs the tests under one uid, so "a caller under another uid" is simulated
 //! with an attestor that maps this process to a uid with no entry; the kernel-level uid
@@ -21,14 +21,15 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use x509_parser::prelude::FromDer as _;
 
-use mayfly_proto::svid::{
+use mayfly_common::svid::{
     CaMaterial, JwtAuthority, SvidRequest, X509Authority, generate_ca, generate_csr,
 };
+use mayfly_common::{Selector, SpiffeId, TrustDomain};
+use mayfly_proto::WORKLOAD_HEADER;
 use mayfly_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
 };
-use mayfly_proto::{Selector, SpiffeId, TrustDomain, WORKLOAD_HEADER};
 
 use super::*;
 use crate::state::{Bundle, EntryView, JwtIssuer, WorkloadState, X509Svid};

@@ -12,13 +12,13 @@ use mayfly_proto::v1::{self};
 
 use super::convert;
 use crate::audit::{Actor, Audit, Event};
-use crate::ca::manager::unix;
 use crate::ca::{bundle_jwks, bundle_pem};
 use crate::identity::{EntryChange, EntryInput, Registry};
 use crate::revoke::{Revoker, Target, report_message};
 use crate::secrets::engine::RotationEngine;
 use crate::secrets::spec::{SecretSpec, Strategy};
 use crate::store::{AgentStatus, AuditFilter, AuditRow, CaSlotRecord, EntryFilter, JobRecord};
+use mayfly_common::clock::unix;
 
 pub struct AdminApi {
     registry: Arc<Registry>,

@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use mayfly_proto::tls::{PeerIdentity, peer_identity};
+use mayfly_common::tls::{PeerIdentity, peer_identity};
 use mayfly_proto::v1::node_server::Node;
 use mayfly_proto::v1::{self, sync_message::Update};
 
@@ -136,7 +136,7 @@ impl NodeApi {
             spiffe_id: svid.spiffe_id.to_string(),
             agent_id: svid.spiffe_id.to_string(),
             ca_slot: self.registry.ca().current().active_slot.clone(),
-            issued_at: crate::ca::manager::unix(self.registry.now()),
+            issued_at: mayfly_common::clock::unix(self.registry.now()),
             not_after: svid.expires_at,
         }
     }
@@ -238,7 +238,7 @@ impl Node for NodeApi {
                 &token[..12],
                 svid.serial
             ))
-            .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now()));
+            .ttl_secs(svid.expires_at - mayfly_common::clock::unix(self.registry.now()));
         if let Err(e) = self
             .audit
             .record_issued(event, vec![self.agent_svid_record(&svid)])
@@ -269,7 +269,7 @@ impl Node for NodeApi {
             &agent.spiffe_id,
         )
         .scope(format!("serial {}", svid.serial))
-        .ttl_secs(svid.expires_at - crate::ca::manager::unix(self.registry.now()));
+        .ttl_secs(svid.expires_at - mayfly_common::clock::unix(self.registry.now()));
         if let Err(e) = self
             .audit
             .record_issued(event, vec![self.agent_svid_record(&svid)])
@@ -480,7 +480,7 @@ impl Node for NodeApi {
         self.audit.note(
             Event::new(&actor, "jwt.mint", &spiffe_id)
                 .scope(format!("aud {}", body.audience.join(",")))
-                .ttl_secs(expires_at - crate::ca::manager::unix(self.registry.now())),
+                .ttl_secs(expires_at - mayfly_common::clock::unix(self.registry.now())),
         );
         self.metrics.svids_signed(SvidKind::Jwt, 1);
         Ok(Response::new(v1::MintJwtSvidResponse {

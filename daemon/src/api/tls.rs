@@ -14,10 +14,12 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use mayfly_proto::TrustDomain;
-use mayfly_proto::tls::{SpiffeClientVerifier, TrustBundle, server_id};
+use mayfly_common::TrustDomain;
+use mayfly_common::tls::{SpiffeClientVerifier, TrustBundle, server_id};
 
-use crate::ca::manager::{Authorities, unix};
+use mayfly_common::clock::unix;
+
+use crate::ca::manager::Authorities;
 use crate::ca::{SvidRequest, generate_csr};
 use crate::identity::Registry;
 
@@ -76,7 +78,7 @@ fn issue_serving_cert(
     let chain = vec![CertificateDer::from(issued.cert_der)];
     Ok((
         Arc::new(CertifiedKey::new(chain, signing)),
-        mayfly_proto::svid::renewal_due(issued.not_before, issued.not_after, 0.5),
+        mayfly_common::svid::renewal_due(issued.not_before, issued.not_after, 0.5),
     ))
 }
 

@@ -7,10 +7,11 @@
 //! keep the order in which they were called.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
 use tokio::sync::{mpsc, oneshot};
+
+use mayfly_common::clock::unix_ms;
 
 use crate::identity::Clock;
 use crate::store::{
@@ -434,12 +435,6 @@ fn fields_of(row: &AuditRow) -> AuditFields {
         outcome: row.outcome.clone(),
         detail: row.detail.clone(),
     }
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

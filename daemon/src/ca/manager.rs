@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Mutex, watch};
 use zeroize::Zeroizing;
 
-use mayfly_proto::TrustDomain;
+use mayfly_common::TrustDomain;
+use mayfly_common::clock::unix;
 
 use super::{CaError, JwtAuthority, X509Authority, generate_ca};
 use crate::fsutil;
@@ -332,15 +333,10 @@ fn remove_keys(dir: &Path, id: &str) {
     }
 }
 
-/// Unix seconds; times before 1970 do not occur on a sane clock and count as 0.
-pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     async fn manager(dir: &Path, ttl: Duration, now: SystemTime) -> CaManager {

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 use tokio::sync::{broadcast, watch};
 
-use mayfly_proto::{Selector, SpiffeId, TrustDomain};
+use mayfly_common::{Selector, SpiffeId, TrustDomain};
 
-use crate::ca::manager::{CaManager, unix};
+use mayfly_common::clock::unix;
+
+use crate::ca::manager::CaManager;
 use crate::ca::{CaError, IssuedSvid, SvidRequest};
 use crate::config::DaemonConfig;
 use crate::store::{
@@ -45,7 +47,7 @@ pub struct RevocationNotice {
     pub agents: std::collections::BTreeSet<String>,
 }
 
-pub use mayfly_proto::clock::{Clock, SystemClock};
+pub use mayfly_common::clock::{Clock, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -461,7 +463,7 @@ impl Registry {
     /// Checks the client certificate of a node API call against the store.
     pub async fn authenticate_agent(
         &self,
-        peer: &mayfly_proto::tls::PeerIdentity,
+        peer: &mayfly_common::tls::PeerIdentity,
     ) -> Result<AgentRecord, IdentityError> {
         self.authenticate(peer, false).await
     }
@@ -470,14 +472,14 @@ impl Registry {
     /// passes: it may report what it did about its own revocation, nothing else.
     pub async fn authenticate_banned_agent(
         &self,
-        peer: &mayfly_proto::tls::PeerIdentity,
+        peer: &mayfly_common::tls::PeerIdentity,
     ) -> Result<AgentRecord, IdentityError> {
         self.authenticate(peer, true).await
     }
 
     async fn authenticate(
         &self,
-        peer: &mayfly_proto::tls::PeerIdentity,
+        peer: &mayfly_common::tls::PeerIdentity,
         banned_ok: bool,
     ) -> Result<AgentRecord, IdentityError> {
         let id = peer.spiffe_id.as_str();

@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use mayfly_common::{Selector, SpiffeId};
 use mayfly_proto::v1;
-use mayfly_proto::{Selector, SpiffeId};
 
 use crate::audit::{Actor, Audit, Event};
-use crate::ca::manager::unix;
 use crate::identity::{IdentityError, Registry, RevocationNotice};
 use crate::secrets::engine::RotationEngine;
 use crate::secrets::runtime::EngineError;
@@ -24,6 +23,7 @@ use crate::secrets::spec::Strategy;
 use crate::store::{
     AckUpdate, AgentStatus, EntryFilter, RevocationRecord, RevokedSerialRecord, StoreError,
 };
+use mayfly_common::clock::{unix, unix_ms};
 
 /// How long `revoke` waits for acknowledgements unless told otherwise.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
@@ -950,12 +950,6 @@ fn checked(reason: &str, wait: Option<Duration>) -> Result<(&str, Duration), Rev
         ));
     }
     Ok((reason, wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT)))
-}
-
-fn unix_ms(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The report as the admin API returns it.

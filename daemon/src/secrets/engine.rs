@@ -16,16 +16,16 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, Semaphore, broadcast};
 
-use mayfly_proto::clock::Clock;
+use mayfly_common::clock::Clock;
 
 use super::local::SealingKey;
 use super::runtime::{EngineError, SecretRuntime};
 use super::spec::{SecretSpec, Strategy};
 use super::{Credential, SecretStoreError};
 use crate::audit::{Actor, Audit, Event};
-use crate::ca::manager::unix;
 use crate::metrics::{Metrics, RotationOutcome};
 use crate::store::{JobRecord, ScheduledStart, SecretRecord, Store, StoreError};
+use mayfly_common::clock::{unix, unix_ms};
 
 /// The steps a job passes through, in order; each name is the state after that step.
 pub const STEPS: [&str; 4] = ["pending_stored", "target_set", "tested", "promoted"];
@@ -785,13 +785,6 @@ fn new_token() -> String {
     let mut raw = [0u8; 20];
     rand::fill(&mut raw);
     hex::encode(raw)
-}
-
-/// Schedule times are kept in milliseconds so second-level cron fields work.
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Delay before the first retry of a failed step; `MAYFLY_ROTATION_RETRY_MS` shortens it

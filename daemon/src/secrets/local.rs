@@ -8,7 +8,7 @@ use std::sync::Arc;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, Nonce, RandomizedNonceKey};
 use zeroize::Zeroizing;
 
-use mayfly_proto::fsutil;
+use mayfly_common::fsutil;
 
 use super::{Credential, SecretStore, SecretStoreError, SecretValue, VersionInfo};
 use crate::store::{LocalVersionRecord, Store, StoreError};
@@ -153,7 +153,7 @@ impl SecretStore for LocalStore {
                     version_id: token.to_string(),
                     stage: "pending".into(),
                     sealed,
-                    created_at: crate::ca::manager::unix(std::time::SystemTime::now()),
+                    created_at: mayfly_common::clock::unix(std::time::SystemTime::now()),
                 },
             )
             .await

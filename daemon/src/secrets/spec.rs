@@ -197,7 +197,7 @@ impl SecretSpec {
             ));
         }
         for grant in &self.grants {
-            mayfly_proto::SpiffeId::parse(grant)
+            mayfly_common::SpiffeId::parse(grant)
                 .map_err(|e| fail(format!("grant {grant}: {e}")))?;
         }
         Ok(())

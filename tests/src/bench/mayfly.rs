@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 use tonic::transport::Channel;
 
-use mayfly_proto::TrustDomain;
+use mayfly_common::TrustDomain;
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self};
 

@@ -306,7 +306,7 @@ pub async fn admin_and_bundle(
 pub struct BenchAgent {
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     key_pkcs8: zeroize::Zeroizing<Vec<u8>>,
-    server: mayfly_proto::SpiffeId,
+    server: mayfly_common::SpiffeId,
     bundle: Vec<Vec<u8>>,
     node_addr: String,
 }
@@ -315,11 +315,11 @@ impl BenchAgent {
     pub async fn attest(
         admin: &mut mayfly_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
         node_addr: &str,
-        trust_domain: &mayfly_proto::TrustDomain,
+        trust_domain: &mayfly_common::TrustDomain,
         bundle: &[Vec<u8>],
         agent_id: &str,
     ) -> Result<Self> {
-        use mayfly_proto::tls::{TrustBundle, client_config, connect, server_id};
+        use mayfly_common::tls::{TrustBundle, client_config, connect, server_id};
         use mayfly_proto::v1::{self, node_client::NodeClient};
         let token = admin
             .generate_join_token(v1::GenerateJoinTokenRequest {
@@ -357,7 +357,7 @@ impl BenchAgent {
     pub async fn client(
         &self,
     ) -> Result<mayfly_proto::v1::node_client::NodeClient<tonic::transport::Channel>> {
-        use mayfly_proto::tls::{TrustBundle, client_config, connect};
+        use mayfly_common::tls::{TrustBundle, client_config, connect};
         use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()));
         let config = client_config(

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use mayfly_proto::TrustDomain;
+use mayfly_common::TrustDomain;
 use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::{BenchAgent, Latencies, admin_and_bundle};

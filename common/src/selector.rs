@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::spiffe_id::ShownInput;
-use crate::v1;
+use mayfly_proto::v1;
 
 /// The only attestor Mayfly has; other types are rejected rather than carried along
 /// unmatched, so a typo in a registration cannot silently match nothing.

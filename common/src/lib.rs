@@ -1,0 +1,16 @@
+//! What `mayflyd` and `mayfly-agent` share beyond the wire: SPIFFE IDs and selectors parsed
+//! once, the SVID rules (building, checking, bundles, JWTs), SPIFFE-aware mTLS, the clock,
+//! atomic files, and how a program loads its config and starts its logging.
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod fsutil;
+pub mod process;
+pub mod selector;
+pub mod spiffe_id;
+pub mod svid;
+pub mod tls;
+
+pub use selector::{Selector, SelectorError};
+pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
