@@ -132,9 +132,22 @@ async fn agent_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding mayflyd's own path")?;
     let dir = exe.parent().context("mayflyd's directory")?;
     let agent = dir.join("mayfly-agent");
-    if let Ok(cargo) = std::env::var("CARGO") {
+    // `cargo run` names the package it runs; a test binary's children see its own.
+    let under_cargo_run = std::env::var("CARGO_PKG_NAME").is_ok_and(|p| p == "mayfly-daemon");
+    if let (Ok(cargo), Ok(manifest_dir), true) = (
+        std::env::var("CARGO"),
+        std::env::var("CARGO_MANIFEST_DIR"),
+        under_cargo_run,
+    ) {
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "--bin", "mayfly-agent"]);
+        build.current_dir(manifest_dir).args([
+            "build",
+            "--quiet",
+            "-p",
+            "mayfly-agent",
+            "--bin",
+            "mayfly-agent",
+        ]);
         if let Some(profile) = dir.file_name().and_then(|n| n.to_str()) {
             match profile {
                 "debug" => {}

@@ -707,15 +707,10 @@ fn nss_name(
 impl crate::workload_api::CallerAttestor for WorkloadAttestor {
     fn attest(
         &self,
-        peer: crate::workload_api::PeerCred,
+        peer: PeerCredentials,
     ) -> futures::future::BoxFuture<'_, Result<Vec<Selector>, String>> {
         Box::pin(async move {
-            let credentials = PeerCredentials {
-                pid: peer.pid.filter(|pid| *pid > 0),
-                uid: peer.uid,
-                gid: peer.gid,
-            };
-            WorkloadAttestor::attest(self, &credentials)
+            WorkloadAttestor::attest(self, &peer)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -29,7 +29,7 @@ use mayfly_proto::v1::workload_secrets_server::WorkloadSecrets;
 use mayfly_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 
 use crate::workload_api::streams::ResponseStream;
-use crate::workload_api::{PeerCred, WorkloadApi};
+use crate::workload_api::{PeerCredentials, WorkloadApi};
 
 /// The largest request message accepted. Workload API requests are a few audiences or one
 /// JWT-SVID; anything near this size is not a Workload API client.
@@ -66,7 +66,7 @@ impl Rpc {
 /// Answers one HTTP/2 request from the workload whose credentials are `peer`.
 pub(crate) async fn handle(
     api: &WorkloadApi,
-    peer: Option<PeerCred>,
+    peer: Option<PeerCredentials>,
     request: http::Request<Incoming>,
 ) -> http::Response<GrpcBody> {
     if request.method() != Method::POST {
@@ -127,7 +127,7 @@ pub(crate) type EncodedStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>>
 async fn dispatch(
     api: &WorkloadApi,
     rpc: Rpc,
-    peer: Option<PeerCred>,
+    peer: Option<PeerCredentials>,
     request: http::Request<Incoming>,
 ) -> Result<Reply, Status> {
     let (parts, body) = request.into_parts();
@@ -162,7 +162,7 @@ async fn dispatch(
 /// A request as read off the wire, before its message is decoded into the method's type.
 struct Call {
     metadata: MetadataMap,
-    peer: Option<PeerCred>,
+    peer: Option<PeerCredentials>,
     message: Bytes,
 }
 

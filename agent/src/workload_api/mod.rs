@@ -36,26 +36,21 @@ use crate::workload_api::streams::{
 pub use error::{ServeError, WorkloadApiError};
 pub use server::{bind, serve, serve_listener};
 
-/// The kernel's view of the process at the other end of the socket (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerCred {
-    /// Absent on platforms that do not report it.
-    pub pid: Option<i32>,
-    pub uid: u32,
-    pub gid: u32,
-}
+/// The kernel's view of the process at the other end of the socket (`SO_PEERCRED`): one
+/// type for the transport that reads it and the attestor that checks it.
+pub use crate::attest::workload::PeerCredentials;
 
 /// Turns a caller's credentials into selectors. Kept as a narrow trait so the Workload API
 /// does not depend on how attestation is done; the agent adapts its workload attestor to it.
 pub trait CallerAttestor: Send + Sync + 'static {
     /// The caller's selectors, or why they could not be found (logged, never sent).
-    fn attest(&self, peer: PeerCred) -> BoxFuture<'_, Result<Vec<Selector>, String>>;
+    fn attest(&self, peer: PeerCredentials) -> BoxFuture<'_, Result<Vec<Selector>, String>>;
 }
 
 pub use mayfly_common::clock::{Clock, SystemClock};
 
 /// The Workload API service: hand it to [`serve`]. Its calls are the generated service
-/// traits' methods; the transport puts the caller's [`PeerCred`] in each request's
+/// traits' methods; the transport puts the caller's [`PeerCredentials`] in each request's
 /// extensions.
 pub struct WorkloadApi {
     state: watch::Receiver<Arc<WorkloadState>>,
@@ -126,7 +121,7 @@ impl WorkloadApi {
         }
         let peer = *request
             .extensions()
-            .get::<PeerCred>()
+            .get::<PeerCredentials>()
             .ok_or(WorkloadApiError::NoPeerCredentials)?;
         let selectors = self
             .attestor

@@ -17,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::workload_api::error::ServeError;
-use crate::workload_api::{PeerCred, WorkloadApi, grpc};
+use crate::workload_api::{PeerCredentials, WorkloadApi, grpc};
 
 /// Any local process may connect: the Workload API decides what to give from the caller's
 /// attested selectors, and an unregistered caller gets nothing.
@@ -121,13 +121,9 @@ type HandlerFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<grpc::GrpcBody>, Infallible>> + Send>>;
 
 /// The workload's credentials, read once when it connects.
-fn peer_credentials(stream: &UnixStream) -> Option<PeerCred> {
+fn peer_credentials(stream: &UnixStream) -> Option<PeerCredentials> {
     match stream.peer_cred() {
-        Ok(cred) => Some(PeerCred {
-            pid: cred.pid(),
-            uid: cred.uid(),
-            gid: cred.gid(),
-        }),
+        Ok(cred) => Some(PeerCredentials::from_ucred(&cred)),
         Err(e) => {
             tracing::warn!(error = %e, "no peer credentials on a Workload API connection");
             None
@@ -145,7 +141,7 @@ fn peer_credentials(stream: &UnixStream) -> Option<PeerCred> {
 fn serve_connection(
     http2: &http2::Builder<TokioExecutor>,
     stream: UnixStream,
-    peer: Option<PeerCred>,
+    peer: Option<PeerCredentials>,
     api: Arc<WorkloadApi>,
     mut closing: watch::Receiver<bool>,
     open: mpsc::Sender<Infallible>,

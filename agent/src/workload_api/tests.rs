@@ -51,7 +51,7 @@ enum TestAttestor {
 }
 
 impl CallerAttestor for TestAttestor {
-    fn attest(&self, peer: PeerCred) -> BoxFuture<'_, Result<Vec<Selector>, String>> {
+    fn attest(&self, peer: PeerCredentials) -> BoxFuture<'_, Result<Vec<Selector>, String>> {
         Box::pin(async move {
             match self {
                 Self::AsIs => Ok(vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)]),

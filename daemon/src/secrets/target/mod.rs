@@ -1,20 +1,24 @@
-//! The systems a rotated secret unlocks: PostgreSQL and MariaDB roles whose password is
-//! changed over an admin connection and proven by logging in, and `none` targets whose
-//! change and check are operator-supplied commands fed the value on stdin.
+//! The systems a rotated secret unlocks, one file each: PostgreSQL roles (`postgres.rs`) and
+//! MariaDB accounts (`mysql.rs`) whose password is changed over an admin connection and
+//! proven by logging in, and `none` targets (`command.rs`) whose change and check are
+//! operator-supplied commands fed the value on stdin. What they share lives here.
 
-use std::fmt;
-use std::process::{ExitStatus, Stdio};
-use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::mysql::MySqlConnectOptions;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use crate::secrets::{Credential, TargetError};
 
-use crate::secrets::{Credential, SecretValue, Target, TargetError};
+mod command;
+mod mysql;
+mod postgres;
+
+pub use command::{CommandTarget, CommandTargetConfig};
+pub use mysql::{MysqlTarget, MysqlTargetConfig};
+pub use postgres::{PostgresTarget, PostgresTargetConfig};
+#[cfg(test)]
+use {
+    mysql::mysql_literal,
+    postgres::{pg_identifier, pg_literal},
+};
 
 /// How long a database may take to accept a connection before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,59 +28,6 @@ pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 const STDERR_HEAD: usize = 200;
 /// After a hook exits, how long to keep reading stderr that a child it left behind may hold open.
 const STDERR_GRACE: Duration = Duration::from_millis(250);
-
-/// Where a PostgreSQL role's password is changed and checked.
-pub struct PostgresTargetConfig {
-    /// A superuser or CREATEROLE login, `postgres://admin:pw@host:port/db`.
-    pub admin_url: SecretValue,
-    /// Where the rotated role logs in, without user or password: `postgres://host:port/db`.
-    pub login_url: String,
-}
-
-/// A PostgreSQL role: `set` runs `ALTER ROLE … WITH LOGIN PASSWORD …` as the admin, `test`
-/// logs in as the role. The role must exist; nothing is created.
-pub struct PostgresTarget {
-    admin: PgConnectOptions,
-    login: PgConnectOptions,
-}
-
-/// Where a MariaDB (or MySQL) account's password is changed and checked.
-pub struct MysqlTargetConfig {
-    /// An account allowed to ALTER USER, `mysql://admin:pw@host:port/db`.
-    pub admin_url: SecretValue,
-    /// Where the rotated account logs in, without user or password: `mysql://host:port/db`.
-    pub login_url: String,
-    /// The host part of the account, `'user'@'<host>'`. `None` means `%`.
-    pub user_host: Option<String>,
-}
-
-/// A MariaDB account: `set` runs `ALTER USER 'user'@'host' IDENTIFIED BY …` as the admin,
-/// `test` logs in as the account. The account must exist; nothing is created.
-pub struct MysqlTarget {
-    admin: MySqlConnectOptions,
-    login: MySqlConnectOptions,
-    user_host: String,
-}
-
-/// The commands of a `none` target. Each is an argv vector run without a shell, given the
-/// secret's value on stdin (never in its arguments or environment, which other local users
-/// can read through /proc).
-#[derive(Debug, Clone)]
-pub struct CommandTargetConfig {
-    /// Run by `set`; `None` makes `set` a no-op (the value only lives in the store).
-    pub set_command: Option<Vec<String>>,
-    /// Run by `test`; `None` makes `test` succeed.
-    pub test_command: Option<Vec<String>>,
-    /// Limit on each command's run time; past it the command's process group is killed.
-    pub timeout: Duration,
-}
-
-/// A `none` target: the secret is consumed by something Mayfly cannot log in to, so change
-/// and check are delegated to operator commands.
-#[derive(Debug)]
-pub struct CommandTarget {
-    config: CommandTargetConfig,
-}
 
 /// Why a target could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -99,251 +50,6 @@ enum Step {
     Admin,
     /// Logging in as the rotated user: a database error means the credential does not work.
     Login,
-}
-
-impl PostgresTarget {
-    pub fn new(config: PostgresTargetConfig) -> Result<Self, TargetConfigError> {
-        require_scheme(
-            "admin_url",
-            config.admin_url.expose(),
-            &["postgres", "postgresql"],
-        )?;
-        require_scheme("login_url", &config.login_url, &["postgres", "postgresql"])?;
-        let admin = PgConnectOptions::from_str(config.admin_url.expose()).map_err(|e| {
-            TargetConfigError::BadUrl {
-                which: "admin_url",
-                // The parse error could quote the URL, password included.
-                reason: redact(&e.to_string(), config.admin_url.expose()),
-            }
-        })?;
-        reject_login_credentials(&config.login_url)?;
-        let login = PgConnectOptions::from_str(&config.login_url).map_err(|e| {
-            TargetConfigError::BadUrl {
-                which: "login_url",
-                reason: e.to_string(),
-            }
-        })?;
-        // sqlx logs every statement at debug level, and ours carries the new password.
-        Ok(Self {
-            admin: admin.disable_statement_logging(),
-            login: login.disable_statement_logging(),
-        })
-    }
-}
-
-#[tonic::async_trait]
-impl Target for PostgresTarget {
-    async fn set(&self, credential: &Credential) -> Result<(), TargetError> {
-        let password = credential.password.expose();
-        reject_nul(credential)?;
-        // ALTER ROLE takes no bind parameters, so the value is quoted into the statement. An
-        // E'' literal is read the same whatever standard_conforming_strings says.
-        let statement = SecretValue::new(format!(
-            "ALTER ROLE {} WITH LOGIN PASSWORD {}",
-            pg_identifier(&credential.username),
-            pg_literal(password)
-        ));
-        let mut conn = connect(self.admin.connect(), Step::Admin, password).await?;
-        let result = conn
-            .execute(sqlx::raw_sql(AssertSqlSafe(statement.expose().to_owned())))
-            .await;
-        let _ = conn.close().await;
-        result
-            .map(|_| ())
-            .map_err(|e| classify(e, Step::Admin, password))
-    }
-
-    async fn test(&self, credential: &Credential) -> Result<(), TargetError> {
-        let password = credential.password.expose();
-        reject_nul(credential)?;
-        let options = self
-            .login
-            .clone()
-            .username(&credential.username)
-            .password(password);
-        let mut conn = connect(options.connect(), Step::Login, password).await?;
-        let result = conn.execute(sqlx::raw_sql("SELECT 1")).await;
-        let _ = conn.close().await;
-        result
-            .map(|_| ())
-            .map_err(|e| classify(e, Step::Login, password))
-    }
-}
-
-impl fmt::Debug for PostgresTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // PgConnectOptions' own Debug prints the password.
-        f.debug_struct("PostgresTarget")
-            .field(
-                "admin",
-                &describe(
-                    "postgres",
-                    Some(self.admin.get_username()),
-                    self.admin.get_host(),
-                    self.admin.get_port(),
-                    self.admin.get_database(),
-                ),
-            )
-            .field(
-                "login",
-                &describe(
-                    "postgres",
-                    None,
-                    self.login.get_host(),
-                    self.login.get_port(),
-                    self.login.get_database(),
-                ),
-            )
-            .finish()
-    }
-}
-
-impl MysqlTarget {
-    pub fn new(config: MysqlTargetConfig) -> Result<Self, TargetConfigError> {
-        require_scheme(
-            "admin_url",
-            config.admin_url.expose(),
-            &["mysql", "mariadb"],
-        )?;
-        require_scheme("login_url", &config.login_url, &["mysql", "mariadb"])?;
-        let admin = MySqlConnectOptions::from_str(config.admin_url.expose()).map_err(|e| {
-            TargetConfigError::BadUrl {
-                which: "admin_url",
-                reason: redact(&e.to_string(), config.admin_url.expose()),
-            }
-        })?;
-        reject_login_credentials(&config.login_url)?;
-        let login = MySqlConnectOptions::from_str(&config.login_url).map_err(|e| {
-            TargetConfigError::BadUrl {
-                which: "login_url",
-                reason: e.to_string(),
-            }
-        })?;
-        Ok(Self {
-            admin: admin.disable_statement_logging(),
-            login: login.disable_statement_logging(),
-            user_host: config.user_host.unwrap_or_else(|| "%".to_owned()),
-        })
-    }
-}
-
-#[tonic::async_trait]
-impl Target for MysqlTarget {
-    async fn set(&self, credential: &Credential) -> Result<(), TargetError> {
-        let password = credential.password.expose();
-        reject_nul(credential)?;
-        let mut conn = connect(self.admin.connect(), Step::Admin, password).await?;
-        let result = async {
-            // Whether a backslash escapes depends on the session's sql_mode; ask rather than
-            // guess, or a backslash in a value would silently change the password.
-            let sql_mode: String = sqlx::query_scalar("SELECT @@SESSION.sql_mode")
-                .fetch_one(&mut conn)
-                .await?;
-            let backslash_escapes = !sql_mode
-                .split(',')
-                .any(|mode| mode.eq_ignore_ascii_case("NO_BACKSLASH_ESCAPES"));
-            let statement = SecretValue::new(format!(
-                "ALTER USER {}@{} IDENTIFIED BY {}",
-                mysql_literal(&credential.username, backslash_escapes),
-                mysql_literal(&self.user_host, backslash_escapes),
-                mysql_literal(password, backslash_escapes)
-            ));
-            conn.execute(sqlx::raw_sql(AssertSqlSafe(statement.expose().to_owned())))
-                .await
-        }
-        .await;
-        let _ = conn.close().await;
-        result
-            .map(|_| ())
-            .map_err(|e| classify(e, Step::Admin, password))
-    }
-
-    async fn test(&self, credential: &Credential) -> Result<(), TargetError> {
-        let password = credential.password.expose();
-        reject_nul(credential)?;
-        let options = self
-            .login
-            .clone()
-            .username(&credential.username)
-            .password(password);
-        let mut conn = connect(options.connect(), Step::Login, password).await?;
-        let result = conn.execute(sqlx::raw_sql("SELECT 1")).await;
-        let _ = conn.close().await;
-        result
-            .map(|_| ())
-            .map_err(|e| classify(e, Step::Login, password))
-    }
-}
-
-impl fmt::Debug for MysqlTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // MySqlConnectOptions' own Debug prints the password.
-        f.debug_struct("MysqlTarget")
-            .field(
-                "admin",
-                &describe(
-                    "mysql",
-                    Some(self.admin.get_username()),
-                    self.admin.get_host(),
-                    self.admin.get_port(),
-                    self.admin.get_database(),
-                ),
-            )
-            .field(
-                "login",
-                &describe(
-                    "mysql",
-                    None,
-                    self.login.get_host(),
-                    self.login.get_port(),
-                    self.login.get_database(),
-                ),
-            )
-            .field("user_host", &self.user_host)
-            .finish()
-    }
-}
-
-impl Default for CommandTargetConfig {
-    fn default() -> Self {
-        Self {
-            set_command: None,
-            test_command: None,
-            timeout: DEFAULT_HOOK_TIMEOUT,
-        }
-    }
-}
-
-impl CommandTarget {
-    pub fn new(config: CommandTargetConfig) -> Result<Self, TargetConfigError> {
-        if config.set_command.as_ref().is_some_and(Vec::is_empty) {
-            return Err(TargetConfigError::EmptyCommand("set_command"));
-        }
-        if config.test_command.as_ref().is_some_and(Vec::is_empty) {
-            return Err(TargetConfigError::EmptyCommand("test_command"));
-        }
-        if config.timeout.is_zero() {
-            return Err(TargetConfigError::ZeroTimeout);
-        }
-        Ok(Self { config })
-    }
-}
-
-#[tonic::async_trait]
-impl Target for CommandTarget {
-    async fn set(&self, credential: &Credential) -> Result<(), TargetError> {
-        match &self.config.set_command {
-            Some(argv) => run_hook(argv, &credential.password, self.config.timeout).await,
-            None => Ok(()),
-        }
-    }
-
-    async fn test(&self, credential: &Credential) -> Result<(), TargetError> {
-        match &self.config.test_command {
-            Some(argv) => run_hook(argv, &credential.password, self.config.timeout).await,
-            None => Ok(()),
-        }
-    }
 }
 
 /// Connects within CONNECT_TIMEOUT; errors classified for `step`.
@@ -435,28 +141,6 @@ fn reject_login_credentials(login_url: &str) -> Result<(), TargetConfigError> {
     Ok(())
 }
 
-/// `"name"`, with embedded double quotes doubled.
-fn pg_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `E'value'`, with backslashes and single quotes escaped; an E'' string treats backslash as
-/// an escape regardless of standard_conforming_strings.
-fn pg_literal(value: &str) -> String {
-    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-/// `'value'`, with single quotes doubled and, unless NO_BACKSLASH_ESCAPES is set,
-/// backslashes escaped.
-fn mysql_literal(value: &str, backslash_escapes: bool) -> String {
-    let value = if backslash_escapes {
-        value.replace('\\', "\\\\")
-    } else {
-        value.to_owned()
-    };
-    format!("'{}'", value.replace('\'', "''"))
-}
-
 /// A connection's address for Debug output, never its password.
 fn describe(
     scheme: &str,
@@ -469,124 +153,14 @@ fn describe(
     format!("{scheme}://{user}{host}:{port}/{}", database.unwrap_or(""))
 }
 
-/// Runs `argv` with `value` on stdin; Ok when it exits 0 within `timeout`.
-async fn run_hook(
-    argv: &[String],
-    value: &SecretValue,
-    timeout: Duration,
-) -> Result<(), TargetError> {
-    let Some((program, args)) = argv.split_first() else {
-        return Err(TargetError::Hook("empty command".into()));
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        // Its own process group, so a timeout kills whatever the hook started too.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| TargetError::Hook(format!("cannot start {program:?}: {e}")))?;
-
-    let stdin = child.stdin.take();
-    let stderr_head = Arc::new(Mutex::new(Vec::new()));
-    let collector = child.stderr.take().map(|stderr| {
-        let head = Arc::clone(&stderr_head);
-        tokio::spawn(collect_stderr(stderr, head))
-    });
-
-    let run = async {
-        let feed = async {
-            if let Some(mut stdin) = stdin {
-                match stdin.write_all(value.expose().as_bytes()).await {
-                    // A hook may exit without reading its input; its exit status decides.
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                    Err(e) => return Err(e),
-                    Ok(()) => {}
-                }
-                // Dropping stdin closes it, so the hook sees end of input.
-            }
-            Ok(())
-        };
-        let (fed, status) = tokio::join!(feed, child.wait());
-        fed.and(status)
-    };
-    let outcome = tokio::time::timeout(timeout, run).await;
-
-    let status: ExitStatus = match outcome {
-        Ok(Ok(status)) => status,
-        Ok(Err(e)) => {
-            kill_group(&mut child).await;
-            return Err(TargetError::Hook(format!("running {program:?}: {e}")));
-        }
-        Err(_) => {
-            kill_group(&mut child).await;
-            return Err(TargetError::Hook(format!(
-                "{program:?} did not finish within {}",
-                humantime::format_duration(timeout)
-            )));
-        }
-    };
-    if status.success() {
-        if let Some(collector) = collector {
-            collector.abort();
-        }
-        return Ok(());
-    }
-    if let Some(collector) = collector {
-        // Usually done already; a background child of the hook may keep stderr open, so do
-        // not wait for it indefinitely.
-        let _ = tokio::time::timeout(STDERR_GRACE, collector).await;
-    }
-    let head = stderr_head
-        .lock()
-        .map(|head| String::from_utf8_lossy(&head).trim().to_owned())
-        .unwrap_or_default();
-    Err(TargetError::Hook(format!(
-        "{program:?} exited with {status}: {}",
-        if head.is_empty() {
-            "(no stderr)"
-        } else {
-            &head
-        }
-    )))
-}
-
-/// Keeps the first STDERR_HEAD bytes of stderr in `head` and discards the rest, so a chatty
-/// hook neither blocks on a full pipe nor grows our memory.
-async fn collect_stderr(mut stderr: tokio::process::ChildStderr, head: Arc<Mutex<Vec<u8>>>) {
-    let mut buf = [0u8; 4096];
-    loop {
-        match stderr.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if let Ok(mut head) = head.lock() {
-                    let room = STDERR_HEAD.saturating_sub(head.len());
-                    head.extend_from_slice(&buf[..n.min(room)]);
-                }
-            }
-        }
-    }
-}
-
-/// Kills the hook's process group, then reaps the hook.
-async fn kill_group(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-        // SAFETY: kill(2) with a negative pid signals the process group the hook leads (it was
-        // spawned with process_group(0)); it touches no memory of ours.
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-    }
-    let _ = child.kill().await;
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     use std::panic::AssertUnwindSafe;
+
+    use sqlx::{AssertSqlSafe, Connection, Executor};
+
+    use super::*;
+    use crate::secrets::{SecretValue, Target};
 
     use base64::Engine;
     use futures::FutureExt;

@@ -1,0 +1,169 @@
+//! Registration entries: created, changed and deleted through the store, checked field by
+//! field, and published to the sync streams as they change.
+
+use super::*;
+
+impl Registry {
+    pub async fn create_entry(&self, input: EntryInput) -> Result<EntryRecord, IdentityError> {
+        let new = self.check_entry_input(input)?;
+        let record = self.store.create_entry(&new, unix(self.now())).await?;
+        self.publish_upsert(record.clone());
+        Ok(record)
+    }
+
+    pub async fn update_entry(
+        &self,
+        id: &str,
+        change: EntryChange,
+    ) -> Result<EntryRecord, IdentityError> {
+        let before = self.store.get_entry(id).await?;
+        let update = self.check_entry_change(change)?;
+        let after = self
+            .store
+            .update_entry(id, &update, unix(self.now()))
+            .await?;
+        if before.parent_id != after.parent_id {
+            // The old parent must drop it; the new one gets it as an upsert.
+            let _ = self.changes.send(Change::EntryDeleted {
+                id: before.id.clone(),
+                parent_id: before.parent_id.clone(),
+            });
+        }
+        self.publish_upsert(after.clone());
+        Ok(after)
+    }
+
+    pub async fn delete_entry(&self, id: &str) -> Result<EntryRecord, IdentityError> {
+        let deleted = self.store.delete_entry(id).await?;
+        self.entries.send_modify(|index| {
+            let mut next = HashMap::clone(index);
+            next.remove(&deleted.id);
+            *index = Arc::new(next);
+        });
+        let _ = self.changes.send(Change::EntryDeleted {
+            id: deleted.id.clone(),
+            parent_id: deleted.parent_id.clone(),
+        });
+        Ok(deleted)
+    }
+
+    /// Drops entries a revocation deleted from the in-memory index. Agents hear of it
+    /// through the revocation itself (which also says to remove their files), not as
+    /// ordinary deletions.
+    pub fn forget_revoked_entries(&self, ids: &[String]) {
+        self.entries.send_modify(|index| {
+            let mut next = HashMap::clone(index);
+            for id in ids {
+                next.remove(id);
+            }
+            *index = Arc::new(next);
+        });
+    }
+
+    pub async fn get_entry(&self, id: &str) -> Result<EntryRecord, IdentityError> {
+        Ok(self.store.get_entry(id).await?)
+    }
+
+    pub async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+    ) -> Result<Vec<EntryRecord>, IdentityError> {
+        Ok(self.store.list_entries(filter).await?)
+    }
+
+    pub(super) fn publish_upsert(&self, record: EntryRecord) {
+        let record = Arc::new(record);
+        self.entries.send_modify(|index| {
+            let mut next = HashMap::clone(index);
+            next.insert(record.id.clone(), record.clone());
+            *index = Arc::new(next);
+        });
+        let _ = self.changes.send(Change::EntryUpserted(record));
+    }
+
+    pub(super) fn check_entry_input(&self, input: EntryInput) -> Result<NewEntry, IdentityError> {
+        let spiffe_id = self.workload_id("spiffe_id", &input.spiffe_id)?;
+        let parent_id = self.member_id("parent_id", &input.parent_id)?;
+        let selectors = check_selectors(&input.selectors)?;
+        if selectors.is_empty() {
+            return Err(invalid(
+                "selectors",
+                "an entry needs at least one selector, e.g. unix:uid:1000",
+            ));
+        }
+        Ok(NewEntry {
+            spiffe_id: spiffe_id.to_string(),
+            parent_id: parent_id.to_string(),
+            selectors,
+            x509_svid_ttl: check_ttl("x509_svid_ttl", input.x509_svid_ttl)?,
+            jwt_svid_ttl: check_ttl("jwt_svid_ttl", input.jwt_svid_ttl)?,
+            dns_names: check_dns_names(&input.dns_names)?,
+            hint: check_hint(&input.hint)?,
+        })
+    }
+
+    pub(super) fn check_entry_change(
+        &self,
+        change: EntryChange,
+    ) -> Result<EntryUpdate, IdentityError> {
+        Ok(EntryUpdate {
+            spiffe_id: change
+                .spiffe_id
+                .map(|s| self.workload_id("spiffe_id", &s).map(|id| id.to_string()))
+                .transpose()?,
+            parent_id: change
+                .parent_id
+                .map(|s| self.member_id("parent_id", &s).map(|id| id.to_string()))
+                .transpose()?,
+            selectors: match change.selectors {
+                Some(list) if !list.is_empty() => Some(check_selectors(&list)?),
+                _ => None,
+            },
+            x509_svid_ttl: change
+                .x509_svid_ttl
+                .map(|t| check_ttl("x509_svid_ttl", t))
+                .transpose()?,
+            jwt_svid_ttl: change
+                .jwt_svid_ttl
+                .map(|t| check_ttl("jwt_svid_ttl", t))
+                .transpose()?,
+            dns_names: change.dns_names.map(|d| check_dns_names(&d)).transpose()?,
+            hint: change.hint.map(|h| check_hint(&h)).transpose()?,
+        })
+    }
+
+    pub(super) fn member_id(
+        &self,
+        field: &'static str,
+        text: &str,
+    ) -> Result<SpiffeId, IdentityError> {
+        let id = SpiffeId::parse(text).map_err(|e| invalid(field, e.to_string()))?;
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(invalid(
+                field,
+                format!(
+                    "{id} is not in this daemon's trust domain {}",
+                    self.trust_domain
+                ),
+            ));
+        }
+        Ok(id)
+    }
+
+    pub(super) fn workload_id(
+        &self,
+        field: &'static str,
+        text: &str,
+    ) -> Result<SpiffeId, IdentityError> {
+        let id = self.member_id(field, text)?;
+        if !id.has_path() {
+            return Err(invalid(
+                field,
+                "a workload SPIFFE ID needs a path, e.g. spiffe://example.org/web",
+            ));
+        }
+        Ok(id)
+    }
+
+    // ----- join tokens and agents -----
+}

@@ -1,0 +1,223 @@
+//! Fan-out and acknowledgements: pushing revocations to agents (including those another
+//! daemon made), counting acknowledgements, and the reports operators read.
+
+use super::*;
+
+impl Revoker {
+    pub(super) fn published_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.published.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes revocations that another daemon sharing the datastore made to the agents
+    /// connected here, within [`WATCH_EVERY`]; their acknowledgements land in the store,
+    /// where the revoking daemon looks for them.
+    pub async fn watch_other_daemons(self: Arc<Self>) {
+        let started = unix_ms(self.registry.now());
+        let mut timer = tokio::time::interval(WATCH_EVERY);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = self.registry.closing();
+        loop {
+            tokio::select! {
+                _ = timer.tick() => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            // Clocks of daemons differ a little; look back a few seconds, and remember
+            // what has been pushed for a minute.
+            let now = unix_ms(self.registry.now());
+            let since = (now - 5_000).max(started - 5_000);
+            self.published_map().retain(|_, at| *at >= now - 60_000);
+            let records = match self.registry.store().revocations_since(since).await {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for other daemons' revocations");
+                    continue;
+                }
+            };
+            for record in records {
+                if self.published_map().contains_key(&record.id) {
+                    continue;
+                }
+                if let Err(e) = self.publish_stored(&record).await {
+                    tracing::warn!(revocation = %record.id, error = %e, "could not push another daemon's revocation");
+                    continue;
+                }
+                self.published_map()
+                    .insert(record.id.clone(), record.created_at);
+            }
+        }
+    }
+
+    pub(super) async fn publish_stored(
+        &self,
+        record: &RevocationRecord,
+    ) -> Result<(), RevokeError> {
+        let store = self.registry.store();
+        let scope: Scope = serde_json::from_str(&record.detail).unwrap_or_default();
+        let serials = store.revocation_serials(&record.id).await?;
+        let agents: BTreeSet<String> = store
+            .revocation_acks(&record.id)
+            .await?
+            .into_iter()
+            .filter(|a| a.acked_at.is_none())
+            .map(|a| a.agent_id)
+            .collect();
+        self.registry.forget_revoked_entries(&scope.entry_ids);
+        tracing::info!(revocation = %record.id, kind = %record.kind, agents = agents.len(), "pushing a revocation made by another daemon");
+        self.registry.publish_revocation(RevocationNotice {
+            message: message(record, &scope, &serials),
+            secrets: scope.secrets.clone(),
+            agents,
+        });
+        Ok(())
+    }
+
+    pub(super) fn waiting_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiting>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn mark(&self, id: &str, agents: BTreeSet<String>) {
+        if let Some(waiting) = self.waiting_map().get(id) {
+            waiting.acked.send_if_modified(|set| {
+                let before = set.len();
+                set.extend(agents);
+                set.len() != before
+            });
+        }
+    }
+
+    /// Records an agent's acknowledgement (from its node API call).
+    pub async fn acknowledge(
+        &self,
+        agent: &str,
+        ack: &v1::RevocationAck,
+    ) -> Result<(), RevokeError> {
+        let detail = serde_json::json!({
+            "dropped_serials": ack.dropped_serials,
+            "reissued": ack.reissued,
+            "files_removed": ack.files_removed,
+            "files_blanked": ack.files_blanked,
+            "actions": ack.actions,
+            "errors": ack.errors,
+        });
+        let at_ms = unix_ms(self.registry.now());
+        // While the revoking call waits, this daemon knows whom it was sent to and who
+        // has answered; otherwise (a late or repeated acknowledgement, another daemon's
+        // revocation) the store does.
+        let in_memory = self
+            .waiting_map()
+            .get(&ack.revocation_id)
+            .map(|w| (w.expected.contains(agent), w.acked.borrow().contains(agent)));
+        let (sent, already) = match in_memory {
+            Some(known) => known,
+            None => match self
+                .registry
+                .store()
+                .revocation_ack(&ack.revocation_id, agent)
+                .await?
+            {
+                Some(row) => (true, row.acked_at.is_some()),
+                None => (false, false),
+            },
+        };
+        if !sent {
+            return Err(RevokeError::NotFound(format!(
+                "revocation {} was not sent to agent {agent}",
+                ack.revocation_id
+            )));
+        }
+        if !already {
+            let outcome = if ack.errors.is_empty() {
+                crate::audit::OK
+            } else {
+                crate::audit::FAILED
+            };
+            // The acknowledgement and its record commit together, grouped with whatever
+            // else is being recorded: a fan-out to a thousand agents is a few commits.
+            self.audit.note_ack(
+                Event::new(
+                    &Actor::Spiffe(agent.to_string()),
+                    "revoke.ack",
+                    &ack.revocation_id,
+                )
+                .outcome(outcome)
+                .reason(ack.errors.join("; "))
+                .detail(detail.clone()),
+                AckUpdate {
+                    revocation_id: ack.revocation_id.clone(),
+                    agent_id: agent.to_string(),
+                    at_ms,
+                    detail: detail.to_string(),
+                },
+            );
+        }
+        self.mark(&ack.revocation_id, BTreeSet::from([agent.to_string()]));
+        Ok(())
+    }
+
+    /// The revocation's record and who has acknowledged it.
+    pub async fn report(&self, id: &str) -> Result<Report, RevokeError> {
+        let store = self.registry.store();
+        let record = store.get_revocation(id).await.map_err(|e| match e {
+            StoreError::NotFound { .. } => RevokeError::NotFound(format!(
+                "no revocation {id}; `mayflyd revoke list` shows them"
+            )),
+            other => other.into(),
+        })?;
+        let scope: Scope = serde_json::from_str(&record.detail).unwrap_or_default();
+        let serials = store
+            .revocation_serials(id)
+            .await?
+            .into_iter()
+            .map(|s| s.serial)
+            .collect();
+        let acks = store.revocation_acks(id).await?;
+        let last = acks.iter().filter_map(|a| a.acked_at).max();
+        Ok(Report {
+            elapsed_ms: last.map(|at| (at - record.created_at).max(0)).unwrap_or(0),
+            agents: acks
+                .into_iter()
+                .map(|a| AgentAck {
+                    agent: a.agent_id,
+                    acked_at: a.acked_at,
+                    detail: a.detail,
+                })
+                .collect(),
+            record,
+            scope,
+            serials,
+        })
+    }
+
+    pub async fn list(&self, limit: i64) -> Result<Vec<Report>, RevokeError> {
+        let mut out = Vec::new();
+        for record in self.registry.store().list_revocations(limit).await? {
+            out.push(self.report(&record.id).await?);
+        }
+        Ok(out)
+    }
+
+    /// What a reconnecting agent must apply before anything else: its unacknowledged
+    /// revocations (without secret replacements, which the caller adds) and the deny list.
+    pub async fn pending_for(
+        &self,
+        agent: &str,
+    ) -> Result<(Vec<(v1::Revocation, Vec<String>)>, Vec<v1::RevokedSerial>), RevokeError> {
+        let store = self.registry.store();
+        let mut pending = Vec::new();
+        for record in store.pending_revocations(agent).await? {
+            let scope: Scope = serde_json::from_str(&record.detail).unwrap_or_default();
+            let serials = store.revocation_serials(&record.id).await?;
+            pending.push((message(&record, &scope, &serials), scope.secrets.clone()));
+        }
+        let deny = store
+            .deny_list(unix(self.registry.now()))
+            .await?
+            .into_iter()
+            .map(|s| v1::RevokedSerial {
+                serial: s.serial,
+                not_after: s.not_after,
+            })
+            .collect();
+        Ok((pending, deny))
+    }
+}

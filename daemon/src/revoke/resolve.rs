@@ -1,0 +1,202 @@
+//! What a revocation covers: the target resolved from the store into the entries, serials,
+//! secrets and agents it reaches, so it works on entries another daemon made.
+
+use super::*;
+
+impl Revoker {
+    /// What revoking `target` covers, from the store; changes nothing (but a secret's
+    /// replacement rotations, which must succeed before its old value can be revoked).
+    pub(super) async fn resolve(&self, target: &Target) -> Result<Plan, RevokeError> {
+        let now_s = unix(self.registry.now());
+        let store = self.registry.store();
+        let mut scope = Scope::default();
+        let mut serials: Vec<RevokedSerialRecord> = Vec::new();
+        let mut agents: BTreeSet<String> = BTreeSet::new();
+        let mut ban: Option<String> = None;
+        match target {
+            Target::Svid { serial } => {
+                let issued = store.issued_svid(serial).await?.ok_or_else(|| {
+                    RevokeError::NotFound(format!(
+                        "serial {serial} was not issued by this trust domain's daemon, or it \
+                         expired and has been forgotten"
+                    ))
+                })?;
+                if issued.not_after <= now_s {
+                    return Err(RevokeError::Invalid(format!(
+                        "serial {serial} ({}) already expired; nothing to revoke",
+                        issued.spiffe_id
+                    )));
+                }
+                if issued.entry_id.is_empty() {
+                    return Err(RevokeError::Invalid(format!(
+                        "serial {serial} is agent {}'s own SVID: revoke the agent with \
+                         `mayflyd revoke agent --id {}`",
+                        issued.agent_id, issued.agent_id
+                    )));
+                }
+                // The entry's current parent holds it; if the entry moved, the old one may too.
+                agents.insert(issued.agent_id.clone());
+                if let Ok(entry) = self.registry.get_entry(&issued.entry_id).await {
+                    agents.insert(entry.parent_id);
+                }
+                scope.notes.push(format!(
+                    "the entry stays: agents get a fresh SVID for {} under a new key",
+                    issued.spiffe_id
+                ));
+                serials.push(RevokedSerialRecord {
+                    serial: issued.serial,
+                    not_after: issued.not_after,
+                });
+            }
+            Target::Entry { .. } | Target::Selector { .. } => {
+                // From the store, not this daemon's index: another daemon sharing the
+                // store may have made the entries.
+                let (filter, wanted, none) = match target {
+                    Target::Entry { spiffe_id } => (
+                        EntryFilter {
+                            spiffe_id: Some(spiffe_id.to_string()),
+                            ..EntryFilter::default()
+                        },
+                        None,
+                        format!("no entry gives {spiffe_id}; `mayflyd entry list` shows them"),
+                    ),
+                    Target::Selector { selector } => (
+                        EntryFilter::default(),
+                        Some(selector.to_string()),
+                        format!("no entry has the selector {selector}"),
+                    ),
+                    _ => unreachable!("matched above"),
+                };
+                let entries: Vec<_> = self
+                    .registry
+                    .list_entries(&filter)
+                    .await?
+                    .into_iter()
+                    .filter(|e| wanted.as_ref().is_none_or(|w| e.selectors.contains(w)))
+                    .collect();
+                if entries.is_empty() {
+                    return Err(RevokeError::NotFound(none));
+                }
+                self.cover_entries(&entries, &mut scope, &mut agents, &mut serials, now_s)
+                    .await?;
+            }
+            Target::Agent { spiffe_id } => {
+                let agent = store.get_agent(spiffe_id.as_str()).await?.ok_or_else(|| {
+                    RevokeError::NotFound(format!(
+                        "agent {spiffe_id} is not known; `mayflyd agent list` shows them"
+                    ))
+                })?;
+                if agent.status == AgentStatus::Banned {
+                    return Err(RevokeError::Invalid(format!(
+                        "agent {spiffe_id} is already banned"
+                    )));
+                }
+                for svid in store
+                    .live_serials_for_agent(&agent.spiffe_id, now_s)
+                    .await?
+                {
+                    serials.push(RevokedSerialRecord {
+                        serial: svid.serial,
+                        not_after: svid.not_after,
+                    });
+                }
+                if agent.svid_expires_at > now_s {
+                    serials.push(RevokedSerialRecord {
+                        serial: agent.serial.clone(),
+                        not_after: agent.svid_expires_at,
+                    });
+                }
+                scope.everything = true;
+                scope.spiffe_ids = store
+                    .entries_for_parent(&agent.spiffe_id)
+                    .await?
+                    .iter()
+                    .map(|e| e.spiffe_id.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                scope.notes.push(format!(
+                    "agent {spiffe_id} is banned: it may not attest again"
+                ));
+                agents.insert(agent.spiffe_id.clone());
+                ban = Some(agent.spiffe_id);
+            }
+            Target::Secret { name } => {
+                let spec = self.secrets.spec(name).await?;
+                // Rotate first: until a new value works on the target, the old one is
+                // still the only one, and revoking it would only break the apps.
+                let rounds = match spec.strategy {
+                    Strategy::SingleUser => 1,
+                    // The other user keeps the previous value valid for zero-downtime
+                    // rotation; a second rotation gives that user a fresh one too.
+                    Strategy::AlternatingUsers => 2,
+                };
+                for round in 0..rounds {
+                    let outcome = self.secrets.rotate_now(name, "revoke").await?;
+                    if outcome.job.state != "promoted" {
+                        return Err(RevokeError::Failed(format!(
+                            "the rotation that replaces secret {name} failed ({}); the old value \
+                             is still valid",
+                            outcome.job.last_error
+                        )));
+                    }
+                    scope.notes.push(format!(
+                        "rotation {} of {rounds} promoted version {} for user {}",
+                        round + 1,
+                        outcome.job.token,
+                        outcome.job.username
+                    ));
+                }
+                scope.secrets.push(name.clone());
+                let specs = [spec];
+                for agent in store.list_agents().await? {
+                    if agent.status == AgentStatus::Active
+                        && !self.registry.granted(&specs, &agent.spiffe_id).is_empty()
+                    {
+                        agents.insert(agent.spiffe_id);
+                    }
+                }
+            }
+        }
+
+        Ok(Plan {
+            kind: target.kind().to_string(),
+            target: target.text(),
+            scope,
+            serials,
+            agents,
+            ban,
+        })
+    }
+
+    pub(super) async fn cover_entries(
+        &self,
+        entries: &[crate::store::EntryRecord],
+        scope: &mut Scope,
+        agents: &mut BTreeSet<String>,
+        serials: &mut Vec<RevokedSerialRecord>,
+        now_s: i64,
+    ) -> Result<(), RevokeError> {
+        let mut ids = BTreeSet::new();
+        for entry in entries {
+            scope.entry_ids.push(entry.id.clone());
+            ids.insert(entry.spiffe_id.clone());
+            agents.insert(entry.parent_id.clone());
+        }
+        scope.spiffe_ids = ids.into_iter().collect();
+        for svid in self
+            .registry
+            .store()
+            .live_serials_for_entries(&scope.entry_ids, now_s)
+            .await?
+        {
+            // An entry that moved between agents: the old parent may still hold an SVID.
+            agents.insert(svid.agent_id);
+            serials.push(RevokedSerialRecord {
+                serial: svid.serial,
+                not_after: svid.not_after,
+            });
+        }
+        Ok(())
+    }
+}
