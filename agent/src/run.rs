@@ -101,7 +101,7 @@ pub async fn start(
 
     // Why the agent must stop by itself (banned, a sink that cannot be rendered, the
     // supervised child gone), as the message it ends with.
-    let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
+    let (fatal_tx, mut fatal_rx) = watch::channel(None::<Stop>);
     let progress = start_sinks_and_exec(&config, state_rx.clone(), fatal_tx.clone())?;
     let renew_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(sync::revocations::acknowledge(
@@ -165,9 +165,8 @@ pub async fn start(
             result = served => result.context("Workload API")?,
             _ = stop.wait_for(|s| *s) => {}
             fatal = fatal_rx.wait_for(|f| f.is_some()) => {
-                let why = fatal.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
                 // The supervised child ending well is a normal stop.
-                if why != CHILD_DONE {
+                if let Some(Stop::Fatal(why)) = fatal.ok().and_then(|stop| stop.clone()) {
                     anyhow::bail!("{why}");
                 }
             }
@@ -185,8 +184,15 @@ pub async fn start(
     ))
 }
 
-/// Told through the fatal channel when the `[exec]` child exited with 0.
-const CHILD_DONE: &str = "";
+/// Why the agent stops by itself, told through one watch channel by whoever decides it.
+#[derive(Debug, Clone)]
+enum Stop {
+    /// The `[exec]` child exited with 0: the agent's work is done.
+    ChildDone,
+    /// Something the agent cannot go on without: a sink that cannot be written, a ban,
+    /// the supervised child failing.
+    Fatal(String),
+}
 
 /// Starts the sinks and, under `[exec]`, the supervised child once the sinks' first files
 /// are written. A sink that cannot be rendered from the first full state stops the agent
@@ -195,7 +201,7 @@ const CHILD_DONE: &str = "";
 fn start_sinks_and_exec(
     config: &AgentConfig,
     state: watch::Receiver<Arc<WorkloadState>>,
-    fatal: watch::Sender<Option<String>>,
+    fatal: watch::Sender<Option<Stop>>,
 ) -> anyhow::Result<Option<watch::Receiver<SinkProgress>>> {
     let sinks = config.checked_sinks().map_err(anyhow::Error::msg)?;
     let spec = config
@@ -214,7 +220,7 @@ fn start_sinks_and_exec(
     tokio::spawn(async move {
         if let Err(e) = runner.run(state).await {
             tracing::error!(error = %e, "stopping: a sink cannot be written");
-            let _ = sink_fatal.send(Some(e.to_string()));
+            let _ = sink_fatal.send(Some(Stop::Fatal(e.to_string())));
         }
     });
     let Some(spec) = spec else {
@@ -223,9 +229,11 @@ fn start_sinks_and_exec(
     tokio::spawn(async move {
         let program = spec.program.clone();
         let why = match crate::exec::supervise(spec, exec_rx).await {
-            Ok(0) => CHILD_DONE.to_string(),
-            Ok(code) => format!("the supervised child {program} exited with code {code}"),
-            Err(e) => format!("[exec]: {e}"),
+            Ok(0) => Stop::ChildDone,
+            Ok(code) => Stop::Fatal(format!(
+                "the supervised child {program} exited with code {code}"
+            )),
+            Err(e) => Stop::Fatal(format!("[exec]: {e}")),
         };
         let _ = fatal.send(Some(why));
     });
@@ -294,7 +302,7 @@ struct SyncContext {
     progress: Option<watch::Receiver<SinkProgress>>,
 }
 
-async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<String>>) {
+async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<Stop>>) {
     let SyncContext {
         config,
         files,
@@ -344,7 +352,9 @@ async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<String>>) {
                 )
                 .await;
                 let _ = files.clear();
-                let _ = fatal.send(Some(format!("the daemon banned this agent: {reason}")));
+                let _ = fatal.send(Some(Stop::Fatal(format!(
+                    "the daemon banned this agent: {reason}"
+                ))));
                 return;
             }
             StreamEnd::Evicted(reason) => {

@@ -126,56 +126,69 @@ pub async fn run(
     Ok(())
 }
 
-/// The `mayfly-agent` beside this executable. Under `cargo run` (which sets `CARGO`), it
-/// is built first in the same profile, so a fresh checkout needs only the one command.
+/// The `mayfly-agent` to run. Outside cargo: the one beside this executable (`cargo build
+/// --bins` or a package put it there). Under `cargo run`, which holds the lock on its
+/// target directory while mayflyd runs, a `cargo build` of the agent in that directory
+/// would wait forever; it is built into a directory of its own under `target/`
+/// (`dev-agent/`) in the same profile, so a fresh checkout needs only the one command and
+/// an edited agent is rebuilt on the next run.
 async fn agent_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding mayflyd's own path")?;
     let dir = exe.parent().context("mayflyd's directory")?;
-    let agent = dir.join("mayfly-agent");
-    // `cargo run` names the package it runs; a test binary's children see its own.
+    // `cargo run` names the package it runs; a test binary's children see their own.
     let under_cargo_run = std::env::var("CARGO_PKG_NAME").is_ok_and(|p| p == "mayfly-daemon");
-    if let (Ok(cargo), Ok(manifest_dir), true) = (
+    let (Ok(cargo), Ok(manifest_dir), true, Some(target_dir), Some(profile)) = (
         std::env::var("CARGO"),
         std::env::var("CARGO_MANIFEST_DIR"),
         under_cargo_run,
-    ) {
-        let mut build = Command::new(cargo);
-        build.current_dir(manifest_dir).args([
+        dir.parent(),
+        dir.file_name().and_then(|n| n.to_str()),
+    ) else {
+        let agent = dir.join("mayfly-agent");
+        if !agent.exists() {
+            bail!(
+                "{} is missing: dev mode runs the agent binary that sits beside mayflyd \
+                 (`cargo build --bins`, or start dev mode with `cargo run --bin mayflyd -- dev`)",
+                agent.display()
+            );
+        }
+        return Ok(agent);
+    };
+    let own_dir = target_dir.join("dev-agent");
+    eprintln!(
+        "mayflyd dev: building mayfly-agent into {} (the first time takes a few minutes)",
+        own_dir.display()
+    );
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(manifest_dir)
+        .args([
             "build",
-            "--quiet",
             "-p",
             "mayfly-agent",
             "--bin",
             "mayfly-agent",
-        ]);
-        if let Some(profile) = dir.file_name().and_then(|n| n.to_str()) {
-            match profile {
-                "debug" => {}
-                "release" => {
-                    build.arg("--release");
-                }
-                other => {
-                    build.args(["--profile", other]);
-                }
-            }
+            "--target-dir",
+        ])
+        .arg(&own_dir);
+    match profile {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
         }
-        let status = build
-            .stdin(Stdio::null())
-            .status()
-            .await
-            .context("running cargo build for mayfly-agent")?;
-        if !status.success() {
-            bail!("cargo build --bin mayfly-agent failed ({status})");
+        other => {
+            build.args(["--profile", other]);
         }
     }
-    if !agent.exists() {
-        bail!(
-            "{} is missing: dev mode runs the agent binary that sits beside mayflyd \
-             (`cargo build --bins`, or start it with `cargo run --bin mayflyd -- dev`)",
-            agent.display()
-        );
+    let status = build
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .context("running cargo build for mayfly-agent")?;
+    if !status.success() {
+        bail!("cargo build --bin mayfly-agent failed ({status})");
     }
-    Ok(agent)
+    Ok(own_dir.join(profile).join("mayfly-agent"))
 }
 
 /// agent.toml, its bootstrap bundle and its join token (0600: the token is a credential).

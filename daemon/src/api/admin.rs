@@ -137,9 +137,9 @@ impl AdminApi {
 fn job_message(job: &JobRecord) -> v1::RotationJob {
     v1::RotationJob {
         token: job.token.clone(),
-        state: job.state.clone(),
+        state: job.state.to_string(),
         username: job.username.clone(),
-        trigger: job.trigger_kind.clone(),
+        trigger: job.trigger_kind.to_string(),
         attempts: job.attempts,
         last_error: job.last_error.clone(),
         created_at: job.created_at,
@@ -544,7 +544,10 @@ impl Admin for AdminApi {
         tracing::info!(uid, secret = %name, "rotation requested by operator");
         self.record(Event::new(&Actor::Operator(uid), "secret.rotate", &name))
             .await?;
-        let outcome = self.secrets.rotate_now(&name, "manual").await?;
+        let outcome = self
+            .secrets
+            .rotate_now(&name, crate::store::TriggerKind::Manual)
+            .await?;
         Ok(Response::new(v1::RotationOutcome {
             job: Some(job_message(&outcome.job)),
         }))

@@ -132,8 +132,11 @@ impl Revoker {
                     Strategy::AlternatingUsers => 2,
                 };
                 for round in 0..rounds {
-                    let outcome = self.secrets.rotate_now(name, "revoke").await?;
-                    if outcome.job.state != "promoted" {
+                    let outcome = self
+                        .secrets
+                        .rotate_now(name, crate::store::TriggerKind::Revoke)
+                        .await?;
+                    if outcome.job.state != crate::store::JobState::Promoted {
                         return Err(RevokeError::Failed(format!(
                             "the rotation that replaces secret {name} failed ({}); the old value \
                              is still valid",

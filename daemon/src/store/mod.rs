@@ -33,7 +33,9 @@ pub use error::StoreError;
 pub use join_tokens::JoinTokenRecord;
 pub use leases::LeaseRecord;
 pub use revocations::{RevocationAckRecord, RevocationRecord, RevokedSerialRecord};
-pub use secrets::{JobRecord, LocalVersionRecord, ScheduledStart, SecretRecord};
+pub use secrets::{
+    JobRecord, JobState, LocalVersionRecord, ScheduledStart, SecretRecord, TriggerKind,
+};
 
 /// The store's result type.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

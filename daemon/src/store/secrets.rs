@@ -2,6 +2,9 @@
 //! job, and the indexes that keep two jobs from running for one secret), and the versions of Mayfly's own encrypted store. Values
 //! and definitions arrive here already sealed: the datastore never sees plaintext.
 
+use std::fmt;
+use std::str::FromStr;
+
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
@@ -21,14 +24,119 @@ pub struct SecretRecord {
     pub updated_at: i64,
 }
 
+/// Where a rotation job stands: created, then one state per finished step (AWS's four
+/// steps), or failed. Stored as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Created,
+    /// The pending version is in the secret's store.
+    PendingStored,
+    /// The target system accepts the pending value.
+    TargetSet,
+    /// A login with the pending value worked.
+    Tested,
+    /// The pending version is current: the job is done.
+    Promoted,
+    /// Given up; the current version was never touched.
+    Failed,
+}
+
+impl JobState {
+    /// The text stored in the database and shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Created => "created",
+            JobState::PendingStored => "pending_stored",
+            JobState::TargetSet => "target_set",
+            JobState::Tested => "tested",
+            JobState::Promoted => "promoted",
+            JobState::Failed => "failed",
+        }
+    }
+
+    /// Promoted or failed: nothing more will happen to the job.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Promoted | JobState::Failed)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "created" => Ok(JobState::Created),
+            "pending_stored" => Ok(JobState::PendingStored),
+            "target_set" => Ok(JobState::TargetSet),
+            "tested" => Ok(JobState::Tested),
+            "promoted" => Ok(JobState::Promoted),
+            "failed" => Ok(JobState::Failed),
+            other => Err(StoreError::Corrupt {
+                what: "rotation job state",
+                detail: format!("{other:?} is not a rotation job state"),
+            }),
+        }
+    }
+}
+
+/// What started a rotation job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerKind {
+    /// Its schedule fell due.
+    Schedule,
+    /// An operator ran `mayflyd secret rotate`.
+    Manual,
+    /// A revocation of the secret replaces its value before revoking the old one.
+    Revoke,
+}
+
+impl TriggerKind {
+    /// The text stored in the database and shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerKind::Schedule => "schedule",
+            TriggerKind::Manual => "manual",
+            TriggerKind::Revoke => "revoke",
+        }
+    }
+}
+
+impl fmt::Display for TriggerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TriggerKind {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "schedule" => Ok(TriggerKind::Schedule),
+            "manual" => Ok(TriggerKind::Manual),
+            "revoke" => Ok(TriggerKind::Revoke),
+            other => Err(StoreError::Corrupt {
+                what: "rotation trigger",
+                detail: format!("{other:?} is not schedule, manual or revoke"),
+            }),
+        }
+    }
+}
+
 /// A persisted rotation; its token becomes the new version's id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
     pub token: String,
     pub secret_name: String,
-    pub state: String,
+    pub state: JobState,
     pub username: String,
-    pub trigger_kind: String,
+    pub trigger_kind: TriggerKind,
     pub attempts: i64,
     pub last_error: String,
     pub created_at: i64,
@@ -229,7 +337,7 @@ impl Store {
             "UPDATE rotation_jobs SET state = $1, attempts = $2, last_error = $3, updated_at = $4, finished_at = $5 \
              WHERE token = $6 AND claimed_by = $7",
         )
-        .bind(&job.state)
+        .bind(job.state.as_str())
         .bind(job.attempts)
         .bind(&job.last_error)
         .bind(job.updated_at)
@@ -390,9 +498,9 @@ fn insert_job_query(job: &JobRecord) -> sqlx::query::Query<'_, sqlx::Any, sqlx::
     )
     .bind(&job.token)
     .bind(&job.secret_name)
-    .bind(&job.state)
+    .bind(job.state.as_str())
     .bind(&job.username)
-    .bind(&job.trigger_kind)
+    .bind(job.trigger_kind.as_str())
     .bind(job.attempts)
     .bind(&job.last_error)
     .bind(job.created_at)
@@ -420,9 +528,9 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
     Ok(JobRecord {
         token: row.try_get("token")?,
         secret_name: row.try_get("secret_name")?,
-        state: row.try_get("state")?,
+        state: row.try_get::<String, _>("state")?.parse()?,
         username: row.try_get("username")?,
-        trigger_kind: row.try_get("trigger_kind")?,
+        trigger_kind: row.try_get::<String, _>("trigger_kind")?.parse()?,
         attempts: row.try_get("attempts")?,
         last_error: row.try_get("last_error")?,
         created_at: row.try_get("created_at")?,

@@ -842,9 +842,9 @@ fn job(token: &str, secret: &str, holder: &str, claim_until: i64) -> JobRecord {
     JobRecord {
         token: token.into(),
         secret_name: secret.into(),
-        state: "created".into(),
+        state: JobState::Created,
         username: String::new(),
-        trigger_kind: "manual".into(),
+        trigger_kind: TriggerKind::Manual,
         attempts: 0,
         last_error: String::new(),
         created_at: 1,
@@ -882,7 +882,7 @@ async fn one_unfinished_job_per_secret(db: TestDb) {
             .expect("other secret")
     );
     let mut finished = a.get_job("j1").await.expect("j1");
-    finished.state = "promoted".into();
+    finished.state = JobState::Promoted;
     finished.finished_at = Some(2);
     assert!(a.update_job(&finished, "a").await.expect("finish"));
     assert!(
@@ -891,7 +891,7 @@ async fn one_unfinished_job_per_secret(db: TestDb) {
             .expect("free again")
     );
     let mut failed = b.get_job("j2").await.expect("j2");
-    failed.state = "failed".into();
+    failed.state = JobState::Failed;
     assert!(b.update_job(&failed, "b").await.expect("fail"));
     assert!(
         a.insert_job(&job("j4", "s", "a", 10_000))
@@ -945,16 +945,19 @@ async fn job_claims_fence_progress(db: TestDb) {
             .await
             .expect("take over")
     );
-    progress.state = "pending_stored".into();
+    progress.state = JobState::PendingStored;
     assert!(!a.update_job(&progress, "a").await.expect("fenced"));
     assert!(!a.claim_job("j", "a", 24_002, 39_002).await.expect("lost"));
-    assert_eq!(b.get_job("j").await.expect("read").state, "created");
-    progress.state = "pending_stored".into();
+    assert_eq!(b.get_job("j").await.expect("read").state, JobState::Created);
+    progress.state = JobState::PendingStored;
     assert!(b.update_job(&progress, "b").await.expect("b records"));
-    assert_eq!(a.get_job("j").await.expect("read").state, "pending_stored");
+    assert_eq!(
+        a.get_job("j").await.expect("read").state,
+        JobState::PendingStored
+    );
 
     // A finished job cannot be claimed at all.
-    progress.state = "promoted".into();
+    progress.state = JobState::Promoted;
     assert!(b.update_job(&progress, "b").await.expect("finish"));
     assert!(
         !b.claim_job("j", "b", 50_000, 65_000)
@@ -978,7 +981,7 @@ async fn schedule_slot_starts_one_job(db: TestDb) {
         .expect("secret");
     let scheduled = |token: &str, holder: &str, slot: i64| JobRecord {
         scheduled_for: Some(slot),
-        trigger_kind: "schedule".into(),
+        trigger_kind: TriggerKind::Schedule,
         ..job(token, "s", holder, 100_000)
     };
     // Both daemons think slot 2000 is due; the first takes it, the second finds it taken.
@@ -1015,7 +1018,7 @@ async fn schedule_slot_starts_one_job(db: TestDb) {
     ));
     // Even with the schedule wound back, a slot that has a job never gets a second.
     let mut done = a.get_job("a1").await.expect("a1");
-    done.state = "promoted".into();
+    done.state = JobState::Promoted;
     assert!(a.update_job(&done, "a").await.expect("finish"));
     b.set_secret_schedule("s", Some(2_000))
         .await

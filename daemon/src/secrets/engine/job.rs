@@ -2,6 +2,7 @@
 //! one daemon at a time, resumed after a crash, retried with backoff, audited step by step.
 
 use super::*;
+use crate::store::{JobState, TriggerKind};
 
 impl RotationEngine {
     /// Rotates now and waits for the outcome. Any daemon may do this, leader or not: the
@@ -10,7 +11,7 @@ impl RotationEngine {
     pub async fn rotate_now(
         self: &Arc<Self>,
         name: &str,
-        trigger: &str,
+        trigger: TriggerKind,
     ) -> Result<Outcome, EngineError> {
         let runtime = self.fresh_runtime(name).await?;
         let job = self.new_job(&runtime, trigger, None).await?;
@@ -37,7 +38,7 @@ impl RotationEngine {
     pub(super) async fn new_job(
         &self,
         runtime: &SecretRuntime,
-        trigger: &str,
+        trigger: TriggerKind,
         scheduled_for: Option<i64>,
     ) -> Result<JobRecord, EngineError> {
         let username = self.next_username(runtime).await?;
@@ -45,9 +46,9 @@ impl RotationEngine {
         Ok(JobRecord {
             token: new_token(),
             secret_name: runtime.spec.name.clone(),
-            state: "created".into(),
+            state: JobState::Created,
             username,
-            trigger_kind: trigger.to_string(),
+            trigger_kind: trigger,
             attempts: 0,
             last_error: String::new(),
             created_at: unix(now),
@@ -191,7 +192,7 @@ impl RotationEngine {
         };
         let max = i64::from(runtime.spec.max_attempts);
         let mut step_attempts = 0i64;
-        while job.state != "promoted" && job.state != "failed" {
+        while !job.state.is_finished() {
             if !self.claim(&job.token).await {
                 return;
             }
@@ -203,11 +204,11 @@ impl RotationEngine {
             };
             match result {
                 Ok(next) => {
-                    job.state = next.to_string();
+                    job.state = next;
                     job.updated_at = unix(self.clock.now());
                     job.last_error.clear();
                     step_attempts = 0;
-                    if job.state == "promoted" {
+                    if job.state == JobState::Promoted {
                         job.finished_at = Some(job.updated_at);
                     }
                     if !self.record_progress(&job).await {
@@ -215,7 +216,7 @@ impl RotationEngine {
                     }
                     tracing::info!(secret = %name, job = %job.token, state = %job.state, "rotation step done");
                     self.audit_step(&job, crate::audit::OK, "");
-                    crash_point(&job.state);
+                    crash_point(job.state);
                 }
                 Err(e) => {
                     job.attempts += 1;
@@ -223,7 +224,7 @@ impl RotationEngine {
                     job.last_error = e.to_string();
                     job.updated_at = unix(self.clock.now());
                     if step_attempts >= max {
-                        job.state = "failed".into();
+                        job.state = JobState::Failed;
                         job.finished_at = Some(job.updated_at);
                         tracing::error!(secret = %name, job = %job.token, error = %job.last_error, "rotation failed; the current version is untouched");
                         self.audit_step(&job, crate::audit::FAILED, &job.last_error);
@@ -234,7 +235,7 @@ impl RotationEngine {
                     if !self.record_progress(&job).await {
                         return;
                     }
-                    if job.state != "failed" {
+                    if job.state != JobState::Failed {
                         let delay = self.retry_base * 2u32.pow(step_attempts.min(6) as u32 - 1);
                         let backoff = tokio::time::sleep(delay.min(Duration::from_secs(60)));
                         if self.while_claimed(&job.token, backoff).await.is_none() {
@@ -244,7 +245,7 @@ impl RotationEngine {
                 }
             }
         }
-        let (outcome, counted) = if job.state == "promoted" {
+        let (outcome, counted) = if job.state == JobState::Promoted {
             (format!("promoted {}", job.token), RotationOutcome::Promoted)
         } else {
             (
@@ -260,7 +261,7 @@ impl RotationEngine {
         {
             tracing::error!(secret = %name, error = %e, "could not record the rotation outcome");
         }
-        if job.state == "promoted" {
+        if job.state == JobState::Promoted {
             let _ = self.promoted.send(Promoted {
                 secret: name,
                 version: job.token.clone(),
@@ -271,7 +272,7 @@ impl RotationEngine {
     /// One record per rotation step: the state reached (or `failed`), by whom it was set
     /// off. Never the value.
     pub(super) fn audit_step(&self, job: &JobRecord, outcome: &str, why: &str) {
-        let actor = if job.trigger_kind == "schedule" {
+        let actor = if job.trigger_kind == TriggerKind::Schedule {
             Actor::Scheduler
         } else {
             Actor::Daemon
@@ -292,9 +293,9 @@ impl RotationEngine {
         &self,
         runtime: &SecretRuntime,
         job: &JobRecord,
-    ) -> Result<&'static str, EngineError> {
-        match job.state.as_str() {
-            "created" => {
+    ) -> Result<JobState, EngineError> {
+        match job.state {
+            JobState::Created => {
                 if runtime.store.get_version(&job.token).await?.is_none() {
                     let value = Credential {
                         username: job.username.clone(),
@@ -302,25 +303,25 @@ impl RotationEngine {
                     };
                     runtime.store.put_pending(&job.token, &value).await?;
                 }
-                Ok("pending_stored")
+                Ok(JobState::PendingStored)
             }
-            "pending_stored" => {
+            JobState::PendingStored => {
                 let value = self.pending_value(runtime, job).await?;
                 runtime.target.set(&value).await?;
-                Ok("target_set")
+                Ok(JobState::TargetSet)
             }
-            "target_set" => {
+            JobState::TargetSet => {
                 let value = self.pending_value(runtime, job).await?;
                 runtime.target.test(&value).await?;
-                Ok("tested")
+                Ok(JobState::Tested)
             }
-            "tested" => {
+            JobState::Tested => {
                 runtime.store.promote(&job.token).await?;
-                Ok("promoted")
+                Ok(JobState::Promoted)
             }
-            other => Err(EngineError::Internal(format!(
-                "job in unknown state {other}"
-            ))),
+            finished @ (JobState::Promoted | JobState::Failed) => Err(EngineError::Internal(
+                format!("job already {finished}: no step left"),
+            )),
         }
     }
 

@@ -31,8 +31,13 @@ mod definitions;
 mod job;
 mod scheduler;
 
-/// The steps a job passes through, in order; each name is the state after that step.
-pub const STEPS: [&str; 4] = ["pending_stored", "target_set", "tested", "promoted"];
+/// The steps a job passes through, in order; each is the state after that step.
+pub const STEPS: [crate::store::JobState; 4] = [
+    crate::store::JobState::PendingStored,
+    crate::store::JobState::TargetSet,
+    crate::store::JobState::Tested,
+    crate::store::JobState::Promoted,
+];
 
 /// The lease whose holder runs the scheduler.
 pub const SCHEDULER_LEASE: &str = "rotation-scheduler";
@@ -171,9 +176,9 @@ fn retry_base() -> Duration {
 
 /// Crash-safety tests set `MAYFLY_TEST_CRASH_AFTER=<state>` to have the daemon SIGKILL
 /// itself right after a step is recorded, the harshest moment to die.
-fn crash_point(state: &str) {
-    if std::env::var("MAYFLY_TEST_CRASH_AFTER").is_ok_and(|s| s == state) {
-        tracing::warn!(state, "MAYFLY_TEST_CRASH_AFTER: killing the daemon now");
+fn crash_point(state: crate::store::JobState) {
+    if std::env::var("MAYFLY_TEST_CRASH_AFTER").is_ok_and(|s| s == state.as_str()) {
+        tracing::warn!(%state, "MAYFLY_TEST_CRASH_AFTER: killing the daemon now");
         // SAFETY: sending SIGKILL to ourselves has no memory-safety preconditions.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

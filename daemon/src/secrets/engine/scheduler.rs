@@ -134,7 +134,10 @@ impl RotationEngine {
             return Some(due_time);
         }
         let following = runtime.schedule.next_run(Some(now), now);
-        let job = match self.new_job(&runtime, "schedule", Some(due)).await {
+        let job = match self
+            .new_job(&runtime, crate::store::TriggerKind::Schedule, Some(due))
+            .await
+        {
             Ok(job) => job,
             Err(e) => {
                 tracing::error!(secret = %name, error = %e, "could not start a scheduled rotation");
