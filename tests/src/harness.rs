@@ -241,31 +241,17 @@ impl DaemonProcess {
 
     /// Runs an operator subcommand against this daemon.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Ok(Command::new(binary("mayflyd")?)
-            .args(args)
-            .env("MAYFLY_ADMIN_SOCKET", &self.admin_socket)
-            .stdin(Stdio::null())
-            .output()?)
+        operator_cli(&self.admin_socket, args)
     }
 
     /// Runs an operator subcommand that must succeed, returning its stdout.
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.cli(args)?;
-        if !out.status.success() {
-            bail!(
-                "mayflyd {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?)
+        operator_ok(&self.admin_socket, args)
     }
 
     /// Runs an operator subcommand with `--output json` and parses the result.
     pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-        let mut all = args.to_vec();
-        all.extend(["--output", "json"]);
-        Ok(serde_json::from_str(&self.cli_ok(&all)?)?)
+        operator_json(&self.admin_socket, args)
     }
 
     /// `mayflyd secret create --file` with `toml` as the file; the summary it prints.
@@ -536,6 +522,36 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `mayflyd ARGS` against the daemon whose admin socket is `admin_socket`, as an
+/// operator runs it.
+pub fn operator_cli(admin_socket: &Path, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(binary("mayflyd")?)
+        .args(args)
+        .env("MAYFLY_ADMIN_SOCKET", admin_socket)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+/// [`operator_cli`] that must succeed, returning its stdout.
+pub fn operator_ok(admin_socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = operator_cli(admin_socket, args)?;
+    if !out.status.success() {
+        bail!(
+            "mayflyd {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// [`operator_cli`] with `--output json`, parsed.
+pub fn operator_json(admin_socket: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    Ok(serde_json::from_str(&operator_ok(admin_socket, &all)?)?)
 }
 
 /// Polls `check` every 20 ms until it holds, failing the test after `timeout`.

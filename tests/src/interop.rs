@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::harness::binary;
+use crate::harness::{binary, operator_cli, operator_json};
 
 /// A running `mayflyd dev`: what its banner printed, and the process, stopped with SIGTERM
 /// on drop so that it deletes its temporary directory.
@@ -87,27 +87,12 @@ impl DevMode {
 
     /// An operator subcommand against the dev daemon's admin socket.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Ok(Command::new(binary("mayflyd")?)
-            .args(args)
-            .arg("--socket")
-            .arg(&self.admin_socket)
-            .stdin(Stdio::null())
-            .output()?)
+        operator_cli(&self.admin_socket, args)
     }
 
     /// An operator subcommand with `--output json` that must succeed.
     pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let mut all = args.to_vec();
-        all.extend(["--output", "json"]);
-        let out = self.cli(&all)?;
-        if !out.status.success() {
-            bail!(
-                "mayflyd {} failed: {}",
-                all.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        operator_json(&self.admin_socket, args)
     }
 }
 

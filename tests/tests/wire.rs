@@ -7,7 +7,7 @@
 //! update. The frames and HPACK blocks are written here by hand; the answers are decoded
 //! with fluke-hpack, an HPACK implementation nobody here wrote.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -38,6 +38,8 @@ struct Answer {
     headers: BTreeMap<String, String>,
     data_bytes: usize,
     reset: Option<u32>,
+    /// The server ended the stream (trailers with END_STREAM).
+    ended: bool,
 }
 
 impl RawConnection {
@@ -90,21 +92,36 @@ impl RawConnection {
     }
 
     /// Reads until every stream in `streams` has its response headers and a message (or was
-    /// reset), acknowledging the server's SETTINGS and answering PINGs on the way.
+    /// reset).
     fn answers(&mut self, streams: &[u32]) -> BTreeMap<u32, Answer> {
-        let mut answers: BTreeMap<u32, Answer> = BTreeMap::new();
-        let pending = |answers: &BTreeMap<u32, Answer>| -> BTreeSet<u32> {
-            streams
-                .iter()
-                .copied()
-                .filter(|s| {
-                    answers.get(s).is_none_or(|a| {
-                        a.reset.is_none() && (a.headers.is_empty() || a.data_bytes == 0)
-                    })
+        self.read_until(|answers| {
+            streams.iter().all(|s| {
+                answers.get(s).is_some_and(|a| {
+                    a.reset.is_some() || (!a.headers.is_empty() && a.data_bytes > 0)
                 })
-                .collect()
-        };
-        while !pending(&answers).is_empty() {
+            })
+        })
+    }
+
+    /// Reads until `stream` ends or is reset.
+    fn until_end(&mut self, stream: u32) -> Answer {
+        let mut answers = self.read_until(|answers| {
+            answers
+                .get(&stream)
+                .is_some_and(|a| a.ended || a.reset.is_some())
+        });
+        answers.remove(&stream).unwrap_or_default()
+    }
+
+    /// Reads frames into per-stream answers until `done` holds, acknowledging the server's
+    /// SETTINGS and answering PINGs on the way, and decoding every header block in order so
+    /// the HPACK state stays in step. A GOAWAY fails the test.
+    fn read_until(
+        &mut self,
+        done: impl Fn(&BTreeMap<u32, Answer>) -> bool,
+    ) -> BTreeMap<u32, Answer> {
+        let mut answers: BTreeMap<u32, Answer> = BTreeMap::new();
+        while !done(&answers) {
             let (kind, flags, stream, payload) = self.read_frame();
             match kind {
                 SETTINGS if flags & ACK == 0 => self.frame(SETTINGS, ACK, 0, &[]),
@@ -122,6 +139,7 @@ impl RawConnection {
                             String::from_utf8_lossy(&value).into_owned(),
                         );
                     }
+                    answer.ended |= flags & END_STREAM != 0;
                 }
                 DATA => answers.entry(stream).or_default().data_bytes += payload.len(),
                 RST_STREAM => {
@@ -351,42 +369,4 @@ fn the_admin_socket_serves_a_c_core_authority_too() {
         "ListEntries answered OK: {answer:?}"
     );
     assert!(answer.data_bytes > 5, "the entries came back: {answer:?}");
-}
-
-impl RawConnection {
-    /// Reads until `stream` ends (trailers with END_STREAM, or a reset), keeping the
-    /// HPACK state in step with every other stream's headers on the way.
-    fn until_end(&mut self, stream: u32) -> Answer {
-        let mut answer = Answer::default();
-        loop {
-            let (kind, flags, on, payload) = self.read_frame();
-            match kind {
-                SETTINGS if flags & ACK == 0 => self.frame(SETTINGS, ACK, 0, &[]),
-                PING if flags & ACK == 0 => self.frame(PING, ACK, 0, &payload),
-                HEADERS => {
-                    let decoded = self.decoder.decode(&payload).expect("a valid HPACK block");
-                    if on == stream {
-                        for (name, value) in decoded {
-                            answer.headers.insert(
-                                String::from_utf8_lossy(&name).into_owned(),
-                                String::from_utf8_lossy(&value).into_owned(),
-                            );
-                        }
-                        if flags & END_STREAM != 0 {
-                            return answer;
-                        }
-                    }
-                }
-                DATA if on == stream => answer.data_bytes += payload.len(),
-                RST_STREAM if on == stream => {
-                    answer.reset = Some(u32::from_be_bytes([
-                        payload[0], payload[1], payload[2], payload[3],
-                    ]));
-                    return answer;
-                }
-                GOAWAY => panic!("GOAWAY: {}", String::from_utf8_lossy(&payload[8..])),
-                _ => {}
-            }
-        }
-    }
 }

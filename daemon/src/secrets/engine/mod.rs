@@ -31,14 +31,6 @@ mod definitions;
 mod job;
 mod scheduler;
 
-/// The steps a job passes through, in order; each is the state after that step.
-pub const STEPS: [crate::store::JobState; 4] = [
-    crate::store::JobState::PendingStored,
-    crate::store::JobState::TargetSet,
-    crate::store::JobState::Tested,
-    crate::store::JobState::Promoted,
-];
-
 /// The lease whose holder runs the scheduler.
 pub const SCHEDULER_LEASE: &str = "rotation-scheduler";
 
