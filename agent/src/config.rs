@@ -7,6 +7,10 @@ use serde::Deserialize;
 
 use mayfly_common::TrustDomain;
 
+use crate::exec::{ChangeActionError, UnknownSignal};
+use crate::secret_ref::SecretRefError;
+use crate::sinks::{InvalidEnvName, SinkSetError};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -69,29 +73,63 @@ pub struct ExecConfig {
 pub use mayfly_common::process::ConfigError;
 pub use mayfly_common::process::{LogConfig, LogFormat};
 
+/// What is wrong with an agent.toml that parsed: the key to fix, and why.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error("key `max_csr_batch`: must be at least 1")]
+    ZeroBatch,
+    #[error(transparent)]
+    Sinks(#[from] SinkSetError),
+    #[error("[exec]: {0}")]
+    Exec(#[source] ExecConfigError),
+}
+
+/// Why the `[exec]` table does not describe a child that can be run.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ExecConfigError {
+    #[error("key `command`: name the program to run")]
+    NoProgram,
+    #[error("env: {0}")]
+    EnvName(#[source] InvalidEnvName),
+    /// Quotes the `secret:` reference, never a literal value (which may be a secret).
+    #[error("env.{key}: {source}")]
+    EnvValue { key: String, source: SecretRefError },
+    #[error("key `on_change`: {0}")]
+    OnChange(#[source] ChangeActionError),
+    #[error("key `stop_signal`: {0}")]
+    StopSignal(#[source] UnknownSignal),
+}
+
 impl AgentConfig {
+    // The shared loader reports a failed check as text beside the file's path, so the
+    // typed error becomes its message there and nowhere else.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        mayfly_common::process::load_toml(path, Self::check)
+        mayfly_common::process::load_toml(path, |c: &Self| c.check().map_err(|e| e.to_string()))
     }
 
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        mayfly_common::process::parse_toml(text, origin, Self::check)
+        mayfly_common::process::parse_toml(text, origin, |c: &Self| {
+            c.check().map_err(|e| e.to_string())
+        })
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// What the types cannot say: batch sizes, the sinks, the `[exec]` child.
+    fn check(&self) -> Result<(), AgentConfigError> {
         if self.max_csr_batch == 0 {
-            return Err("key `max_csr_batch`: must be at least 1".into());
+            return Err(AgentConfigError::ZeroBatch);
         }
         crate::sinks::check_all(&self.sinks, self.exec.is_some())?;
         if let Some(exec) = &self.exec {
             exec.child_spec(&self.socket_path)
-                .map_err(|e| format!("[exec]: {e}"))?;
+                .map_err(AgentConfigError::Exec)?;
         }
         Ok(())
     }
 
     /// The checked sinks (`check` has already refused bad ones at load).
-    pub fn checked_sinks(&self) -> Result<Vec<crate::sinks::Sink>, String> {
+    pub fn checked_sinks(&self) -> Result<Vec<crate::sinks::Sink>, SinkSetError> {
         crate::sinks::check_all(&self.sinks, self.exec.is_some())
     }
 
@@ -115,23 +153,23 @@ impl AgentConfig {
 
 impl ExecConfig {
     /// What the supervisor runs; every reference and name checked.
-    pub fn child_spec(&self, socket: &Path) -> Result<crate::exec::ChildSpec, String> {
+    pub fn child_spec(&self, socket: &Path) -> Result<crate::exec::ChildSpec, ExecConfigError> {
         use crate::exec::{ChangeAction, EnvValue};
         let (program, args) = self
             .command
             .split_first()
             .filter(|(p, _)| !p.is_empty())
-            .ok_or("key `command`: name the program to run")?;
+            .ok_or(ExecConfigError::NoProgram)?;
         let mut vars = Vec::with_capacity(self.env.len());
         for (key, value) in &self.env {
-            crate::sinks::check_env_name(key).map_err(|e| format!("env: {e}"))?;
-            let value = EnvValue::parse(value).map_err(|e| format!("env.{key}: {e}"))?;
+            crate::sinks::check_env_name(key).map_err(ExecConfigError::EnvName)?;
+            let value = EnvValue::parse(value).map_err(|source| ExecConfigError::EnvValue {
+                key: key.clone(),
+                source,
+            })?;
             vars.push((key.clone(), value));
         }
-        let on_change: ChangeAction = self
-            .on_change
-            .parse()
-            .map_err(|e| format!("key `on_change`: {e}"))?;
+        let on_change: ChangeAction = self.on_change.parse().map_err(ExecConfigError::OnChange)?;
         Ok(crate::exec::ChildSpec {
             program: program.clone(),
             args: args.to_vec(),
@@ -143,7 +181,7 @@ impl ExecConfig {
             stop_signal: self
                 .stop_signal
                 .parse()
-                .map_err(|e| format!("key `stop_signal`: {e}"))?,
+                .map_err(ExecConfigError::StopSignal)?,
             stop_timeout: self.stop_timeout,
             // The agent has its state once synced; a secret missing then is a mistake.
             first_wait: std::time::Duration::from_secs(30),

@@ -1,5 +1,8 @@
 //! `mayfly-agent`: runs the node agent, or queries a running one's Workload API.
 
+// The libc calls this binary makes go through the library's `sys` wrappers.
+#![deny(unsafe_code)]
+
 use std::io::Write;
 
 use anyhow::Context;
@@ -83,25 +86,13 @@ fn notify_ready() {
 /// Every workload connection is a descriptor; lift the soft limit to the hard one, as
 /// LimitNOFILE does under systemd.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+    // Not fatal: the agent still serves, only fewer workloads at once.
+    let _ = mayfly_agent::sys::raise_open_files_limit();
 }
 
 /// glibc gives every thread that allocates its own arena, which a busy agent turns into
 /// tens of MiB of mostly idle heap; two arenas serve its few threads well.
 fn limit_malloc_arenas() {
-    // SAFETY: mallopt only adjusts allocator tuning; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    // Called before any other thread exists, so every arena is created under the limit.
+    mayfly_agent::sys::set_malloc_arena_max(2);
 }

@@ -55,9 +55,9 @@ pub enum ConfigError {
 }
 
 /// Reads and parses `path`, then runs `check` on the result.
-pub fn load_toml<T: DeserializeOwned>(
+pub fn load_toml<T: DeserializeOwned, E: std::fmt::Display>(
     path: &Path,
-    check: impl Fn(&T) -> Result<(), String>,
+    check: impl Fn(&T) -> Result<(), E>,
 ) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -67,18 +67,18 @@ pub fn load_toml<T: DeserializeOwned>(
 }
 
 /// Parses `text`; `origin` only names the file in errors.
-pub fn parse_toml<T: DeserializeOwned>(
+pub fn parse_toml<T: DeserializeOwned, E: std::fmt::Display>(
     text: &str,
     origin: &Path,
-    check: impl Fn(&T) -> Result<(), String>,
+    check: impl Fn(&T) -> Result<(), E>,
 ) -> Result<T, ConfigError> {
     let value: T = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: origin.to_path_buf(),
         message: describe_toml_error(text, &e),
     })?;
-    check(&value).map_err(|message| ConfigError::Invalid {
+    check(&value).map_err(|problem| ConfigError::Invalid {
         path: origin.to_path_buf(),
-        message,
+        message: problem.to_string(),
     })?;
     Ok(value)
 }

@@ -131,7 +131,7 @@ impl DaemonConfig {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ConfigProblem> {
         let ttl_rules = [
             ("ca.ttl", self.ca.ttl, Duration::from_secs(60)),
             ("svid.x509_ttl", self.svid.x509_ttl, Duration::from_secs(10)),
@@ -149,39 +149,78 @@ impl DaemonConfig {
         ];
         for (key, value, min) in ttl_rules {
             if value < min {
-                return Err(format!(
-                    "key `{key}`: {} is shorter than the minimum {}",
-                    humantime::format_duration(value),
-                    humantime::format_duration(min)
-                ));
+                return Err(ConfigProblem::TooShort {
+                    key,
+                    value: humantime::format_duration(value).to_string(),
+                    min: humantime::format_duration(min).to_string(),
+                });
             }
         }
         if self.svid.max_csr_batch == 0 {
-            return Err("key `svid.max_csr_batch`: must be at least 1".into());
+            return Err(ConfigProblem::key(
+                "svid.max_csr_batch",
+                "must be at least 1",
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for secret in &self.secrets {
-            secret.check().map_err(|e| e.to_string())?;
+            secret.check()?;
             if !names.insert(secret.name.as_str()) {
-                return Err(format!("secret `{}` is defined twice", secret.name));
+                return Err(ConfigProblem::SecretTwice(secret.name.clone()));
             }
         }
         let scheduler = &self.scheduler;
         if scheduler.lease_ttl < Duration::from_secs(1) {
-            return Err("key `scheduler.lease_ttl`: must be at least 1s".into());
+            return Err(ConfigProblem::key(
+                "scheduler.lease_ttl",
+                "must be at least 1s",
+            ));
         }
         if scheduler.lease_renewal.is_zero() || scheduler.lease_renewal * 2 > scheduler.lease_ttl {
-            return Err(format!(
-                "key `scheduler.lease_renewal`: {} must be more than zero and at most half of \
-                 `scheduler.lease_ttl` ({}), so one missed renewal does not lose the lease",
-                humantime::format_duration(scheduler.lease_renewal),
-                humantime::format_duration(scheduler.lease_ttl)
+            return Err(ConfigProblem::key(
+                "scheduler.lease_renewal",
+                format!(
+                    "{} must be more than zero and at most half of `scheduler.lease_ttl` ({}), \
+                     so one missed renewal does not lose the lease",
+                    humantime::format_duration(scheduler.lease_renewal),
+                    humantime::format_duration(scheduler.lease_ttl)
+                ),
             ));
         }
         if self.max_message_bytes < 1024 {
-            return Err("key `max_message_bytes`: must be at least 1024".into());
+            return Err(ConfigProblem::key(
+                "max_message_bytes",
+                "must be at least 1024",
+            ));
         }
         Ok(())
+    }
+}
+
+/// What daemon.toml gets wrong; the file's name is put in front (`ConfigError::Invalid`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigProblem {
+    #[error("key `{key}`: {value} is shorter than the minimum {min}")]
+    TooShort {
+        key: &'static str,
+        value: String,
+        min: String,
+    },
+    #[error("key `{key}`: {message}")]
+    Key { key: &'static str, message: String },
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::spec::SpecError),
+    #[error("secret `{0}` is defined twice")]
+    SecretTwice(String),
+}
+
+impl ConfigProblem {
+    fn key(key: &'static str, message: impl Into<String>) -> Self {
+        Self::Key {
+            key,
+            message: message.into(),
+        }
     }
 }
 
@@ -223,15 +262,7 @@ impl SchedulerConfig {
         if !self.holder_id.is_empty() {
             return self.holder_id.clone();
         }
-        let mut name = [0u8; 256];
-        // SAFETY: gethostname writes at most name.len() bytes into the buffer we own.
-        let rc = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
-        let host = if rc == 0 {
-            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-            String::from_utf8_lossy(&name[..end]).into_owned()
-        } else {
-            "unknown-host".into()
-        };
+        let host = crate::sys::hostname().unwrap_or_else(|| "unknown-host".into());
         let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
         format!("{host}:{}", dir.display())
     }

@@ -40,8 +40,7 @@ pub async fn run(
     let daemon_stop = wait_for(stop_rx);
     let (daemon, daemon_handle) = server::start(config, daemon_stop).await?;
 
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = crate::sys::uid();
     let node_id = format!("spiffe://{trust_domain}/node/dev");
     let workload_id = format!("spiffe://{trust_domain}/dev/uid-{uid}");
     // Through the admin socket, as an operator would: the token and the entry are on the
@@ -264,8 +263,7 @@ async fn start_agent(binary: &Path, agent_dir: &Path, socket: &Path) -> anyhow::
 /// SIGTERM, as an operator's service manager would, then a kill if it lingers.
 async fn stop_agent(agent: &mut Child) {
     if let Some(pid) = agent.id() {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let _ = crate::sys::kill(pid as i32, libc::SIGTERM);
     }
     if tokio::time::timeout(Duration::from_secs(10), agent.wait())
         .await

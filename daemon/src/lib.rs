@@ -13,3 +13,5 @@ pub mod revoke;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod sys;
+pub mod visibility;

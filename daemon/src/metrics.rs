@@ -36,6 +36,7 @@ pub struct Metrics {
     /// Per secret: [promoted, failed].
     rotations: RwLock<BTreeMap<String, Arc<[AtomicU64; 2]>>>,
     step_retries: AtomicU64,
+    secret_value_reads: AtomicU64,
     x509_signed: AtomicU64,
     jwt_signed: AtomicU64,
     connected_agents: AtomicI64,
@@ -80,6 +81,12 @@ impl Metrics {
     /// A rotation step failed and will be tried again.
     pub fn step_retried(&self) {
         self.step_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A secret's current value was read from its store (a query, or an AWS or Vault
+    /// call): for an operator, a connecting agent, or a promotion's one push.
+    pub fn secret_value_read(&self) {
+        self.secret_value_reads.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn svids_signed(&self, kind: SvidKind, count: u64) {
@@ -134,6 +141,17 @@ impl Metrics {
             out,
             "mayfly_rotation_step_retries_total {}",
             self.step_retries.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "mayfly_secret_value_reads_total",
+            "counter",
+            "Reads of a secret's current value from its store (local, AWS or Vault).",
+        );
+        let _ = writeln!(
+            out,
+            "mayfly_secret_value_reads_total {}",
+            self.secret_value_reads.load(Ordering::Relaxed)
         );
         header(
             &mut out,

@@ -14,7 +14,8 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use mayfly_proto::v1::admin_server::AdminServer;
 use mayfly_proto::v1::node_server::NodeServer;
 
-use crate::api::{admin::AdminApi, node::NodeApi, tls};
+use crate::api::admin::{AdminApi, operator::OperatorLayer};
+use crate::api::{node::NodeApi, tls};
 use crate::audit::{Actor, Audit, Event};
 use crate::ca::manager::CaManager;
 use crate::config::DaemonConfig;
@@ -170,7 +171,9 @@ pub async fn start(
         .serve_with_incoming_shutdown(node_incoming, async move {
             let _ = node_stop.wait_for(|stop| *stop).await;
         });
+    // Every admin call passes the operator check first, whichever method it names.
     let admin = tonic::transport::Server::builder()
+        .layer(OperatorLayer::new(audit.clone()))
         .add_service(admin_service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
             let _ = admin_stop.wait_for(|stop| *stop).await;
@@ -219,11 +222,8 @@ fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    // SAFETY: umask only changes this process's file-creation mask; restored right after.
-    let previous = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(previous) };
+    // Created 0600 from the start: no moment when another user could connect.
+    let bound = crate::sys::with_umask(0o177, || UnixListener::bind(path));
     let listener = bound.with_context(|| format!("binding the admin socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)

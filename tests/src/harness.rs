@@ -214,29 +214,19 @@ impl DaemonProcess {
 
     /// The metrics endpoint's answer to `GET /metrics` (over 127.0.0.1 only).
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        let addr = self
-            .metrics_addr
-            .as_ref()
-            .context("this daemon was started without metrics")?;
-        let addr = crate::bench::http1::LoopbackAddr::parse(&format!("http://{addr}"))?;
-        let mut conn = crate::bench::http1::Conn::connect(&addr, Vec::new()).await?;
-        let (status, body) = conn
-            .send(http::Method::GET, "/metrics", bytes::Bytes::new())
-            .await?;
-        if !status.is_success() {
-            bail!("GET /metrics answered {status}");
-        }
-        Ok(String::from_utf8(body.to_vec())?)
+        crate::bench::http1::metrics(self.metrics_address()?).await
     }
 
     /// One sample from /metrics, by its full name with labels, e.g.
     /// `mayfly_rotations_total{secret="db",outcome="failed"}`; `None` if absent.
     pub async fn metric(&self, series: &str) -> anyhow::Result<Option<f64>> {
-        let text = self.metrics().await?;
-        Ok(text.lines().find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        }))
+        crate::bench::http1::metric(self.metrics_address()?, series).await
+    }
+
+    fn metrics_address(&self) -> anyhow::Result<&str> {
+        self.metrics_addr
+            .as_deref()
+            .context("this daemon was started without metrics")
     }
 
     /// Runs an operator subcommand against this daemon.

@@ -604,6 +604,65 @@ async fn the_admin_socket_refuses_other_users() {
     );
 }
 
+/// An operator's typo (`chmod 666` on the socket) does not open the daemon: every admin
+/// method is gated on the caller's uid, and each refusal is on the audit trail.
+#[tokio::test]
+async fn a_socket_opened_to_everyone_still_refuses_other_users_on_every_method() {
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&daemon.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let before = daemon.cli_json(&["entry", "list"]).unwrap();
+    for (args, method) in [
+        (&["entry", "list"][..], "list_entries"),
+        (
+            &[
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/evil",
+                "--parent-id",
+                "spiffe://example.org/node/x",
+                "--selector",
+                "unix:uid:0",
+            ][..],
+            "create_entry",
+        ),
+        (&["secret", "get", "anything"][..], "get_secret_value"),
+        (&["audit", "verify"][..], "verify_audit"),
+    ] {
+        let out = std::process::Command::new(mayfly_tests::harness::binary("mayflyd").unwrap())
+            .args(args)
+            .env("MAYFLY_ADMIN_SOCKET", &daemon.admin_socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must be refused");
+        assert!(
+            stderr.contains("uid 65534 may not administer this daemon"),
+            "{args:?}: {stderr}"
+        );
+        mayfly_tests::harness::wait_for(
+            &format!("the {method} refusal on the audit trail"),
+            Duration::from_secs(10),
+            || {
+                daemon
+                    .cli_json(&["audit", "list", "--action", "admin.denied"])
+                    .unwrap()
+                    .to_string()
+                    .contains(&format!("\"{method}\""))
+            },
+        );
+    }
+    assert_eq!(
+        daemon.cli_json(&["entry", "list"]).unwrap(),
+        before,
+        "nothing was created"
+    );
+}
+
 #[tokio::test]
 async fn postgres_datastore_serves_the_same_flows() {
     init();

@@ -662,3 +662,35 @@ fn the_agents_exec_child_starts_after_its_files_and_restarts_once_per_change() {
     );
     assert!(!agent.log().contains(&key) && !agent.log().contains(&config));
 }
+
+/// A promotion carries its value to every stream: the secret's store (an AWS or Vault call
+/// for those stores) is read once per rotation, not once per agent holding the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_reads_the_secret_once_however_many_agents_hold_it() {
+    use mayfly_tests::bench::fanout;
+
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions {
+        metrics: true,
+        ..DaemonOptions::default()
+    })
+    .unwrap();
+    let result = fanout::run(&fanout::Options {
+        node_addr: daemon.node_addr.clone(),
+        admin_socket: daemon.admin_socket.clone(),
+        metrics_addr: daemon.metrics_addr.clone().unwrap(),
+        trust_domain: daemon.trust_domain.to_string(),
+        agents: 8,
+        rotations: 3,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        result.missed, 0,
+        "every agent gets every version: {result:?}"
+    );
+    assert_eq!(
+        result.store_reads_per_rotation, 1.0,
+        "one read of the store per promotion: {result:?}"
+    );
+}

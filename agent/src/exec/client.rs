@@ -17,7 +17,8 @@ use mayfly_proto::v1::workload_secrets_client::WorkloadSecretsClient;
 use super::{ChangeAction, ChildSpec, EnvValue, Signal, Snapshot, Update, supervise};
 use crate::cli::api::request;
 use crate::cli::endpoint::WorkloadEndpoint;
-use crate::sinks::check_env_name;
+use crate::secret_ref::SecretRefError;
+use crate::sinks::{InvalidEnvName, check_env_name};
 use crate::state::SecretView;
 use crate::sync::Backoff;
 
@@ -48,6 +49,24 @@ pub struct ExecArgs {
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// Why a KEY=VALUE pair (from `--env` or an env file) cannot be used. Only a `secret:`
+/// reference, or text with no `=` at all, is quoted back; a literal value never is.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum EnvPairError {
+    #[error("`{0}` is not KEY=VALUE")]
+    NotAPair(String),
+    #[error(transparent)]
+    Name(#[from] InvalidEnvName),
+    #[error("{key}: {source}")]
+    Reference { key: String, source: SecretRefError },
+    #[error("line {line}: {source}")]
+    Line {
+        line: usize,
+        source: Box<EnvPairError>,
+    },
 }
 
 /// Runs `mayfly-agent exec` and returns the exit code to end with.
@@ -104,7 +123,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
 }
 
 /// KEY=VALUE lines; blank lines and `#` comments are skipped, `export ` is allowed.
-pub fn parse_env_file(text: &str) -> Result<Vec<(String, EnvValue)>, String> {
+pub fn parse_env_file(text: &str) -> Result<Vec<(String, EnvValue)>, EnvPairError> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| {
@@ -114,17 +133,23 @@ pub fn parse_env_file(text: &str) -> Result<Vec<(String, EnvValue)>, String> {
         .map(|(i, line)| {
             let line = line.trim();
             let line = line.strip_prefix("export ").unwrap_or(line);
-            parse_pair(line).map_err(|e| format!("line {}: {e}", i + 1))
+            parse_pair(line).map_err(|e| EnvPairError::Line {
+                line: i + 1,
+                source: Box::new(e),
+            })
         })
         .collect()
 }
 
-fn parse_pair(pair: &str) -> Result<(String, EnvValue), String> {
+fn parse_pair(pair: &str) -> Result<(String, EnvValue), EnvPairError> {
     let (key, value) = pair
         .split_once('=')
-        .ok_or_else(|| format!("`{pair}` is not KEY=VALUE"))?;
+        .ok_or_else(|| EnvPairError::NotAPair(pair.to_owned()))?;
     check_env_name(key)?;
-    let value = EnvValue::parse(value).map_err(|e| format!("{key}: {e}"))?;
+    let value = EnvValue::parse(value).map_err(|source| EnvPairError::Reference {
+        key: key.to_owned(),
+        source,
+    })?;
     Ok((key.to_string(), value))
 }
 
@@ -197,8 +222,13 @@ mod tests {
         assert_eq!(vars.len(), 3);
         assert_eq!(vars[2], ("MODE".into(), EnvValue::Literal("prod".into())));
         let err = parse_env_file("OK=1\nnot a pair\n").unwrap_err();
-        assert!(err.starts_with("line 2"), "{err}");
+        assert!(err.to_string().starts_with("line 2"), "{err}");
         assert!(parse_pair("1X=secret:a").is_err());
-        assert!(parse_pair("X=secret:a:pin").unwrap_err().contains("field"));
+        assert!(
+            parse_pair("X=secret:a:pin")
+                .unwrap_err()
+                .to_string()
+                .contains("field")
+        );
     }
 }

@@ -21,8 +21,8 @@ use crate::cli::endpoint::WorkloadEndpoint;
 use crate::secret_ref::SecretRef;
 use crate::state::SecretView;
 
-pub use client::{ExecArgs, parse_env_file, run as run_cli};
-pub use signal::Signal;
+pub use client::{EnvPairError, ExecArgs, parse_env_file, run as run_cli};
+pub use signal::{Signal, UnknownSignal};
 
 /// The secrets a workload may have right now, by name.
 pub type Snapshot = BTreeMap<String, Arc<SecretView>>;
@@ -65,8 +65,18 @@ pub enum ChangeAction {
     Nothing,
 }
 
+/// Why an `on_change` value is not a [`ChangeAction`].
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeActionError {
+    #[error("`{0}` is not restart, none or signal:NAME (signal:HUP)")]
+    Unknown(String),
+    #[error(transparent)]
+    Signal(#[from] UnknownSignal),
+}
+
 impl std::str::FromStr for ChangeAction {
-    type Err = String;
+    type Err = ChangeActionError;
 
     /// "restart", "none" or "signal:NAME", as `--on-change` and `[exec] on_change` take it.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
@@ -75,9 +85,7 @@ impl std::str::FromStr for ChangeAction {
             "none" => Ok(Self::Nothing),
             other => match other.strip_prefix("signal:") {
                 Some(name) => Ok(Self::Signal(name.parse()?)),
-                None => Err(format!(
-                    "`{other}` is not restart, none or signal:NAME (signal:HUP)"
-                )),
+                None => Err(ChangeActionError::Unknown(other.to_owned())),
             },
         }
     }
@@ -283,15 +291,7 @@ fn start(spec: &ChildSpec, env: &ResolvedEnv) -> Result<Child, ExecError> {
     // Its own process group, so a terminal's Ctrl-C reaches it once (forwarded by us), not
     // twice; and it dies with us rather than running on with credentials nobody rotates.
     command.process_group(0);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::sys::set_parent_death_signal(&mut command, libc::SIGTERM);
     let child = command.spawn().map_err(|source| ExecError::Start {
         program: spec.program.clone(),
         source,

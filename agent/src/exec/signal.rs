@@ -32,17 +32,21 @@ impl Signal {
 
     /// kill(2).
     pub fn send(self, pid: i32) -> io::Result<()> {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        if unsafe { libc::kill(pid, self.0) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        crate::sys::kill(pid, self.0)
     }
 }
 
+/// A signal name this module does not know.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{text}` is not a signal name; use one of {}", NAMES.map(|(n, _)| n).join(", "))]
+pub struct UnknownSignal {
+    /// What was written, as written.
+    pub text: String,
+}
+
 impl FromStr for Signal {
-    type Err = String;
+    type Err = UnknownSignal;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let upper = text.trim().to_ascii_uppercase();
@@ -51,11 +55,8 @@ impl FromStr for Signal {
             .iter()
             .find(|(name, _)| *name == bare)
             .map(|(_, n)| Signal(*n))
-            .ok_or_else(|| {
-                format!(
-                    "`{text}` is not a signal name; use one of {}",
-                    NAMES.map(|(n, _)| n).join(", ")
-                )
+            .ok_or_else(|| UnknownSignal {
+                text: text.to_owned(),
             })
     }
 }
@@ -78,6 +79,12 @@ mod tests {
         assert_eq!("HUP".parse::<Signal>().unwrap(), Signal::HUP);
         assert_eq!("sigusr1".parse::<Signal>().unwrap(), Signal::USR1);
         assert_eq!(Signal::TERM.to_string(), "SIGTERM");
-        assert!("BOGUS".parse::<Signal>().unwrap_err().contains("HUP"));
+        assert!(
+            "BOGUS"
+                .parse::<Signal>()
+                .unwrap_err()
+                .to_string()
+                .contains("HUP")
+        );
     }
 }

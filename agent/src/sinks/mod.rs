@@ -4,9 +4,11 @@
 //! change. This module owns the typed sink definitions; `render` computes file contents,
 //! `runner` writes them and fires the change actions.
 
+mod error;
 mod render;
 pub mod runner;
 
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -15,7 +17,9 @@ use mayfly_common::SpiffeId;
 
 use crate::exec::Signal;
 use crate::secret_ref::SecretRef;
+use crate::sys;
 
+pub use error::{InvalidEnvName, SinkConfigError, SinkSetError};
 pub use render::{RenderError, RenderedFile};
 pub use runner::SinkRunner;
 
@@ -173,7 +177,7 @@ const CERT_MODE: u32 = 0o644;
 impl Sink {
     /// Checks one `[[sink]]` table. `has_supervisor` says whether `on_change = "restart"`
     /// has a child to restart.
-    pub fn from_config(config: &SinkConfig, has_supervisor: bool) -> Result<Self, String> {
+    pub fn from_config(config: &SinkConfig, has_supervisor: bool) -> Result<Self, SinkConfigError> {
         let kind = kind_of(config)?;
         let label = config.name.clone().unwrap_or_else(|| match &kind {
             SinkKind::Svid { cert_path, .. } => cert_path.display().to_string(),
@@ -195,11 +199,7 @@ impl Sink {
         let on_revoke = match config.on_revoke.as_deref() {
             None | Some("remove") => OnRevoke::Remove,
             Some("blank") => OnRevoke::Blank,
-            Some(other) => {
-                return Err(format!(
-                    "on_revoke = \"{other}\": use \"remove\" or \"blank\""
-                ));
-            }
+            Some(other) => return Err(SinkConfigError::OnRevoke(other.to_owned())),
         };
         Ok(Self {
             label,
@@ -233,11 +233,14 @@ impl Sink {
 }
 
 /// Checks every sink and what they have in common: unique names, no two writing one file.
-pub fn check_all(configs: &[SinkConfig], has_supervisor: bool) -> Result<Vec<Sink>, String> {
+pub fn check_all(configs: &[SinkConfig], has_supervisor: bool) -> Result<Vec<Sink>, SinkSetError> {
     let mut sinks = Vec::with_capacity(configs.len());
     for (i, config) in configs.iter().enumerate() {
-        let sink = Sink::from_config(config, has_supervisor)
-            .map_err(|e| format!("sink #{}: {e}", i + 1))?;
+        let sink =
+            Sink::from_config(config, has_supervisor).map_err(|source| SinkSetError::Sink {
+                number: i + 1,
+                source,
+            })?;
         sinks.push(sink);
     }
     let mut seen_paths = std::collections::BTreeMap::new();
@@ -246,31 +249,31 @@ pub fn check_all(configs: &[SinkConfig], has_supervisor: bool) -> Result<Vec<Sin
         if let Some(name) = &sink.name
             && !seen_names.insert(name.clone())
         {
-            return Err(format!("two sinks are named `{name}`"));
+            return Err(SinkSetError::DuplicateName(name.clone()));
         }
         for path in sink.paths() {
             if let Some(other) = seen_paths.insert(path.to_path_buf(), sink.label.clone()) {
-                return Err(format!(
-                    "sinks `{other}` and `{}` both write {}",
-                    sink.label,
-                    path.display()
-                ));
+                return Err(SinkSetError::SamePath {
+                    first: other,
+                    second: sink.label.clone(),
+                    path: path.to_path_buf(),
+                });
             }
         }
     }
     // Templates see every svid sink's paths; compile them now against that context's shape.
     for sink in &sinks {
         if let SinkKind::Template { text, .. } = &sink.kind {
-            render::compile_check(text).map_err(|e| format!("sink `{}`: {e}", sink.label))?;
+            render::compile_check(&sink.label, text).map_err(SinkSetError::Template)?;
         }
     }
     Ok(sinks)
 }
 
-fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
-    let only_for = |key: &str, present: bool, kinds: &str| {
+fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
+    let only_for = |key: &'static str, present: bool, kinds: &'static str| {
         if present {
-            Err(format!("key `{key}` is only for kind = {kinds}"))
+            Err(SinkConfigError::OnlyForKind { key, kinds })
         } else {
             Ok(())
         }
@@ -303,11 +306,8 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
         only_for("vars", c.vars.is_some(), "\"env\"")?;
     }
     let mode = parse_mode(c.mode.as_deref(), SECRET_MODE)?;
-    let file_path = || -> Result<PathBuf, String> {
-        let path = c
-            .path
-            .clone()
-            .ok_or("key `path` is required for this kind")?;
+    let file_path = || -> Result<PathBuf, SinkConfigError> {
+        let path = c.path.clone().ok_or(SinkConfigError::PathRequired)?;
         absolute("path", path)
     };
     match c.kind {
@@ -319,20 +319,24 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
             )?;
             let select = match (&c.spiffe_id, &c.hint) {
                 (Some(id), None) => SvidSelect::SpiffeId(
-                    SpiffeId::parse(id).map_err(|e| format!("key `spiffe_id`: {e}"))?,
+                    SpiffeId::parse(id).map_err(|source| SinkConfigError::SpiffeId { source })?,
                 ),
                 (None, Some(hint)) if !hint.is_empty() => SvidSelect::Hint(hint.clone()),
-                _ => return Err("an svid sink needs exactly one of `spiffe_id` or `hint`".into()),
+                _ => return Err(SinkConfigError::SvidSelect),
             };
             Ok(SinkKind::Svid {
                 select,
                 cert_path: absolute(
                     "cert_path",
-                    c.cert_path.clone().ok_or("key `cert_path` is required")?,
+                    c.cert_path
+                        .clone()
+                        .ok_or(SinkConfigError::Required("cert_path"))?,
                 )?,
                 key_path: absolute(
                     "key_path",
-                    c.key_path.clone().ok_or("key `key_path` is required")?,
+                    c.key_path
+                        .clone()
+                        .ok_or(SinkConfigError::Required("key_path"))?,
                 )?,
                 bundle_path: c
                     .bundle_path
@@ -345,7 +349,10 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
             })
         }
         SinkKindName::Secret => {
-            let name = c.secret.as_deref().ok_or("key `secret` is required")?;
+            let name = c
+                .secret
+                .as_deref()
+                .ok_or(SinkConfigError::Required("secret"))?;
             // `secret = "orders-db"` and `secret = "secret:orders-db:username"` both work.
             let reference = if name.starts_with("secret:") {
                 name.to_string()
@@ -354,7 +361,7 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
             };
             let secret = reference
                 .parse()
-                .map_err(|e| format!("key `secret`: {e}"))?;
+                .map_err(|source| SinkConfigError::Secret { source })?;
             Ok(SinkKind::Secret {
                 secret,
                 path: file_path()?,
@@ -364,14 +371,13 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
         SinkKindName::Template => {
             let text = match (&c.template, &c.source) {
                 (Some(text), None) => text.clone(),
-                (None, Some(source)) => std::fs::read_to_string(source)
-                    .map_err(|e| format!("key `source`: cannot read {}: {e}", source.display()))?,
-                _ => {
-                    return Err(
-                        "a template sink needs exactly one of `template` (inline) or `source` (a file)"
-                            .into(),
-                    );
-                }
+                (None, Some(path)) => std::fs::read_to_string(path).map_err(|source| {
+                    SinkConfigError::TemplateSource {
+                        path: path.clone(),
+                        source,
+                    }
+                })?,
+                _ => return Err(SinkConfigError::TemplateText),
             };
             Ok(SinkKind::Template {
                 text,
@@ -380,20 +386,23 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
             })
         }
         SinkKindName::Env => {
-            let vars = c.vars.as_ref().ok_or("key `vars` is required")?;
+            let vars = c.vars.as_ref().ok_or(SinkConfigError::Required("vars"))?;
             if vars.is_empty() {
-                return Err("key `vars`: name at least one variable".into());
+                return Err(SinkConfigError::NoVars);
             }
             let vars = vars
                 .iter()
                 .map(|(key, reference)| {
                     check_env_name(key)?;
-                    let reference = reference
-                        .parse::<SecretRef>()
-                        .map_err(|e| format!("vars.{key}: {e}"))?;
+                    let reference = reference.parse::<SecretRef>().map_err(|source| {
+                        SinkConfigError::VarReference {
+                            key: key.clone(),
+                            source,
+                        }
+                    })?;
                     Ok((key.clone(), reference))
                 })
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<Result<Vec<_>, SinkConfigError>>()?;
             Ok(SinkKind::Env {
                 vars,
                 path: file_path()?,
@@ -403,17 +412,17 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, String> {
     }
 }
 
-fn on_change_of(c: &SinkConfig, has_supervisor: bool) -> Result<OnChange, String> {
+fn on_change_of(c: &SinkConfig, has_supervisor: bool) -> Result<OnChange, SinkConfigError> {
     let what = c.on_change.as_deref().unwrap_or("none");
-    let unused = |key: &str, present: bool| {
+    let unused = |key: &'static str, present: bool| {
         if present {
-            Err(format!(
-                "key `{key}` needs on_change = \"{}\"",
-                match key {
+            Err(SinkConfigError::NeedsOnChange {
+                key,
+                needs: match key {
                     "command" => "command",
                     _ => "signal",
-                }
-            ))
+                },
+            })
         } else {
             Ok(())
         }
@@ -433,71 +442,56 @@ fn on_change_of(c: &SinkConfig, has_supervisor: bool) -> Result<OnChange, String
                 .command
                 .clone()
                 .filter(|argv| !argv.is_empty() && !argv[0].is_empty())
-                .ok_or("on_change = \"command\" needs `command = [\"program\", \"arg\", …]`")?;
+                .ok_or(SinkConfigError::CommandMissing)?;
             Ok(OnChange::Command(command))
         }
         "signal" => {
             let signal = c
                 .signal
                 .as_deref()
-                .ok_or("on_change = \"signal\" needs `signal` (HUP, USR1, TERM, …)")?
+                .ok_or(SinkConfigError::SignalMissing)?
                 .parse::<Signal>()?;
             let target = match (c.pid, &c.pid_file) {
                 (Some(pid), None) if pid > 0 => PidSource::Pid(pid),
                 (None, Some(file)) => PidSource::PidFile(absolute("pid_file", file.clone())?),
-                _ => {
-                    return Err(
-                        "on_change = \"signal\" needs exactly one of `pid` (> 0) or `pid_file`"
-                            .into(),
-                    );
-                }
+                _ => return Err(SinkConfigError::SignalTarget),
             };
             Ok(OnChange::Signal { signal, target })
         }
         "restart" if has_supervisor => Ok(OnChange::Restart),
-        "restart" => Err(
-            "on_change = \"restart\" restarts the child of the agent's [exec] table, and there is none"
-                .into(),
-        ),
-        other => Err(format!(
-            "key `on_change`: `{other}` is not one of none, command, signal, restart"
-        )),
+        "restart" => Err(SinkConfigError::NoChildToRestart),
+        other => Err(SinkConfigError::OnChange(other.to_owned())),
     }
 }
 
-fn absolute(key: &str, path: PathBuf) -> Result<PathBuf, String> {
+fn absolute(key: &'static str, path: PathBuf) -> Result<PathBuf, SinkConfigError> {
     if !path.is_absolute() || path.file_name().is_none() {
-        return Err(format!(
-            "key `{key}`: {} must be an absolute path to a file",
-            path.display()
-        ));
+        return Err(SinkConfigError::NotAbsolute { key, path });
     }
     Ok(path)
 }
 
 /// Octal, as chmod takes it: "0600", "640".
-fn parse_mode(text: Option<&str>, default: u32) -> Result<u32, String> {
+fn parse_mode(text: Option<&str>, default: u32) -> Result<u32, SinkConfigError> {
     let Some(text) = text else {
         return Ok(default);
     };
     match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
         Ok(mode) if mode <= 0o777 => Ok(mode),
-        _ => Err(format!(
-            "mode `{text}` is not an octal file mode such as \"0600\""
-        )),
+        _ => Err(SinkConfigError::Mode(text.to_owned())),
     }
 }
 
 /// The names systemd's EnvironmentFile= and shells accept.
-pub fn check_env_name(name: &str) -> Result<(), String> {
+pub fn check_env_name(name: &str) -> Result<(), InvalidEnvName> {
     let mut chars = name.chars();
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!(
-            "`{name}` is not an environment variable name (letters, digits and '_', not starting with a digit)"
-        ));
+        return Err(InvalidEnvName {
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -510,72 +504,43 @@ enum Lookup {
 
 /// A numeric id, or a user or group name looked up now (a sink for a user that does not
 /// exist is a configuration error, not something to retry).
-fn resolve_id(text: &str, lookup: Lookup) -> Result<u32, String> {
+fn resolve_id(text: &str, lookup: Lookup) -> Result<u32, SinkConfigError> {
     if let Ok(id) = text.parse::<u32>() {
         return Ok(id);
     }
-    let what = match lookup {
-        Lookup::User => "owner",
-        Lookup::Group => "group",
+    let (key, kind) = match lookup {
+        Lookup::User => ("owner", "user"),
+        Lookup::Group => ("group", "group"),
     };
-    let name =
-        std::ffi::CString::new(text).map_err(|_| format!("{what} `{text}` is not a name"))?;
-    let mut buffer = vec![0u8; 16 * 1024];
+    let name = CString::new(text).map_err(|_| SinkConfigError::NotAName {
+        key,
+        text: text.to_owned(),
+    })?;
     let found = match lookup {
-        Lookup::User => {
-            // SAFETY: `passwd` is plain C data, valid when zeroed; getpwnam_r writes only
-            // into the struct and the buffer we pass, whose real length we give.
-            let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-            let mut result: *mut libc::passwd = std::ptr::null_mut();
-            // SAFETY: `name` is a NUL-terminated C string that outlives the call; `entry`,
-            // `buffer` (with its real length) and `result` are ours for the call.
-            let rc = unsafe {
-                libc::getpwnam_r(
-                    name.as_ptr(),
-                    &mut entry,
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    &mut result,
-                )
-            };
-            (rc == 0 && !result.is_null()).then_some(entry.pw_uid)
-        }
-        Lookup::Group => {
-            // SAFETY: as above, for getgrnam_r and `group`.
-            let mut entry: libc::group = unsafe { std::mem::zeroed() };
-            let mut result: *mut libc::group = std::ptr::null_mut();
-            // SAFETY: as for getpwnam_r above.
-            let rc = unsafe {
-                libc::getgrnam_r(
-                    name.as_ptr(),
-                    &mut entry,
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    &mut result,
-                )
-            };
-            (rc == 0 && !result.is_null()).then_some(entry.gr_gid)
-        }
+        Lookup::User => sys::user_id(&name),
+        Lookup::Group => sys::group_id(&name),
     };
-    found.ok_or_else(|| {
-        format!(
-            "{what} `{text}`: no such {}",
-            match lookup {
-                Lookup::User => "user",
-                Lookup::Group => "group",
-            }
-        )
-    })
+    // A failed lookup (NSS unreachable, say) is reported as the name not being found, as
+    // the agent cannot start without knowing who owns the files either way.
+    found
+        .ok()
+        .flatten()
+        .ok_or_else(|| SinkConfigError::NoSuchId {
+            key,
+            text: text.to_owned(),
+            kind,
+        })
 }
 
 /// `[[sink]]` tables from TOML text, checked, for the tests of this module and its children.
 #[cfg(test)]
-pub(crate) fn parse_for_tests(toml_text: &str) -> Result<Vec<Sink>, String> {
+pub(crate) fn parse_for_tests(toml_text: &str) -> Result<Vec<Sink>, SinkSetError> {
     #[derive(Deserialize)]
     struct File {
         sink: Vec<SinkConfig>,
     }
-    let file: File = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+    // Every test writes valid TOML; what it checks is what `check_all` makes of it.
+    let file: File = toml::from_str(toml_text).unwrap_or_else(|e| panic!("test TOML: {e}"));
     check_all(&file.sink, false)
 }
 
@@ -583,7 +548,7 @@ pub(crate) fn parse_for_tests(toml_text: &str) -> Result<Vec<Sink>, String> {
 mod tests {
     use super::*;
 
-    fn parse(toml_text: &str) -> Result<Vec<Sink>, String> {
+    fn parse(toml_text: &str) -> Result<Vec<Sink>, SinkSetError> {
         parse_for_tests(toml_text)
     }
 
@@ -702,12 +667,12 @@ mod tests {
         ];
         for (body, expected) in cases {
             let err = parse(&format!("[[sink]]\n{body}\n")).unwrap_err();
-            assert!(err.contains(expected), "{body}: {err}");
+            assert!(err.to_string().contains(expected), "{body}: {err}");
         }
         let err = parse(
             "[[sink]]\nkind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\n[[sink]]\nkind = \"secret\"\nsecret = \"b\"\npath = \"/x/pw\"\n",
         )
         .unwrap_err();
-        assert!(err.contains("both write /x/pw"), "{err}");
+        assert!(err.to_string().contains("both write /x/pw"), "{err}");
     }
 }

@@ -46,14 +46,20 @@ pub enum RenderError {
     },
     #[error("sink `{sink}`: the template failed: {message}")]
     Template { sink: String, message: String },
+    /// Found at start, before any state: the message can only quote the template itself.
+    #[error("sink `{sink}`: the template does not compile: {message}")]
+    Compile { sink: String, message: String },
 }
 
-/// Compiles a template once so that syntax errors stop the agent at start.
-pub(super) fn compile_check(text: &str) -> Result<(), String> {
+/// Compiles the template of sink `sink` once so that syntax errors stop the agent at start.
+pub(super) fn compile_check(sink: &str, text: &str) -> Result<(), RenderError> {
     environment()
         .template_from_str(text)
         .map(|_| ())
-        .map_err(|e| format!("the template does not compile: {}", describe(e)))
+        .map_err(|e| RenderError::Compile {
+            sink: sink.to_owned(),
+            message: describe(e),
+        })
 }
 
 /// The files `sink` should hold for `state`, or `None` while what it needs (an SVID not

@@ -8,13 +8,36 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use mayfly_common::svid::{BACKDATE_SECS, generate_csr};
-use mayfly_common::tls::peer_identity;
-use mayfly_common::{Selector, SpiffeId, TrustDomain};
+use mayfly_common::svid::{BACKDATE_SECS, CaError, generate_csr};
+use mayfly_common::tls::{TlsError, peer_identity};
+use mayfly_common::{Selector, SelectorError, SpiffeId, SpiffeIdError, TrustDomain};
 use mayfly_proto::v1::{self};
 
 use super::{Authorized, Backoff, ClientCell};
 use crate::state::{Bundle, EntryView, PendingRevocation, SecretView, WorkloadState, X509Svid};
+
+/// Why workload SVIDs could not be signed, or a signed SVID or an entry cannot be used.
+/// Logged (never sent anywhere); signing is retried with backoff.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+enum SvidCacheError {
+    #[error(transparent)]
+    Csr(CaError),
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Daemon(tonic::Status),
+    #[error("empty chain")]
+    EmptyChain,
+    #[error(transparent)]
+    Identity(TlsError),
+    #[error("SVID names {found}, entry wants {wanted}")]
+    WrongSpiffeId { found: SpiffeId, wanted: String },
+    #[error("{0}")]
+    Certificate(x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error(transparent)]
+    Selector(SelectorError),
+    #[error(transparent)]
+    SpiffeId(SpiffeIdError),
+}
 
 /// Per-entry bookkeeping beside the published SVID.
 #[derive(Debug, Clone, Copy)]
@@ -165,12 +188,12 @@ impl SvidCache {
         self.publish(authorized);
     }
 
-    async fn sign(&mut self, due: &[&v1::Entry]) -> Result<(), String> {
+    async fn sign(&mut self, due: &[&v1::Entry]) -> Result<(), SvidCacheError> {
         for chunk in due.chunks(self.max_batch) {
             let mut keys = HashMap::with_capacity(chunk.len());
             let mut csrs = Vec::with_capacity(chunk.len());
             for entry in chunk {
-                let (key, csr) = generate_csr(None).map_err(|e| e.to_string())?;
+                let (key, csr) = generate_csr(None).map_err(SvidCacheError::Csr)?;
                 keys.insert(entry.id.clone(), (key, entry.revision));
                 csrs.push(v1::SvidCsr {
                     entry_id: entry.id.clone(),
@@ -181,7 +204,7 @@ impl SvidCache {
             let signed = client
                 .sign_svids(v1::SignSvidsRequest { csrs })
                 .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .map_err(SvidCacheError::Daemon)?
                 .into_inner();
             for svid in signed.svids {
                 let Some((key, revision)) = keys.remove(&svid.entry_id) else {
@@ -214,18 +237,21 @@ impl SvidCache {
         entry: &v1::Entry,
         signed: v1::SignedSvid,
         key: Zeroizing<Vec<u8>>,
-    ) -> Result<X509Svid, String> {
-        let leaf = signed.svid_chain.first().ok_or("empty chain")?;
-        let identity = peer_identity(leaf).map_err(|e| e.to_string())?;
+    ) -> Result<X509Svid, SvidCacheError> {
+        let leaf = signed
+            .svid_chain
+            .first()
+            .ok_or(SvidCacheError::EmptyChain)?;
+        let identity = peer_identity(leaf).map_err(SvidCacheError::Identity)?;
         if identity.spiffe_id.as_str() != entry.spiffe_id {
-            return Err(format!(
-                "SVID names {}, entry wants {}",
-                identity.spiffe_id, entry.spiffe_id
-            ));
+            return Err(SvidCacheError::WrongSpiffeId {
+                found: identity.spiffe_id,
+                wanted: entry.spiffe_id.clone(),
+            });
         }
         let not_before = x509_parser::parse_x509_certificate(leaf)
             .map(|(_, c)| c.validity().not_before.timestamp())
-            .map_err(|e| e.to_string())?;
+            .map_err(SvidCacheError::Certificate)?;
         Ok(X509Svid {
             entry_id: entry.id.clone(),
             spiffe_id: identity.spiffe_id,
@@ -334,15 +360,16 @@ impl SvidCache {
     }
 }
 
-fn entry_view(entry: &v1::Entry) -> Result<EntryView, String> {
+fn entry_view(entry: &v1::Entry) -> Result<EntryView, SvidCacheError> {
     let selectors = entry
         .selectors
         .iter()
-        .map(|s| Selector::try_from(s).map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(Selector::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(SvidCacheError::Selector)?;
     Ok(EntryView {
         id: entry.id.clone(),
-        spiffe_id: SpiffeId::parse(&entry.spiffe_id).map_err(|e| e.to_string())?,
+        spiffe_id: SpiffeId::parse(&entry.spiffe_id).map_err(SvidCacheError::SpiffeId)?,
         selectors,
         hint: entry.hint.clone(),
         revision: entry.revision,

@@ -8,6 +8,8 @@ use tonic::{Code, Status};
 
 use mayfly_common::svid::CaError;
 
+use crate::attest::workload::AttestError;
+
 /// Message SPIRE uses for "this caller matches no registration entry". The `spiffe` crate
 /// (0.19) looks for exactly this phrase in a `PermissionDenied` status to report
 /// `NoIdentityIssued` and retry with backoff, so it must stay in every such message.
@@ -31,7 +33,7 @@ pub enum WorkloadApiError {
     #[error("workload attestation failed")]
     Attestation {
         /// The attestor's own words; logged, not sent, as they may name local paths.
-        detail: String,
+        source: AttestError,
     },
     /// The caller matches no registration entry, or not the one it asked for.
     #[error("{NO_IDENTITY_ISSUED}{}", .requested.as_deref().map(|id| format!(": the caller is not entitled to {id}")).unwrap_or_default())]
@@ -72,8 +74,8 @@ impl WorkloadApiError {
             Self::NoPeerCredentials => Code::Unauthenticated,
             // A failed attestation is usually a race with a process that is starting or
             // exiting; Unavailable makes SPIFFE clients retry instead of giving up.
-            Self::Attestation { detail } => {
-                tracing::warn!(error = %detail, "workload attestation failed");
+            Self::Attestation { source } => {
+                tracing::warn!(error = %source, "workload attestation failed");
                 Code::Unavailable
             }
             Self::NoIdentityIssued { .. } => Code::PermissionDenied,

@@ -40,11 +40,14 @@ pub use server::{bind, serve, serve_listener};
 /// type for the transport that reads it and the attestor that checks it.
 pub use crate::attest::workload::PeerCredentials;
 
+/// Why a caller could not be attested: the workload attestor's error, logged and never sent.
+pub use crate::attest::workload::AttestError;
+
 /// Turns a caller's credentials into selectors. Kept as a narrow trait so the Workload API
 /// does not depend on how attestation is done; the agent adapts its workload attestor to it.
 pub trait CallerAttestor: Send + Sync + 'static {
     /// The caller's selectors, or why they could not be found (logged, never sent).
-    fn attest(&self, peer: PeerCredentials) -> BoxFuture<'_, Result<Vec<Selector>, String>>;
+    fn attest(&self, peer: PeerCredentials) -> BoxFuture<'_, Result<Vec<Selector>, AttestError>>;
 }
 
 pub use mayfly_common::clock::{Clock, SystemClock};
@@ -127,7 +130,7 @@ impl WorkloadApi {
             .attestor
             .attest(peer)
             .await
-            .map_err(|detail| WorkloadApiError::Attestation { detail })?;
+            .map_err(|source| WorkloadApiError::Attestation { source })?;
         tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = selectors.len(), "workload attested");
         Ok(selectors)
     }

@@ -51,12 +51,12 @@ enum TestAttestor {
 }
 
 impl CallerAttestor for TestAttestor {
-    fn attest(&self, peer: PeerCredentials) -> BoxFuture<'_, Result<Vec<Selector>, String>> {
+    fn attest(&self, peer: PeerCredentials) -> BoxFuture<'_, Result<Vec<Selector>, AttestError>> {
         Box::pin(async move {
             match self {
                 Self::AsIs => Ok(vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)]),
                 Self::AsUid(uid) => Ok(vec![Selector::Uid(*uid), Selector::Gid(peer.gid)]),
-                Self::Failing => Err("/proc/4242/exe vanished".to_owned()),
+                Self::Failing => Err(AttestError::ProcessGone { pid: 4242 }),
             }
         })
     }
@@ -282,13 +282,11 @@ fn issue(authority: &X509Authority, entry: &EntryView) -> Arc<X509Svid> {
 }
 
 fn my_uid() -> u32 {
-    // SAFETY: getuid cannot fail and touches no memory of ours.
-    unsafe { libc::getuid() }
+    crate::sys::testing::real_uid()
 }
 
 fn my_gid() -> u32 {
-    // SAFETY: getgid cannot fail and touches no memory of ours.
-    unsafe { libc::getgid() }
+    crate::sys::testing::real_gid()
 }
 
 fn with_header<T>(message: T) -> Request<T> {

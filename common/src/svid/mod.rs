@@ -3,6 +3,7 @@
 //! rotation timing live elsewhere, and time always comes in as an argument.
 
 mod bundle;
+mod csr;
 mod error;
 mod jwt;
 mod x509;
@@ -12,11 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::oid_registry::Oid;
 
 pub use bundle::{bundle_jwks, bundle_pem, jwt_jwks, parse_pem_certs, pem_block};
+pub use csr::generate_csr;
 pub use error::CaError;
 pub use jwt::{JwtAuthority, JwtClaims, validate_jwt};
-pub use x509::{
-    BACKDATE_SECS, CaMaterial, IssuedSvid, SvidRequest, X509Authority, generate_ca, generate_csr,
-};
+pub use x509::{BACKDATE_SECS, CaMaterial, IssuedSvid, SvidRequest, X509Authority, generate_ca};
 
 /// Latest instant both X.509 and the date library under rcgen can express
 /// (9999-12-31T23:59:59Z); anything later is a TTL mistake, not a wish.

@@ -1,9 +1,10 @@
-//! Store records and CA snapshots to their protobuf shapes.
+//! Store records, CA snapshots and audit rows to their protobuf shapes.
 
 use mayfly_proto::v1;
 
+use crate::ca::bundle_pem;
 use crate::ca::manager::BundleSnapshot;
-use crate::store::{AgentRecord, EntryRecord};
+use crate::store::{AgentRecord, AuditRow, CaSlotRecord, EntryRecord, JobRecord};
 
 pub fn entry(record: &EntryRecord) -> v1::Entry {
     v1::Entry {
@@ -60,5 +61,60 @@ pub fn agent(record: &AgentRecord) -> v1::Agent {
         attested_at: record.attested_at,
         svid_expires_at: record.svid_expires_at,
         last_seen: record.last_seen,
+    }
+}
+
+pub fn job(job: &JobRecord) -> v1::RotationJob {
+    v1::RotationJob {
+        token: job.token.clone(),
+        state: job.state.to_string(),
+        username: job.username.clone(),
+        trigger: job.trigger_kind.to_string(),
+        attempts: job.attempts,
+        last_error: job.last_error.clone(),
+        created_at: job.created_at,
+        finished_at: job.finished_at.unwrap_or(0),
+    }
+}
+
+pub fn ca_slot(record: &CaSlotRecord) -> v1::CaSlot {
+    let ski = x509_parser::parse_x509_certificate(&record.cert_der)
+        .ok()
+        .and_then(|(_, cert)| {
+            cert.extensions()
+                .iter()
+                .find_map(|ext| match ext.parsed_extension() {
+                    x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                        Some(hex::encode(id.0))
+                    }
+                    _ => None,
+                })
+        })
+        .unwrap_or_default();
+    v1::CaSlot {
+        id: record.id.clone(),
+        state: record.state.as_str().to_string(),
+        subject_key_id: ski,
+        not_before: record.not_before,
+        not_after: record.not_after,
+        jwt_key_id: record.jwt_kid.clone(),
+        certificate: bundle_pem(std::slice::from_ref(&record.cert_der)),
+    }
+}
+
+pub fn audit_record(row: AuditRow) -> v1::AuditRecord {
+    v1::AuditRecord {
+        seq: row.seq,
+        at_ms: row.at_ms,
+        actor: row.actor,
+        action: row.action,
+        subject: row.subject,
+        scope: row.scope,
+        ttl_secs: row.ttl_secs,
+        reason: row.reason,
+        outcome: row.outcome,
+        detail: row.detail,
+        prev_hash: row.prev_hash,
+        hash: row.hash,
     }
 }

@@ -19,6 +19,8 @@ use crate::store::{
     Store, StoreError,
 };
 
+mod throttle;
+
 /// At most this many queued events go into one transaction.
 const MAX_GROUP: usize = 512;
 
@@ -107,13 +109,32 @@ impl Event {
         self.fields.detail = detail.to_string();
         self
     }
+
+    /// What makes two refusals "the same" for throttling: who, what, on what, and why.
+    fn kind_key(&self) -> String {
+        let f = &self.fields;
+        format!("{}\0{}\0{}\0{}", f.actor, f.action, f.subject, f.reason)
+    }
+
+    /// The record standing for `held_back` more events like this one over `seconds`.
+    fn summary(&self, held_back: u64, seconds: u64) -> Event {
+        let mut event = self.clone();
+        event.fields.reason = format!(
+            "{} ({held_back} more like it in {seconds} s, recorded once)",
+            self.fields.reason
+        );
+        event.fields.detail =
+            serde_json::json!({ "repeated": held_back, "seconds": seconds }).to_string();
+        event
+    }
 }
 
 struct Job {
     events: Vec<AuditFields>,
     issued: Vec<IssuedSvidRecord>,
     acks: Vec<AckUpdate>,
-    done: Option<oneshot::Sender<Result<i64, String>>>,
+    /// One failed commit fails every job in its group, so they share the error.
+    done: Option<oneshot::Sender<Result<i64, Arc<StoreError>>>>,
 }
 
 /// The handle every part of the daemon records through. Cloning is cheap.
@@ -122,13 +143,14 @@ pub struct Audit {
     tx: mpsc::UnboundedSender<Job>,
     store: Store,
     clock: Arc<dyn Clock>,
+    throttle: Arc<throttle::Throttle>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditError {
     #[error("the audit record could not be written: {0}")]
-    Write(String),
+    Write(Arc<StoreError>),
     #[error("the audit writer has stopped")]
     Stopped,
     #[error(transparent)]
@@ -141,7 +163,35 @@ impl Audit {
         let tail = store.audit_tail().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(store.clone(), rx, tail));
-        Ok(Self { tx, store, clock })
+        let audit = Self {
+            tx,
+            store,
+            clock,
+            throttle: Arc::new(throttle::Throttle::new()),
+        };
+        // Summaries of throttled refusals. The task holds the writer's channel only while
+        // it notes them, so the writer still ends with the last handle.
+        let weak = audit.tx.downgrade();
+        let (store, clock, throttle) = (
+            audit.store.clone(),
+            audit.clock.clone(),
+            audit.throttle.clone(),
+        );
+        tokio::spawn(async move {
+            let mut timer = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                timer.tick().await;
+                let Some(tx) = weak.upgrade() else { return };
+                Audit {
+                    tx,
+                    store: store.clone(),
+                    clock: clock.clone(),
+                    throttle: throttle.clone(),
+                }
+                .note_summaries();
+            }
+        });
+        Ok(audit)
     }
 
     fn stamp(&self, event: Event) -> AuditFields {
@@ -278,9 +328,10 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Job>, mut tail: Ch
             }
             Err(e) => {
                 tracing::error!(error = %e, records = events.len(), "could not append to the audit log");
+                let e = Arc::new(e);
                 for job in jobs {
                     if let Some(done) = job.done {
-                        let _ = done.send(Err(e.to_string()));
+                        let _ = done.send(Err(e.clone()));
                     }
                 }
                 if let Ok(t) = store.audit_tail().await {

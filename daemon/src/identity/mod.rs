@@ -44,10 +44,10 @@ pub enum Change {
 /// A revocation as the sync streams push it.
 #[derive(Debug, Clone)]
 pub struct RevocationNotice {
-    /// Without the secrets' replacement values: each stream adds those for its agent.
+    /// Without the secrets' replacement values: each stream adds those its agent may hold.
     pub message: mayfly_proto::v1::Revocation,
-    /// The secrets whose old value was revoked.
-    pub secrets: Vec<String>,
+    /// The new values of the secrets whose old value was revoked, read once for all.
+    pub replacements: Vec<Arc<crate::secrets::engine::Promoted>>,
     /// The agents that must apply and acknowledge it.
     pub agents: std::collections::BTreeSet<String>,
 }
@@ -208,17 +208,9 @@ impl Registry {
         self.changes.subscribe()
     }
 
-    /// Entries whose parent is `agent`, from the in-memory index.
-    pub fn entries_for(&self, agent: &str) -> Vec<Arc<EntryRecord>> {
-        let mut list: Vec<_> = self
-            .entries
-            .borrow()
-            .values()
-            .filter(|e| e.parent_id == agent)
-            .cloned()
-            .collect();
-        list.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
-        list
+    /// The in-memory entry index, as it changes (`crate::visibility` reads it).
+    pub fn entries(&self) -> watch::Receiver<crate::visibility::EntryIndex> {
+        self.entries.subscribe()
     }
 
     pub fn default_jwt_ttl(&self) -> Duration {
@@ -230,32 +222,6 @@ impl Registry {
     /// Pushes a revocation to the sync streams of the agents it names.
     pub fn publish_revocation(&self, notice: RevocationNotice) {
         let _ = self.changes.send(Change::Revoked(Arc::new(notice)));
-    }
-
-    /// Of `specs`, the secrets granted to `agent` itself or to a SPIFFE ID it serves,
-    /// with the IDs each goes to.
-    pub fn granted(
-        &self,
-        specs: &[crate::secrets::spec::SecretSpec],
-        agent: &str,
-    ) -> Vec<(String, Vec<String>)> {
-        let ids: std::collections::BTreeSet<String> = self
-            .entries_for(agent)
-            .iter()
-            .map(|e| e.spiffe_id.clone())
-            .collect();
-        specs
-            .iter()
-            .filter_map(|spec| {
-                let to: Vec<String> = spec
-                    .grants
-                    .iter()
-                    .filter(|g| ids.contains(*g) || g.as_str() == agent)
-                    .cloned()
-                    .collect();
-                (!to.is_empty()).then(|| (spec.name.clone(), to))
-            })
-            .collect()
     }
 }
 

@@ -70,7 +70,7 @@ impl Revoker {
         );
         self.registry.publish_revocation(RevocationNotice {
             message: message(&record, &scope, &serials),
-            secrets: scope.secrets.clone(),
+            replacements: self.replacements(&scope.secrets).await,
             agents: agents.clone(),
         });
         if let Some(agent) = &ban {

@@ -65,10 +65,30 @@ impl Revoker {
         tracing::info!(revocation = %record.id, kind = %record.kind, agents = agents.len(), "pushing a revocation made by another daemon");
         self.registry.publish_revocation(RevocationNotice {
             message: message(record, &scope, &serials),
-            secrets: scope.secrets.clone(),
+            replacements: self.replacements(&scope.secrets).await,
             agents,
         });
         Ok(())
+    }
+
+    /// The revoked secrets' new values, each read from its store once for every stream
+    /// that pushes it. One that cannot be read now is left out: the agent has it from the
+    /// promotion already, or gets it when it reconnects.
+    pub(super) async fn replacements(
+        &self,
+        secrets: &[String],
+    ) -> Vec<Arc<crate::secrets::engine::Promoted>> {
+        let mut values = Vec::with_capacity(secrets.len());
+        for name in secrets {
+            match self.secrets.promoted(name).await {
+                Ok(Some(value)) => values.push(value),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(secret = %name, error = %e, "could not read a revoked secret's replacement");
+                }
+            }
+        }
+        values
     }
 
     pub(super) fn waiting_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiting>> {

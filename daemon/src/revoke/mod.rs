@@ -185,6 +185,8 @@ pub struct Revoker {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
     audit: Audit,
+    /// What each agent may see, to find those holding a revoked secret.
+    view: crate::visibility::Visibility,
     /// Revocations being waited on here: the agents they were sent to, and those that
     /// have acknowledged so far.
     waiting: Mutex<HashMap<String, Waiting>>,
@@ -202,10 +204,12 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 impl Revoker {
     pub fn new(registry: Arc<Registry>, secrets: Arc<RotationEngine>, audit: Audit) -> Self {
+        let view = crate::visibility::Visibility::new(registry.entries(), secrets.definitions());
         Self {
             registry,
             secrets,
             audit,
+            view,
             waiting: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
         }

@@ -151,10 +151,9 @@ impl Revoker {
                     ));
                 }
                 scope.secrets.push(name.clone());
-                let specs = [spec];
                 for agent in store.list_agents().await? {
                     if agent.status == AgentStatus::Active
-                        && !self.registry.granted(&specs, &agent.spiffe_id).is_empty()
+                        && self.view.grant(&agent.spiffe_id, &spec.name).is_some()
                     {
                         agents.insert(agent.spiffe_id);
                     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::aws::{AwsSecretsManagerStore, AwsStoreConfig};
 use super::generator::PolicyError;
 use super::local::{LocalStore, SealingKey};
-use super::schedule::{Schedule, Window};
+use super::schedule::{Schedule, ScheduleError, Window};
 use super::spec::{SecretSpec, SpecError, StoreSpec, TargetSpec};
 use super::target::{
     CommandTarget, CommandTargetConfig, DEFAULT_HOOK_TIMEOUT, MysqlTarget, MysqlTargetConfig,
@@ -57,7 +57,9 @@ impl SecretRuntime {
         key: &Arc<SealingKey>,
     ) -> Result<Self, EngineError> {
         spec.check()?;
-        let schedule = spec.parsed_schedule().map_err(EngineError::Build)?;
+        let schedule = spec
+            .parsed_schedule()
+            .map_err(|e| EngineError::Build(e.to_string()))?;
         let store: Arc<dyn SecretStore> = match &spec.store {
             StoreSpec::Local => {
                 Arc::new(LocalStore::new(datastore.clone(), key.clone(), &spec.name))
@@ -167,8 +169,8 @@ fn without_credentials(url: &str) -> String {
 }
 
 /// Parses a window from its definition; used by `SecretSpec::parsed_schedule`.
-pub fn window(start: &str, duration: &str) -> Result<Window, String> {
+pub fn window(start: &str, duration: &str) -> Result<Window, ScheduleError> {
     let duration: Duration = humantime::parse_duration(duration)
-        .map_err(|e| format!("window duration `{duration}`: {e}"))?;
-    Window::new(start, duration).map_err(|e| e.to_string())
+        .map_err(|e| ScheduleError::Window(format!("duration `{duration}`: {e}")))?;
+    Window::new(start, duration)
 }

@@ -203,8 +203,8 @@ impl SecretSpec {
         Ok(())
     }
 
-    pub fn parsed_schedule(&self) -> Result<Schedule, String> {
-        let mut schedule = Schedule::parse(&self.schedule).map_err(|e| e.to_string())?;
+    pub fn parsed_schedule(&self) -> Result<Schedule, super::schedule::ScheduleError> {
+        let mut schedule = Schedule::parse(&self.schedule)?;
         if let Some(window) = &self.window {
             schedule =
                 schedule.with_window(super::runtime::window(&window.start, &window.duration)?);

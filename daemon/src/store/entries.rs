@@ -18,7 +18,7 @@ macro_rules! entry_columns {
 }
 
 /// A stored registration entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EntryRecord {
     /// A UUID v4 the store assigns.
     pub id: String,

@@ -113,6 +113,27 @@ impl Conn {
     }
 }
 
+/// The answer to `GET /metrics` from a daemon's metrics endpoint at `addr` (`IP:PORT`).
+pub async fn metrics(addr: &str) -> Result<String> {
+    let addr = LoopbackAddr::parse(&format!("http://{addr}"))?;
+    let mut conn = Conn::connect(&addr, Vec::new()).await?;
+    let (status, body) = conn.send(Method::GET, "/metrics", Bytes::new()).await?;
+    if !status.is_success() {
+        bail!("GET /metrics answered {status}");
+    }
+    Ok(String::from_utf8(body.to_vec())?)
+}
+
+/// One sample from the metrics endpoint at `addr`, by its full name with labels;
+/// `None` if absent.
+pub async fn metric(addr: &str, series: &str) -> Result<Option<f64>> {
+    let text = metrics(addr).await?;
+    Ok(text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

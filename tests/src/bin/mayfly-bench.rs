@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::{agent, mayfly, openbao, revocation, rotation, sinks};
+use mayfly_tests::bench::{agent, fanout, mayfly, openbao, revocation, rotation, sinks};
 
 #[derive(Parser)]
 #[command(
@@ -101,6 +101,24 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         rounds: usize,
     },
+    /// Promotion fan-out: simulated agents serving a granted workload, rotations timed
+    /// until every agent has the new version, and the secret store's reads counted.
+    Fanout {
+        /// The daemon's node API; must be on 127.0.0.1.
+        #[arg(long)]
+        node_addr: String,
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        /// The daemon's metrics endpoint, `127.0.0.1:PORT`.
+        #[arg(long)]
+        metrics_addr: String,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        #[arg(long, default_value_t = 20)]
+        rotations: usize,
+    },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
         /// The daemon's node API; must be on 127.0.0.1.
@@ -182,6 +200,31 @@ fn real_main() -> Result<ExitCode> {
                 .await?;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(if result.unacknowledged == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Cmd::Fanout {
+                node_addr,
+                admin_socket,
+                metrics_addr,
+                trust_domain,
+                agents,
+                rotations,
+            } => {
+                raise_fd_limit();
+                let result = fanout::run(&fanout::Options {
+                    node_addr,
+                    admin_socket,
+                    metrics_addr,
+                    trust_domain,
+                    agents,
+                    rotations,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(if result.missed == 0 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

@@ -1,9 +1,7 @@
 //! Against a real moto_server (from PATH), started once per test binary on a free port.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
@@ -42,15 +40,7 @@ fn start_moto() -> Result<String, String> {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-            unsafe {
-                command.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::sys::die_with_parent(&mut command);
             let mut child = match command.spawn() {
                 Ok(child) => child,
                 Err(e) => {

@@ -37,13 +37,15 @@ impl RotationEngine {
         }
         let spec = self.open_spec(record)?;
         let runtime = Arc::new(SecretRuntime::build(spec, &self.datastore, &self.key).await?);
-        lock(&self.secrets).insert(
-            record.name.clone(),
-            Loaded {
-                sealed: record.spec_sealed.clone(),
-                runtime: runtime.clone(),
-            },
-        );
+        self.change_loaded(|secrets| {
+            secrets.insert(
+                record.name.clone(),
+                Loaded {
+                    sealed: record.spec_sealed.clone(),
+                    runtime: runtime.clone(),
+                },
+            );
+        });
         Ok(runtime)
     }
 
@@ -55,7 +57,12 @@ impl RotationEngine {
                 tracing::error!(secret = %record.name, error = %e, "could not load a secret definition");
             }
         }
-        lock(&self.secrets).retain(|name, _| records.contains_key(name));
+        let stale = lock(&self.secrets)
+            .keys()
+            .any(|name| !records.contains_key(name));
+        if stale {
+            self.change_loaded(|secrets| secrets.retain(|name, _| records.contains_key(name)));
+        }
     }
 
     /// Stores a definition; returns the sealed form that was stored.
@@ -113,13 +120,15 @@ impl RotationEngine {
         }
         let runtime = SecretRuntime::build(spec.clone(), &self.datastore, &self.key).await?;
         let sealed = self.save_spec(&spec, "api").await?;
-        lock(&self.secrets).insert(
-            spec.name.clone(),
-            Loaded {
-                sealed,
-                runtime: Arc::new(runtime),
-            },
-        );
+        self.change_loaded(|secrets| {
+            secrets.insert(
+                spec.name.clone(),
+                Loaded {
+                    sealed,
+                    runtime: Arc::new(runtime),
+                },
+            );
+        });
         self.wake.notify_one();
         Ok(())
     }
@@ -127,17 +136,24 @@ impl RotationEngine {
     pub async fn delete(&self, name: &str) -> Result<(), EngineError> {
         self.runtime(name).await?;
         self.datastore.delete_secret(name).await?;
-        lock(&self.secrets).remove(name);
+        self.change_loaded(|secrets| {
+            secrets.remove(name);
+        });
         Ok(())
     }
 
-    pub fn specs(&self) -> Vec<SecretSpec> {
-        let mut specs: Vec<_> = lock(&self.secrets)
-            .values()
-            .map(|l| l.runtime.spec.clone())
-            .collect();
+    /// Changes the loaded secrets and republishes their definitions.
+    fn change_loaded(&self, change: impl FnOnce(&mut HashMap<String, Loaded>)) {
+        let mut secrets = lock(&self.secrets);
+        change(&mut secrets);
+        let mut specs: Vec<_> = secrets.values().map(|l| l.runtime.spec.clone()).collect();
         specs.sort_by(|a, b| a.name.cmp(&b.name));
-        specs
+        self.definitions.send_replace(specs.into());
+    }
+
+    /// The loaded definitions, sorted by name.
+    pub fn specs(&self) -> crate::visibility::Definitions {
+        self.definitions.borrow().clone()
     }
 
     pub async fn spec(&self, name: &str) -> Result<SecretSpec, EngineError> {
@@ -159,8 +175,22 @@ impl RotationEngine {
         Ok(self.runtime(name).await?.store.versions().await?)
     }
 
-    /// The current value, for an operator (`mayflyd secret get`) or an agent push.
+    /// The current value, for an operator (`mayflyd secret get`) or an agent push. Each
+    /// call is one read of the secret's store (a query, or an AWS or Vault call), counted.
     pub async fn current(&self, name: &str) -> Result<Option<(String, Credential)>, EngineError> {
-        Ok(self.runtime(name).await?.store.get_current().await?)
+        let runtime = self.runtime(name).await?;
+        self.metrics.secret_value_read();
+        Ok(runtime.store.get_current().await?)
+    }
+
+    /// The current version with its value, as pushed to agents; one read of the store.
+    pub async fn promoted(&self, name: &str) -> Result<Option<Arc<Promoted>>, EngineError> {
+        Ok(self.current(name).await?.map(|(version, credential)| {
+            Arc::new(Promoted {
+                secret: name.to_string(),
+                version,
+                credential,
+            })
+        }))
     }
 }

@@ -262,10 +262,20 @@ impl RotationEngine {
             tracing::error!(secret = %name, error = %e, "could not record the rotation outcome");
         }
         if job.state == JobState::Promoted {
-            let _ = self.promoted.send(Promoted {
-                secret: name,
-                version: job.token.clone(),
-            });
+            self.announce(&name).await;
+        }
+    }
+
+    /// Tells the sync streams of a promoted version, with its value read once for all.
+    async fn announce(&self, name: &str) {
+        match self.promoted(name).await {
+            Ok(Some(value)) => {
+                let _ = self.promoted.send(value);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(secret = %name, error = %e, "could not read a promoted version to push it to agents");
+            }
         }
     }
 

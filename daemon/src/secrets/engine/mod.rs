@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
 use mayfly_common::clock::Clock;
 
@@ -34,11 +34,15 @@ mod scheduler;
 /// The lease whose holder runs the scheduler.
 pub const SCHEDULER_LEASE: &str = "rotation-scheduler";
 
-/// Told to agents (and anyone else listening) when a new version becomes current.
-#[derive(Debug, Clone)]
+/// Told to agents (and anyone else listening) when a new version becomes current. It
+/// carries the value, read from the secret's store once per promotion: every sync stream
+/// with a grant pushes this copy instead of reading the store again (one AWS or Vault call
+/// per agent per rotation, otherwise).
+#[derive(Debug)]
 pub struct Promoted {
     pub secret: String,
     pub version: String,
+    pub credential: Credential,
 }
 
 /// What a finished rotation reports.
@@ -64,11 +68,13 @@ pub struct RotationEngine {
     /// Secrets as built from their stored definitions; the sealed definition tells when
     /// another daemon has changed one.
     secrets: Mutex<HashMap<String, Loaded>>,
+    /// The loaded definitions, sorted by name, republished whenever `secrets` changes.
+    definitions: watch::Sender<crate::visibility::Definitions>,
     /// Tokens of the jobs this daemon is running now.
     running: Mutex<HashSet<String>>,
     wake: Notify,
     slots: Arc<Semaphore>,
-    promoted: broadcast::Sender<Promoted>,
+    promoted: broadcast::Sender<Arc<Promoted>>,
     retry_base: Duration,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -114,6 +120,7 @@ impl RotationEngine {
             datastore: datastore.clone(),
             key,
             secrets: Mutex::new(HashMap::new()),
+            definitions: watch::channel(Vec::new().into()).0,
             running: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             slots: Arc::new(Semaphore::new(32)),
@@ -140,8 +147,13 @@ impl RotationEngine {
         Ok(engine)
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Promoted> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Promoted>> {
         self.promoted.subscribe()
+    }
+
+    /// The loaded definitions as they change.
+    pub fn definitions(&self) -> watch::Receiver<crate::visibility::Definitions> {
+        self.definitions.subscribe()
     }
 }
 
@@ -171,10 +183,7 @@ fn retry_base() -> Duration {
 fn crash_point(state: crate::store::JobState) {
     if std::env::var("MAYFLY_TEST_CRASH_AFTER").is_ok_and(|s| s == state.as_str()) {
         tracing::warn!(%state, "MAYFLY_TEST_CRASH_AFTER: killing the daemon now");
-        // SAFETY: sending SIGKILL to ourselves has no memory-safety preconditions.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
+        crate::sys::kill_self();
     }
 }
 

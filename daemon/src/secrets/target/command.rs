@@ -177,11 +177,8 @@ async fn collect_stderr(mut stderr: tokio::process::ChildStderr, head: Arc<Mutex
 /// Kills the hook's process group, then reaps the hook.
 async fn kill_group(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-        // SAFETY: kill(2) with a negative pid signals the process group the hook leads (it was
-        // spawned with process_group(0)); it touches no memory of ours.
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
+        // A negative pid is the process group the hook leads (spawned with process_group(0)).
+        let _ = crate::sys::kill(-pid, libc::SIGKILL);
     }
     let _ = child.kill().await;
 }

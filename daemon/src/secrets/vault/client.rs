@@ -167,25 +167,24 @@ impl VaultHttp {
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(unreachable(e)),
+            Ok(Err(e)) => Err(unreachable(e.to_string())),
             Err(_) => Err(unreachable(format!("no answer within {REQUEST_TIMEOUT:?}"))),
         }
     }
 
-    async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<VaultResponse, String> {
+    async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<VaultResponse, ExchangeError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("connecting: {e}"))?;
+            .map_err(ExchangeError::Connect)?;
         // Small request/response pairs: Nagle would only add delay.
-        tcp.set_nodelay(true)
-            .map_err(|e| format!("connecting: {e}"))?;
+        tcp.set_nodelay(true).map_err(ExchangeError::Connect)?;
         match &self.tls {
             None => exchange_over(tcp, req).await,
             Some((connector, name)) => {
                 let tls = connector
                     .connect(name.clone(), tcp)
                     .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                    .map_err(ExchangeError::Tls)?;
                 exchange_over(tls, req).await
             }
         }
@@ -200,13 +199,16 @@ impl fmt::Debug for VaultHttp {
     }
 }
 
-async fn exchange_over<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<VaultResponse, String>
+async fn exchange_over<IO>(
+    io: IO,
+    req: Request<Full<Bytes>>,
+) -> Result<VaultResponse, ExchangeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
+        .map_err(ExchangeError::Handshake)?;
     // The connection task ends once `sender` is dropped below; a failure on it also
     // surfaces through `send_request`, so its own result carries nothing new.
     tokio::spawn(async move {
@@ -215,15 +217,30 @@ where
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| format!("sending the request: {e}"))?;
+        .map_err(ExchangeError::Send)?;
     let status = resp.status();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("reading the answer: {e}"))?
+        .map_err(ExchangeError::Read)?
         .to_bytes();
     Ok(VaultResponse { status, body })
+}
+
+/// Why one request to Vault got no answer.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("sending the request: {0}")]
+    Send(hyper::Error),
+    #[error("reading the answer: {0}")]
+    Read(hyper::Error),
 }
 
 fn tls_connector(ca_cert_pem: Option<&str>) -> Result<TlsConnector, SecretStoreError> {

@@ -2,7 +2,6 @@
 //! suite, started on first use, and one https server for the CA bundle test.
 
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -91,14 +90,7 @@ impl BaoProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours; it makes the
-        // kernel kill the server if the test binary dies without running destructors.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        crate::sys::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .expect("start `bao` (export PATH=/work/main/.venv/bin:$PATH)");

@@ -16,11 +16,14 @@ use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::convert;
 use crate::audit::{Actor, Audit, Event};
-use crate::identity::{Change, Registry, RevocationNotice};
+use crate::identity::Registry;
 use crate::metrics::{Metrics, SvidKind};
 use crate::revoke::Revoker;
 use crate::secrets::engine::RotationEngine;
 use crate::store::{AgentRecord, IssuedSvidRecord};
+use crate::visibility::Visibility;
+
+mod sync;
 
 /// The most denials one `ReportDenials` call may carry (agents send at most 500).
 const MAX_DENIALS_PER_REPORT: usize = 1000;
@@ -35,6 +38,8 @@ pub struct NodeApi {
     metrics: Arc<Metrics>,
     audit: Audit,
     revoker: Arc<Revoker>,
+    /// What each agent may see, from the registry's and the engine's snapshots.
+    view: Visibility,
 }
 
 impl NodeApi {
@@ -45,49 +50,15 @@ impl NodeApi {
         audit: Audit,
         revoker: Arc<Revoker>,
     ) -> Self {
+        let view = Visibility::new(registry.entries(), secrets.definitions());
         Self {
             registry,
             secrets,
             metrics,
             audit,
             revoker,
+            view,
         }
-    }
-
-    /// Secrets granted to any SPIFFE ID this agent serves, with the IDs they go to.
-    fn granted(&self, agent: &str) -> Vec<(String, Vec<String>)> {
-        self.registry.granted(&self.secrets.specs(), agent)
-    }
-
-    async fn secret_version(
-        &self,
-        name: &str,
-        granted_to: Vec<String>,
-    ) -> Option<v1::GrantedSecret> {
-        match self.secrets.current(name).await {
-            Ok(Some((version, credential))) => Some(v1::GrantedSecret {
-                name: name.to_string(),
-                version,
-                username: credential.username,
-                value: credential.password.expose().as_bytes().to_vec(),
-                granted_to,
-            }),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(secret = %name, error = %e, "could not read a granted secret for an agent");
-                None
-            }
-        }
-    }
-
-    async fn granted_secrets(&self, agent: &str) -> Vec<v1::GrantedSecret> {
-        let mut out = Vec::new();
-        for (name, to) in self.granted(agent) {
-            if let Some(version) = self.secret_version(&name, to).await {
-                out.push(version);
-            }
-        }
-        out
     }
 
     async fn authenticate<T>(
@@ -98,34 +69,13 @@ impl NodeApi {
         let peer = caller(request)?;
         self.registry.authenticate_agent(&peer).await.map_err(|e| {
             tracing::warn!(agent = %peer.spiffe_id, serial = %peer.serial, error = %e, "node API call refused");
-            self.audit.note(
+            self.audit.note_refusal(
                 Event::new(&Actor::Spiffe(peer.spiffe_id.to_string()), "node.denied", call)
                     .scope(format!("serial {}", peer.serial))
                     .denied(e.to_string()),
             );
             Status::from(e)
         })
-    }
-
-    /// The secrets' current values for a revocation that replaced them, as this agent
-    /// may hold them.
-    async fn with_replacements(
-        &self,
-        agent: &str,
-        mut message: v1::Revocation,
-        secrets: &[String],
-    ) -> v1::Revocation {
-        if secrets.is_empty() {
-            return message;
-        }
-        for (name, to) in self.granted(agent) {
-            if secrets.contains(&name)
-                && let Some(version) = self.secret_version(&name, to).await
-            {
-                message.replacements.push(version);
-            }
-        }
-        message
     }
 
     /// An agent's own SVID as the issued-SVID register keeps it (no entry).
@@ -141,23 +91,6 @@ impl NodeApi {
         }
     }
 
-    fn note_grants(&self, agent: &str, secrets: &[v1::GrantedSecret]) {
-        for secret in secrets {
-            self.audit.note(
-                Event::new(
-                    &Actor::Spiffe(agent.to_string()),
-                    "secret.grant",
-                    &secret.name,
-                )
-                .scope(format!(
-                    "version {} to {}",
-                    secret.version,
-                    secret.granted_to.join(", ")
-                )),
-            );
-        }
-    }
-
     fn bundle(&self) -> v1::Bundle {
         let current = self.registry.ca().current();
         convert::bundle(
@@ -165,33 +98,6 @@ impl NodeApi {
             &current.bundle,
             REFRESH_HINT,
         )
-    }
-
-    async fn full_state(&self, agent: &str) -> Result<v1::SyncMessage, Status> {
-        let (pending, deny_list) = self.revoker.pending_for(agent).await.map_err(|e| {
-            tracing::error!(agent, error = %e, "could not read the revocations for an agent");
-            Status::unavailable("the daemon cannot read its revocations now; retry")
-        })?;
-        let mut revocations = Vec::with_capacity(pending.len());
-        for (message, secrets) in pending {
-            revocations.push(self.with_replacements(agent, message, &secrets).await);
-        }
-        let secrets = self.granted_secrets(agent).await;
-        self.note_grants(agent, &secrets);
-        Ok(v1::SyncMessage {
-            update: Some(Update::FullState(v1::FullState {
-                entries: self
-                    .registry
-                    .entries_for(agent)
-                    .iter()
-                    .map(|e| convert::entry(e))
-                    .collect(),
-                bundle: Some(self.bundle()),
-                secrets,
-                revocations,
-                deny_list,
-            })),
-        })
     }
 }
 
@@ -224,7 +130,7 @@ impl Node for NodeApi {
             Ok(svid) => svid,
             Err(e) => {
                 tracing::warn!(error = %e, "attestation refused");
-                self.audit.note(
+                self.audit.note_refusal(
                     Event::new(&presenter, "agent.attest", "")
                         .scope(format!("join token sha256:{}", &token[..12]))
                         .denied(e.to_string()),
@@ -292,97 +198,9 @@ impl Node for NodeApi {
     ) -> Result<Response<Self::SyncStream>, Status> {
         // Subscribe before checking the agent and taking the snapshot, so that no change
         // falls in between: an eviction or ban made after the check reaches this stream.
-        let mut changes = self.registry.subscribe_changes();
+        let subscriptions = sync::Subscriptions::take(self);
         let agent = self.authenticate(&request, "Sync").await?;
-        let agent_id = agent.spiffe_id.clone();
-        let mut authorities = self.registry.ca().subscribe();
-        let mut closing = self.registry.closing();
-        let mut promoted = self.secrets.subscribe();
-        let (tx, rx) = mpsc::channel(256);
-        tx.send(Ok(self.full_state(&agent_id).await?))
-            .await
-            .map_err(|_| Status::cancelled("agent went away"))?;
-        let api = self.clone();
-        let connected = self.metrics.agent_connected();
-        tokio::spawn(async move {
-            let _connected = connected;
-            tracing::debug!(agent = %agent_id, "sync stream open");
-            loop {
-                let message = tokio::select! {
-                    _ = tx.closed() => break,
-                    _ = async { let _ = closing.wait_for(|c| *c).await; } => break,
-                    change = changes.recv() => match change {
-                        Ok(Change::EntryUpserted(entry)) if entry.parent_id == agent_id => {
-                            Update::EntryUpserted(convert::entry(&entry))
-                        }
-                        Ok(Change::EntryDeleted { id, parent_id }) if parent_id == agent_id => {
-                            Update::EntryDeleted(id)
-                        }
-                        Ok(Change::Revoked(notice)) if notice.agents.contains(&agent_id) => {
-                            let RevocationNotice { message, secrets, .. } = &*notice;
-                            Update::Revoked(api.with_replacements(&agent_id, message.clone(), secrets).await)
-                        }
-                        Ok(Change::AgentEvicted { spiffe_id, banned, reason })
-                            if spiffe_id == agent_id =>
-                        {
-                            let _ = tx
-                                .send(Ok(v1::SyncMessage {
-                                    update: Some(Update::Evicted(v1::AgentEvicted { reason, banned })),
-                                }))
-                                .await;
-                            break;
-                        }
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            // Missed changes: resend everything rather than guess.
-                            match api.full_state(&agent_id).await {
-                                Ok(v1::SyncMessage { update: Some(update) }) => update,
-                                _ => break,
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
-                    promotion = promoted.recv() => match promotion {
-                        Ok(p) => {
-                            let Some((_, to)) = api.granted(&agent_id).into_iter().find(|(n, _)| *n == p.secret) else {
-                                continue;
-                            };
-                            match api.secret_version(&p.secret, to).await {
-                                Some(version) => {
-                                    api.note_grants(&agent_id, std::slice::from_ref(&version));
-                                    Update::SecretUpdated(version)
-                                }
-                                None => continue,
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            match api.full_state(&agent_id).await {
-                                Ok(v1::SyncMessage { update: Some(update) }) => update,
-                                _ => break,
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
-                    changed = authorities.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        Update::BundleChanged(api.bundle())
-                    }
-                };
-                if tx
-                    .send(Ok(v1::SyncMessage {
-                        update: Some(message),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            tracing::debug!(agent = %agent_id, "sync stream closed");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open_sync(agent.spiffe_id, subscriptions).await
     }
 
     async fn sign_svids(
@@ -405,7 +223,7 @@ impl Node for NodeApi {
             .sign_batch(&agent.spiffe_id, &csrs)
             .map_err(|e| {
                 tracing::warn!(agent = %agent.spiffe_id, error = %e, "signing refused");
-                self.audit.note(
+                self.audit.note_refusal(
                     Event::new(&actor, "svid.sign", "")
                         .scope(format!("{} CSRs", csrs.len()))
                         .denied(e.to_string()),
@@ -469,7 +287,7 @@ impl Node for NodeApi {
             {
                 Ok(minted) => minted,
                 Err(e) => {
-                    self.audit.note(
+                    self.audit.note_refusal(
                         Event::new(&actor, "jwt.mint", &body.entry_id)
                             .scope(format!("aud {}", body.audience.join(",")))
                             .denied(e.to_string()),

@@ -1,23 +1,26 @@
 //! The admin API behind the operator subcommands, served on a Unix socket (mode 0600).
-//! Callers are checked by their peer credentials as well as by the socket's mode.
+//! Callers are checked by their peer credentials as well as by the socket's mode, once for
+//! every method, in `operator`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use mayfly_proto::v1::admin_server::Admin;
 use mayfly_proto::v1::{self};
 
 use super::convert;
-use crate::audit::{Actor, Audit, Event};
+use operator::Operator;
+
+pub mod operator;
+use crate::audit::{Audit, Event};
 use crate::ca::{bundle_jwks, bundle_pem};
 use crate::identity::{EntryChange, EntryInput, Registry};
 use crate::revoke::{Revoker, Target, report_message};
 use crate::secrets::engine::RotationEngine;
 use crate::secrets::spec::{SecretSpec, Strategy};
-use crate::store::{AgentStatus, AuditFilter, AuditRow, CaSlotRecord, EntryFilter, JobRecord};
+use crate::store::{AgentStatus, AuditFilter, EntryFilter};
 use mayfly_common::clock::unix;
 
 pub struct AdminApi {
@@ -42,32 +45,11 @@ impl AdminApi {
         }
     }
 
-    /// Only root and the daemon's own user may administer it; anyone else is refused,
-    /// and the refusal is on the audit trail.
-    fn operator<T>(&self, request: &Request<T>, call: &str) -> Result<u32, Status> {
-        let uid = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .map(|cred| cred.uid())
-            .ok_or_else(|| Status::unauthenticated("the caller's credentials are unknown"))?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let own = unsafe { libc::geteuid() };
-        if uid != 0 && uid != own {
-            tracing::warn!(uid, call, "admin call refused");
-            let why = format!("uid {uid} may not administer this daemon");
-            self.audit
-                .note(Event::new(&Actor::Operator(uid), "admin.denied", call).denied(why.clone()));
-            return Err(Status::permission_denied(why));
-        }
-        Ok(uid)
-    }
-
     /// Every CA slot, as the CA subcommands print them.
     async fn ca_slots(&self) -> Result<Response<v1::ShowCaResponse>, Status> {
         let slots = self.registry.ca().slots().await?;
         Ok(Response::new(v1::ShowCaResponse {
-            slots: slots.iter().map(ca_slot).collect(),
+            slots: slots.iter().map(convert::ca_slot).collect(),
         }))
     }
 
@@ -86,30 +68,21 @@ impl AdminApi {
         request: Request<v1::AgentRequest>,
         status: AgentStatus,
     ) -> Result<Response<v1::Agent>, Status> {
-        let uid = self.operator(
-            &request,
-            if status == AgentStatus::Banned {
-                "ban_agent"
-            } else {
-                "evict_agent"
-            },
-        )?;
+        let op = Operator::of(&request)?;
         let body = request.into_inner();
         non_empty("spiffe_id", &body.spiffe_id)?;
         let record = self
             .registry
             .set_agent_status(&body.spiffe_id, status, &body.reason)
             .await?;
-        tracing::warn!(uid, agent = %record.spiffe_id, status = %status, reason = %body.reason, "agent cut off");
+        tracing::warn!(uid = op.uid, agent = %record.spiffe_id, status = %status, reason = %body.reason, "agent cut off");
         let action = if status == AgentStatus::Banned {
             "agent.ban"
         } else {
             "agent.evict"
         };
-        self.record(
-            Event::new(&Actor::Operator(uid), action, &record.spiffe_id).reason(&body.reason),
-        )
-        .await?;
+        self.record(op.event(action, &record.spiffe_id).reason(&body.reason))
+            .await?;
         Ok(Response::new(convert::agent(&record)))
     }
 
@@ -134,19 +107,6 @@ impl AdminApi {
     }
 }
 
-fn job_message(job: &JobRecord) -> v1::RotationJob {
-    v1::RotationJob {
-        token: job.token.clone(),
-        state: job.state.to_string(),
-        username: job.username.clone(),
-        trigger: job.trigger_kind.to_string(),
-        attempts: job.attempts,
-        last_error: job.last_error.clone(),
-        created_at: job.created_at,
-        finished_at: job.finished_at.unwrap_or(0),
-    }
-}
-
 /// A revocation's `wait_ms`: 0 for the default.
 fn wait_of(wait_ms: i64) -> Result<Option<Duration>, Status> {
     if wait_ms < 0 {
@@ -162,38 +122,13 @@ fn non_empty(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn ca_slot(record: &CaSlotRecord) -> v1::CaSlot {
-    let ski = x509_parser::parse_x509_certificate(&record.cert_der)
-        .ok()
-        .and_then(|(_, cert)| {
-            cert.extensions()
-                .iter()
-                .find_map(|ext| match ext.parsed_extension() {
-                    x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
-                        Some(hex::encode(id.0))
-                    }
-                    _ => None,
-                })
-        })
-        .unwrap_or_default();
-    v1::CaSlot {
-        id: record.id.clone(),
-        state: record.state.as_str().to_string(),
-        subject_key_id: ski,
-        not_before: record.not_before,
-        not_after: record.not_after,
-        jwt_key_id: record.jwt_kid.clone(),
-        certificate: bundle_pem(std::slice::from_ref(&record.cert_der)),
-    }
-}
-
 #[tonic::async_trait]
 impl Admin for AdminApi {
     async fn create_entry(
         &self,
         request: Request<v1::CreateEntryRequest>,
     ) -> Result<Response<v1::Entry>, Status> {
-        let uid = self.operator(&request, "create_entry")?;
+        let op = Operator::of(&request)?;
         let body = request.into_inner();
         non_empty("spiffe_id", &body.spiffe_id)?;
         non_empty("parent_id", &body.parent_id)?;
@@ -209,9 +144,9 @@ impl Admin for AdminApi {
                 hint: body.hint,
             })
             .await?;
-        tracing::info!(uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");
+        tracing::info!(uid = op.uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");
         self.record(
-            Event::new(&Actor::Operator(uid), "entry.create", &record.spiffe_id)
+            op.event("entry.create", &record.spiffe_id)
                 .scope(format!(
                     "entry {} parent {} selectors {}",
                     record.id,
@@ -228,7 +163,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListEntriesRequest>,
     ) -> Result<Response<v1::ListEntriesResponse>, Status> {
-        self.operator(&request, "list_entries")?;
+        Operator::of(&request)?;
         let body = request.into_inner();
         let filter = EntryFilter {
             parent_id: Some(body.parent_id).filter(|s| !s.is_empty()),
@@ -244,7 +179,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::GetEntryRequest>,
     ) -> Result<Response<v1::Entry>, Status> {
-        self.operator(&request, "get_entry")?;
+        Operator::of(&request)?;
         let id = request.into_inner().id;
         non_empty("id", &id)?;
         Ok(Response::new(convert::entry(
@@ -256,7 +191,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::UpdateEntryRequest>,
     ) -> Result<Response<v1::Entry>, Status> {
-        let uid = self.operator(&request, "update_entry")?;
+        let op = Operator::of(&request)?;
         let body = request.into_inner();
         non_empty("id", &body.id)?;
         let record = self
@@ -274,9 +209,9 @@ impl Admin for AdminApi {
                 },
             )
             .await?;
-        tracing::info!(uid, entry = %record.id, "entry updated");
+        tracing::info!(uid = op.uid, entry = %record.id, "entry updated");
         self.record(
-            Event::new(&Actor::Operator(uid), "entry.update", &record.spiffe_id)
+            op.event("entry.update", &record.spiffe_id)
                 .scope(format!(
                     "entry {} parent {} selectors {}",
                     record.id,
@@ -293,13 +228,13 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::DeleteEntryRequest>,
     ) -> Result<Response<v1::DeleteEntryResponse>, Status> {
-        let uid = self.operator(&request, "delete_entry")?;
+        let op = Operator::of(&request)?;
         let id = request.into_inner().id;
         non_empty("id", &id)?;
         let deleted = self.registry.delete_entry(&id).await?;
-        tracing::info!(uid, entry = %deleted.id, "entry deleted");
+        tracing::info!(uid = op.uid, entry = %deleted.id, "entry deleted");
         self.record(
-            Event::new(&Actor::Operator(uid), "entry.delete", &deleted.spiffe_id)
+            op.event("entry.delete", &deleted.spiffe_id)
                 .scope(format!("entry {}", deleted.id)),
         )
         .await?;
@@ -310,7 +245,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::GenerateJoinTokenRequest>,
     ) -> Result<Response<v1::GenerateJoinTokenResponse>, Status> {
-        let uid = self.operator(&request, "generate_join_token")?;
+        let op = Operator::of(&request)?;
         let body = request.into_inner();
         non_empty("spiffe_id", &body.spiffe_id)?;
         if body.ttl < 0 {
@@ -321,16 +256,12 @@ impl Admin for AdminApi {
             .registry
             .generate_join_token(&body.spiffe_id, ttl)
             .await?;
-        tracing::info!(uid, spiffe_id = %issued.spiffe_id, expires_at = issued.expires_at, "join token generated");
+        tracing::info!(uid = op.uid, spiffe_id = %issued.spiffe_id, expires_at = issued.expires_at, "join token generated");
         let hash = crate::identity::token_hash(&issued.token);
         self.record(
-            Event::new(
-                &Actor::Operator(uid),
-                "token.create",
-                issued.spiffe_id.as_str(),
-            )
-            .scope(format!("join token sha256:{}", &hash[..12]))
-            .ttl_secs(issued.expires_at - unix(self.registry.now())),
+            Event::new(&op.actor(), "token.create", issued.spiffe_id.as_str())
+                .scope(format!("join token sha256:{}", &hash[..12]))
+                .ttl_secs(issued.expires_at - unix(self.registry.now())),
         )
         .await?;
         Ok(Response::new(v1::GenerateJoinTokenResponse {
@@ -344,7 +275,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsResponse>, Status> {
-        self.operator(&request, "list_agents")?;
+        Operator::of(&request)?;
         let agents = self
             .registry
             .store()
@@ -374,7 +305,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::GetBundleRequest>,
     ) -> Result<Response<v1::GetBundleResponse>, Status> {
-        self.operator(&request, "get_bundle")?;
+        Operator::of(&request)?;
         let current = self.registry.ca().current();
         let snapshot = &current.bundle;
         let jwks = bundle_jwks(
@@ -399,7 +330,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ShowCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
-        self.operator(&request, "show_ca")?;
+        Operator::of(&request)?;
         self.ca_slots().await
     }
 
@@ -407,11 +338,10 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::PrepareCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
-        let uid = self.operator(&request, "prepare_ca")?;
+        let op = Operator::of(&request)?;
         let slot = self.registry.ca().prepare(self.registry.now()).await?;
-        tracing::info!(uid, slot = %slot.id, "CA prepared by operator");
-        self.record(Event::new(&Actor::Operator(uid), "ca.prepare", &slot.id))
-            .await?;
+        tracing::info!(uid = op.uid, slot = %slot.id, "CA prepared by operator");
+        self.record(op.event("ca.prepare", &slot.id)).await?;
         self.ca_slots().await
     }
 
@@ -419,11 +349,10 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ActivateCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
-        let uid = self.operator(&request, "activate_ca")?;
+        let op = Operator::of(&request)?;
         let slot = self.registry.ca().activate(self.registry.now()).await?;
-        tracing::info!(uid, slot = %slot.id, at = unix(self.registry.now()), "CA activated by operator");
-        self.record(Event::new(&Actor::Operator(uid), "ca.activate", &slot.id))
-            .await?;
+        tracing::info!(uid = op.uid, slot = %slot.id, at = unix(self.registry.now()), "CA activated by operator");
+        self.record(op.event("ca.activate", &slot.id)).await?;
         self.ca_slots().await
     }
 
@@ -431,12 +360,12 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::TaintCaRequest>,
     ) -> Result<Response<v1::RevocationReport>, Status> {
-        let uid = self.operator(&request, "taint_ca")?;
+        let op = Operator::of(&request)?;
         let body = request.into_inner();
         let wait = wait_of(body.wait_ms)?;
         let report = self
             .revoker
-            .taint_ca(&body.reason, &Actor::Operator(uid), wait)
+            .taint_ca(&body.reason, &op.actor(), wait)
             .await
             .map_err(super::status::revoke_status)?;
         Ok(Response::new(report_message(&report)))
@@ -446,14 +375,14 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::RevokeCaRequest>,
     ) -> Result<Response<v1::ShowCaResponse>, Status> {
-        let uid = self.operator(&request, "revoke_ca")?;
+        let op = Operator::of(&request)?;
         let slot = request.into_inner().slot_id;
         let removed = self
             .revoker
-            .revoke_ca(Some(slot.as_str()), &Actor::Operator(uid))
+            .revoke_ca(Some(slot.as_str()), &op.actor())
             .await
             .map_err(super::status::revoke_status)?;
-        tracing::warn!(uid, slot = %removed, "CA revoked by operator");
+        tracing::warn!(uid = op.uid, slot = %removed, "CA revoked by operator");
         self.ca_slots().await
     }
 
@@ -461,14 +390,13 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::CreateSecretRequest>,
     ) -> Result<Response<v1::SecretSummary>, Status> {
-        let uid = self.operator(&request, "create_secret")?;
+        let op = Operator::of(&request)?;
         let spec = SecretSpec::from_toml(&request.into_inner().definition)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = spec.name.clone();
         self.secrets.create(spec).await?;
-        tracing::info!(uid, secret = %name, "secret defined");
-        self.record(Event::new(&Actor::Operator(uid), "secret.create", &name))
-            .await?;
+        tracing::info!(uid = op.uid, secret = %name, "secret defined");
+        self.record(op.event("secret.create", &name)).await?;
         Ok(Response::new(self.summary(&name).await?))
     }
 
@@ -476,9 +404,9 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListSecretsRequest>,
     ) -> Result<Response<v1::ListSecretsResponse>, Status> {
-        self.operator(&request, "list_secrets")?;
+        Operator::of(&request)?;
         let mut secrets = Vec::new();
-        for spec in self.secrets.specs() {
+        for spec in self.secrets.specs().iter() {
             secrets.push(self.summary(&spec.name).await?);
         }
         Ok(Response::new(v1::ListSecretsResponse { secrets }))
@@ -488,7 +416,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::SecretStatus>, Status> {
-        self.operator(&request, "get_secret_status")?;
+        Operator::of(&request)?;
         let name = request.into_inner().name;
         let secret = self.summary(&name).await?;
         let versions = self
@@ -507,7 +435,7 @@ impl Admin for AdminApi {
             .jobs(&name, 20)
             .await?
             .iter()
-            .map(job_message)
+            .map(convert::job)
             .collect();
         Ok(Response::new(v1::SecretStatus {
             secret: Some(secret),
@@ -520,7 +448,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::SecretSummary>, Status> {
-        let uid = self.operator(&request, "delete_secret")?;
+        let op = Operator::of(&request)?;
         let name = request.into_inner().name;
         let summary = self.summary(&name).await?;
         if summary.source == "config" {
@@ -529,9 +457,8 @@ impl Admin for AdminApi {
             )));
         }
         self.secrets.delete(&name).await?;
-        tracing::info!(uid, secret = %name, "secret deleted");
-        self.record(Event::new(&Actor::Operator(uid), "secret.delete", &name))
-            .await?;
+        tracing::info!(uid = op.uid, secret = %name, "secret deleted");
+        self.record(op.event("secret.delete", &name)).await?;
         Ok(Response::new(summary))
     }
 
@@ -539,17 +466,16 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::RotationOutcome>, Status> {
-        let uid = self.operator(&request, "rotate_secret")?;
+        let op = Operator::of(&request)?;
         let name = request.into_inner().name;
-        tracing::info!(uid, secret = %name, "rotation requested by operator");
-        self.record(Event::new(&Actor::Operator(uid), "secret.rotate", &name))
-            .await?;
+        tracing::info!(uid = op.uid, secret = %name, "rotation requested by operator");
+        self.record(op.event("secret.rotate", &name)).await?;
         let outcome = self
             .secrets
             .rotate_now(&name, crate::store::TriggerKind::Manual)
             .await?;
         Ok(Response::new(v1::RotationOutcome {
-            job: Some(job_message(&outcome.job)),
+            job: Some(convert::job(&outcome.job)),
         }))
     }
 
@@ -557,14 +483,14 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::SecretRequest>,
     ) -> Result<Response<v1::SecretValueResponse>, Status> {
-        let uid = self.operator(&request, "get_secret_value")?;
+        let op = Operator::of(&request)?;
         let name = request.into_inner().name;
         let (version, credential) = self.secrets.current(&name).await?.ok_or_else(|| {
             Status::not_found(format!("secret {name} has no current version yet"))
         })?;
-        tracing::warn!(uid, secret = %name, version = %version, "secret value read by operator");
+        tracing::warn!(uid = op.uid, secret = %name, version = %version, "secret value read by operator");
         self.record(
-            Event::new(&Actor::Operator(uid), "secret.read", &name)
+            op.event("secret.read", &name)
                 .scope(format!("version {version}")),
         )
         .await?;
@@ -580,14 +506,14 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::RevokeRequest>,
     ) -> Result<Response<v1::RevocationReport>, Status> {
-        let uid = self.operator(&request, "revoke")?;
+        let op = Operator::of(&request)?;
         let body = request.into_inner();
         let target =
             Target::parse(&body.kind, &body.target).map_err(super::status::revoke_status)?;
         let wait = wait_of(body.wait_ms)?;
         let report = self
             .revoker
-            .revoke(target, &body.reason, &Actor::Operator(uid), wait)
+            .revoke(target, &body.reason, &op.actor(), wait)
             .await
             .map_err(super::status::revoke_status)?;
         Ok(Response::new(report_message(&report)))
@@ -597,7 +523,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListRevocationsRequest>,
     ) -> Result<Response<v1::ListRevocationsResponse>, Status> {
-        self.operator(&request, "list_revocations")?;
+        Operator::of(&request)?;
         let reports = self
             .revoker
             .list(1000)
@@ -612,7 +538,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::GetRevocationRequest>,
     ) -> Result<Response<v1::RevocationReport>, Status> {
-        self.operator(&request, "get_revocation")?;
+        Operator::of(&request)?;
         let id = request.into_inner().id;
         non_empty("id", &id)?;
         let report = self
@@ -630,7 +556,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListAuditRequest>,
     ) -> Result<Response<Self::ListAuditStream>, Status> {
-        self.operator(&request, "list_audit")?;
+        Operator::of(&request)?;
         let body = request.into_inner();
         let audit = self.audit.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -659,7 +585,7 @@ impl Admin for AdminApi {
                 filter.after_seq = last.seq;
                 left -= page.len() as i64;
                 for row in page {
-                    if tx.send(Ok(audit_record(row))).await.is_err() {
+                    if tx.send(Ok(convert::audit_record(row))).await.is_err() {
                         return;
                     }
                 }
@@ -674,7 +600,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::VerifyAuditRequest>,
     ) -> Result<Response<v1::VerifyAuditResponse>, Status> {
-        self.operator(&request, "verify_audit")?;
+        Operator::of(&request)?;
         let verdict = self
             .audit
             .verify()
@@ -688,22 +614,5 @@ impl Admin for AdminApi {
             first_bad_seq,
             problem,
         }))
-    }
-}
-
-fn audit_record(row: AuditRow) -> v1::AuditRecord {
-    v1::AuditRecord {
-        seq: row.seq,
-        at_ms: row.at_ms,
-        actor: row.actor,
-        action: row.action,
-        subject: row.subject,
-        scope: row.scope,
-        ttl_secs: row.ttl_secs,
-        reason: row.reason,
-        outcome: row.outcome,
-        detail: row.detail,
-        prev_hash: row.prev_hash,
-        hash: row.hash,
     }
 }
