@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "mayfly.v1.GrantedSecret",
             "mayfly.v1.SecretValueResponse",
             "mayfly.v1.WorkloadSecret",
+            "mayfly.v1.IssuedCredential",
         ])
         .build_server(true)
         .build_client(true)

@@ -44,6 +44,9 @@ pub struct DaemonConfig {
     /// Secrets rotated on schedule (`[[secret]]` tables).
     #[serde(default, rename = "secret")]
     pub secrets: Vec<crate::secrets::spec::SecretSpec>,
+    /// TTL-bound credentials issued to workloads (`[[credential]]` tables).
+    #[serde(default, rename = "credential")]
+    pub credentials: Vec<crate::creds::spec::CredentialSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +131,7 @@ impl DaemonConfig {
             svid: SvidConfig::default(),
             log: LogConfig::default(),
             secrets: Vec::new(),
+            credentials: Vec::new(),
         }
     }
 
@@ -167,6 +171,13 @@ impl DaemonConfig {
             secret.check()?;
             if !names.insert(secret.name.as_str()) {
                 return Err(ConfigProblem::SecretTwice(secret.name.clone()));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for credential in &self.credentials {
+            credential.check()?;
+            if !names.insert(credential.name.as_str()) {
+                return Err(ConfigProblem::CredentialTwice(credential.name.clone()));
             }
         }
         let scheduler = &self.scheduler;
@@ -213,6 +224,10 @@ pub enum ConfigProblem {
     Secret(#[from] crate::secrets::spec::SpecError),
     #[error("secret `{0}` is defined twice")]
     SecretTwice(String),
+    #[error(transparent)]
+    Credential(#[from] crate::creds::spec::CredentialSpecError),
+    #[error("credential `{0}` is defined twice")]
+    CredentialTwice(String),
 }
 
 impl ConfigProblem {

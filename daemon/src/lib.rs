@@ -5,6 +5,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod creds;
 pub mod dev;
 pub use mayfly_common::fsutil;
 pub mod identity;

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use mayfly_common::process::{init_logging, shutdown_signal};
 
-use mayfly_daemon::cli::{Cli, Command, operator};
+use mayfly_daemon::cli::{Cli, Command, credentials, operator};
 use mayfly_daemon::config::{DaemonConfig, LogFormat};
 use mayfly_daemon::{dev, server};
 
@@ -60,6 +60,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Bundle { command, conn } => operator::bundle(command, &conn).await,
         Command::Ca { command, conn } => operator::ca(command, &conn).await,
         Command::Secret { command, conn } => operator::secret(command, &conn).await,
+        Command::Credential { command, conn } => credentials::credential(command, &conn).await,
+        Command::Lease { command, conn } => credentials::lease(command, &conn).await,
         Command::Revoke { command, conn } => operator::revoke(command, &conn).await,
         Command::Audit { command, conn } => operator::audit(command, &conn).await,
     }

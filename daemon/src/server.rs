@@ -19,6 +19,7 @@ use crate::api::{node::NodeApi, tls};
 use crate::audit::{Actor, Audit, Event};
 use crate::ca::manager::CaManager;
 use crate::config::DaemonConfig;
+use crate::creds::Broker;
 use crate::fsutil;
 use crate::identity::{Clock, Registry, SystemClock};
 use crate::metrics::{self, Metrics};
@@ -26,6 +27,7 @@ use crate::revoke::Revoker;
 use crate::secrets::engine::{LeaseSettings, RotationEngine};
 use crate::secrets::local::SealingKey;
 use crate::store::Store;
+use crate::visibility::Visibility;
 
 /// A daemon that has bound its sockets and is serving.
 pub struct Daemon {
@@ -78,7 +80,7 @@ pub async fn start(
     };
     let secrets = RotationEngine::start(
         store.clone(),
-        sealing,
+        sealing.clone(),
         &config.secrets,
         lease,
         clock.clone(),
@@ -89,9 +91,20 @@ pub async fn start(
     .context("starting the rotation engine")?;
     let registry =
         Arc::new(Registry::load(store.clone(), ca.clone(), &config, clock.clone()).await?);
+    let broker = Broker::start(
+        store.clone(),
+        sealing,
+        &config.credentials,
+        Visibility::new(registry.entries(), secrets.definitions()),
+        audit.clone(),
+        clock.clone(),
+    )
+    .await
+    .context("starting the credential broker")?;
     let revoker = Arc::new(Revoker::new(
         registry.clone(),
         secrets.clone(),
+        broker.clone(),
         audit.clone(),
     ));
     tokio::spawn(revoker.clone().watch_other_daemons());
@@ -142,6 +155,7 @@ pub async fn start(
     let node_service = NodeServer::new(NodeApi::new(
         registry.clone(),
         secrets.clone(),
+        broker.clone(),
         metrics.clone(),
         audit.clone(),
         revoker.clone(),
@@ -150,6 +164,7 @@ pub async fn start(
     let admin_service = AdminServer::new(AdminApi::new(
         registry.clone(),
         secrets.clone(),
+        broker.clone(),
         audit.clone(),
         revoker.clone(),
     ));

@@ -41,6 +41,21 @@ mod redacted_debug {
         }
     }
 
+    impl fmt::Debug for crate::v1::IssuedCredential {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let keys: Vec<&String> = self.values.keys().collect();
+            f.debug_struct("IssuedCredential")
+                .field("lease_id", &self.lease_id)
+                .field("name", &self.name)
+                .field("kind", &self.kind)
+                .field("values", &format_args!("<{keys:?} redacted>"))
+                .field("issued_at", &self.issued_at)
+                .field("expires_at", &self.expires_at)
+                .field("notice", &self.notice)
+                .finish()
+        }
+    }
+
     impl fmt::Debug for crate::v1::SecretValueResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("SecretValueResponse")
@@ -95,6 +110,16 @@ mod redacted_debug {
                 ..Default::default()
             };
             assert!(!format!("{response:?}").contains("hunter2"));
+            let issued = crate::v1::IssuedCredential {
+                lease_id: "ls-1".into(),
+                values: [("password".to_string(), "hunter2-secret".to_string())].into(),
+                ..Default::default()
+            };
+            let printed = format!("{issued:?}");
+            assert!(
+                !printed.contains("hunter2") && printed.contains("password"),
+                "{printed}"
+            );
             let workload = crate::v1::WorkloadSecret {
                 name: "db".into(),
                 value: b"hunter2-secret".to_vec(),

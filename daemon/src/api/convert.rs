@@ -118,3 +118,18 @@ pub fn audit_record(row: AuditRow) -> v1::AuditRecord {
         hash: row.hash,
     }
 }
+
+pub fn lease(lease: &crate::store::CredentialLease) -> v1::Lease {
+    v1::Lease {
+        id: lease.id.clone(),
+        credential: lease.credential.clone(),
+        holder: lease.holder.clone(),
+        agent_id: lease.agent_id.clone(),
+        backend_id: lease.backend_id.clone(),
+        issued_at: lease.issued_at,
+        expires_at: lease.expires_at,
+        state: lease.state.to_string(),
+        revoked_at: lease.revoked_at.unwrap_or(0),
+        reason: lease.reason.clone(),
+    }
+}

@@ -87,5 +87,26 @@ pub fn revoke_status(error: crate::revoke::RevokeError) -> Status {
         RevokeError::Store(e) => store_status(&e),
         RevokeError::Identity(e) => e.into(),
         RevokeError::Engine(e) => e.into(),
+        RevokeError::Credentials(e) => e.into(),
+    }
+}
+
+impl From<crate::creds::CredsError> for Status {
+    fn from(error: crate::creds::CredsError) -> Self {
+        use crate::creds::{BackendError, CredsError};
+        match &error {
+            CredsError::NotFound(_) => Status::not_found(error.to_string()),
+            CredsError::Denied(_) => Status::permission_denied(error.to_string()),
+            CredsError::Invalid(_) | CredsError::Spec(_) => {
+                Status::invalid_argument(error.to_string())
+            }
+            CredsError::FromConfig(_) => Status::failed_precondition(error.to_string()),
+            CredsError::Backend(BackendError::Unavailable(_)) => {
+                Status::unavailable(error.to_string())
+            }
+            CredsError::Backend(_) => Status::failed_precondition(error.to_string()),
+            CredsError::Store(store) => store_status(store),
+            _ => internal("credentials", &error),
+        }
     }
 }

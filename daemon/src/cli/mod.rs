@@ -1,6 +1,7 @@
 //! `mayflyd` command line: `run`, `dev`, and the operator subcommands that talk to a
 //! running daemon over its admin socket.
 
+pub mod credentials;
 pub mod operator;
 pub mod output;
 
@@ -61,6 +62,20 @@ pub enum Command {
     Secret {
         #[command(subcommand)]
         command: SecretCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// TTL-bound credentials issued to workloads (dynamic PostgreSQL users).
+    Credential {
+        #[command(subcommand)]
+        command: CredentialCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// The leases of issued credentials: who holds what until when.
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
         #[command(flatten)]
         conn: Connection,
     },
@@ -132,6 +147,20 @@ pub enum RevokeCommand {
     },
     /// A secret's current value: rotate now and invalidate the old value on its target.
     Secret {
+        name: String,
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// One credential lease: revoked at its backend (a dynamic user is dropped and its
+    /// sessions ended), and agents drop their copies.
+    Lease {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        options: RevokeOptions,
+    },
+    /// Every live lease of a credential.
+    Credential {
         name: String,
         #[command(flatten)]
         options: RevokeOptions,
@@ -342,6 +371,38 @@ pub enum CaCommand {
         #[arg(long)]
         slot: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialCommand {
+    /// Define a credential from a TOML file with the keys of a [[credential]] table.
+    Create {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// List credentials with their grants, TTLs and live leases.
+    List,
+    /// Show one credential.
+    Show { name: String },
+    /// Delete a credential defined through the API (refused while leases are live).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Live leases (with --all, revoked ones too).
+    List {
+        /// Only this workload's (a SPIFFE ID).
+        #[arg(long)]
+        holder: Option<String>,
+        /// Only this credential's.
+        #[arg(long)]
+        credential: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// One lease.
+    Show { id: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -53,7 +53,7 @@ fn socket_path(conn: &Connection) -> anyhow::Result<PathBuf> {
 }
 
 /// Turns a gRPC status into an error whose text is the daemon's message.
-fn call<T>(result: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+pub(super) fn call<T>(result: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
     result
         .map(tonic::Response::into_inner)
         .map_err(|status| anyhow::anyhow!("{} ({:?})", status.message(), status.code()))
@@ -333,6 +333,8 @@ pub async fn revoke(command: RevokeCommand, conn: &Connection) -> anyhow::Result
         RevokeCommand::Selector { selector, options } => ("selector", selector, options),
         RevokeCommand::Agent { id, options } => ("agent", id, options),
         RevokeCommand::Secret { name, options } => ("secret", name, options),
+        RevokeCommand::Lease { id, options } => ("lease", id, options),
+        RevokeCommand::Credential { name, options } => ("credential", name, options),
     };
     if options.reason.trim().is_empty() {
         anyhow::bail!("--reason must say why, for the audit trail");

@@ -38,11 +38,29 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// What to revoke.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Svid { serial: String },
-    Entry { spiffe_id: SpiffeId },
-    Selector { selector: Selector },
-    Agent { spiffe_id: SpiffeId },
-    Secret { name: String },
+    Svid {
+        serial: String,
+    },
+    Entry {
+        spiffe_id: SpiffeId,
+    },
+    Selector {
+        selector: Selector,
+    },
+    Agent {
+        spiffe_id: SpiffeId,
+    },
+    Secret {
+        name: String,
+    },
+    /// One credential lease, revoked at its backend.
+    Lease {
+        id: String,
+    },
+    /// Every live lease of one credential.
+    Credential {
+        name: String,
+    },
 }
 
 impl Target {
@@ -89,9 +107,15 @@ impl Target {
             "secret" => Target::Secret {
                 name: target.to_string(),
             },
+            "lease" => Target::Lease {
+                id: target.to_string(),
+            },
+            "credential" => Target::Credential {
+                name: target.to_string(),
+            },
             other => {
                 return Err(RevokeError::Invalid(format!(
-                    "unknown revocation kind `{other}`: use svid, entry, selector, agent or secret"
+                    "unknown revocation kind `{other}`: use svid, entry, selector, agent, secret, lease or credential"
                 )));
             }
         })
@@ -104,6 +128,8 @@ impl Target {
             Target::Selector { .. } => "selector",
             Target::Agent { .. } => "agent",
             Target::Secret { .. } => "secret",
+            Target::Lease { .. } => "lease",
+            Target::Credential { .. } => "credential",
         }
     }
 
@@ -112,7 +138,8 @@ impl Target {
             Target::Svid { serial } => serial.clone(),
             Target::Entry { spiffe_id } | Target::Agent { spiffe_id } => spiffe_id.to_string(),
             Target::Selector { selector } => selector.to_string(),
-            Target::Secret { name } => name.clone(),
+            Target::Secret { name } | Target::Credential { name } => name.clone(),
+            Target::Lease { id } => id.clone(),
         }
     }
 }
@@ -132,6 +159,8 @@ pub enum RevokeError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Credentials(#[from] crate::creds::CredsError),
 }
 
 /// What a revocation covered, kept as the revocation's JSON detail.
@@ -143,6 +172,9 @@ pub struct Scope {
     pub spiffe_ids: Vec<String>,
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Credential leases revoked at their backend.
+    #[serde(default)]
+    pub lease_ids: Vec<String>,
     #[serde(default)]
     pub everything: bool,
     /// The CA behind the agents' own SVIDs is tainted: they renew at once.
@@ -184,6 +216,8 @@ pub struct Report {
 pub struct Revoker {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
+    /// Revokes credential leases at their backends.
+    broker: Arc<crate::creds::Broker>,
     audit: Audit,
     /// What each agent may see, to find those holding a revoked secret.
     view: crate::visibility::Visibility,
@@ -203,11 +237,17 @@ struct Waiting {
 const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 impl Revoker {
-    pub fn new(registry: Arc<Registry>, secrets: Arc<RotationEngine>, audit: Audit) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        secrets: Arc<RotationEngine>,
+        broker: Arc<crate::creds::Broker>,
+        audit: Audit,
+    ) -> Self {
         let view = crate::visibility::Visibility::new(registry.entries(), secrets.definitions());
         Self {
             registry,
             secrets,
+            broker,
             audit,
             view,
             waiting: Mutex::new(HashMap::new()),
@@ -244,7 +284,7 @@ impl Revoker {
         started: Instant,
         wait: Duration,
     ) -> Result<Report, RevokeError> {
-        let plan = self.resolve(target).await?;
+        let plan = self.resolve(target, reason, actor).await?;
         self.execute(plan, reason, actor, started, wait).await
     }
 }
@@ -271,6 +311,7 @@ fn message(
         everything: scope.everything,
         created_at: record.created_at,
         renew_agent_svid: scope.renew_agent_svid,
+        lease_ids: scope.lease_ids.clone(),
     }
 }
 

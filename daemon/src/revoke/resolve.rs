@@ -6,7 +6,12 @@ use super::*;
 impl Revoker {
     /// What revoking `target` covers, from the store; changes nothing (but a secret's
     /// replacement rotations, which must succeed before its old value can be revoked).
-    pub(super) async fn resolve(&self, target: &Target) -> Result<Plan, RevokeError> {
+    pub(super) async fn resolve(
+        &self,
+        target: &Target,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<Plan, RevokeError> {
         let now_s = unix(self.registry.now());
         let store = self.registry.store();
         let mut scope = Scope::default();
@@ -157,6 +162,49 @@ impl Revoker {
                     {
                         agents.insert(agent.spiffe_id);
                     }
+                }
+            }
+            Target::Lease { id } => {
+                // Gone at the backend before the agents are told: they only drop copies.
+                let lease = self.broker.lease(id).await?;
+                self.broker.revoke_lease(&lease, actor, reason).await?;
+                scope.lease_ids.push(lease.id.clone());
+                scope.notes.push(format!(
+                    "lease {} of {} for {} revoked at the backend ({})",
+                    lease.id, lease.credential, lease.holder, lease.backend_id
+                ));
+                agents.insert(lease.agent_id);
+            }
+            Target::Credential { name } => {
+                self.broker.describe(name).await?;
+                let live = self
+                    .broker
+                    .leases(&crate::store::LeaseFilter {
+                        credential: Some(name.clone()),
+                        ..Default::default()
+                    })
+                    .await?;
+                let mut failed = Vec::new();
+                for lease in live {
+                    match self.broker.revoke_lease(&lease, actor, reason).await {
+                        Ok(()) => {
+                            scope.lease_ids.push(lease.id.clone());
+                            agents.insert(lease.agent_id);
+                        }
+                        Err(e) => failed.push(format!("{}: {e}", lease.id)),
+                    }
+                }
+                scope.notes.push(format!(
+                    "{} leases of credential {name} revoked at the backend",
+                    scope.lease_ids.len()
+                ));
+                if !failed.is_empty() {
+                    // Those revoked stay revoked; the sweeper retries the others.
+                    scope.notes.push(format!(
+                        "{} could not be revoked yet and are retried: {}",
+                        failed.len(),
+                        failed.join("; ")
+                    ));
                 }
             }
         }

@@ -34,6 +34,11 @@ const SQLITE: &[Embedded] = &[
         "audit_revocations",
         include_str!("../../migrations/sqlite/0004_audit_revocations.sql"),
     ),
+    (
+        5,
+        "credentials",
+        include_str!("../../migrations/sqlite/0005_credentials.sql"),
+    ),
 ];
 
 const POSTGRES: &[Embedded] = &[
@@ -56,6 +61,11 @@ const POSTGRES: &[Embedded] = &[
         4,
         "audit_revocations",
         include_str!("../../migrations/postgres/0004_audit_revocations.sql"),
+    ),
+    (
+        5,
+        "credentials",
+        include_str!("../../migrations/postgres/0005_credentials.sql"),
     ),
 ];
 

@@ -7,6 +7,7 @@ mod agents;
 mod audit;
 mod bundle;
 mod ca_slots;
+mod credentials;
 mod entries;
 mod error;
 mod join_tokens;
@@ -28,6 +29,7 @@ pub use audit::{
     AckUpdate, AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord,
 };
 pub use ca_slots::{CaSlotRecord, CaSlotState};
+pub use credentials::{CredentialLease, CredentialRecord, LeaseFilter, LeaseState};
 pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
 pub use error::StoreError;
 pub use join_tokens::JoinTokenRecord;

@@ -13,6 +13,7 @@ use mayfly_proto::v1::{self};
 use super::convert;
 use operator::Operator;
 
+mod credentials;
 pub mod operator;
 use crate::audit::{Audit, Event};
 use crate::ca::{bundle_jwks, bundle_pem};
@@ -26,6 +27,7 @@ use mayfly_common::clock::unix;
 pub struct AdminApi {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
+    broker: Arc<crate::creds::Broker>,
     audit: Audit,
     revoker: Arc<Revoker>,
 }
@@ -34,12 +36,14 @@ impl AdminApi {
     pub fn new(
         registry: Arc<Registry>,
         secrets: Arc<RotationEngine>,
+        broker: Arc<crate::creds::Broker>,
         audit: Audit,
         revoker: Arc<Revoker>,
     ) -> Self {
         Self {
             registry,
             secrets,
+            broker,
             audit,
             revoker,
         }
@@ -500,6 +504,78 @@ impl Admin for AdminApi {
             username: credential.username,
             value: credential.password.expose().to_string(),
         }))
+    }
+
+    async fn create_credential(
+        &self,
+        request: Request<v1::CreateCredentialRequest>,
+    ) -> Result<Response<v1::CredentialSummary>, Status> {
+        let op = Operator::of(&request)?;
+        self.define_credential(op, &request.into_inner().definition)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_credentials(
+        &self,
+        request: Request<v1::ListCredentialsRequest>,
+    ) -> Result<Response<v1::ListCredentialsResponse>, Status> {
+        Operator::of(&request)?;
+        let mut credentials = Vec::new();
+        for name in self.broker.names().await? {
+            credentials.push(self.credential_summary(&name).await?);
+        }
+        Ok(Response::new(v1::ListCredentialsResponse { credentials }))
+    }
+
+    async fn get_credential(
+        &self,
+        request: Request<v1::CredentialRequest>,
+    ) -> Result<Response<v1::CredentialSummary>, Status> {
+        Operator::of(&request)?;
+        let name = request.into_inner().name;
+        Ok(Response::new(self.credential_summary(&name).await?))
+    }
+
+    async fn delete_credential(
+        &self,
+        request: Request<v1::CredentialRequest>,
+    ) -> Result<Response<v1::CredentialSummary>, Status> {
+        let op = Operator::of(&request)?;
+        self.remove_credential(op, &request.into_inner().name)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<v1::ListLeasesRequest>,
+    ) -> Result<Response<v1::ListLeasesResponse>, Status> {
+        Operator::of(&request)?;
+        let body = request.into_inner();
+        let leases = self
+            .broker
+            .leases(&crate::store::LeaseFilter {
+                holder: Some(body.holder).filter(|s| !s.is_empty()),
+                credential: Some(body.credential).filter(|s| !s.is_empty()),
+                all: body.all,
+            })
+            .await?;
+        Ok(Response::new(v1::ListLeasesResponse {
+            leases: leases.iter().map(convert::lease).collect(),
+        }))
+    }
+
+    async fn get_lease(
+        &self,
+        request: Request<v1::LeaseRequest>,
+    ) -> Result<Response<v1::Lease>, Status> {
+        Operator::of(&request)?;
+        let id = request.into_inner().id;
+        non_empty("id", &id)?;
+        Ok(Response::new(convert::lease(
+            &self.broker.lease(&id).await?,
+        )))
     }
 
     async fn revoke(

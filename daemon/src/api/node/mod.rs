@@ -16,6 +16,7 @@ use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::convert;
 use crate::audit::{Actor, Audit, Event};
+use crate::creds::Broker;
 use crate::identity::Registry;
 use crate::metrics::{Metrics, SvidKind};
 use crate::revoke::Revoker;
@@ -35,6 +36,7 @@ const REFRESH_HINT: i64 = 300;
 pub struct NodeApi {
     registry: Arc<Registry>,
     secrets: Arc<RotationEngine>,
+    broker: Arc<Broker>,
     metrics: Arc<Metrics>,
     audit: Audit,
     revoker: Arc<Revoker>,
@@ -46,6 +48,7 @@ impl NodeApi {
     pub fn new(
         registry: Arc<Registry>,
         secrets: Arc<RotationEngine>,
+        broker: Arc<Broker>,
         metrics: Arc<Metrics>,
         audit: Audit,
         revoker: Arc<Revoker>,
@@ -54,6 +57,7 @@ impl NodeApi {
         Self {
             registry,
             secrets,
+            broker,
             metrics,
             audit,
             revoker,
@@ -359,5 +363,41 @@ impl Node for NodeApi {
                 )));
         }
         Ok(Response::new(v1::DenialReportResponse {}))
+    }
+
+    async fn issue_credential(
+        &self,
+        request: Request<v1::IssueCredentialRequest>,
+    ) -> Result<Response<v1::IssuedCredential>, Status> {
+        let agent = self.authenticate(&request, "IssueCredential").await?;
+        let body = request.into_inner();
+        if body.name.is_empty() || body.spiffe_id.is_empty() {
+            return Err(Status::invalid_argument("name and spiffe_id are required"));
+        }
+        if body.ttl_seconds < 0 {
+            return Err(Status::invalid_argument("ttl_seconds must not be negative"));
+        }
+        let granted = self
+            .broker
+            .issue(
+                &agent.spiffe_id,
+                &body.spiffe_id,
+                &body.name,
+                std::time::Duration::from_secs(body.ttl_seconds as u64),
+            )
+            .await?;
+        Ok(Response::new(v1::IssuedCredential {
+            lease_id: granted.lease.id,
+            name: granted.lease.credential,
+            kind: granted.kind.to_string(),
+            values: granted
+                .values
+                .into_iter()
+                .map(|(key, value)| (key, value.expose().to_string()))
+                .collect(),
+            issued_at: granted.lease.issued_at,
+            expires_at: granted.lease.expires_at,
+            notice: granted.notice.unwrap_or_default(),
+        }))
     }
 }

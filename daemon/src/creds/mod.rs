@@ -1,0 +1,498 @@
+//! TTL-bound credentials: definitions (daemon.toml's `[[credential]]` or the admin API),
+//! the broker that issues one to a workload an agent serves when a grant allows it, and the
+//! sweeper that revokes each lease at the backend when it expires. Every issue, refusal and
+//! revocation is an audit record; the lease row is written before the backend is asked, so
+//! a crash at any point leaves a lease the sweeper finds.
+//!
+//! Backends: `postgres.rs` (Mayfly's own dynamic PostgreSQL users).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mayfly_common::clock::{Clock, unix};
+
+use crate::audit::{Actor, Audit, Event};
+use crate::secrets::SecretValue;
+use crate::secrets::local::SealingKey;
+use crate::store::{CredentialLease, CredentialRecord, LeaseFilter, LeaseState, Store, StoreError};
+use crate::visibility::Visibility;
+
+pub mod postgres;
+pub mod spec;
+
+use spec::{BackendSpec, CredentialSpec, CredentialSpecError};
+
+/// How often the sweeper looks for expired leases; the issue's promise is revocation at
+/// the backend within 30 s of expiry. `MAYFLY_LEASE_SWEEP_MS` shortens it for tests.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A lease still `issuing` after this long lost its daemon mid-issue: revoke it.
+const STALE_ISSUING_SECS: i64 = 120;
+
+/// Leases revoked per sweep, at most; the next sweep takes the rest at once.
+const SWEEP_BATCH: i64 = 500;
+
+/// What a backend issued: its own name for it (kept on the lease) and the values for the
+/// workload (never stored).
+pub struct Issued {
+    pub backend_id: String,
+    pub values: Vec<(String, SecretValue)>,
+}
+
+/// A credential handed to a workload, as the node API returns it.
+pub struct Granted {
+    pub lease: CredentialLease,
+    pub kind: &'static str,
+    pub values: Vec<(String, SecretValue)>,
+    pub notice: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    #[error("the backend is not reachable: {0}")]
+    Unavailable(String),
+    #[error("the backend refused: {0}")]
+    Refused(String),
+    #[error("the backend is misconfigured: {0}")]
+    Config(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredsError {
+    #[error("no credential named `{0}`")]
+    NotFound(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Spec(#[from] CredentialSpecError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("credential `{0}` is defined in daemon.toml; change it there")]
+    FromConfig(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+enum Backend {
+    Postgres(postgres::PostgresDynamic),
+}
+
+impl Backend {
+    fn build(spec: &CredentialSpec) -> Result<Self, BackendError> {
+        match &spec.backend {
+            BackendSpec::PostgresDynamic {
+                admin_url,
+                creation,
+                username_prefix,
+            } => Ok(Backend::Postgres(postgres::PostgresDynamic::new(
+                &SecretValue::new(admin_url.clone()),
+                creation.clone(),
+                username_prefix.clone(),
+            )?)),
+        }
+    }
+
+    /// The backend's name for a lease's credential, fixed before it is issued so that a
+    /// lease recorded but never issued can still be cleaned up.
+    fn backend_id(&self, lease_id: &str) -> String {
+        match self {
+            Backend::Postgres(pg) => pg.role_name(lease_id),
+        }
+    }
+
+    async fn issue(&self, backend_id: &str, expires_at: i64) -> Result<Issued, BackendError> {
+        match self {
+            Backend::Postgres(pg) => pg.issue(backend_id, expires_at).await,
+        }
+    }
+
+    async fn revoke(&self, backend_id: &str) -> Result<(), BackendError> {
+        match self {
+            Backend::Postgres(pg) => pg.revoke(backend_id).await,
+        }
+    }
+}
+
+struct Loaded {
+    sealed: Vec<u8>,
+    spec: Arc<CredentialSpec>,
+    backend: Arc<Backend>,
+}
+
+pub struct Broker {
+    store: Store,
+    key: Arc<SealingKey>,
+    view: Visibility,
+    audit: Audit,
+    clock: Arc<dyn Clock>,
+    loaded: Mutex<HashMap<String, Arc<Loaded>>>,
+}
+
+impl Broker {
+    /// Stores daemon.toml's definitions (replacing their stored copies) and starts the
+    /// sweeper, which also finishes what a previous run of the daemon left due.
+    pub async fn start(
+        store: Store,
+        key: Arc<SealingKey>,
+        configured: &[CredentialSpec],
+        view: Visibility,
+        audit: Audit,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, CredsError> {
+        let broker = Arc::new(Self {
+            store,
+            key,
+            view,
+            audit,
+            clock,
+            loaded: Mutex::new(HashMap::new()),
+        });
+        for spec in configured {
+            spec.check()?;
+            broker.save(spec, "config").await?;
+        }
+        let sweeper = broker.clone();
+        tokio::spawn(async move { sweeper.sweep_loop().await });
+        Ok(broker)
+    }
+
+    fn now(&self) -> i64 {
+        unix(self.clock.now())
+    }
+
+    fn sealing_context(name: &str) -> String {
+        format!("mayfly-credential\0{name}")
+    }
+
+    async fn save(&self, spec: &CredentialSpec, source: &str) -> Result<(), CredsError> {
+        let json = serde_json::to_vec(spec).map_err(|e| CredsError::Internal(e.to_string()))?;
+        let sealed = self
+            .key
+            .seal(&Self::sealing_context(&spec.name), &json)
+            .map_err(|e| CredsError::Internal(e.to_string()))?;
+        let now = self.now();
+        let created_at = match self.store.get_credential(&spec.name).await {
+            Ok(existing) => existing.created_at,
+            Err(_) => now,
+        };
+        self.store
+            .upsert_credential(&CredentialRecord {
+                name: spec.name.clone(),
+                spec_sealed: sealed,
+                source: source.to_string(),
+                created_at,
+                updated_at: now,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The definition and its backend, built once per stored version (another daemon may
+    /// change it: the sealed bytes tell).
+    async fn load(&self, name: &str) -> Result<Arc<Loaded>, CredsError> {
+        let record = match self.store.get_credential(name).await {
+            Ok(record) => record,
+            Err(StoreError::NotFound { .. }) => return Err(CredsError::NotFound(name.into())),
+            Err(e) => return Err(e.into()),
+        };
+        let cached = self.lock().get(name).cloned();
+        if let Some(loaded) = cached
+            && loaded.sealed == record.spec_sealed
+        {
+            return Ok(loaded);
+        }
+        let json = self
+            .key
+            .open(&Self::sealing_context(name), &record.spec_sealed)
+            .map_err(|e| CredsError::Internal(format!("credential {name}: {e}")))?;
+        let spec: CredentialSpec = serde_json::from_slice(&json)
+            .map_err(|e| CredsError::Internal(format!("credential {name}: {e}")))?;
+        let loaded = Arc::new(Loaded {
+            sealed: record.spec_sealed,
+            backend: Arc::new(Backend::build(&spec)?),
+            spec: Arc::new(spec),
+        });
+        self.lock().insert(name.to_string(), loaded.clone());
+        Ok(loaded)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Loaded>>> {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ----- definitions, for operators -----
+
+    pub async fn create(&self, spec: CredentialSpec) -> Result<(), CredsError> {
+        spec.check()?;
+        if let Ok(existing) = self.store.get_credential(&spec.name).await
+            && existing.source == "config"
+        {
+            return Err(CredsError::FromConfig(spec.name));
+        }
+        Backend::build(&spec)?;
+        self.save(&spec, "api").await
+    }
+
+    /// The definition, its source and how many of its leases are live.
+    pub async fn describe(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<CredentialSpec>, String, i64), CredsError> {
+        let loaded = self.load(name).await?;
+        let record = self.store.get_credential(name).await?;
+        let live = self.store.live_lease_count(name).await?;
+        Ok((loaded.spec.clone(), record.source, live))
+    }
+
+    pub async fn names(&self) -> Result<Vec<String>, CredsError> {
+        Ok(self
+            .store
+            .list_credentials()
+            .await?
+            .into_iter()
+            .map(|r| r.name)
+            .collect())
+    }
+
+    /// Deletes a definition defined through the API; refused while it has live leases.
+    pub async fn delete(&self, name: &str) -> Result<(), CredsError> {
+        let record = match self.store.get_credential(name).await {
+            Ok(record) => record,
+            Err(StoreError::NotFound { .. }) => return Err(CredsError::NotFound(name.into())),
+            Err(e) => return Err(e.into()),
+        };
+        if record.source == "config" {
+            return Err(CredsError::FromConfig(name.into()));
+        }
+        let live = self.store.live_lease_count(name).await?;
+        if live > 0 {
+            return Err(CredsError::Invalid(format!(
+                "credential {name} has {live} live leases: revoke them first (mayflyd revoke credential {name})"
+            )));
+        }
+        self.store.delete_credential(name).await?;
+        self.lock().remove(name);
+        Ok(())
+    }
+
+    pub async fn leases(&self, filter: &LeaseFilter) -> Result<Vec<CredentialLease>, CredsError> {
+        Ok(self.store.list_credential_leases(filter).await?)
+    }
+
+    pub async fn lease(&self, id: &str) -> Result<CredentialLease, CredsError> {
+        match self.store.get_credential_lease(id).await {
+            Ok(lease) => Ok(lease),
+            Err(StoreError::NotFound { .. }) => {
+                Err(CredsError::Invalid(format!("no lease with id {id}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ----- issuing -----
+
+    /// Issues credential `name` to `holder`, a workload `agent` serves, for `requested`
+    /// (zero: the default). Refused, with an audit record and nothing issued, unless the
+    /// definition grants it to `holder` and `agent` has an entry for `holder`.
+    pub async fn issue(
+        &self,
+        agent: &str,
+        holder: &str,
+        name: &str,
+        requested: Duration,
+    ) -> Result<Granted, CredsError> {
+        let actor = Actor::Spiffe(agent.to_string());
+        let refuse = |why: String| {
+            self.audit.note_refusal(
+                Event::new(&actor, "credential.issue", name)
+                    .scope(format!("for {holder}"))
+                    .denied(why.clone()),
+            );
+            CredsError::Denied(why)
+        };
+        let loaded = match self.load(name).await {
+            Ok(loaded) => loaded,
+            Err(CredsError::NotFound(_)) => {
+                return Err(refuse(format!("no credential named `{name}`")));
+            }
+            Err(e) => return Err(e),
+        };
+        if !self
+            .view
+            .entries(agent)
+            .iter()
+            .any(|e| e.spiffe_id == holder)
+        {
+            return Err(refuse(format!("agent {agent} serves no workload {holder}")));
+        }
+        if !loaded.spec.grants.iter().any(|g| g == holder) {
+            return Err(refuse(format!(
+                "credential {name} is not granted to {holder}"
+            )));
+        }
+        let (ttl, notice) = loaded.spec.ttl_for(requested);
+        let issued_at = self.now();
+        let expires_at = issued_at + ttl.as_secs() as i64;
+        let id = format!("ls-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
+        let mut lease = CredentialLease {
+            backend_id: loaded.backend.backend_id(&id),
+            id,
+            credential: name.to_string(),
+            holder: holder.to_string(),
+            agent_id: agent.to_string(),
+            issued_at,
+            expires_at,
+            state: LeaseState::Issuing,
+            revoked_at: None,
+            reason: String::new(),
+        };
+        // On record before the backend creates anything.
+        self.store.insert_lease(&lease).await?;
+        let issued = match loaded.backend.issue(&lease.backend_id, expires_at).await {
+            Ok(issued) => issued,
+            Err(e) => {
+                // It may have been half created: the sweeper cleans up what exists.
+                let _ = self
+                    .store
+                    .set_lease_state(&lease.id, LeaseState::RevokeFailed, None, &e.to_string())
+                    .await;
+                self.audit.note(
+                    Event::new(&actor, "credential.issue", name)
+                        .scope(format!("lease {} for {holder}", lease.id))
+                        .failed(e.to_string()),
+                );
+                return Err(e.into());
+            }
+        };
+        lease.state = LeaseState::Active;
+        self.store
+            .set_lease_state(&lease.id, LeaseState::Active, None, "")
+            .await?;
+        let mut event = Event::new(&actor, "credential.issue", name)
+            .scope(format!(
+                "lease {} for {holder} as {}",
+                lease.id, lease.backend_id
+            ))
+            .ttl_secs(expires_at - issued_at);
+        if let Some(notice) = &notice {
+            event = event.reason(notice.clone());
+        }
+        self.audit
+            .record(event)
+            .await
+            .map_err(|e| CredsError::Internal(e.to_string()))?;
+        tracing::info!(lease = %lease.id, credential = %name, %holder, ttl_secs = expires_at - issued_at, "credential issued");
+        Ok(Granted {
+            kind: loaded.spec.kind(),
+            lease,
+            values: issued.values,
+            notice,
+        })
+    }
+
+    // ----- revoking -----
+
+    /// Revokes a lease at its backend and records why; idempotent.
+    pub async fn revoke_lease(
+        &self,
+        lease: &CredentialLease,
+        actor: &Actor,
+        why: &str,
+    ) -> Result<(), CredsError> {
+        if lease.state == LeaseState::Revoked {
+            return Ok(());
+        }
+        let outcome = match self.load(&lease.credential).await {
+            Ok(loaded) => loaded
+                .backend
+                .revoke(&lease.backend_id)
+                .await
+                .map_err(CredsError::from),
+            Err(e) => Err(e),
+        };
+        let now = self.now();
+        let scope = format!(
+            "lease {} of {} for {} as {}",
+            lease.id, lease.credential, lease.holder, lease.backend_id
+        );
+        match outcome {
+            Ok(()) => {
+                self.store
+                    .set_lease_state(&lease.id, LeaseState::Revoked, Some(now), why)
+                    .await?;
+                self.audit.note(
+                    Event::new(actor, "lease.revoke", &lease.holder)
+                        .scope(scope)
+                        .reason(why),
+                );
+                tracing::info!(lease = %lease.id, credential = %lease.credential, %why, "lease revoked at the backend");
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("{why}; revoking at the backend failed: {e}");
+                self.store
+                    .set_lease_state(&lease.id, LeaseState::RevokeFailed, None, &reason)
+                    .await?;
+                self.audit.note_refusal(
+                    Event::new(actor, "lease.revoke", &lease.holder)
+                        .scope(scope)
+                        .failed(e.to_string()),
+                );
+                tracing::warn!(lease = %lease.id, error = %e, "could not revoke a lease; the sweeper retries");
+                Err(e)
+            }
+        }
+    }
+
+    /// Revokes the leases due now (expired, failed before, or stuck issuing); returns how
+    /// many were revoked.
+    pub async fn sweep(&self) -> Result<usize, CredsError> {
+        let now = self.now();
+        let due = self
+            .store
+            .leases_due(now, now - STALE_ISSUING_SECS, SWEEP_BATCH)
+            .await?;
+        let mut revoked = 0;
+        for lease in due {
+            let why = match lease.state {
+                LeaseState::Issuing if lease.expires_at > now => "never finished issuing",
+                LeaseState::RevokeFailed => "retrying a failed revocation",
+                _ => "expired",
+            };
+            if self.revoke_lease(&lease, &Actor::Daemon, why).await.is_ok() {
+                revoked += 1;
+            }
+        }
+        Ok(revoked)
+    }
+
+    async fn sweep_loop(self: Arc<Self>) {
+        let interval = std::env::var("MAYFLY_LEASE_SWEEP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(SWEEP_INTERVAL);
+        let mut timer = tokio::time::interval(interval);
+        loop {
+            timer.tick().await;
+            loop {
+                match self.sweep().await {
+                    // A full batch: more may be due.
+                    Ok(n) if n as i64 >= SWEEP_BATCH => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lease sweep failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `postgres_dynamic`: one PostgreSQL role per lease, created from the definition's
+//! statements with a `VALID UNTIL` at the lease's expiry (so the password stops at the
+//! database even if nothing revokes it), and at revocation made unable to log in, its
+//! sessions terminated, what it owns reassigned to the admin, and dropped: gone means gone.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
+
+use super::{BackendError, Issued};
+use crate::secrets::SecretValue;
+
+/// How long connecting to the database may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct PostgresDynamic {
+    admin: PgConnectOptions,
+    creation: Vec<String>,
+    prefix: String,
+}
+
+impl PostgresDynamic {
+    pub fn new(
+        admin_url: &SecretValue,
+        creation: Vec<String>,
+        prefix: String,
+    ) -> Result<Self, BackendError> {
+        let admin = PgConnectOptions::from_str(admin_url.expose()).map_err(|e| {
+            // The parse error could quote the URL, password included.
+            BackendError::Config(redact(&e.to_string(), admin_url.expose()))
+        })?;
+        // sqlx logs statements at debug level, and the creation statements carry passwords.
+        Ok(Self {
+            admin: admin.disable_statement_logging(),
+            creation,
+            prefix,
+        })
+    }
+
+    /// The role name a lease gets: the prefix and the lease id's hex (letters and digits
+    /// only, so it needs no quoting beyond the statement's own).
+    pub fn role_name(&self, lease_id: &str) -> String {
+        let suffix: String = lease_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        format!("{}{suffix}", self.prefix)
+    }
+
+    async fn admin(&self) -> Result<PgConnection, BackendError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.admin.connect()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(classify(e, "")),
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "no connection to PostgreSQL within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Creates `role` with a fresh password, valid until `expires_at` (unix seconds).
+    pub async fn issue(&self, role: &str, expires_at: i64) -> Result<Issued, BackendError> {
+        let password = random_password();
+        let expiration = chrono::DateTime::from_timestamp(expires_at, 0)
+            .ok_or_else(|| BackendError::Config(format!("expiry {expires_at} is out of range")))?
+            .format("%Y-%m-%d %H:%M:%S+00")
+            .to_string();
+        let mut conn = self.admin().await?;
+        let result = async {
+            let mut tx = conn.begin().await.map_err(|e| classify(e, &password))?;
+            for template in &self.creation {
+                // The name and password come from safe alphabets (letters, digits, '_'),
+                // so substituting them cannot change the statement's meaning.
+                let statement = SecretValue::new(
+                    template
+                        .replace("{{name}}", role)
+                        .replace("{{password}}", &password)
+                        .replace("{{expiration}}", &expiration),
+                );
+                tx.execute(sqlx::raw_sql(AssertSqlSafe(statement.expose().to_owned())))
+                    .await
+                    .map_err(|e| classify(e, &password))?;
+            }
+            tx.commit().await.map_err(|e| classify(e, &password))
+        }
+        .await;
+        let _ = conn.close().await;
+        result?;
+        Ok(Issued {
+            backend_id: role.to_string(),
+            values: vec![
+                ("username".into(), SecretValue::new(role.to_string())),
+                ("password".into(), SecretValue::new(password)),
+            ],
+        })
+    }
+
+    /// Makes `role` unable to log in, ends its sessions, hands what it owns to the admin
+    /// and drops it. Idempotent: a role already gone is success.
+    pub async fn revoke(&self, role: &str) -> Result<(), BackendError> {
+        let mut conn = self.admin().await?;
+        let result = async {
+            let exists: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM pg_roles WHERE rolname = $1")
+                    .bind(role)
+                    .fetch_optional(&mut conn)
+                    .await
+                    .map_err(|e| classify(e, ""))?;
+            if exists.is_none() {
+                return Ok(());
+            }
+            let ident = pg_identifier(role);
+            // First no new logins, then end the open ones, so none slips in between.
+            conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER ROLE {ident} NOLOGIN"
+            ))))
+            .await
+            .map_err(|e| classify(e, ""))?;
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            )
+            .bind(role)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| classify(e, ""))?;
+            conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(
+                "REASSIGN OWNED BY {ident} TO CURRENT_USER; DROP OWNED BY {ident}; DROP ROLE IF EXISTS {ident}"
+            ))))
+            .await
+            .map_err(|e| classify(e, ""))?;
+            Ok(())
+        }
+        .await;
+        let _ = conn.close().await;
+        result
+    }
+}
+
+fn pg_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// 32 characters of letters and digits: about 190 bits, and safe inside any quoting.
+fn random_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut out = String::with_capacity(32);
+    while out.len() < 32 {
+        let mut raw = [0u8; 64];
+        rand::fill(&mut raw);
+        // 62 * 4 = 248: bytes at or above it are dropped, so every character is equally likely.
+        for b in raw {
+            if out.len() < 32 && b < 248 {
+                out.push(char::from(ALPHABET[usize::from(b % 62)]));
+            }
+        }
+    }
+    out
+}
+
+/// A database that answered with an error refused; anything else means it was not reached.
+fn classify(error: sqlx::Error, secret: &str) -> BackendError {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            BackendError::Refused(redact(&format!("{code}: {}", db.message()), secret))
+        }
+        sqlx::Error::Configuration(e) => BackendError::Config(redact(&e.to_string(), secret)),
+        other => BackendError::Unavailable(redact(&other.to_string(), secret)),
+    }
+}
+
+fn redact(text: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        text.to_owned()
+    } else {
+        text.replace(secret, "<redacted>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_role_names_are_from_safe_alphabets() {
+        let a = random_password();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, random_password());
+        let backend = PostgresDynamic::new(
+            &SecretValue::new("postgres://postgres@127.0.0.1/db"),
+            vec!["CREATE ROLE \"{{name}}\"".into()],
+            "mayfly_".into(),
+        )
+        .unwrap();
+        assert_eq!(backend.role_name("ls-0A1b'; DROP"), "mayfly_ls0a1bdrop");
+    }
+}

@@ -1,0 +1,277 @@
+//! TTL-bound credentials end to end: a real daemon issuing dynamic PostgreSQL users to a
+//! workload its agent serves, on a PostgreSQL of the test's own that checks passwords; the
+//! user works during its lease and is gone (role dropped, open session ended) after an
+//! operator's revocation, after expiry, and after expiry that falls while the daemon is
+//! down.
+
+use std::time::Duration;
+
+use sqlx::{ConnectOptions as _, Connection as _};
+use tonic::Code;
+
+use mayfly_proto::v1;
+use mayfly_tests::harness::{DaemonOptions, DaemonProcess, init, wait_for};
+use mayfly_tests::services::PasswordPostgres;
+
+const AGENT: &str = "spiffe://example.org/node/creds";
+const APP: &str = "spiffe://example.org/orders";
+const OTHER: &str = "spiffe://example.org/intruder";
+
+fn daemon() -> DaemonProcess {
+    DaemonProcess::start(DaemonOptions {
+        env: vec![("MAYFLY_LEASE_SWEEP_MS".into(), "200".into())],
+        ..DaemonOptions::default()
+    })
+    .unwrap()
+}
+
+fn define(daemon: &DaemonProcess, pg: &PasswordPostgres, name: &str, ttls: &str) {
+    let file = daemon.dir.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"{name}\"\ngrants = [\"{APP}\"]\n{ttls}\n[backend]\nkind = \"postgres_dynamic\"\n\
+             admin_url = \"{}\"\n",
+            pg.admin_url()
+        ),
+    )
+    .unwrap();
+    daemon
+        .cli_ok(&["credential", "create", "--file", file.to_str().unwrap()])
+        .unwrap();
+}
+
+async fn role_exists(pg: &PasswordPostgres, role: &str) -> bool {
+    let mut conn = sqlx::PgConnection::connect(&pg.admin_url()).await.unwrap();
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_roles WHERE rolname = $1")
+        .bind(role)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap();
+    found.is_some()
+}
+
+async fn login(pg: &PasswordPostgres, issued: &v1::IssuedCredential) -> sqlx::PgConnection {
+    sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(pg.port)
+        .username(&issued.values["username"])
+        .password(&issued.values["password"])
+        .database("postgres")
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn lease_state(daemon: &DaemonProcess, id: &str) -> (String, String) {
+    let leases = daemon.cli_json(&["lease", "show", id]).unwrap();
+    (
+        leases[0]["state"].as_str().unwrap().to_string(),
+        leases[0]["reason"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamic_postgres_user_works_for_its_lease_and_is_gone_once_revoked() {
+    init();
+    let pg = PasswordPostgres::start().unwrap();
+    let daemon = daemon();
+    define(
+        &daemon,
+        &pg,
+        "orders-db",
+        "default_ttl = \"10m\"\nmax_ttl = \"1h\"",
+    );
+    let agent = daemon.attest(AGENT).await.unwrap();
+    daemon
+        .create_entry(APP, AGENT, "unix:uid:1000", &[])
+        .unwrap();
+    daemon
+        .create_entry(OTHER, AGENT, "unix:uid:1001", &[])
+        .unwrap();
+    let mut node = daemon.node(&agent).await.unwrap();
+
+    let issued = node
+        .issue_credential(v1::IssueCredentialRequest {
+            name: "orders-db".into(),
+            spiffe_id: APP.into(),
+            ttl_seconds: 48 * 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.kind, "postgres_dynamic");
+    assert_eq!(
+        issued.expires_at - issued.issued_at,
+        3600,
+        "clamped to max_ttl"
+    );
+    assert!(issued.notice.contains("clamped"), "{}", issued.notice);
+    let role = issued.values["username"].clone();
+    assert!(!format!("{issued:?}").contains(&issued.values["password"]));
+
+    // The user works, and holds an open session.
+    let mut session = login(&pg, &issued).await;
+    let me: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut session)
+        .await
+        .unwrap();
+    assert_eq!(me, role);
+    let listed = daemon
+        .cli_json(&["lease", "list", "--holder", APP])
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["backend_id"], role.as_str());
+
+    // No grant, or a workload the agent does not serve: refused, nothing issued.
+    for (name, spiffe_id, why) in [
+        ("orders-db", OTHER, "not granted"),
+        (
+            "orders-db",
+            "spiffe://example.org/elsewhere",
+            "serves no workload",
+        ),
+        ("no-such-credential", APP, "no credential named"),
+    ] {
+        let refused = node
+            .issue_credential(v1::IssueCredentialRequest {
+                name: name.into(),
+                spiffe_id: spiffe_id.into(),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains(why), "{}", refused.message());
+    }
+    assert_eq!(
+        daemon
+            .cli_json(&["lease", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "the refusals issued nothing"
+    );
+    wait_for(
+        "the refusals on the audit trail",
+        Duration::from_secs(10),
+        || {
+            let trail = daemon
+                .cli_json(&["audit", "list", "--action", "credential.issue"])
+                .unwrap()
+                .to_string();
+            trail.contains("not granted") && trail.contains(&issued.lease_id)
+        },
+    );
+
+    // Revoked: the role is gone and its open session ended.
+    // The test's agent holds no sync stream, so it cannot acknowledge: exit 3, with the
+    // lease already gone at the backend.
+    let revoked = daemon
+        .cli(&[
+            "revoke",
+            "lease",
+            "--id",
+            &issued.lease_id,
+            "--reason",
+            "test: leaked",
+            "--wait",
+            "200ms",
+        ])
+        .unwrap();
+    assert_eq!(
+        revoked.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(!role_exists(&pg, &role).await, "the role is dropped");
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
+        "the open session was terminated"
+    );
+    assert!(
+        pg.login(&role, &issued.values["password"]).await.is_err(),
+        "no new login"
+    );
+    assert_eq!(lease_state(&daemon, &issued.lease_id).0, "revoked");
+    assert!(
+        daemon
+            .cli_json(&["lease", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "no live leases"
+    );
+    let trail = daemon
+        .cli_json(&["audit", "list", "--action", "lease.revoke"])
+        .unwrap()
+        .to_string();
+    assert!(trail.contains(&issued.lease_id), "{trail}");
+    let logs = daemon.log();
+    assert!(
+        !logs.contains(&issued.values["password"]) && !logs.contains(&pg.admin_password),
+        "no credential in the daemon's log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expire_at_the_backend_even_when_the_daemon_was_killed_meanwhile() {
+    init();
+    let pg = PasswordPostgres::start().unwrap();
+    let mut daemon = daemon();
+    define(
+        &daemon,
+        &pg,
+        "short",
+        "default_ttl = \"3s\"\nmax_ttl = \"1h\"",
+    );
+    let agent = daemon.attest(AGENT).await.unwrap();
+    daemon
+        .create_entry(APP, AGENT, "unix:uid:1000", &[])
+        .unwrap();
+    let mut node = daemon.node(&agent).await.unwrap();
+    let mut issue = async || {
+        node.issue_credential(v1::IssueCredentialRequest {
+            name: "short".into(),
+            spiffe_id: APP.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    };
+    let first = issue().await;
+    let second = issue().await;
+    let mut session = login(&pg, &first).await;
+    assert!(role_exists(&pg, &first.values["username"]).await);
+
+    // Expiry with the daemon running: gone within moments of it.
+    wait_for("the first lease to expire", Duration::from_secs(15), || {
+        lease_state(&daemon, &first.lease_id).0 == "revoked"
+    });
+    assert!(!role_exists(&pg, &first.values["username"]).await);
+    assert!(sqlx::query("SELECT 1").execute(&mut session).await.is_err());
+    assert_eq!(lease_state(&daemon, &first.lease_id).1, "expired");
+
+    // Killed with a live lease; it expires while the daemon is down; the restarted daemon
+    // revokes it.
+    let third = issue().await;
+    daemon.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        role_exists(&pg, &third.values["username"]).await,
+        "nobody revoked it while the daemon was down"
+    );
+    daemon.spawn().unwrap();
+    wait_for(
+        "the restarted daemon to revoke",
+        Duration::from_secs(15),
+        || lease_state(&daemon, &third.lease_id).0 == "revoked",
+    );
+    assert!(!role_exists(&pg, &third.values["username"]).await);
+    assert!(!role_exists(&pg, &second.values["username"]).await);
+}
