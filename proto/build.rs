@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mayfly/v1/node.proto",
         "mayfly/v1/admin.proto",
         "mayfly/v1/workload_secrets.proto",
+        "mayfly/v1/workload_credentials.proto",
     ];
     for file in workload.iter().chain(&mayfly) {
         println!("cargo:rerun-if-changed={file}");
@@ -26,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "mayfly.v1.SecretValueResponse",
             "mayfly.v1.WorkloadSecret",
             "mayfly.v1.IssuedCredential",
+            "mayfly.v1.WorkloadCredential",
         ])
         .build_server(true)
         .build_client(true)

@@ -56,6 +56,20 @@ mod redacted_debug {
         }
     }
 
+    impl fmt::Debug for crate::v1::WorkloadCredential {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let keys: Vec<&String> = self.values.keys().collect();
+            f.debug_struct("WorkloadCredential")
+                .field("name", &self.name)
+                .field("kind", &self.kind)
+                .field("values", &format_args!("<{keys:?} redacted>"))
+                .field("lease_id", &self.lease_id)
+                .field("expires_at", &self.expires_at)
+                .field("spiffe_id", &self.spiffe_id)
+                .finish()
+        }
+    }
+
     impl fmt::Debug for crate::v1::SecretValueResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("SecretValueResponse")
@@ -120,6 +134,11 @@ mod redacted_debug {
                 !printed.contains("hunter2") && printed.contains("password"),
                 "{printed}"
             );
+            let workload = crate::v1::WorkloadCredential {
+                values: [("password".to_string(), "hunter2-secret".to_string())].into(),
+                ..Default::default()
+            };
+            assert!(!format!("{workload:?}").contains("hunter2"));
             let workload = crate::v1::WorkloadSecret {
                 name: "db".into(),
                 value: b"hunter2-secret".to_vec(),

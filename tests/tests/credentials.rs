@@ -275,3 +275,138 @@ async fn leases_expire_at_the_backend_even_when_the_daemon_was_killed_meanwhile(
     assert!(!role_exists(&pg, &third.values["username"]).await);
     assert!(!role_exists(&pg, &second.values["username"]).await);
 }
+
+/// `bao` against the test's OpenBao, as root; the command must succeed.
+fn bao(url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("bao")
+        .args(args)
+        .env("BAO_ADDR", url)
+        .env("BAO_TOKEN", "root")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bao {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openbao_database_lease_lasts_the_ttl_granted_and_is_revoked_at_openbao() {
+    init();
+    let pg = PasswordPostgres::start().unwrap();
+    let vault = mayfly_tests::services::openbao().unwrap();
+    // OpenBao's database engine on the test's PostgreSQL; revocation ends sessions too.
+    bao(&vault.url, &["secrets", "enable", "database"]);
+    bao(
+        &vault.url,
+        &[
+            "write",
+            "database/config/pg",
+            "plugin_name=postgresql-database-plugin",
+            &format!(
+                "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
+                pg.port
+            ),
+            "allowed_roles=*",
+            "username=postgres",
+            &format!("password={}", pg.admin_password),
+        ],
+    );
+    bao(
+        &vault.url,
+        &[
+            "write",
+            "database/roles/app",
+            "db_name=pg",
+            "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+            "revocation_statements=ALTER ROLE \"{{name}}\" NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}'; DROP ROLE IF EXISTS \"{{name}}\";",
+            "default_ttl=1h",
+            "max_ttl=24h",
+        ],
+    );
+    let daemon = daemon();
+    let file = daemon.dir.path().join("vault.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"orders-vault\"\ngrants = [\"{APP}\"]\ndefault_ttl = \"10m\"\n[backend]\n\
+             kind = \"vault_dynamic\"\naddress = \"{}\"\nrole = \"app\"\ntoken = \"root\"\n",
+            vault.url
+        ),
+    )
+    .unwrap();
+    daemon
+        .cli_ok(&["credential", "create", "--file", file.to_str().unwrap()])
+        .unwrap();
+    let agent = daemon.attest(AGENT).await.unwrap();
+    daemon
+        .create_entry(APP, AGENT, "unix:uid:1000", &[])
+        .unwrap();
+    let mut node = daemon.node(&agent).await.unwrap();
+    let issued = node
+        .issue_credential(v1::IssueCredentialRequest {
+            name: "orders-vault".into(),
+            spiffe_id: APP.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.kind, "vault_dynamic");
+    assert_eq!(issued.expires_at - issued.issued_at, 600);
+    let role = issued.values["username"].clone();
+    let mut session = login(&pg, &issued).await;
+    sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
+
+    // OpenBao's own lease ends when Mayfly's does (renewed from the role's 1 h to 10 min).
+    let lease = daemon
+        .cli_json(&["lease", "show", &issued.lease_id])
+        .unwrap();
+    let vault_lease = lease[0]["backend_id"].as_str().unwrap().to_string();
+    assert!(
+        vault_lease.starts_with("database/creds/app/"),
+        "{vault_lease}"
+    );
+    let lookup: serde_json::Value = serde_json::from_str(&bao(
+        &vault.url,
+        &[
+            "write",
+            "-format=json",
+            "sys/leases/lookup",
+            &format!("lease_id={vault_lease}"),
+        ],
+    ))
+    .unwrap();
+    let ttl = lookup["data"]["ttl"].as_i64().unwrap();
+    assert!((590..=600).contains(&ttl), "OpenBao's lease ttl {ttl}");
+
+    let revoked = daemon
+        .cli(&[
+            "revoke",
+            "lease",
+            "--id",
+            &issued.lease_id,
+            "--reason",
+            "test",
+            "--wait",
+            "200ms",
+        ])
+        .unwrap();
+    assert_eq!(revoked.status.code(), Some(3));
+    assert!(!role_exists(&pg, &role).await, "OpenBao dropped the role");
+    assert!(sqlx::query("SELECT 1").execute(&mut session).await.is_err());
+    let lookup = std::process::Command::new("bao")
+        .args([
+            "write",
+            "sys/leases/lookup",
+            &format!("lease_id={vault_lease}"),
+        ])
+        .env("BAO_ADDR", &vault.url)
+        .env("BAO_TOKEN", "root")
+        .output()
+        .unwrap();
+    assert!(!lookup.status.success(), "the lease is gone at OpenBao");
+    assert!(!daemon.log().contains(&issued.values["password"]));
+}

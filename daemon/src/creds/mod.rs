@@ -4,7 +4,8 @@
 //! revocation is an audit record; the lease row is written before the backend is asked, so
 //! a crash at any point leaves a lease the sweeper finds.
 //!
-//! Backends: `postgres.rs` (Mayfly's own dynamic PostgreSQL users).
+//! Backends: `postgres.rs` (Mayfly's own dynamic PostgreSQL users) and `vault.rs` (a
+//! Vault/OpenBao dynamic secrets role, with its leases).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use crate::visibility::Visibility;
 
 pub mod postgres;
 pub mod spec;
+pub mod vault;
 
 use spec::{BackendSpec, CredentialSpec, CredentialSpecError};
 
@@ -82,6 +84,7 @@ pub enum CredsError {
 
 enum Backend {
     Postgres(postgres::PostgresDynamic),
+    Vault(vault::VaultDynamic),
 }
 
 impl Backend {
@@ -96,26 +99,77 @@ impl Backend {
                 creation.clone(),
                 username_prefix.clone(),
             )?)),
+            BackendSpec::VaultDynamic {
+                address,
+                mount,
+                role,
+                token,
+                approle,
+                ca_cert,
+            } => {
+                let login = match (token, approle) {
+                    (Some(token), _) => vault::VaultLogin::Token(SecretValue::new(token.clone())),
+                    (None, Some(approle)) => vault::VaultLogin::AppRole {
+                        role_id: approle.role_id.clone(),
+                        secret_id: SecretValue::new(approle.secret_id.clone()),
+                        mount: approle.mount.clone(),
+                    },
+                    (None, None) => {
+                        return Err(BackendError::Config(
+                            "no token or approle to log in to Vault".into(),
+                        ));
+                    }
+                };
+                let pem = match ca_cert {
+                    Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                        BackendError::Config(format!("ca_cert {}: {e}", path.display()))
+                    })?),
+                    None => None,
+                };
+                Ok(Backend::Vault(vault::VaultDynamic::new(
+                    address,
+                    mount,
+                    role,
+                    login,
+                    pem.as_deref(),
+                )?))
+            }
         }
     }
 
-    /// The backend's name for a lease's credential, fixed before it is issued so that a
-    /// lease recorded but never issued can still be cleaned up.
+    /// The backend's name for a lease's credential when it can be fixed before issuing, so
+    /// that a lease recorded but never issued can still be cleaned up. Vault names its
+    /// leases itself: one lost between Vault's answer and our record ends at the role's TTL.
     fn backend_id(&self, lease_id: &str) -> String {
         match self {
             Backend::Postgres(pg) => pg.role_name(lease_id),
+            Backend::Vault(_) => String::new(),
         }
     }
 
-    async fn issue(&self, backend_id: &str, expires_at: i64) -> Result<Issued, BackendError> {
+    /// Issues for `ttl_secs` from `issued_at`; returns what was issued and its expiry.
+    async fn issue(
+        &self,
+        backend_id: &str,
+        issued_at: i64,
+        ttl_secs: i64,
+    ) -> Result<(Issued, i64), BackendError> {
         match self {
-            Backend::Postgres(pg) => pg.issue(backend_id, expires_at).await,
+            Backend::Postgres(pg) => {
+                let expires_at = issued_at + ttl_secs;
+                Ok((pg.issue(backend_id, expires_at).await?, expires_at))
+            }
+            Backend::Vault(vault) => {
+                let (issued, duration) = vault.issue(ttl_secs).await?;
+                Ok((issued, issued_at + duration))
+            }
         }
     }
 
     async fn revoke(&self, backend_id: &str) -> Result<(), BackendError> {
         match self {
             Backend::Postgres(pg) => pg.revoke(backend_id).await,
+            Backend::Vault(vault) => vault.revoke(backend_id).await,
         }
     }
 }
@@ -355,7 +409,11 @@ impl Broker {
         };
         // On record before the backend creates anything.
         self.store.insert_lease(&lease).await?;
-        let issued = match loaded.backend.issue(&lease.backend_id, expires_at).await {
+        let (issued, expires_at) = match loaded
+            .backend
+            .issue(&lease.backend_id, issued_at, expires_at - issued_at)
+            .await
+        {
             Ok(issued) => issued,
             Err(e) => {
                 // It may have been half created: the sweeper cleans up what exists.
@@ -371,9 +429,19 @@ impl Broker {
                 return Err(e.into());
             }
         };
+        let notice = match notice {
+            None if expires_at < lease.expires_at => Some(format!(
+                "the backend granted {} s, not the {} s asked",
+                expires_at - issued_at,
+                lease.expires_at - issued_at
+            )),
+            notice => notice,
+        };
         lease.state = LeaseState::Active;
+        lease.backend_id = issued.backend_id.clone();
+        lease.expires_at = expires_at;
         self.store
-            .set_lease_state(&lease.id, LeaseState::Active, None, "")
+            .activate_lease(&lease.id, &lease.backend_id, expires_at)
             .await?;
         let mut event = Event::new(&actor, "credential.issue", name)
             .scope(format!(
@@ -410,6 +478,9 @@ impl Broker {
             return Ok(());
         }
         let outcome = match self.load(&lease.credential).await {
+            // Recorded but never issued by a backend that names its own leases: nothing
+            // there to revoke.
+            Ok(_) if lease.backend_id.is_empty() => Ok(()),
             Ok(loaded) => loaded
                 .backend
                 .revoke(&lease.backend_id)

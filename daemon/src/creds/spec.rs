@@ -44,6 +44,24 @@ pub enum BackendSpec {
         #[serde(default = "default_prefix")]
         username_prefix: String,
     },
+    /// A Vault/OpenBao dynamic secrets role: `<mount>/creds/<role>` issues, the lease is
+    /// renewed to the TTL granted, `sys/leases/revoke` revokes.
+    VaultDynamic {
+        /// `https://vault.example:8200` (or `http://` for a local dev server).
+        address: String,
+        /// The secrets engine's mount, e.g. `database`.
+        #[serde(default = "default_vault_mount")]
+        mount: String,
+        role: String,
+        /// A token allowed to read the role's creds and renew and revoke its leases.
+        #[serde(default)]
+        token: Option<String>,
+        #[serde(default)]
+        approle: Option<crate::secrets::spec::AppRoleSpec>,
+        /// PEM CA certificates to trust for https, instead of the Mozilla roots.
+        #[serde(default)]
+        ca_cert: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +145,23 @@ impl CredentialSpec {
                     ));
                 }
             }
+            BackendSpec::VaultDynamic {
+                address,
+                token,
+                approle,
+                ..
+            } => {
+                if !(address.starts_with("http://") || address.starts_with("https://")) {
+                    return Err(fail(
+                        "backend.address must be an http:// or https:// URL".into(),
+                    ));
+                }
+                if token.is_some() == approle.is_some() {
+                    return Err(fail(
+                        "backend needs exactly one of token or approle to log in to Vault".into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -134,6 +169,7 @@ impl CredentialSpec {
     pub fn kind(&self) -> &'static str {
         match self.backend {
             BackendSpec::PostgresDynamic { .. } => "postgres_dynamic",
+            BackendSpec::VaultDynamic { .. } => "vault_dynamic",
         }
     }
 
@@ -169,6 +205,10 @@ fn default_creation() -> Vec<String> {
         "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'"
             .into(),
     ]
+}
+
+fn default_vault_mount() -> String {
+    "database".into()
 }
 
 fn default_prefix() -> String {

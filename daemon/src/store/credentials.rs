@@ -195,6 +195,26 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// An issued lease: what the backend calls it and when it really ends. A lease an
+    /// operator revoked meanwhile stays revoked (returns false).
+    pub async fn activate_lease(
+        &self,
+        id: &str,
+        backend_id: &str,
+        expires_at: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE credential_leases SET state = 'active', backend_id = $1, expires_at = $2 \
+             WHERE id = $3 AND state = 'issuing'",
+        )
+        .bind(backend_id)
+        .bind(expires_at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn get_credential_lease(&self, id: &str) -> Result<CredentialLease> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {LEASE_COLUMNS} FROM credential_leases WHERE id = $1"

@@ -30,7 +30,7 @@ const MAX_ERROR_TEXT: usize = 200;
 
 /// Where the Vault API listens, parsed once from `http(s)://host[:port]`.
 #[derive(Clone)]
-pub(super) struct VaultHttp {
+pub(crate) struct VaultHttp {
     /// Host name or IP literal without IPv6 brackets, for connecting and for SNI.
     host: String,
     port: u16,
@@ -43,7 +43,7 @@ pub(super) struct VaultHttp {
 }
 
 /// One answer from Vault.
-pub(super) struct VaultResponse {
+pub(crate) struct VaultResponse {
     pub status: StatusCode,
     pub body: Bytes,
 }
@@ -282,7 +282,7 @@ fn strip_query(path: &str) -> &str {
 }
 
 /// How requests authenticate.
-pub(super) enum Login {
+pub(crate) enum Login {
     Token(SecretValue),
     AppRole {
         role_id: String,
@@ -390,7 +390,7 @@ impl Login {
 }
 
 /// Maps a non-success status to our error. `what` names the object (never a value).
-pub(super) fn status_error(
+pub(crate) fn status_error(
     status: StatusCode,
     resp: &VaultResponse,
     what: &str,

@@ -2,7 +2,7 @@
 //! secret, with the stages (current, previous, pending) and each version's rotation token
 //! kept in that secret's `custom_metadata`, so any reader can find the working value.
 
-mod client;
+pub(crate) mod client;
 #[cfg(test)]
 mod tests;
 
