@@ -35,6 +35,10 @@ const STALE_ISSUING_SECS: i64 = 120;
 /// Leases revoked per sweep, at most; the next sweep takes the rest at once.
 const SWEEP_BATCH: i64 = 500;
 
+/// Revocations in flight at once: a backend's pool (PostgreSQL: 4 connections) bounds
+/// the real parallelism.
+const REVOKE_CONCURRENCY: usize = 8;
+
 /// What a backend issued: its own name for it (kept on the lease) and the values for the
 /// workload (never stored).
 pub struct Issued {
@@ -84,7 +88,7 @@ pub enum CredsError {
 
 enum Backend {
     Postgres(postgres::PostgresDynamic),
-    Vault(vault::VaultDynamic),
+    Vault(Box<vault::VaultDynamic>),
 }
 
 impl Backend {
@@ -126,13 +130,13 @@ impl Backend {
                     })?),
                     None => None,
                 };
-                Ok(Backend::Vault(vault::VaultDynamic::new(
+                Ok(Backend::Vault(Box::new(vault::VaultDynamic::new(
                     address,
                     mount,
                     role,
                     login,
                     pem.as_deref(),
-                )?))
+                )?)))
             }
         }
     }
@@ -530,18 +534,42 @@ impl Broker {
             .store
             .leases_due(now, now - STALE_ISSUING_SECS, SWEEP_BATCH)
             .await?;
+        Ok(self.revoke_many(due, &Actor::Daemon, None).await.0)
+    }
+
+    /// Revokes `leases`, several at once (each backend call waits on the network), with
+    /// `why` or, without one, the reason each lease is due. Returns how many were revoked
+    /// and the errors of those that were not.
+    pub async fn revoke_many(
+        &self,
+        leases: Vec<CredentialLease>,
+        actor: &Actor,
+        why: Option<&str>,
+    ) -> (usize, Vec<(String, CredsError)>) {
+        use futures::StreamExt as _;
+        let now = self.now();
+        let outcomes: Vec<_> = futures::stream::iter(leases)
+            .map(|lease| async move {
+                let why = why.unwrap_or(match lease.state {
+                    LeaseState::Issuing if lease.expires_at > now => "never finished issuing",
+                    LeaseState::RevokeFailed => "retrying a failed revocation",
+                    _ => "expired",
+                });
+                let outcome = self.revoke_lease(&lease, actor, why).await;
+                (lease.id, outcome)
+            })
+            .buffer_unordered(REVOKE_CONCURRENCY)
+            .collect()
+            .await;
         let mut revoked = 0;
-        for lease in due {
-            let why = match lease.state {
-                LeaseState::Issuing if lease.expires_at > now => "never finished issuing",
-                LeaseState::RevokeFailed => "retrying a failed revocation",
-                _ => "expired",
-            };
-            if self.revoke_lease(&lease, &Actor::Daemon, why).await.is_ok() {
-                revoked += 1;
+        let mut failed = Vec::new();
+        for (id, outcome) in outcomes {
+            match outcome {
+                Ok(()) => revoked += 1,
+                Err(e) => failed.push((id, e)),
             }
         }
-        Ok(revoked)
+        (revoked, failed)
     }
 
     async fn sweep_loop(self: Arc<Self>) {

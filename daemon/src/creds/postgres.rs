@@ -6,8 +6,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection, Executor};
 
 use super::{BackendError, Issued};
 use crate::secrets::SecretValue;
@@ -15,8 +16,12 @@ use crate::secrets::SecretValue;
 /// How long connecting to the database may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Admin connections kept open: issuing and revoking are a few statements each, and a
+/// connection per call cost more than the statements (measured in `scripts/bench`).
+const POOL_SIZE: u32 = 4;
+
 pub struct PostgresDynamic {
-    admin: PgConnectOptions,
+    admin: PgPool,
     creation: Vec<String>,
     prefix: String,
 }
@@ -32,8 +37,12 @@ impl PostgresDynamic {
             BackendError::Config(redact(&e.to_string(), admin_url.expose()))
         })?;
         // sqlx logs statements at debug level, and the creation statements carry passwords.
+        let admin = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_lazy_with(admin.disable_statement_logging());
         Ok(Self {
-            admin: admin.disable_statement_logging(),
+            admin,
             creation,
             prefix,
         })
@@ -50,15 +59,14 @@ impl PostgresDynamic {
         format!("{}{suffix}", self.prefix)
     }
 
-    async fn admin(&self) -> Result<PgConnection, BackendError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.admin.connect()).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(classify(e, "")),
-            Err(_) => Err(BackendError::Unavailable(format!(
+    async fn admin(&self) -> Result<PoolConnection<Postgres>, BackendError> {
+        self.admin.acquire().await.map_err(|e| match e {
+            sqlx::Error::PoolTimedOut => BackendError::Unavailable(format!(
                 "no connection to PostgreSQL within {}s",
                 CONNECT_TIMEOUT.as_secs()
-            ))),
-        }
+            )),
+            other => classify(other, ""),
+        })
     }
 
     /// Creates `role` with a fresh password, valid until `expires_at` (unix seconds).
@@ -87,7 +95,6 @@ impl PostgresDynamic {
             tx.commit().await.map_err(|e| classify(e, &password))
         }
         .await;
-        let _ = conn.close().await;
         result?;
         Ok(Issued {
             backend_id: role.to_string(),
@@ -102,11 +109,11 @@ impl PostgresDynamic {
     /// and drops it. Idempotent: a role already gone is success.
     pub async fn revoke(&self, role: &str) -> Result<(), BackendError> {
         let mut conn = self.admin().await?;
-        let result = async {
+        async {
             let exists: Option<i32> =
                 sqlx::query_scalar("SELECT 1 FROM pg_roles WHERE rolname = $1")
                     .bind(role)
-                    .fetch_optional(&mut conn)
+                    .fetch_optional(&mut *conn)
                     .await
                     .map_err(|e| classify(e, ""))?;
             if exists.is_none() {
@@ -123,7 +130,7 @@ impl PostgresDynamic {
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
             )
             .bind(role)
-            .execute(&mut conn)
+            .execute(&mut *conn)
             .await
             .map_err(|e| classify(e, ""))?;
             conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(
@@ -133,9 +140,7 @@ impl PostgresDynamic {
             .map_err(|e| classify(e, ""))?;
             Ok(())
         }
-        .await;
-        let _ = conn.close().await;
-        result
+        .await
     }
 }
 

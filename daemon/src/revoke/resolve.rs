@@ -184,16 +184,20 @@ impl Revoker {
                         ..Default::default()
                     })
                     .await?;
-                let mut failed = Vec::new();
-                for lease in live {
-                    match self.broker.revoke_lease(&lease, actor, reason).await {
-                        Ok(()) => {
-                            scope.lease_ids.push(lease.id.clone());
-                            agents.insert(lease.agent_id);
-                        }
-                        Err(e) => failed.push(format!("{}: {e}", lease.id)),
+                let holders: std::collections::HashMap<String, String> = live
+                    .iter()
+                    .map(|l| (l.id.clone(), l.agent_id.clone()))
+                    .collect();
+                let (_, errors) = self.broker.revoke_many(live, actor, Some(reason)).await;
+                let failed: Vec<String> =
+                    errors.iter().map(|(id, e)| format!("{id}: {e}")).collect();
+                for (id, agent) in holders {
+                    if !errors.iter().any(|(failed, _)| *failed == id) {
+                        scope.lease_ids.push(id);
+                        agents.insert(agent);
                     }
                 }
+                scope.lease_ids.sort();
                 scope.notes.push(format!(
                     "{} leases of credential {name} revoked at the backend",
                     scope.lease_ids.len()

@@ -8,6 +8,7 @@
 //! - [`Latencies`] and [`BenchResult`]: percentiles and the one-line JSON the harness reads.
 
 pub mod agent;
+pub mod creds;
 pub mod fanout;
 pub mod http1;
 pub mod mayfly;

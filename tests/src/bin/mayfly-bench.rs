@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::{agent, fanout, mayfly, openbao, revocation, rotation, sinks};
+use mayfly_tests::bench::{agent, creds, fanout, mayfly, openbao, revocation, rotation, sinks};
 
 #[derive(Parser)]
 #[command(
@@ -119,6 +119,29 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         rotations: usize,
     },
+    /// TTL-bound credentials: fresh dynamic PostgreSQL users through Mayfly and OpenBao,
+    /// revoke-to-unusable, and a bulk revocation.
+    Creds {
+        /// The daemon's node API; must be on 127.0.0.1.
+        #[arg(long)]
+        node_addr: String,
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        #[arg(long)]
+        pg_url: String,
+        #[arg(long)]
+        vault_url: String,
+        #[arg(long, default_value = "root")]
+        vault_token: String,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        #[arg(long, default_value_t = 20)]
+        revocations: usize,
+        #[arg(long, default_value_t = 10_000)]
+        bulk: usize,
+    },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
         /// The daemon's node API; must be on 127.0.0.1.
@@ -225,6 +248,36 @@ fn real_main() -> Result<ExitCode> {
                 .await?;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(if result.missed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Cmd::Creds {
+                node_addr,
+                admin_socket,
+                trust_domain,
+                pg_url,
+                vault_url,
+                vault_token,
+                count,
+                revocations,
+                bulk,
+            } => {
+                let result = creds::run(&creds::Options {
+                    node_addr,
+                    admin_socket,
+                    trust_domain,
+                    pg_url,
+                    vault_url,
+                    vault_token,
+                    count,
+                    revocations,
+                    bulk,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(if result.bulk_left == 0 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
