@@ -98,6 +98,7 @@ pub async fn start(
         Visibility::new(registry.entries(), secrets.definitions()),
         audit.clone(),
         clock.clone(),
+        config.trust_domain.as_str(),
     )
     .await
     .context("starting the credential broker")?;

@@ -42,9 +42,24 @@ fn wait_http(url: &str, child: &mut Child, what: &str) -> anyhow::Result<()> {
 
 /// `moto_server` on a free port (installed into .venv by scripts/test).
 pub fn moto() -> anyhow::Result<Server> {
+    moto_server(None)
+}
+
+/// `moto_server` that verifies every request's signature and session token once its first
+/// `unauthenticated` requests are done (`INITIAL_NO_AUTH_ACTION_COUNT`): those bootstrap
+/// an IAM user with keys, which nothing else can do while authentication is on.
+pub fn moto_with_auth(unauthenticated: u32) -> anyhow::Result<Server> {
+    moto_server(Some(unauthenticated))
+}
+
+fn moto_server(unauthenticated: Option<u32>) -> anyhow::Result<Server> {
     let port = free_port();
     let home = tempfile::tempdir()?;
-    let mut child = Command::new("moto_server")
+    let mut command = Command::new("moto_server");
+    if let Some(count) = unauthenticated {
+        command.env("INITIAL_NO_AUTH_ACTION_COUNT", count.to_string());
+    }
+    let mut child = command
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

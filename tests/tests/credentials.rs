@@ -410,3 +410,129 @@ async fn an_openbao_database_lease_lasts_the_ttl_granted_and_is_revoked_at_openb
     assert!(!lookup.status.success(), "the lease is gone at OpenBao");
     assert!(!daemon.log().contains(&issued.values["password"]));
 }
+
+/// `tests/interop/python/aws_sts.py` with boto3 from the test venv; its stdout as JSON.
+fn aws_sts_py(args: &[&str], env: &[(&str, &str)]) -> Result<serde_json::Value, String> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/python/aws_sts.py");
+    let mut command = std::process::Command::new("python3");
+    command.arg(script).args(args);
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ] {
+        command.env_remove(var);
+    }
+    command.envs(env.iter().copied());
+    let out = command.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sts_role_sessions_carry_the_workloads_identity_and_work_with_a_real_aws_sdk() {
+    init();
+    // Three unauthenticated calls bootstrap the IAM user; every call after is verified.
+    let moto = mayfly_tests::services::moto_with_auth(3).unwrap();
+    let boot = aws_sts_py(&["bootstrap", &moto.url], &[]).unwrap();
+    let daemon = DaemonProcess::start(DaemonOptions {
+        env: vec![
+            (
+                "AWS_ACCESS_KEY_ID".into(),
+                boot["access_key_id"].as_str().unwrap().into(),
+            ),
+            (
+                "AWS_SECRET_ACCESS_KEY".into(),
+                boot["secret_access_key"].as_str().unwrap().into(),
+            ),
+        ],
+        ..DaemonOptions::default()
+    })
+    .unwrap();
+    let file = daemon.dir.path().join("sts.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"app-aws\"\ngrants = [\"{APP}\"]\ndefault_ttl = \"20m\"\nmax_ttl = \"2h\"\n\
+             [backend]\nkind = \"aws_sts\"\nrole_arn = \"{}\"\nendpoint_url = \"{}\"\n",
+            boot["role_arn"].as_str().unwrap(),
+            moto.url
+        ),
+    )
+    .unwrap();
+    daemon
+        .cli_ok(&["credential", "create", "--file", file.to_str().unwrap()])
+        .unwrap();
+    // STS's floor is refused at definition time, naming it.
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("app-aws", "too-short")
+            .replace("20m", "5m"),
+    )
+    .unwrap();
+    let refused = daemon
+        .cli(&["credential", "create", "--file", file.to_str().unwrap()])
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("at least 15m"));
+
+    let agent = daemon.attest(AGENT).await.unwrap();
+    daemon
+        .create_entry(APP, AGENT, "unix:uid:1000", &[])
+        .unwrap();
+    let mut node = daemon.node(&agent).await.unwrap();
+    let issued = node
+        .issue_credential(v1::IssueCredentialRequest {
+            name: "app-aws".into(),
+            spiffe_id: APP.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.kind, "aws_sts");
+    assert_eq!(issued.expires_at - issued.issued_at, 1200);
+    assert!(issued.notice.contains("botocore"), "{}", issued.notice);
+
+    // A real SDK signs with them; moto checks the signature and the session token.
+    let env = [
+        ("AWS_ACCESS_KEY_ID", issued.values["access_key_id"].as_str()),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            issued.values["secret_access_key"].as_str(),
+        ),
+        ("AWS_SESSION_TOKEN", issued.values["session_token"].as_str()),
+    ];
+    let identity = aws_sts_py(&["call", &moto.url], &env).unwrap();
+    let arn = identity["arn"].as_str().unwrap();
+    assert!(
+        arn.contains(":assumed-role/app/") && arn.ends_with(&issued.lease_id),
+        "{arn}"
+    );
+    let forged = [env[0], env[1], ("AWS_SESSION_TOKEN", "not-the-token")];
+    assert!(
+        aws_sts_py(&["call", &moto.url], &forged).is_err(),
+        "a wrong token is refused"
+    );
+
+    let lease = daemon
+        .cli_json(&["lease", "show", &issued.lease_id])
+        .unwrap();
+    assert!(
+        lease[0]["backend_id"]
+            .as_str()
+            .unwrap()
+            .ends_with(&issued.lease_id),
+        "the STS session id: {lease}"
+    );
+    let log = daemon.log();
+    assert!(!log.contains(&issued.values["secret_access_key"]));
+    assert!(!log.contains(&issued.values["session_token"]));
+}

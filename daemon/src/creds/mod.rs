@@ -4,8 +4,9 @@
 //! revocation is an audit record; the lease row is written before the backend is asked, so
 //! a crash at any point leaves a lease the sweeper finds.
 //!
-//! Backends: `postgres.rs` (Mayfly's own dynamic PostgreSQL users) and `vault.rs` (a
-//! Vault/OpenBao dynamic secrets role, with its leases).
+//! Backends: `postgres.rs` (Mayfly's own dynamic PostgreSQL users), `vault.rs` (a
+//! Vault/OpenBao dynamic secrets role, with its leases) and `sts.rs` (AWS STS role
+//! sessions).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use crate::visibility::Visibility;
 
 pub mod postgres;
 pub mod spec;
+pub mod sts;
 pub mod vault;
 
 use spec::{BackendSpec, CredentialSpec, CredentialSpecError};
@@ -89,10 +91,11 @@ pub enum CredsError {
 enum Backend {
     Postgres(postgres::PostgresDynamic),
     Vault(Box<vault::VaultDynamic>),
+    Sts(Box<sts::AwsSts>),
 }
 
 impl Backend {
-    fn build(spec: &CredentialSpec) -> Result<Self, BackendError> {
+    async fn build(spec: &CredentialSpec, trust_domain: &str) -> Result<Self, BackendError> {
         match &spec.backend {
             BackendSpec::PostgresDynamic {
                 admin_url,
@@ -138,7 +141,28 @@ impl Backend {
                     pem.as_deref(),
                 )?)))
             }
+            BackendSpec::AwsSts {
+                role_arn,
+                region,
+                endpoint_url,
+                policy,
+            } => Ok(Backend::Sts(Box::new(
+                sts::AwsSts::new(
+                    role_arn,
+                    region,
+                    endpoint_url.as_deref(),
+                    policy.clone(),
+                    trust_domain,
+                )
+                .await?,
+            ))),
         }
+    }
+
+    /// Whether revoking ends the credential at the backend; an STS session cannot be
+    /// ended early, so revoking one only drops Mayfly's copies.
+    fn revocable(&self) -> bool {
+        !matches!(self, Backend::Sts(_))
     }
 
     /// The backend's name for a lease's credential when it can be fixed before issuing, so
@@ -148,6 +172,8 @@ impl Backend {
         match self {
             Backend::Postgres(pg) => pg.role_name(lease_id),
             Backend::Vault(_) => String::new(),
+            // The session name is the lease id; STS's own id for it comes with the answer.
+            Backend::Sts(_) => lease_id.to_string(),
         }
     }
 
@@ -155,6 +181,7 @@ impl Backend {
     async fn issue(
         &self,
         backend_id: &str,
+        holder: &str,
         issued_at: i64,
         ttl_secs: i64,
     ) -> Result<(Issued, i64), BackendError> {
@@ -167,6 +194,7 @@ impl Backend {
                 let (issued, duration) = vault.issue(ttl_secs).await?;
                 Ok((issued, issued_at + duration))
             }
+            Backend::Sts(sts) => sts.issue(backend_id, holder, ttl_secs).await,
         }
     }
 
@@ -174,6 +202,7 @@ impl Backend {
         match self {
             Backend::Postgres(pg) => pg.revoke(backend_id).await,
             Backend::Vault(vault) => vault.revoke(backend_id).await,
+            Backend::Sts(_) => Ok(()),
         }
     }
 }
@@ -190,6 +219,8 @@ pub struct Broker {
     view: Visibility,
     audit: Audit,
     clock: Arc<dyn Clock>,
+    /// Named on what backends issue (STS session tags).
+    trust_domain: String,
     loaded: Mutex<HashMap<String, Arc<Loaded>>>,
 }
 
@@ -203,6 +234,7 @@ impl Broker {
         view: Visibility,
         audit: Audit,
         clock: Arc<dyn Clock>,
+        trust_domain: &str,
     ) -> Result<Arc<Self>, CredsError> {
         let broker = Arc::new(Self {
             store,
@@ -210,6 +242,7 @@ impl Broker {
             view,
             audit,
             clock,
+            trust_domain: trust_domain.to_string(),
             loaded: Mutex::new(HashMap::new()),
         });
         for spec in configured {
@@ -274,7 +307,7 @@ impl Broker {
             .map_err(|e| CredsError::Internal(format!("credential {name}: {e}")))?;
         let loaded = Arc::new(Loaded {
             sealed: record.spec_sealed,
-            backend: Arc::new(Backend::build(&spec)?),
+            backend: Arc::new(Backend::build(&spec, &self.trust_domain).await?),
             spec: Arc::new(spec),
         });
         self.lock().insert(name.to_string(), loaded.clone());
@@ -294,7 +327,7 @@ impl Broker {
         {
             return Err(CredsError::FromConfig(spec.name));
         }
-        Backend::build(&spec)?;
+        Backend::build(&spec, &self.trust_domain).await?;
         self.save(&spec, "api").await
     }
 
@@ -415,7 +448,7 @@ impl Broker {
         self.store.insert_lease(&lease).await?;
         let (issued, expires_at) = match loaded
             .backend
-            .issue(&lease.backend_id, issued_at, expires_at - issued_at)
+            .issue(&lease.backend_id, holder, issued_at, expires_at - issued_at)
             .await
         {
             Ok(issued) => issued,
@@ -481,17 +514,24 @@ impl Broker {
         if lease.state == LeaseState::Revoked {
             return Ok(());
         }
+        let mut why = why.to_string();
         let outcome = match self.load(&lease.credential).await {
             // Recorded but never issued by a backend that names its own leases: nothing
             // there to revoke.
             Ok(_) if lease.backend_id.is_empty() => Ok(()),
-            Ok(loaded) => loaded
-                .backend
-                .revoke(&lease.backend_id)
-                .await
-                .map_err(CredsError::from),
+            Ok(loaded) => {
+                if !loaded.backend.revocable() {
+                    why.push_str("; the STS session itself lasts until its expiry");
+                }
+                loaded
+                    .backend
+                    .revoke(&lease.backend_id)
+                    .await
+                    .map_err(CredsError::from)
+            }
             Err(e) => Err(e),
         };
+        let why = why.as_str();
         let now = self.now();
         let scope = format!(
             "lease {} of {} for {} as {}",

@@ -189,8 +189,8 @@ fn redact(text: &str, secret: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn passwords_and_role_names_are_from_safe_alphabets() {
+    #[tokio::test]
+    async fn passwords_and_role_names_are_from_safe_alphabets() {
         let a = random_password();
         assert_eq!(a.len(), 32);
         assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));

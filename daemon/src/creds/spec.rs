@@ -62,6 +62,19 @@ pub enum BackendSpec {
         #[serde(default)]
         ca_cert: Option<std::path::PathBuf>,
     },
+    /// AWS STS `AssumeRole`: one role session per lease, with the daemon's own AWS
+    /// credentials from the standard chain.
+    AwsSts {
+        role_arn: String,
+        #[serde(default = "default_region")]
+        region: String,
+        /// Another endpoint than AWS's own (a VPC endpoint; moto in tests).
+        #[serde(default)]
+        endpoint_url: Option<String>,
+        /// An inline session policy (JSON) narrowing what the role allows.
+        #[serde(default)]
+        policy: Option<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +175,30 @@ impl CredentialSpec {
                     ));
                 }
             }
+            BackendSpec::AwsSts {
+                role_arn, policy, ..
+            } => {
+                if !(role_arn.starts_with("arn:") && role_arn.contains(":role/")) {
+                    return Err(fail(format!(
+                        "backend.role_arn `{role_arn}` is not a role ARN (arn:aws:iam::ACCOUNT:role/NAME)"
+                    )));
+                }
+                if self.default_ttl < super::sts::MIN_TTL {
+                    return Err(fail(
+                        "default_ttl must be at least 15m: STS grants no shorter session".into(),
+                    ));
+                }
+                if self.max_ttl > Duration::from_secs(12 * 3600) {
+                    return Err(fail(
+                        "max_ttl must be at most 12h, STS's longest session".into(),
+                    ));
+                }
+                if let Some(policy) = policy
+                    && serde_json::from_str::<serde_json::Value>(policy).is_err()
+                {
+                    return Err(fail("backend.policy must be a JSON policy document".into()));
+                }
+            }
         }
         Ok(())
     }
@@ -170,11 +207,37 @@ impl CredentialSpec {
         match self.backend {
             BackendSpec::PostgresDynamic { .. } => "postgres_dynamic",
             BackendSpec::VaultDynamic { .. } => "vault_dynamic",
+            BackendSpec::AwsSts { .. } => "aws_sts",
         }
     }
 
-    /// The TTL a request gets, and a notice when it was changed.
+    /// The TTL a request gets, and a notice when it was changed or is unwise.
     pub fn ttl_for(&self, requested: Duration) -> (Duration, Option<String>) {
+        let (ttl, notice) = self.clamped(requested);
+        if matches!(self.backend, BackendSpec::AwsSts { .. }) {
+            if ttl < super::sts::MIN_TTL {
+                return (
+                    super::sts::MIN_TTL,
+                    Some(format!(
+                        "ttl {} raised to 15m, STS's shortest session",
+                        humantime::format_duration(ttl)
+                    )),
+                );
+            }
+            if ttl < super::sts::ADVISED_TTL && notice.is_none() {
+                return (
+                    ttl,
+                    Some(
+                        "below 30m, botocore refreshes these credentials on nearly every call"
+                            .into(),
+                    ),
+                );
+            }
+        }
+        (ttl, notice)
+    }
+
+    fn clamped(&self, requested: Duration) -> (Duration, Option<String>) {
         if requested.is_zero() {
             return (self.default_ttl, None);
         }
@@ -205,6 +268,10 @@ fn default_creation() -> Vec<String> {
         "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'"
             .into(),
     ]
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
 }
 
 fn default_vault_mount() -> String {
