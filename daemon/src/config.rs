@@ -377,6 +377,29 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_read_from_their_tables_and_checked() {
+        let table = "[[credential]]\nname = \"orders-db\"\ngrants = [\"spiffe://example.org/orders\"]\n\
+            [credential.backend]\nkind = \"postgres_dynamic\"\nadmin_url = \"postgres://a@127.0.0.1/db\"\n";
+        let config = parse(&format!("trust_domain = \"example.org\"\n{table}")).unwrap();
+        assert_eq!(config.credentials.len(), 1);
+        assert_eq!(config.credentials[0].kind(), "postgres_dynamic");
+        let err = parse(&format!("trust_domain = \"example.org\"\n{table}{table}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("credential `orders-db` is defined twice"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "trust_domain = \"example.org\"\n{}",
+            table.replace("spiffe://example.org/orders", "orders")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("grant orders"), "{err}");
+    }
+
+    #[test]
     fn default_holder_names_host_and_data_dir() {
         let holder = SchedulerConfig::default().holder(Path::new("/var/lib/mayfly-x"));
         assert!(holder.ends_with(":/var/lib/mayfly-x"), "{holder}");
