@@ -6,6 +6,7 @@
 pub mod attest;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod exec;
 pub mod run;
 pub mod secret_ref;

@@ -10,7 +10,7 @@ use clap::Parser;
 
 use mayfly_common::process::{init_logging, shutdown_signal};
 
-use mayfly_agent::cli::{Cli, Command, api};
+use mayfly_agent::cli::{Cli, Command, api, creds};
 use mayfly_agent::config::{AgentConfig, LogFormat};
 use mayfly_agent::run;
 
@@ -70,6 +70,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
             Ok(String::new())
         }
         Command::Api { command, endpoint } => api::run(command, &endpoint).await,
+        Command::Creds { command, socket } => creds::run(command, socket.as_deref()).await,
         Command::Exec(_) => unreachable!("handled before the runtime's dispatch"),
     }
 }

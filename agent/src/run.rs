@@ -1,5 +1,5 @@
-//! Wiring: the agent's identity, its sync stream, the SVID cache and the Workload API,
-//! assembled here and nowhere else.
+//! Wiring: the agent's identity, its sync stream, the SVID cache, the credential cache and
+//! the Workload API, assembled here and nowhere else.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ use mayfly_proto::v1::{self};
 
 use crate::attest::node::{self, IdentityFiles, NodeError, NodeIdentity};
 use crate::config::AgentConfig;
+use crate::credentials::{CredentialCache, CredentialIssuer};
 use crate::sinks::SinkRunner;
 use crate::sinks::runner::SinkProgress;
 use crate::state::{Bundle, JwtIssuer, WorkloadState};
@@ -103,6 +104,14 @@ pub async fn start(
     // supervised child gone), as the message it ends with.
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<Stop>);
     let progress = start_sinks_and_exec(&config, state_rx.clone(), fatal_tx.clone())?;
+    let credentials = CredentialCache::new(
+        Arc::new(DaemonCredentialIssuer {
+            client: client.clone(),
+        }),
+        Arc::new(crate::workload_api::SystemClock),
+        state_rx.clone(),
+    );
+    tokio::spawn(credentials.clone().follow());
     let renew_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(sync::revocations::acknowledge(
         sync::revocations::Acknowledger {
@@ -110,6 +119,7 @@ pub async fn start(
             authorized: authorized_tx.clone(),
             state: state_rx.clone(),
             progress: progress.clone(),
+            credentials: credentials.progress(),
             identity: identity.subscribe(),
             renew_now: renew_now.clone(),
         },
@@ -146,7 +156,8 @@ pub async fn start(
             client: client.clone(),
         }),
     )
-    .with_denials(denials);
+    .with_denials(denials)
+    .with_credentials(credentials);
     let socket = config.socket_path.clone();
     let listener = crate::workload_api::bind(&socket)?;
     let spiffe_id = identity.borrow().spiffe_id.to_string();
@@ -458,6 +469,22 @@ impl JwtIssuer for DaemonJwtIssuer {
             .await?
             .into_inner();
         Ok((minted.token, minted.expires_at))
+    }
+}
+
+/// Credentials come from the daemon, which holds the backends' admin access.
+struct DaemonCredentialIssuer {
+    client: ClientCell,
+}
+
+#[tonic::async_trait]
+impl CredentialIssuer for DaemonCredentialIssuer {
+    async fn issue(
+        &self,
+        request: v1::IssueCredentialRequest,
+    ) -> Result<v1::IssuedCredential, tonic::Status> {
+        let mut client = self.client.borrow().clone();
+        Ok(client.issue_credential(request).await?.into_inner())
     }
 }
 

@@ -38,7 +38,8 @@ pub fn request<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
+/// A refusal as one line: the agent's message and the gRPC code.
+pub fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
 

@@ -1,10 +1,13 @@
 //! `mayfly-agent` command line: `run`; `exec`, a supervisor that hands an app its secrets;
-//! and `api …`, a Workload API client for operators (like `spire-agent api`).
+//! `api …`, a Workload API client for operators (like `spire-agent api`); and `creds …`,
+//! which fetches a TTL-bound credential for the workload running it.
 
 pub mod api;
+pub mod creds;
 pub mod endpoint;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -40,6 +43,55 @@ pub enum Command {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Fetch a TTL-bound credential (a dynamic database user, cloud keys) for the process
+    /// running this command: `mayfly-agent creds get orders-db --format env`.
+    Creds {
+        #[command(subcommand)]
+        command: CredsCommand,
+        /// The Workload API: unix:///absolute/path, a path, or tcp://IP:port; default:
+        /// SPIFFE_ENDPOINT_SOCKET, then unix:///run/mayfly-agent/api.sock.
+        #[arg(long, global = true, value_name = "ENDPOINT")]
+        socket: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredsCommand {
+    /// Print the credential: its values, lease and expiry.
+    Get {
+        #[command(flatten)]
+        request: CredentialRequest,
+        /// json: every field with the values; env: KEY=value lines (USERNAME=…,
+        /// PASSWORD=…, MAYFLY_LEASE_ID=…, MAYFLY_EXPIRES_AT=…).
+        #[arg(long, value_enum, default_value_t = CredsFormat::Json)]
+        format: CredsFormat,
+    },
+    /// Print AWS keys as `credential_process` JSON, for `credential_process =
+    /// mayfly-agent creds aws NAME` in ~/.aws/config.
+    Aws {
+        #[command(flatten)]
+        request: CredentialRequest,
+    },
+}
+
+/// Which credential, for whom, for how long.
+#[derive(Debug, Args, Clone)]
+pub struct CredentialRequest {
+    /// The credential definition's name.
+    pub name: String,
+    /// Which of this workload's SPIFFE IDs asks; needed only when it holds several.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// How long it should last, e.g. 30m (at most the definition's maximum); default:
+    /// the definition's default.
+    #[arg(long, value_parser = creds::parse_ttl)]
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CredsFormat {
+    Json,
+    Env,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -1,6 +1,7 @@
 //! Acknowledging revocations: once the SVID cache has dropped what a revocation names (and
-//! got fresh SVIDs where the entry is still valid) and the sinks have caught up with that
-//! state, the agent tells the daemon what it did.
+//! got fresh SVIDs where the entry is still valid), the credential cache has dropped the
+//! revoked leases, and the sinks have caught up with that state, the agent tells the
+//! daemon what it did.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use mayfly_proto::v1;
 
 use super::{Authorized, ClientCell};
 use crate::attest::node::NodeIdentity;
+use crate::credentials::CredentialProgress;
 use crate::sinks::runner::SinkProgress;
 use crate::state::WorkloadState;
 
@@ -27,6 +29,8 @@ pub struct Acknowledger {
     pub authorized: Arc<watch::Sender<Authorized>>,
     pub state: watch::Receiver<Arc<WorkloadState>>,
     pub progress: Option<watch::Receiver<SinkProgress>>,
+    /// The credential cache's progress: a revoked lease is out of it before the ack.
+    pub credentials: watch::Receiver<CredentialProgress>,
     /// The agent's own SVID, renewed at once when a revocation taints its CA.
     pub identity: watch::Receiver<NodeIdentity>,
     pub renew_now: Arc<Notify>,
@@ -39,6 +43,7 @@ pub async fn acknowledge(context: Acknowledger) {
         authorized,
         mut state,
         mut progress,
+        mut credentials,
         identity,
         renew_now,
     } = context;
@@ -47,6 +52,7 @@ pub async fn acknowledge(context: Acknowledger) {
     let mut first_seen: HashMap<String, (Instant, String)> = HashMap::new();
     loop {
         let current = state.borrow_and_update().clone();
+        let cached = credentials.borrow().clone();
         first_seen.retain(|id, _| current.revocations.iter().any(|r| r.message.id == *id));
         for pending in &current.revocations {
             let id = &pending.message.id;
@@ -65,12 +71,21 @@ pub async fn acknowledge(context: Acknowledger) {
             let reissued = (pending.awaiting.is_empty() && renewed) || timed_out;
             let sinks = progress.as_ref().map(|p| p.borrow().clone());
             let written = sinks.as_ref().is_none_or(|p| p.applied >= current.version);
-            if !reissued || !written {
+            if !reissued || !written || cached.applied < current.version {
                 continue;
             }
             let effects = sinks
                 .and_then(|p| p.revocations.get(id).cloned())
                 .unwrap_or_default();
+            let mut actions = effects.actions;
+            actions.extend(lease_actions(
+                &pending.message.lease_ids,
+                cached
+                    .dropped
+                    .get(id)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            ));
             let mut errors = effects.errors;
             let mut reissued = pending.reissued.clone();
             if pending.message.renew_agent_svid {
@@ -92,7 +107,7 @@ pub async fn acknowledge(context: Acknowledger) {
                 reissued,
                 files_removed: effects.removed,
                 files_blanked: effects.blanked,
-                actions: effects.actions,
+                actions,
                 errors,
             };
             let mut node = client.borrow().clone();
@@ -126,9 +141,29 @@ pub async fn acknowledge(context: Acknowledger) {
                     progress = None;
                 }
             }
+            changed = credentials.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
             _ = tokio::time::sleep(RECHECK), if waiting => {}
         }
     }
+}
+
+/// What the acknowledgement says about each revoked lease: its cached copy dropped, or
+/// none held here (the workload never asked through this agent, or it had expired).
+fn lease_actions(revoked: &[String], dropped: &[String]) -> Vec<String> {
+    revoked
+        .iter()
+        .map(|lease| {
+            if dropped.contains(lease) {
+                format!("dropped the cached credential of lease {lease}")
+            } else {
+                format!("held no cached credential of lease {lease}")
+            }
+        })
+        .collect()
 }
 
 /// Waits (at most `limit`) until every revocation is acknowledged and the sinks have

@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use mayfly_common::svid::CaError;
 
 use crate::attest::workload::AttestError;
+use crate::credentials::CredentialError;
 
 /// Message SPIRE uses for "this caller matches no registration entry". The `spiffe` crate
 /// (0.19) looks for exactly this phrase in a `PermissionDenied` status to report
@@ -59,6 +60,18 @@ pub enum WorkloadApiError {
     /// The agent is stopping or its state is gone; the client should reconnect.
     #[error("the agent is shutting down; reconnect and retry")]
     ShuttingDown,
+    /// A credential request named no SPIFFE ID and the caller holds several.
+    #[error("the caller holds several SPIFFE IDs ({}): name one in spiffe_id", .0.join(", "))]
+    AmbiguousSpiffeId(Vec<String>),
+    /// `ttl_seconds` in a credential request is below zero.
+    #[error("ttl_seconds must be 0 (the credential's default) or more, not {0}")]
+    NegativeTtl(i64),
+    /// This agent was started without a credential cache.
+    #[error("this agent serves no credentials")]
+    NoCredentials,
+    /// The credential cache could not give the credential.
+    #[error(transparent)]
+    Credential(CredentialError),
 }
 
 impl WorkloadApiError {
@@ -70,7 +83,9 @@ impl WorkloadApiError {
             | Self::MissingField(_)
             | Self::InvalidSpiffeId(_)
             | Self::InvalidJwt(_)
-            | Self::ForeignTrustDomain(_) => Code::InvalidArgument,
+            | Self::ForeignTrustDomain(_)
+            | Self::AmbiguousSpiffeId(_)
+            | Self::NegativeTtl(_) => Code::InvalidArgument,
             Self::NoPeerCredentials => Code::Unauthenticated,
             // A failed attestation is usually a race with a process that is starting or
             // exiting; Unavailable makes SPIFFE clients retry instead of giving up.
@@ -95,6 +110,17 @@ impl WorkloadApiError {
                 }
             }
             Self::ShuttingDown => Code::Unavailable,
+            Self::NoCredentials => Code::Unimplemented,
+            Self::Credential(error) => match error {
+                CredentialError::Refused(_) | CredentialError::HolderGone { .. } => {
+                    Code::PermissionDenied
+                }
+                CredentialError::Rejected(_) => Code::InvalidArgument,
+                CredentialError::Unavailable { .. } | CredentialError::RevokedOnArrival { .. } => {
+                    Code::Unavailable
+                }
+                _ => Code::Internal,
+            },
         };
         Status::new(code, self.to_string())
     }

@@ -25,6 +25,7 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use zeroize::Zeroizing;
 
+use mayfly_proto::v1::workload_credentials_server::WorkloadCredentials;
 use mayfly_proto::v1::workload_secrets_server::WorkloadSecrets;
 use mayfly_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 
@@ -47,6 +48,7 @@ enum Rpc {
     FetchJwtBundles,
     ValidateJwtSvid,
     WatchSecrets,
+    GetCredential,
 }
 
 impl Rpc {
@@ -58,6 +60,7 @@ impl Rpc {
             "/SpiffeWorkloadAPI/FetchJWTBundles" => Self::FetchJwtBundles,
             "/SpiffeWorkloadAPI/ValidateJWTSVID" => Self::ValidateJwtSvid,
             "/mayfly.v1.WorkloadSecrets/WatchSecrets" => Self::WatchSecrets,
+            "/mayfly.v1.WorkloadCredentials/GetCredential" => Self::GetCredential,
             _ => return None,
         })
     }
@@ -155,6 +158,9 @@ async fn dispatch(
         }
         Rpc::WatchSecrets => {
             stream_reply(WorkloadSecrets::watch_secrets(api, call.decode()?).await?)
+        }
+        Rpc::GetCredential => {
+            message_reply(WorkloadCredentials::get_credential(api, call.decode()?).await?)
         }
     }
 }

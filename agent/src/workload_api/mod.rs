@@ -2,6 +2,7 @@
 //! Unix socket's peer credentials and the workload attestor; what it gets comes from the
 //! agent's published [`WorkloadState`].
 
+mod credentials;
 mod error;
 mod grpc;
 mod jwt;
@@ -27,6 +28,7 @@ use mayfly_proto::workload::{
     X509svidRequest, X509svidResponse,
 };
 
+use crate::credentials::CredentialCache;
 use crate::state::{EntryView, JwtIssuer, WorkloadState};
 use crate::workload_api::jwt::{JWT_CACHE_CAPACITY, JwtCache, JwtCacheKey, claims_to_struct};
 use crate::workload_api::streams::{
@@ -65,6 +67,8 @@ pub struct WorkloadApi {
     closing: Arc<watch::Sender<bool>>,
     /// Refusals go here, for the daemon's audit trail.
     denials: Option<crate::sync::denials::DenialSink>,
+    /// Where `GetCredential` gets its credentials; without it the call is unimplemented.
+    credentials: Option<CredentialCache>,
 }
 
 impl WorkloadApi {
@@ -81,7 +85,14 @@ impl WorkloadApi {
             jwt_cache: JwtCache::new(JWT_CACHE_CAPACITY),
             closing: Arc::new(watch::Sender::new(false)),
             denials: None,
+            credentials: None,
         }
+    }
+
+    /// Serves `GetCredential` from `cache`.
+    pub fn with_credentials(mut self, cache: CredentialCache) -> Self {
+        self.credentials = Some(cache);
+        self
     }
 
     /// Reports every refused request (no identity, missing security header) to `sink`.

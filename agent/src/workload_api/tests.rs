@@ -26,6 +26,8 @@ use mayfly_common::svid::{
 };
 use mayfly_common::{Selector, SpiffeId, TrustDomain};
 use mayfly_proto::WORKLOAD_HEADER;
+use mayfly_proto::v1::GetCredentialRequest;
+use mayfly_proto::v1::workload_credentials_client::WorkloadCredentialsClient;
 use mayfly_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
@@ -117,11 +119,53 @@ impl JwtIssuer for SigningIssuer {
     }
 }
 
+/// Stands in for the daemon's `IssueCredential`: a lease per call, for whichever SPIFFE ID
+/// asks, except that `not-granted` is refused as the daemon refuses it.
+#[derive(Default)]
+struct FakeCredentialIssuer {
+    asked: std::sync::Mutex<Vec<mayfly_proto::v1::IssueCredentialRequest>>,
+}
+
+#[tonic::async_trait]
+impl crate::credentials::CredentialIssuer for FakeCredentialIssuer {
+    async fn issue(
+        &self,
+        request: mayfly_proto::v1::IssueCredentialRequest,
+    ) -> Result<mayfly_proto::v1::IssuedCredential, tonic::Status> {
+        let n = {
+            let mut asked = self.asked.lock().unwrap();
+            asked.push(request.clone());
+            asked.len()
+        };
+        if request.name == "not-granted" {
+            return Err(tonic::Status::permission_denied(format!(
+                "credential not-granted is not granted to {}",
+                request.spiffe_id
+            )));
+        }
+        let now = mayfly_common::clock::unix(SystemTime::now());
+        Ok(mayfly_proto::v1::IssuedCredential {
+            lease_id: format!("ls-{n}"),
+            name: request.name,
+            kind: "postgres_dynamic".into(),
+            values: [
+                ("username".to_string(), format!("v_{n}")),
+                ("password".to_string(), format!("Pw-{n}")),
+            ]
+            .into(),
+            issued_at: now,
+            expires_at: now + 600,
+            notice: String::new(),
+        })
+    }
+}
+
 struct Fixture {
     ca: CaMaterial,
     authority: X509Authority,
     state: watch::Sender<Arc<WorkloadState>>,
     issuer: Arc<SigningIssuer>,
+    credential_issuer: Arc<FakeCredentialIssuer>,
     clock: Arc<TestClock>,
     socket: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
@@ -171,8 +215,15 @@ impl Fixture {
             clock: clock.clone(),
             mints: AtomicUsize::new(0),
         });
+        let credential_issuer = Arc::new(FakeCredentialIssuer::default());
+        let credentials = crate::credentials::CredentialCache::new(
+            credential_issuer.clone(),
+            clock.clone(),
+            state_rx.clone(),
+        );
         let api = WorkloadApi::new(state_rx, Arc::new(attestor), issuer.clone())
-            .with_clock(clock.clone());
+            .with_clock(clock.clone())
+            .with_credentials(credentials);
 
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent").join("workload.sock");
@@ -186,6 +237,7 @@ impl Fixture {
             authority,
             state: state_tx,
             issuer,
+            credential_issuer,
             clock,
             socket,
             shutdown: Some(shutdown_tx),
@@ -206,8 +258,16 @@ impl Fixture {
 
     /// The generated client, which sends no security header unless told to.
     async fn raw_client(&self) -> SpiffeWorkloadApiClient<Channel> {
+        SpiffeWorkloadApiClient::new(self.channel().await)
+    }
+
+    async fn credentials_client(&self) -> WorkloadCredentialsClient<Channel> {
+        WorkloadCredentialsClient::new(self.channel().await)
+    }
+
+    async fn channel(&self) -> Channel {
         let path = self.socket.clone();
-        let channel = tonic::transport::Endpoint::from_static("http://workload.local")
+        tonic::transport::Endpoint::from_static("http://workload.local")
             .connect_with_connector(tower::service_fn(move |_: http::Uri| {
                 let path = path.clone();
                 async move {
@@ -216,8 +276,7 @@ impl Fixture {
                 }
             }))
             .await
-            .unwrap();
-        SpiffeWorkloadApiClient::new(channel)
+            .unwrap()
     }
 
     /// Publishes a changed copy of the current state.
@@ -1024,4 +1083,125 @@ async fn calls_after_the_first_on_one_connection_are_answered() {
         let response: JwtsvidResponse = prost::Message::decode(&answer.body[5..]).unwrap();
         assert_eq!(response.svids.len(), 2, "call {call}");
     }
+}
+
+fn credential_request(name: &str, spiffe_id: &str) -> GetCredentialRequest {
+    GetCredentialRequest {
+        name: name.into(),
+        spiffe_id: spiffe_id.into(),
+        ttl_seconds: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_credential_goes_to_the_spiffe_id_named_and_is_reused() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsIs).await;
+    let mut client = f.credentials_client().await;
+
+    // The caller holds two SPIFFE IDs: it must say which asks.
+    let status = client
+        .get_credential(with_header(credential_request("orders-db", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains(CALLER_ID) && status.message().contains(CALLER_ADMIN_ID),
+        "{}",
+        status.message()
+    );
+
+    let first = client
+        .get_credential(with_header(credential_request("orders-db", CALLER_ID)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.spiffe_id, CALLER_ID);
+    assert_eq!(first.values["username"], "v_1");
+    assert_eq!(first.kind, "postgres_dynamic");
+    let again = client
+        .get_credential(with_header(credential_request("orders-db", CALLER_ID)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.lease_id, first.lease_id, "served from the cache");
+    {
+        let asked = f.credential_issuer.asked.lock().unwrap();
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].spiffe_id, CALLER_ID);
+    }
+
+    // An identity of someone else's entry is refused here, before the daemon is asked.
+    let status = client
+        .get_credential(with_header(credential_request("orders-db", OTHER_ID)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains(error::NO_IDENTITY_ISSUED),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains(OTHER_ID), "{}", status.message());
+    assert_eq!(f.credential_issuer.asked.lock().unwrap().len(), 1);
+
+    // Without the security header nothing is looked at.
+    let status = client
+        .get_credential(credential_request("orders-db", CALLER_ID))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "security header missing from request");
+}
+
+#[tokio::test]
+async fn a_caller_with_one_identity_need_not_name_it_and_refusals_pass_through() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsUid(4242)).await;
+    let mut client = f.credentials_client().await;
+    let credential = client
+        .get_credential(with_header(credential_request("orders-db", "")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(credential.spiffe_id, OTHER_ID);
+
+    let status = client
+        .get_credential(with_header(credential_request("not-granted", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("not granted"),
+        "{}",
+        status.message()
+    );
+
+    let status = client
+        .get_credential(with_header(GetCredentialRequest {
+            ttl_seconds: -5,
+            ..credential_request("orders-db", "")
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_caller_without_an_entry_gets_no_credential() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsUid(31337)).await;
+    let status = f
+        .credentials_client()
+        .await
+        .get_credential(with_header(credential_request("orders-db", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains(error::NO_IDENTITY_ISSUED),
+        "{}",
+        status.message()
+    );
+    assert!(f.credential_issuer.asked.lock().unwrap().is_empty());
 }

@@ -188,11 +188,6 @@ impl CredentialSpec {
                         "default_ttl must be at least 15m: STS grants no shorter session".into(),
                     ));
                 }
-                if self.max_ttl > Duration::from_secs(12 * 3600) {
-                    return Err(fail(
-                        "max_ttl must be at most 12h, STS's longest session".into(),
-                    ));
-                }
                 if let Some(policy) = policy
                     && serde_json::from_str::<serde_json::Value>(policy).is_err()
                 {
@@ -237,17 +232,25 @@ impl CredentialSpec {
         (ttl, notice)
     }
 
+    /// The longest TTL granted: `max_ttl`, and for STS no more than its 12 h.
+    pub fn max(&self) -> Duration {
+        match self.backend {
+            BackendSpec::AwsSts { .. } => self.max_ttl.min(super::sts::MAX_TTL),
+            _ => self.max_ttl,
+        }
+    }
+
     fn clamped(&self, requested: Duration) -> (Duration, Option<String>) {
         if requested.is_zero() {
             return (self.default_ttl, None);
         }
-        if requested > self.max_ttl {
+        if requested > self.max() {
             return (
-                self.max_ttl,
+                self.max(),
                 Some(format!(
                     "ttl {} clamped to the maximum {}",
                     humantime::format_duration(requested),
-                    humantime::format_duration(self.max_ttl)
+                    humantime::format_duration(self.max())
                 )),
             );
         }

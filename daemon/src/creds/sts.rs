@@ -22,6 +22,9 @@ use crate::secrets::SecretValue;
 /// STS's shortest session.
 pub const MIN_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// STS's longest session (the role's own maximum may be lower; STS then refuses).
+pub const MAX_TTL: Duration = Duration::from_secs(12 * 3600);
+
 /// Below this botocore refreshes on nearly every call (it refreshes 15 minutes before
 /// expiry), so issuing is allowed but the answer says so.
 pub const ADVISED_TTL: Duration = Duration::from_secs(30 * 60);

@@ -20,9 +20,34 @@ impl AdminApi {
             kind: spec.kind().into(),
             grants: spec.grants.clone(),
             default_ttl: spec.default_ttl.as_secs() as i64,
-            max_ttl: spec.max_ttl.as_secs() as i64,
+            max_ttl: spec.max().as_secs() as i64,
             source,
             live_leases: live,
+        })
+    }
+
+    pub(super) async fn credential_list(&self) -> Result<v1::ListCredentialsResponse, Status> {
+        let mut credentials = Vec::new();
+        for name in self.broker.names().await? {
+            credentials.push(self.credential_summary(&name).await?);
+        }
+        Ok(v1::ListCredentialsResponse { credentials })
+    }
+
+    pub(super) async fn lease_list(
+        &self,
+        body: v1::ListLeasesRequest,
+    ) -> Result<v1::ListLeasesResponse, Status> {
+        let leases = self
+            .broker
+            .leases(&crate::store::LeaseFilter {
+                holder: Some(body.holder).filter(|s| !s.is_empty()),
+                credential: Some(body.credential).filter(|s| !s.is_empty()),
+                all: body.all,
+            })
+            .await?;
+        Ok(v1::ListLeasesResponse {
+            leases: leases.iter().map(super::convert::lease).collect(),
         })
     }
 

@@ -13,6 +13,7 @@ use mayfly_proto::v1::{self};
 use super::convert;
 use operator::Operator;
 
+mod audit;
 mod credentials;
 pub mod operator;
 use crate::audit::{Audit, Event};
@@ -21,7 +22,7 @@ use crate::identity::{EntryChange, EntryInput, Registry};
 use crate::revoke::{Revoker, Target, report_message};
 use crate::secrets::engine::RotationEngine;
 use crate::secrets::spec::{SecretSpec, Strategy};
-use crate::store::{AgentStatus, AuditFilter, EntryFilter};
+use crate::store::{AgentStatus, EntryFilter};
 use mayfly_common::clock::unix;
 
 pub struct AdminApi {
@@ -521,11 +522,7 @@ impl Admin for AdminApi {
         request: Request<v1::ListCredentialsRequest>,
     ) -> Result<Response<v1::ListCredentialsResponse>, Status> {
         Operator::of(&request)?;
-        let mut credentials = Vec::new();
-        for name in self.broker.names().await? {
-            credentials.push(self.credential_summary(&name).await?);
-        }
-        Ok(Response::new(v1::ListCredentialsResponse { credentials }))
+        self.credential_list().await.map(Response::new)
     }
 
     async fn get_credential(
@@ -552,18 +549,9 @@ impl Admin for AdminApi {
         request: Request<v1::ListLeasesRequest>,
     ) -> Result<Response<v1::ListLeasesResponse>, Status> {
         Operator::of(&request)?;
-        let body = request.into_inner();
-        let leases = self
-            .broker
-            .leases(&crate::store::LeaseFilter {
-                holder: Some(body.holder).filter(|s| !s.is_empty()),
-                credential: Some(body.credential).filter(|s| !s.is_empty()),
-                all: body.all,
-            })
-            .await?;
-        Ok(Response::new(v1::ListLeasesResponse {
-            leases: leases.iter().map(convert::lease).collect(),
-        }))
+        self.lease_list(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn get_lease(
@@ -625,51 +613,14 @@ impl Admin for AdminApi {
         Ok(Response::new(report_message(&report)))
     }
 
-    type ListAuditStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::AuditRecord, Status>> + Send>>;
+    type ListAuditStream = audit::AuditStream;
 
     async fn list_audit(
         &self,
         request: Request<v1::ListAuditRequest>,
     ) -> Result<Response<Self::ListAuditStream>, Status> {
         Operator::of(&request)?;
-        let body = request.into_inner();
-        let audit = self.audit.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        // Pages, so exporting a long trail does not hold it all in memory.
-        tokio::spawn(async move {
-            let mut filter = AuditFilter {
-                since_ms: (body.since_ms > 0).then_some(body.since_ms),
-                subject: Some(body.subject).filter(|s| !s.is_empty()),
-                action: Some(body.action).filter(|s| !s.is_empty()),
-                after_seq: 0,
-                limit: 0,
-            };
-            let mut left = if body.limit > 0 { body.limit } else { i64::MAX };
-            while left > 0 {
-                filter.limit = left.min(2000);
-                let page = match audit.list(&filter).await {
-                    Ok(page) => page,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
-                        return;
-                    }
-                };
-                let Some(last) = page.last() else {
-                    return;
-                };
-                filter.after_seq = last.seq;
-                left -= page.len() as i64;
-                for row in page {
-                    if tx.send(Ok(convert::audit_record(row))).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(self.audit_pages(request.into_inner())))
     }
 
     async fn verify_audit(
