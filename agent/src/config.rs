@@ -55,9 +55,16 @@ pub struct AgentConfig {
 pub struct ExecConfig {
     /// The program and its arguments.
     pub command: Vec<String>,
-    /// Variable name to `secret:NAME[:username|:version]` or a literal value.
+    /// Variable name to `secret:NAME[:username|:version]`, `credential:NAME:FIELD` or a
+    /// literal value.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Whose the `credential:` values are: a SPIFFE ID of one of this agent's entries.
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// The TTL asked for those credentials ("1h"); default: the definition's.
+    #[serde(default)]
+    pub ttl: Option<String>,
     /// On a new version of a secret in `env`: "restart", "none" or "signal:HUP".
     #[serde(default = "default_exec_on_change")]
     pub on_change: String,
@@ -100,6 +107,16 @@ pub enum ExecConfigError {
     OnChange(#[source] ChangeActionError),
     #[error("key `stop_signal`: {0}")]
     StopSignal(#[source] UnknownSignal),
+    #[error(
+        "env names a credential: add `spiffe_id`, the SPIFFE ID whose credential it is (one of this agent's entries)"
+    )]
+    HolderRequired,
+    #[error("keys `spiffe_id` and `ttl` are for `credential:` values in env, and it has none")]
+    HolderWithoutCredential,
+    #[error("key `spiffe_id`: {0}")]
+    SpiffeId(#[source] mayfly_common::SpiffeIdError),
+    #[error("key `ttl`: {0}")]
+    Ttl(#[source] crate::credentials::TtlError),
 }
 
 impl AgentConfig {
@@ -169,6 +186,7 @@ impl ExecConfig {
             })?;
             vars.push((key.clone(), value));
         }
+        self.credential_keys_of(&vars)?;
         let on_change: ChangeAction = self.on_change.parse().map_err(ExecConfigError::OnChange)?;
         Ok(crate::exec::ChildSpec {
             program: program.clone(),
@@ -186,6 +204,46 @@ impl ExecConfig {
             // The agent has its state once synced; a secret missing then is a mistake.
             first_wait: std::time::Duration::from_secs(30),
         })
+    }
+}
+
+impl ExecConfig {
+    /// The credentials the child's environment names, as the agent's cache keys them.
+    pub fn credential_keys(
+        &self,
+        socket: &Path,
+    ) -> Result<Vec<crate::credentials::CredentialKey>, ExecConfigError> {
+        let spec = self.child_spec(socket)?;
+        self.credential_keys_of(&spec.vars)
+    }
+
+    fn credential_keys_of(
+        &self,
+        vars: &[(String, crate::exec::EnvValue)],
+    ) -> Result<Vec<crate::credentials::CredentialKey>, ExecConfigError> {
+        let names = crate::exec::credential_names(vars);
+        let spiffe_id = match (&self.spiffe_id, names.is_empty()) {
+            (None, true) if self.ttl.is_none() => return Ok(Vec::new()),
+            (_, true) => return Err(ExecConfigError::HolderWithoutCredential),
+            (None, false) => return Err(ExecConfigError::HolderRequired),
+            (Some(id), false) => {
+                mayfly_common::SpiffeId::parse(id).map_err(ExecConfigError::SpiffeId)?
+            }
+        };
+        let ttl_seconds = match self.ttl.as_deref() {
+            None => 0,
+            Some(text) => crate::credentials::parse_ttl(text)
+                .map(|ttl| i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+                .map_err(ExecConfigError::Ttl)?,
+        };
+        Ok(names
+            .into_iter()
+            .map(|name| crate::credentials::CredentialKey {
+                spiffe_id: spiffe_id.clone(),
+                name,
+                ttl_seconds,
+            })
+            .collect())
     }
 }
 
@@ -240,5 +298,37 @@ mod tests {
             Path::new("agent.toml"),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn exec_credentials_say_whose_they_are() {
+        let parse = |exec: &str| {
+            AgentConfig::parse(
+                &format!(
+                    "trust_domain = \"example.org\"\n[exec]\ncommand = [\"/bin/true\"]\n{exec}"
+                ),
+                Path::new("agent.toml"),
+            )
+        };
+        let err = parse("env = { PGPASSWORD = \"credential:orders-db:password\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("add `spiffe_id`"), "{err}");
+        let err = parse("spiffe_id = \"spiffe://example.org/orders\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has none"), "{err}");
+        let config = parse(
+            "env = { PGPASSWORD = \"credential:orders-db:password\", U = \"credential:orders-db:username\" }\n\
+             spiffe_id = \"spiffe://example.org/orders\"\nttl = \"15m\"\n",
+        )
+        .unwrap();
+        let keys = config
+            .exec
+            .unwrap()
+            .credential_keys(Path::new("/run/api.sock"))
+            .unwrap();
+        assert_eq!(keys.len(), 1, "one lease for both values: {keys:?}");
+        assert_eq!(keys[0].ttl_seconds, 900);
     }
 }

@@ -17,9 +17,9 @@ use mayfly_proto::v1::{self};
 
 use crate::attest::node::{self, IdentityFiles, NodeError, NodeIdentity};
 use crate::config::AgentConfig;
-use crate::credentials::{CredentialCache, CredentialIssuer};
-use crate::sinks::SinkRunner;
+use crate::credentials::{CredentialCache, CredentialFeed, CredentialIssuer};
 use crate::sinks::runner::SinkProgress;
+use crate::sinks::{Sink, SinkRunner};
 use crate::state::{Bundle, JwtIssuer, WorkloadState};
 use crate::sync::svids::SvidCache;
 use crate::sync::{self, Authorized, Backoff, ClientCell, StreamEnd};
@@ -103,7 +103,6 @@ pub async fn start(
     // Why the agent must stop by itself (banned, a sink that cannot be rendered, the
     // supervised child gone), as the message it ends with.
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<Stop>);
-    let progress = start_sinks_and_exec(&config, state_rx.clone(), fatal_tx.clone())?;
     let credentials = CredentialCache::new(
         Arc::new(DaemonCredentialIssuer {
             client: client.clone(),
@@ -112,6 +111,12 @@ pub async fn start(
         state_rx.clone(),
     );
     tokio::spawn(credentials.clone().follow());
+    let progress = start_sinks_and_exec(
+        &config,
+        state_rx.clone(),
+        credentials.clone(),
+        fatal_tx.clone(),
+    )?;
     let renew_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(sync::revocations::acknowledge(
         sync::revocations::Acknowledger {
@@ -205,13 +210,15 @@ enum Stop {
     Fatal(String),
 }
 
-/// Starts the sinks and, under `[exec]`, the supervised child once the sinks' first files
-/// are written. A sink that cannot be rendered from the first full state stops the agent
-/// before anything is written; so does the child's exit (with its code when not 0).
-/// Returns the sinks' progress, when there are sinks.
+/// Starts the sinks (with the feed of the credentials they write) and, under `[exec]`,
+/// the supervised child once the sinks' first files are written. A sink that cannot be
+/// rendered from the first full state stops the agent before anything is written; so
+/// does the child's exit (with its code when not 0). Returns the sinks' progress, when
+/// there are sinks.
 fn start_sinks_and_exec(
     config: &AgentConfig,
     state: watch::Receiver<Arc<WorkloadState>>,
+    cache: CredentialCache,
     fatal: watch::Sender<Option<Stop>>,
 ) -> anyhow::Result<Option<watch::Receiver<SinkProgress>>> {
     let sinks = config.checked_sinks().map_err(anyhow::Error::msg)?;
@@ -224,12 +231,27 @@ fn start_sinks_and_exec(
     if sinks.is_empty() && spec.is_none() {
         return Ok(None);
     }
+    let exec_credentials = match &config.exec {
+        Some(exec) => exec
+            .credential_keys(&config.socket_path)
+            .map_err(|e| anyhow::anyhow!("[exec]: {e}"))?,
+        None => Vec::new(),
+    };
     let (exec_tx, exec_rx) = tokio::sync::mpsc::channel(4);
-    let runner = SinkRunner::new(sinks, spec.is_some().then_some(exec_tx));
+    let wanted = sinks
+        .iter()
+        .flat_map(Sink::credential_keys)
+        .chain(exec_credentials.iter().cloned())
+        .collect();
+    let feed = CredentialFeed::new(cache, wanted);
+    let held = feed.subscribe();
+    tokio::spawn(feed.run(state.clone()));
+    let runner = SinkRunner::new(sinks, spec.is_some().then_some(exec_tx))
+        .with_exec_credentials(exec_credentials);
     let progress = runner.progress();
     let sink_fatal = fatal.clone();
     tokio::spawn(async move {
-        if let Err(e) = runner.run(state).await {
+        if let Err(e) = runner.run(state, held).await {
             tracing::error!(error = %e, "stopping: a sink cannot be written");
             let _ = sink_fatal.send(Some(Stop::Fatal(e.to_string())));
         }
@@ -485,6 +507,14 @@ impl CredentialIssuer for DaemonCredentialIssuer {
     ) -> Result<v1::IssuedCredential, tonic::Status> {
         let mut client = self.client.borrow().clone();
         Ok(client.issue_credential(request).await?.into_inner())
+    }
+
+    async fn renew(
+        &self,
+        request: v1::RenewCredentialRequest,
+    ) -> Result<v1::RenewedCredential, tonic::Status> {
+        let mut client = self.client.borrow().clone();
+        Ok(client.renew_credential(request).await?.into_inner())
     }
 }
 

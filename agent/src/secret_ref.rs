@@ -1,5 +1,6 @@
 //! `secret:NAME[:FIELD]`: how env sinks and `mayfly-agent exec` name a granted secret's
-//! value, parsed once. Secret names may contain `.` but never `:`, so the field after a
+//! value, parsed once; and `credential:NAME:FIELD`, one value of a TTL-bound credential,
+//! which env sinks take too. Names may contain `.` but never `:`, so the field after a
 //! second colon is unambiguous.
 
 use std::fmt;
@@ -40,6 +41,87 @@ pub enum SecretRefError {
         "secret `{0}` is not valid UTF-8 text, so it cannot go into an environment variable or template"
     )]
     NotText(String),
+    #[error(
+        "`{0}` is neither secret:NAME[:FIELD] nor credential:NAME:FIELD (FIELD: a value such as username or password, lease_id or expires_at)"
+    )]
+    NotAValueReference(String),
+}
+
+fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// One value of a TTL-bound credential: `username`, `password`, `access_key_id`, …, or
+/// `lease_id` and `expires_at` (RFC 3339), which every credential has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRef {
+    pub name: String,
+    pub field: String,
+}
+
+impl FromStr for CredentialRef {
+    type Err = SecretRefError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let not_one = || SecretRefError::NotAValueReference(text.to_string());
+        let rest = text.strip_prefix("credential:").ok_or_else(not_one)?;
+        let (name, field) = rest.split_once(':').ok_or_else(not_one)?;
+        if !name_ok(name) {
+            return Err(SecretRefError::BadName(text.to_string()));
+        }
+        let field_ok = !field.is_empty()
+            && field.len() <= 64
+            && field
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+        if !field_ok {
+            return Err(not_one());
+        }
+        Ok(Self {
+            name: name.to_string(),
+            field: field.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for CredentialRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "credential:{}:{}", self.name, self.field)
+    }
+}
+
+/// What an env sink's variable holds: a secret's field or a credential's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueRef {
+    Secret(SecretRef),
+    Credential(CredentialRef),
+}
+
+impl FromStr for ValueRef {
+    type Err = SecretRefError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.starts_with("credential:") {
+            text.parse().map(Self::Credential)
+        } else if text.starts_with("secret:") {
+            text.parse().map(Self::Secret)
+        } else {
+            Err(SecretRefError::NotAValueReference(text.to_string()))
+        }
+    }
+}
+
+impl fmt::Display for ValueRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Secret(r) => r.fmt(f),
+            Self::Credential(r) => r.fmt(f),
+        }
+    }
 }
 
 impl FromStr for SecretRef {
@@ -53,12 +135,7 @@ impl FromStr for SecretRef {
             Some((name, field)) => (name, Some(field)),
             None => (rest, None),
         };
-        let name_ok = !name.is_empty()
-            && name.len() <= 128
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !name_ok {
+        if !name_ok(name) {
             return Err(SecretRefError::BadName(text.to_string()));
         }
         let field = match field {
@@ -132,6 +209,44 @@ mod tests {
         assert!(matches!(
             "secret:a:pin".parse::<SecretRef>(),
             Err(SecretRefError::BadField(_))
+        ));
+    }
+
+    #[test]
+    fn credential_references_need_a_field() {
+        let r: ValueRef = "credential:orders-db:username".parse().unwrap();
+        assert_eq!(
+            r,
+            ValueRef::Credential(CredentialRef {
+                name: "orders-db".into(),
+                field: "username".into()
+            })
+        );
+        assert_eq!(r.to_string(), "credential:orders-db:username");
+        assert!(matches!(
+            "secret:db".parse::<ValueRef>(),
+            Ok(ValueRef::Secret(_))
+        ));
+        for bad in [
+            "credential:orders-db",
+            "credential:db:",
+            "credential:db:a b",
+        ] {
+            assert!(
+                matches!(
+                    bad.parse::<ValueRef>(),
+                    Err(SecretRefError::NotAValueReference(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            "credential::password".parse::<ValueRef>(),
+            Err(SecretRefError::BadName(_))
+        ));
+        assert!(matches!(
+            "orders-db".parse::<ValueRef>(),
+            Err(SecretRefError::NotAValueReference(_))
         ));
     }
 }

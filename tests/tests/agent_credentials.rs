@@ -2,7 +2,8 @@
 //! PostgreSQL of the test's own that checks passwords. Workloads run `mayfly-agent creds`
 //! under their own uids, the way an app's start script would: the user it prints logs in,
 //! a second call is served from the agent's cache, a workload without a grant is refused
-//! with nothing issued, and a revoked lease is replaced by a new one.
+//! with nothing issued, and a revoked lease is replaced by a new one. Sinks write the same
+//! credentials to files for apps that read nothing else.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};
@@ -318,4 +319,331 @@ async fn an_aws_sdk_with_only_a_credential_process_profile_calls_aws_as_the_work
         stderr(&refused)
     );
     assert_eq!(live_leases(&daemon).len(), 1, "nothing issued to it");
+}
+
+/// The lease id and login a credential sink's JSON file holds, once it holds one other
+/// than `not`.
+fn sink_credential(path: &std::path::Path, not: &str) -> Option<(String, String, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let lease = json["lease_id"].as_str()?.to_owned();
+    (lease != not).then(|| {
+        (
+            lease,
+            value(&json, "username").to_owned(),
+            value(&json, "password").to_owned(),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_write_a_database_user_refresh_it_before_expiry_and_drop_a_revoked_one() {
+    init();
+    let pg = PasswordPostgres::start().unwrap();
+    let daemon = DaemonProcess::start(DaemonOptions {
+        env: vec![("MAYFLY_LEASE_SWEEP_MS".into(), "200".into())],
+        ..DaemonOptions::default()
+    })
+    .unwrap();
+    let definition = daemon.dir.path().join("orders-db.toml");
+    std::fs::write(
+        &definition,
+        format!(
+            "name = \"orders-db\"\ngrants = [\"{APP}\"]\ndefault_ttl = \"15s\"\nmax_ttl = \"25s\"\n\
+             [backend]\nkind = \"postgres_dynamic\"\nadmin_url = \"{}\"\n",
+            pg.admin_url()
+        ),
+    )
+    .unwrap();
+    daemon
+        .cli_ok(&[
+            "credential",
+            "create",
+            "--file",
+            definition.to_str().unwrap(),
+        ])
+        .unwrap();
+    daemon
+        .create_entry(APP, AGENT, &format!("unix:uid:{APP_UID}"), &[])
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let json_path = files.path().join("orders-db.json");
+    let url_path = files.path().join("orders-db.url");
+    let env_path = files.path().join("orders-db.env");
+    // A 15 s lease: renewed after 10 s, well before it expires, to its 25 s max TTL; then
+    // replaced by a new one after 20 s.
+    let sinks = format!(
+        "[[sink]]\nkind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{APP}\"\n\
+         ttl = \"15s\"\npath = \"{json}\"\n\
+         [[sink]]\nkind = \"template\"\ncredentials = [\"orders-db\"]\nspiffe_id = \"{APP}\"\n\
+         ttl = \"15s\"\non_revoke = \"blank\"\npath = \"{url}\"\n\
+         template = \"{{{{ credentials['orders-db'].username }}}}:{{{{ credentials['orders-db'].password }}}} until {{{{ credentials['orders-db'].expires_at }}}}\"\n\
+         [[sink]]\nkind = \"env\"\nspiffe_id = \"{APP}\"\nttl = \"15s\"\npath = \"{env}\"\n\
+         vars = {{ PGUSER = \"credential:orders-db:username\", PGPASSWORD = \"credential:orders-db:password\" }}\n",
+        json = json_path.display(),
+        url = url_path.display(),
+        env = env_path.display(),
+    );
+    let agent = AgentProcess::start_with(&daemon, AGENT, &sinks).unwrap();
+
+    // (a) All three files hold the one lease the agent obtained, and its user logs in.
+    let mut first = None;
+    wait_for("the credential sink's file", WAIT, || {
+        first = sink_credential(&json_path, "");
+        first.is_some()
+    });
+    let (lease, user, password) = first.unwrap();
+    pg.login(&user, &password).await.unwrap();
+    wait_for("the template and env sinks", WAIT, || {
+        let url = std::fs::read_to_string(&url_path).unwrap_or_default();
+        let env = std::fs::read_to_string(&env_path).unwrap_or_default();
+        url.starts_with(&format!("{user}:{password} until "))
+            && env.contains(&format!("PGUSER=\"{user}\""))
+            && env.contains(&format!("PGPASSWORD=\"{password}\""))
+    });
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&json_path).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "a credential is for its app alone");
+    let leases = live_leases(&daemon);
+    assert_eq!(leases.len(), 1, "three sinks, one lease: {leases:?}");
+    let ttl = leases[0]["expires_at"].as_i64().unwrap() - leases[0]["issued_at"].as_i64().unwrap();
+    assert_eq!(ttl, 15, "the sinks' ttl: {leases:?}");
+
+    // (b) Revoked: the acknowledgement comes after the sinks let go of it, the old role
+    // is gone, and the sinks hold a new user that works.
+    let revoked = daemon
+        .cli(&[
+            "revoke", "lease", "--id", &lease, "--reason", "test", "--output", "json",
+        ])
+        .unwrap();
+    assert!(
+        revoked.status.success(),
+        "{}\nagent log:\n{}",
+        stderr(&revoked),
+        agent.log()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(report["acknowledged"][0], AGENT, "{report}");
+    let after = std::fs::read_to_string(&json_path).unwrap_or_default();
+    assert!(
+        !after.contains(&password),
+        "acknowledged with the revoked password still in the sink: {report}"
+    );
+    assert!(
+        !role_exists(&pg, &user).await,
+        "the revoked role is dropped"
+    );
+    let mut second = None;
+    wait_for("a new credential in the sink", WAIT, || {
+        second = sink_credential(&json_path, &lease);
+        second.is_some()
+    });
+    let (lease2, user2, password2) = second.unwrap();
+    pg.login(&user2, &password2).await.unwrap();
+
+    // (c) Renewed before it expires: the same lease and user, a later expiry in the files,
+    // and the user still logs in after its first 15 s.
+    let expiry = |path: &std::path::Path| -> Option<(String, i64)> {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        Some((
+            json["lease_id"].as_str()?.to_owned(),
+            json["expires_at"].as_i64()?,
+        ))
+    };
+    let (_, first_expiry) = expiry(&json_path).unwrap();
+    let issued_at = std::time::Instant::now();
+    wait_for("the renewed lease", Duration::from_secs(15), || {
+        expiry(&json_path).is_some_and(|(l, e)| l == lease2 && e != first_expiry)
+    });
+    let leases = live_leases(&daemon);
+    let ttl = leases[0]["expires_at"].as_i64().unwrap() - leases[0]["issued_at"].as_i64().unwrap();
+    assert!(
+        ttl > 15 && ttl <= 25,
+        "renewed up to the max TTL: {leases:?}"
+    );
+    if let Some(rest) = Duration::from_secs(16).checked_sub(issued_at.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    pg.login(&user2, &password2)
+        .await
+        .expect("the renewed user logs in past its first expiry");
+    let trail = daemon
+        .cli_json(&["audit", "list", "--action", "credential.renew"])
+        .unwrap()
+        .to_string();
+    assert!(trail.contains(&lease2), "{trail}");
+
+    // (d) At its max TTL it cannot be renewed: a third lease arrives before the second
+    // ends, and every file follows.
+    let mut third = None;
+    wait_for(
+        "a new lease at the max TTL",
+        Duration::from_secs(15),
+        || {
+            third = sink_credential(&json_path, &lease2);
+            third.is_some()
+        },
+    );
+    let (_, user3, password3) = third.unwrap();
+    pg.login(&user3, &password3).await.unwrap();
+    wait_for("the env sink's refresh", WAIT, || {
+        std::fs::read_to_string(&env_path)
+            .unwrap_or_default()
+            .contains(&format!("PGPASSWORD=\"{password3}\""))
+    });
+    let log = agent.log();
+    for secret in [&password, &password2, &password3] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a password reached the agent's log"
+        );
+    }
+}
+
+#[test]
+fn a_sink_naming_a_credential_without_an_identity_stops_the_agent_with_the_key_to_fix() {
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "[[sink]]\nkind = \"credential\"\ncredential = \"orders-db\"\npath = \"{}\"\n",
+        dir.path().join("db.json").display()
+    );
+    let err = AgentProcess::start_with(&daemon, AGENT, &sinks)
+        .err()
+        .expect("the agent refuses the sink")
+        .to_string();
+    assert!(err.contains("spiffe_id"), "{err}");
+    assert!(!dir.path().join("db.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_gives_the_app_its_database_user_and_restarts_it_only_for_a_new_lease() {
+    use std::os::unix::process::CommandExt as _;
+    init();
+    let pg = PasswordPostgres::start().unwrap();
+    let daemon = DaemonProcess::start(DaemonOptions {
+        env: vec![("MAYFLY_LEASE_SWEEP_MS".into(), "200".into())],
+        ..DaemonOptions::default()
+    })
+    .unwrap();
+    let definition = daemon.dir.path().join("orders-db.toml");
+    // 15 s leases renewed once to their 25 s max TTL, then replaced.
+    std::fs::write(
+        &definition,
+        format!(
+            "name = \"orders-db\"\ngrants = [\"{APP}\"]\ndefault_ttl = \"15s\"\nmax_ttl = \"25s\"\n\
+             [backend]\nkind = \"postgres_dynamic\"\nadmin_url = \"{}\"\n",
+            pg.admin_url()
+        ),
+    )
+    .unwrap();
+    daemon
+        .cli_ok(&[
+            "credential",
+            "create",
+            "--file",
+            definition.to_str().unwrap(),
+        ])
+        .unwrap();
+    daemon
+        .create_entry(APP, AGENT, &format!("unix:uid:{APP_UID}"), &[])
+        .unwrap();
+    let agent = AgentProcess::start(&daemon, AGENT).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        out.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let starts = out.path().join("starts");
+    // The app, as its own uid: one line per start with the user it was given.
+    let script = format!(
+        "echo \"$PGUSER $PGPASSWORD\" >> {}; trap 'exit 0' TERM; while :; do sleep 0.1; done",
+        starts.display()
+    );
+    let mut exec = Command::new(binary("mayfly-agent").unwrap())
+        .args(["exec", "--socket"])
+        .arg(&agent.socket_path)
+        .args([
+            "--env",
+            "PGUSER=credential:orders-db:username",
+            "--env",
+            "PGPASSWORD=credential:orders-db:password",
+            "--stop-timeout",
+            "2s",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .uid(APP_UID)
+        .gid(APP_UID)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = || -> Vec<(String, String)> {
+        std::fs::read_to_string(&starts)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (u, p) = l.split_once(' ')?;
+                Some((u.to_owned(), p.to_owned()))
+            })
+            .collect()
+    };
+
+    // (a) Started with a user that logs in.
+    wait_for("the app's first start", WAIT, || !lines().is_empty());
+    let (user1, password1) = lines()[0].clone();
+    pg.login(&user1, &password1).await.unwrap();
+    let lease1 = live_leases(&daemon)[0]["id"].as_str().unwrap().to_owned();
+
+    // (b) Revoked: the app is restarted with a new user.
+    daemon
+        .cli_ok(&["revoke", "lease", "--id", &lease1, "--reason", "test"])
+        .unwrap();
+    wait_for("the restart with a new user", WAIT, || lines().len() == 2);
+    let (user2, password2) = lines()[1].clone();
+    assert_ne!(user2, user1);
+    pg.login(&user2, &password2).await.unwrap();
+
+    // (c) The lease renewed: the same user, no restart.
+    wait_for("the renewal", Duration::from_secs(15), || {
+        live_leases(&daemon)
+            .iter()
+            .any(|l| l["expires_at"].as_i64().unwrap() - l["issued_at"].as_i64().unwrap() > 15)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        lines().len(),
+        2,
+        "a renewal restarts nothing: {:?}",
+        lines()
+    );
+
+    // (d) At the max TTL a new lease, and one restart for it.
+    wait_for(
+        "the restart for a new lease",
+        Duration::from_secs(20),
+        || lines().len() == 3,
+    );
+    let (user3, password3) = lines()[2].clone();
+    assert_ne!(user3, user2);
+    pg.login(&user3, &password3).await.unwrap();
+
+    let _ = exec.kill();
+    let output = exec.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    for secret in [&password1, &password2, &password3] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a password reached exec's log"
+        );
+        assert!(!agent.log().contains(secret.as_str()));
+    }
 }

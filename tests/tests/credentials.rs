@@ -166,6 +166,41 @@ async fn a_dynamic_postgres_user_works_for_its_lease_and_is_gone_once_revoked() 
         },
     );
 
+    // Clamped to its max TTL already, it cannot be renewed; another agent may not even try.
+    let at_max = node
+        .renew_credential(v1::RenewCredentialRequest {
+            lease_id: issued.lease_id.clone(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(at_max.code(), Code::FailedPrecondition, "{at_max:?}");
+    assert!(
+        at_max.message().contains("max TTL") && at_max.message().contains("ask for a new one"),
+        "{}",
+        at_max.message()
+    );
+    let stranger = daemon
+        .attest("spiffe://example.org/node/stranger")
+        .await
+        .unwrap();
+    let theirs = daemon
+        .node(&stranger)
+        .await
+        .unwrap()
+        .renew_credential(v1::RenewCredentialRequest {
+            lease_id: issued.lease_id.clone(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(theirs.code(), Code::PermissionDenied, "{theirs:?}");
+    assert!(
+        theirs.message().contains("not held by agent"),
+        "{}",
+        theirs.message()
+    );
+
     // Revoked: the role is gone and its open session ended.
     // The test's agent holds no sync stream, so it cannot acknowledge: exit 3, with the
     // lease already gone at the backend.
@@ -382,6 +417,44 @@ async fn an_openbao_database_lease_lasts_the_ttl_granted_and_is_revoked_at_openb
     let ttl = lookup["data"]["ttl"].as_i64().unwrap();
     assert!((590..=600).contains(&ttl), "OpenBao's lease ttl {ttl}");
 
+    // Renewed while held: the same user, OpenBao's lease extended with Mayfly's.
+    let renewed = node
+        .renew_credential(v1::RenewCredentialRequest {
+            lease_id: issued.lease_id.clone(),
+            ttl_seconds: 1200,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.expires_at - renewed.renewed_at, 1200);
+    let lookup: serde_json::Value = serde_json::from_str(&bao(
+        &vault.url,
+        &[
+            "write",
+            "-format=json",
+            "sys/leases/lookup",
+            &format!("lease_id={vault_lease}"),
+        ],
+    ))
+    .unwrap();
+    let ttl = lookup["data"]["ttl"].as_i64().unwrap();
+    assert!((1190..=1200).contains(&ttl), "OpenBao's renewed ttl {ttl}");
+    sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
+    // Asking for less than it has left is refused, not a shorter lease.
+    let shorter = node
+        .renew_credential(v1::RenewCredentialRequest {
+            lease_id: issued.lease_id.clone(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(shorter.code(), Code::FailedPrecondition, "{shorter:?}");
+    assert!(
+        shorter.message().contains("already lasts longer"),
+        "{}",
+        shorter.message()
+    );
+
     let revoked = daemon
         .cli(&[
             "revoke",
@@ -535,4 +608,182 @@ async fn sts_role_sessions_carry_the_workloads_identity_and_work_with_a_real_aws
     let log = daemon.log();
     assert!(!log.contains(&issued.values["secret_access_key"]));
     assert!(!log.contains(&issued.values["session_token"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redefining_a_credential_without_a_holders_grant_revokes_what_it_holds() {
+    init();
+    let pg = PasswordPostgres::start().unwrap();
+    let daemon = daemon();
+    define(&daemon, &pg, "orders-db", "default_ttl = \"10m\"");
+    let agent = daemon.attest(AGENT).await.unwrap();
+    daemon
+        .create_entry(APP, AGENT, "unix:uid:1000", &[])
+        .unwrap();
+    let mut node = daemon.node(&agent).await.unwrap();
+    let issued = node
+        .issue_credential(v1::IssueCredentialRequest {
+            name: "orders-db".into(),
+            spiffe_id: APP.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let role = issued.values["username"].clone();
+    assert!(role_exists(&pg, &role).await);
+
+    // Same grants again: nothing is taken back.
+    define(&daemon, &pg, "orders-db", "default_ttl = \"10m\"");
+    assert_eq!(lease_state(&daemon, &issued.lease_id).0, "active");
+
+    // The new definition grants someone else: APP's lease is revoked at the backend.
+    let file = daemon.dir.path().join("narrower.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"orders-db\"\ngrants = [\"{OTHER}\"]\ndefault_ttl = \"10m\"\n[backend]\n\
+             kind = \"postgres_dynamic\"\nadmin_url = \"{}\"\n",
+            pg.admin_url()
+        ),
+    )
+    .unwrap();
+    daemon
+        .cli_ok(&["credential", "create", "--file", file.to_str().unwrap()])
+        .unwrap();
+    let (state, reason) = lease_state(&daemon, &issued.lease_id);
+    assert_eq!(state, "revoked");
+    assert!(reason.contains("no longer grants"), "{reason}");
+    assert!(!role_exists(&pg, &role).await, "the role is dropped");
+    let trail = daemon
+        .cli_json(&["audit", "list", "--action", "revoke.credential"])
+        .unwrap()
+        .to_string();
+    assert!(trail.contains("orders-db"), "{trail}");
+    // And APP is refused from now on.
+    let refused = node
+        .issue_credential(v1::IssueCredentialRequest {
+            name: "orders-db".into(),
+            spiffe_id: APP.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+}
+
+/// Asserts the lease is revoked and its role gone at PostgreSQL.
+async fn all_gone(daemon: &DaemonProcess, pg: &PasswordPostgres, issued: &v1::IssuedCredential) {
+    let (state, reason) = lease_state(daemon, &issued.lease_id);
+    assert_eq!(state, "revoked", "{}: {reason}", issued.lease_id);
+    assert!(
+        !role_exists(pg, &issued.values["username"]).await,
+        "{}'s role is dropped",
+        issued.lease_id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_entry_deleting_it_or_banning_the_agent_revokes_what_it_holds() {
+    init();
+    let pg = PasswordPostgres::start().unwrap();
+    let daemon = daemon();
+    let file = daemon.dir.path().join("orders-db.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"orders-db\"\ngrants = [\"{APP}\", \"{OTHER}\"]\n[backend]\n\
+             kind = \"postgres_dynamic\"\nadmin_url = \"{}\"\n",
+            pg.admin_url()
+        ),
+    )
+    .unwrap();
+    daemon
+        .cli_ok(&["credential", "create", "--file", file.to_str().unwrap()])
+        .unwrap();
+    let agent = daemon.attest(AGENT).await.unwrap();
+    daemon
+        .create_entry(APP, AGENT, "unix:uid:1000", &[])
+        .unwrap();
+    let other_entry = daemon
+        .create_entry(OTHER, AGENT, "unix:uid:1001", &[])
+        .unwrap();
+    let mut node = daemon.node(&agent).await.unwrap();
+    let mut issue = async |spiffe_id: &str| {
+        node.issue_credential(v1::IssueCredentialRequest {
+            name: "orders-db".into(),
+            spiffe_id: spiffe_id.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    };
+
+    // The operator revokes APP's entry: its lease goes with its SVIDs. The test's agent
+    // holds no sync stream, so nobody acknowledges (exit 3); the backend part is done.
+    let app = issue(APP).await;
+    let other = issue(OTHER).await;
+    let revoked = daemon
+        .cli(&[
+            "revoke",
+            "entry",
+            "--spiffe-id",
+            APP,
+            "--reason",
+            "test: compromised",
+            "--wait",
+            "200ms",
+        ])
+        .unwrap();
+    assert_eq!(
+        revoked.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    all_gone(&daemon, &pg, &app).await;
+    assert_eq!(
+        lease_state(&daemon, &other.lease_id).0,
+        "active",
+        "OTHER's stays"
+    );
+
+    // The last entry that let the agent serve OTHER is deleted: its lease goes too.
+    daemon.cli_ok(&["entry", "delete", &other_entry]).unwrap();
+    all_gone(&daemon, &pg, &other).await;
+
+    // Banning the agent revokes everything it holds.
+    daemon
+        .create_entry(APP, AGENT, "unix:uid:1000", &[])
+        .unwrap();
+    let again = issue(APP).await;
+    let banned = daemon
+        .cli(&[
+            "revoke",
+            "agent",
+            "--id",
+            AGENT,
+            "--reason",
+            "test: node lost",
+            "--wait",
+            "200ms",
+        ])
+        .unwrap();
+    assert_eq!(
+        banned.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&banned.stderr)
+    );
+    all_gone(&daemon, &pg, &again).await;
+    assert!(
+        daemon
+            .cli_json(&["lease", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "no live leases"
+    );
 }

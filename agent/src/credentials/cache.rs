@@ -128,7 +128,12 @@ impl CredentialCache {
             match &slot.flight {
                 Some(flight) => flight.clone(),
                 None => {
-                    let flight = self.launch(key);
+                    // A lease still live is extended rather than replaced: the same
+                    // user for the workload, one less to revoke.
+                    let renewable = slot.cached.clone().filter(|c| {
+                        c.renewable() && now.is_some_and(|now| now < c.expires_at * 1000)
+                    });
+                    let flight = self.launch(key, renewable);
                     slot.flight = Some(flight.clone());
                     flight
                 }
@@ -151,26 +156,46 @@ impl CredentialCache {
         }
     }
 
-    /// Starts the daemon call for `key`; the caller holds the lock and records the flight,
-    /// which the call's own settling (under the same lock) clears.
-    fn launch(&self, key: &CredentialKey) -> Flight {
+    /// Starts the daemon call for `key`: a renewal of `renewable`'s lease if there is one,
+    /// and where the daemon will not extend it, a new credential. The caller holds the lock
+    /// and records the flight, which the call's own settling (under the same lock) clears.
+    fn launch(&self, key: &CredentialKey, renewable: Option<Arc<Credential>>) -> Flight {
         let inner = self.inner.clone();
         let key = key.clone();
         let name = key.name.clone();
         let task = tokio::spawn(async move {
+            if let Some(cached) = renewable {
+                let request = v1::RenewCredentialRequest {
+                    lease_id: cached.lease_id.clone(),
+                    ttl_seconds: key.ttl_seconds,
+                };
+                match bounded(inner.issuer.renew(request)).await {
+                    Ok(renewed) if renewed.lease_id == cached.lease_id => {
+                        return inner.settle(&key, Ok(cached.renewed(&renewed)), "renewed");
+                    }
+                    Ok(_) => {
+                        tracing::warn!(lease = %cached.lease_id, "mayflyd renewed another lease than asked; asking for a new one");
+                    }
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            tonic::Code::FailedPrecondition | tonic::Code::Unimplemented
+                        ) =>
+                    {
+                        tracing::debug!(lease = %cached.lease_id, reason = %status.message(), "lease not renewed; asking for a new one");
+                    }
+                    Err(status) => return inner.settle(&key, Err(status), "renewed"),
+                }
+            }
             let request = v1::IssueCredentialRequest {
                 name: key.name.clone(),
                 spiffe_id: key.spiffe_id.as_str().to_owned(),
                 ttl_seconds: key.ttl_seconds,
             };
-            let answer = tokio::time::timeout(ISSUE_TIMEOUT, inner.issuer.issue(request))
+            let answer = bounded(inner.issuer.issue(request))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(tonic::Status::deadline_exceeded(format!(
-                        "no answer within {ISSUE_TIMEOUT:?}"
-                    )))
-                });
-            inner.settle(&key, answer)
+                .map(|issued| Credential::from_issued(issued, key.spiffe_id.clone()));
+            inner.settle(&key, answer, "issued")
         });
         async move {
             task.await.unwrap_or_else(|e| {
@@ -256,23 +281,37 @@ impl CredentialCache {
     }
 }
 
+/// A daemon call that takes longer than [`ISSUE_TIMEOUT`] counts as the daemon being down.
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(ISSUE_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {ISSUE_TIMEOUT:?}"
+            )))
+        })
+}
+
 impl Inner {
-    /// Records the daemon's answer for `key` and returns what the waiting requests get. A
+    /// Records the daemon's answer for `key` (`what` it did: issued or renewed) and returns what the waiting requests get. A
     /// credential is cached only while its SPIFFE ID still has an entry and its lease was
     /// not revoked meanwhile; a failure leaves the previous credential cached, for the
     /// requests that may still fall back on it.
     fn settle(
         &self,
         key: &CredentialKey,
-        answer: Result<v1::IssuedCredential, tonic::Status>,
+        answer: Result<Credential, tonic::Status>,
+        what: &str,
     ) -> Result<Arc<Credential>, CredentialError> {
         let state = self.state.borrow().clone();
         let now = self.now_ms();
         let mut held = self.lock();
         let held = &mut *held;
         let outcome = match answer {
-            Ok(issued) => {
-                let credential = Arc::new(Credential::from_issued(issued, key.spiffe_id.clone()));
+            Ok(credential) => {
+                let credential = Arc::new(credential);
                 let revoked = held.revoked.contains_key(&credential.lease_id)
                     || state
                         .revocations
@@ -288,12 +327,12 @@ impl Inner {
                         spiffe_id: key.spiffe_id.clone(),
                     })
                 } else {
-                    tracing::info!(credential = %key.name, spiffe_id = %key.spiffe_id, lease = %credential.lease_id, expires_at = credential.expires_at, "credential issued");
+                    tracing::info!(credential = %key.name, spiffe_id = %key.spiffe_id, lease = %credential.lease_id, expires_at = credential.expires_at, "credential {what}");
                     Ok(credential)
                 }
             }
             Err(status) => {
-                tracing::warn!(credential = %key.name, spiffe_id = %key.spiffe_id, code = ?status.code(), error = %status.message(), "mayflyd did not issue the credential");
+                tracing::warn!(credential = %key.name, spiffe_id = %key.spiffe_id, code = ?status.code(), error = %status.message(), "mayflyd refused or failed: credential not {what}");
                 Err(CredentialError::from_daemon(&key.name, &status))
             }
         };
@@ -394,6 +433,9 @@ mod tests {
     struct CountingIssuer {
         clock: Arc<ManualClock>,
         calls: AtomicUsize,
+        /// Renewals granted; while `renewing` is false they are refused as at max TTL.
+        renewals: AtomicUsize,
+        renewing: std::sync::atomic::AtomicBool,
         failing: Mutex<Option<Code>>,
         gate: watch::Receiver<bool>,
     }
@@ -427,6 +469,32 @@ mod tests {
                 notice: String::new(),
             })
         }
+
+        async fn renew(
+            &self,
+            request: v1::RenewCredentialRequest,
+        ) -> Result<v1::RenewedCredential, tonic::Status> {
+            if let Some(code) = *self.failing.lock().unwrap() {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                return Err(tonic::Status::new(
+                    code,
+                    "credential orders-db is not granted",
+                ));
+            }
+            if !self.renewing.load(Ordering::SeqCst) {
+                return Err(tonic::Status::failed_precondition(
+                    "lease has reached the max TTL; ask for a new one",
+                ));
+            }
+            self.renewals.fetch_add(1, Ordering::SeqCst);
+            let now = self.clock.0.load(Ordering::SeqCst);
+            Ok(v1::RenewedCredential {
+                lease_id: request.lease_id,
+                renewed_at: now,
+                expires_at: now + TTL,
+                notice: String::new(),
+            })
+        }
     }
 
     struct Fixture {
@@ -444,6 +512,8 @@ mod tests {
             let issuer = Arc::new(CountingIssuer {
                 clock: clock.clone(),
                 calls: AtomicUsize::new(0),
+                renewals: AtomicUsize::new(0),
+                renewing: Default::default(),
                 failing: Mutex::new(None),
                 gate: gate_rx,
             });
@@ -518,6 +588,30 @@ mod tests {
             awaiting: Vec::new(),
             reissued: Vec::new(),
         })
+    }
+
+    #[tokio::test]
+    async fn a_live_lease_is_renewed_until_the_daemon_says_ask_anew() {
+        let f = Fixture::new(16);
+        let k = key(APP, 0);
+        let first = f.cache.get(&k).await.unwrap();
+        f.issuer.renewing.store(true, Ordering::SeqCst);
+        f.advance(TTL * 2 / 3 + 1);
+        let renewed = f.cache.get(&k).await.unwrap();
+        assert_eq!(renewed.lease_id, first.lease_id, "the same lease, extended");
+        assert_eq!(renewed.value("password"), first.value("password"));
+        assert_eq!(renewed.expires_at, f.clock.0.load(Ordering::SeqCst) + TTL);
+        assert_eq!(f.issuer.renewals.load(Ordering::SeqCst), 1);
+        assert_eq!(f.calls(), 1, "no new credential");
+        // Reused for two thirds of the renewed TTL, not of the first one.
+        f.advance(TTL / 2);
+        assert!(Arc::ptr_eq(&f.cache.get(&k).await.unwrap(), &renewed));
+        // At its max TTL the daemon refuses to extend it: a new lease.
+        f.issuer.renewing.store(false, Ordering::SeqCst);
+        f.advance(TTL / 6 + 1);
+        let fresh = f.cache.get(&k).await.unwrap();
+        assert_ne!(fresh.lease_id, first.lease_id);
+        assert_eq!(f.calls(), 2);
     }
 
     #[tokio::test]

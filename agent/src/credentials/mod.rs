@@ -3,9 +3,12 @@
 //! behind a trait, and why a request for one failed. The cache itself is in [`cache`].
 
 mod cache;
+mod feed;
+pub mod format;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -13,15 +16,26 @@ use mayfly_common::SpiffeId;
 use mayfly_proto::v1;
 
 pub use cache::{CredentialCache, CredentialProgress};
+pub use feed::{CredentialFeed, HeldCredentials};
 
 /// Asks the daemon for a credential; the agent's implementation calls `IssueCredential`
-/// with its own SVID, tests count the calls.
+/// and `RenewCredential` with its own SVID, tests count the calls.
 #[tonic::async_trait]
 pub trait CredentialIssuer: Send + Sync + 'static {
     async fn issue(
         &self,
         request: v1::IssueCredentialRequest,
     ) -> Result<v1::IssuedCredential, tonic::Status>;
+
+    /// Extends a lease the agent holds. A daemon that cannot (an older one, or a lease at
+    /// its max TTL) answers UNIMPLEMENTED or FAILED_PRECONDITION, and the cache issues anew.
+    async fn renew(
+        &self,
+        request: v1::RenewCredentialRequest,
+    ) -> Result<v1::RenewedCredential, tonic::Status> {
+        let _ = request;
+        Err(tonic::Status::unimplemented("this issuer does not renew"))
+    }
 }
 
 /// What one cached credential answers: the same SPIFFE ID asking for the same definition
@@ -48,6 +62,9 @@ pub struct Credential {
     /// Unix seconds, as the daemon set them.
     pub issued_at: i64,
     pub expires_at: i64,
+    /// When its lease was last extended (its issue until then): the reuse period counts
+    /// from here.
+    pub renewed_at: i64,
     /// Set by the daemon when it adjusted the request (a TTL clamped to the maximum).
     pub notice: String,
 }
@@ -91,8 +108,51 @@ impl Credential {
                 .collect(),
             issued_at,
             expires_at,
+            renewed_at: issued_at,
             notice,
         }
+    }
+
+    /// What the Workload API answered a workload (`mayfly-agent exec` holds it so).
+    pub fn from_workload(
+        message: v1::WorkloadCredential,
+    ) -> Result<Self, mayfly_common::SpiffeIdError> {
+        let spiffe_id = SpiffeId::parse(&message.spiffe_id)?;
+        let v1::WorkloadCredential {
+            name,
+            kind,
+            values,
+            lease_id,
+            issued_at,
+            expires_at,
+            notice,
+            ..
+        } = message;
+        let issued = v1::IssuedCredential {
+            lease_id,
+            name,
+            kind,
+            values,
+            issued_at,
+            expires_at,
+            notice,
+        };
+        Ok(Self::from_issued(issued, spiffe_id))
+    }
+
+    /// The same credential with its lease extended as `renewed` says.
+    pub fn renewed(&self, renewed: &v1::RenewedCredential) -> Self {
+        Self {
+            expires_at: renewed.expires_at,
+            renewed_at: renewed.renewed_at,
+            notice: renewed.notice.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether its backend can extend it: an STS session cannot.
+    pub fn renewable(&self) -> bool {
+        self.kind != "aws_sts"
     }
 
     /// The message a workload receives.
@@ -113,13 +173,30 @@ impl Credential {
         }
     }
 
+    /// One of its values by name, or `lease_id` / `expires_at` (RFC 3339) when it has no
+    /// value of that name.
+    pub fn value(&self, key: &str) -> Option<Zeroizing<String>> {
+        match (self.values.get(key), key) {
+            (Some(value), _) => Some(value.clone()),
+            (None, "lease_id") => Some(Zeroizing::new(self.lease_id.clone())),
+            (None, "expires_at") => Some(Zeroizing::new(format::rfc3339(self.expires_at))),
+            (None, _) => None,
+        }
+    }
+
+    /// Every value, for a template or redaction.
+    pub fn values(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// The names of its values (`username`, `password`), never the values.
     pub fn value_names(&self) -> Vec<&str> {
         self.values.keys().map(String::as_str).collect()
     }
 
+    /// Its TTL since it was issued or last renewed.
     fn ttl_ms(&self) -> i64 {
-        (self.expires_at - self.issued_at)
+        (self.expires_at - self.renewed_at)
             .max(0)
             .saturating_mul(1000)
     }
@@ -127,7 +204,7 @@ impl Credential {
     /// Until when (unix ms) the cache hands it out without asking the daemon: two thirds
     /// of its TTL, so that what a workload gets always has a third left.
     pub fn reuse_until_ms(&self) -> i64 {
-        self.issued_at.saturating_mul(1000) + self.ttl_ms() * 2 / 3
+        self.renewed_at.saturating_mul(1000) + self.ttl_ms() * 2 / 3
     }
 
     /// The last moment (unix ms) it is handed out at all, even with the daemon down: a
@@ -135,6 +212,28 @@ impl Credential {
     pub fn usable_until_ms(&self) -> i64 {
         self.expires_at.saturating_mul(1000) - self.ttl_ms() / 4
     }
+}
+
+/// Why `--ttl` was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TtlError {
+    #[error("`{text}`: {reason}")]
+    Unparsable { text: String, reason: String },
+    #[error("`{0}`: a TTL is whole seconds, at least 1s")]
+    NotWholeSeconds(String),
+}
+
+/// A TTL asked for (`--ttl`, a sink's `ttl`): a humantime duration of whole seconds, at least one.
+pub fn parse_ttl(text: &str) -> Result<Duration, TtlError> {
+    let ttl = humantime::parse_duration(text).map_err(|e| TtlError::Unparsable {
+        text: text.to_string(),
+        reason: e.to_string(),
+    })?;
+    if ttl < Duration::from_secs(1) || ttl.subsec_nanos() != 0 {
+        return Err(TtlError::NotWholeSeconds(text.to_string()));
+    }
+    Ok(ttl)
 }
 
 /// Why a workload's request for a credential failed. Every message is safe to show the
@@ -206,6 +305,18 @@ mod tests {
             },
             SpiffeId::parse("spiffe://example.org/app").unwrap(),
         )
+    }
+
+    #[test]
+    fn ttls_are_whole_seconds() {
+        assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1800)));
+        assert!(
+            parse_ttl("500ms")
+                .unwrap_err()
+                .to_string()
+                .contains("whole seconds")
+        );
+        assert!(parse_ttl("soon").is_err());
     }
 
     #[test]

@@ -1,22 +1,30 @@
 //! `mayfly-agent exec`: the command line, and the client that follows the local agent's
-//! WorkloadSecrets stream (reconnecting with backoff while the app keeps running) and
-//! feeds it to the supervisor.
+//! WorkloadSecrets stream (reconnecting with backoff while the app keeps running) and asks
+//! it again for each TTL-bound credential the environment names, well before the agent
+//! would move to a new lease, feeding both to the supervisor.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use zeroize::Zeroizing;
 
-use mayfly_proto::v1::WatchSecretsRequest;
+use mayfly_common::clock::unix;
+use mayfly_proto::v1::workload_credentials_client::WorkloadCredentialsClient;
 use mayfly_proto::v1::workload_secrets_client::WorkloadSecretsClient;
+use mayfly_proto::v1::{GetCredentialRequest, WatchSecretsRequest};
 
-use super::{ChangeAction, ChildSpec, EnvValue, Signal, Snapshot, Update, supervise};
+use super::{
+    ChangeAction, ChildSpec, EnvValue, HeldByName, Signal, Snapshot, Update, credential_names,
+    supervise,
+};
 use crate::cli::api::request;
 use crate::cli::endpoint::WorkloadEndpoint;
+use crate::credentials::{Credential, parse_ttl};
 use crate::secret_ref::SecretRefError;
 use crate::sinks::{InvalidEnvName, check_env_name};
 use crate::state::SecretView;
@@ -24,9 +32,18 @@ use crate::sync::Backoff;
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// KEY=secret:NAME[:username|:version] or KEY=literal; repeatable.
+    /// KEY=secret:NAME[:username|:version], KEY=credential:NAME:FIELD or KEY=literal;
+    /// repeatable.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// For credential: references, which of this workload's SPIFFE IDs asks; needed only
+    /// when it holds several.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// For credential: references, how long each lease should last (e.g. 30m); default:
+    /// the definition's default.
+    #[arg(long, value_parser = parse_ttl)]
+    pub ttl: Option<Duration>,
     /// A file of KEY=VALUE lines in the same form (# starts a comment); repeatable.
     #[arg(long = "env-file", value_name = "PATH")]
     pub env_file: Vec<PathBuf>,
@@ -115,11 +132,162 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
         stop_timeout: args.stop_timeout,
         first_wait: args.wait,
     };
+    let asking = Asking {
+        spiffe_id: args.spiffe_id.unwrap_or_default(),
+        ttl_seconds: args
+            .ttl
+            .map_or(0, |ttl| i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+    };
+    let names = credential_names(&spec.vars);
     let (tx, rx) = mpsc::channel(4);
-    let follower = tokio::spawn(follow(endpoint, tx));
+    let follower = tokio::spawn(follow_all(endpoint, names, asking, tx));
     let code = supervise(spec, rx).await;
     follower.abort();
     Ok(code?)
+}
+
+/// How `exec` asks for its credentials.
+#[derive(Clone)]
+struct Asking {
+    spiffe_id: String,
+    ttl_seconds: i64,
+}
+
+/// One source's news for the supervisor.
+enum Part {
+    Secrets(Snapshot),
+    /// A credential as the agent hands it out now, or none (refused).
+    Credential(String, Option<Arc<Credential>>),
+}
+
+/// Follows the secrets and every named credential, and tells the supervisor each change,
+/// once there is news from every source.
+async fn follow_all(
+    endpoint: WorkloadEndpoint,
+    names: Vec<String>,
+    asking: Asking,
+    updates: mpsc::Sender<Update>,
+) {
+    let (parts, mut news) = mpsc::channel(8);
+    let mut tasks = vec![tokio::spawn(follow(endpoint.clone(), parts.clone()))];
+    for name in &names {
+        tasks.push(tokio::spawn(follow_credential(
+            endpoint.clone(),
+            name.clone(),
+            asking.clone(),
+            parts.clone(),
+        )));
+    }
+    drop(parts);
+    let mut secrets: Option<Snapshot> = None;
+    let mut credentials = HeldByName::new();
+    let mut heard: BTreeSet<String> = BTreeSet::new();
+    while let Some(part) = news.recv().await {
+        match part {
+            Part::Secrets(snapshot) => secrets = Some(snapshot),
+            Part::Credential(name, credential) => {
+                heard.insert(name.clone());
+                match credential {
+                    Some(credential) => credentials.insert(name, credential),
+                    None => credentials.remove(&name),
+                };
+            }
+        }
+        let Some(secrets) = &secrets else { continue };
+        if heard.len() < names.len() {
+            continue;
+        }
+        let update = Update {
+            secrets: secrets.clone(),
+            credentials: credentials.clone(),
+            restart: false,
+        };
+        if updates.send(update).await.is_err() {
+            break;
+        }
+    }
+    for task in tasks {
+        task.abort();
+    }
+}
+
+/// Asks the agent for credential `name` again and again: a quarter of what is left of the
+/// one it has, between 1 s and 30 s, so that a new lease (or a revoked one replaced)
+/// reaches the app well before the old one ends. A renewal keeps the values, so the
+/// supervisor restarts nothing for it.
+async fn follow_credential(
+    endpoint: WorkloadEndpoint,
+    name: String,
+    asking: Asking,
+    parts: mpsc::Sender<Part>,
+) {
+    let mut backoff = Backoff::default();
+    let mut last: Option<(String, i64)> = None;
+    loop {
+        let wait = match get_credential(&endpoint, &name, &asking).await {
+            Ok(credential) => {
+                backoff.reset();
+                let left = credential.expires_at - unix(SystemTime::now());
+                let shape = Some((credential.lease_id.clone(), credential.expires_at));
+                if shape != last {
+                    last = shape;
+                    if parts
+                        .send(Part::Credential(name.clone(), Some(Arc::new(credential))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Duration::from_secs((left / 4).clamp(1, 30) as u64)
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::PermissionDenied
+                        | tonic::Code::NotFound
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                tracing::warn!(credential = %name, error = %status.message(), "the agent refused the credential");
+                last = None;
+                if parts
+                    .send(Part::Credential(name.clone(), None))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                Duration::from_secs(5)
+            }
+            Err(status) => {
+                let delay = backoff.next_delay();
+                tracing::debug!(credential = %name, error = %status.message(), retry_in_ms = delay.as_millis() as u64, "credential not had; the app keeps what it has");
+                delay
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn get_credential(
+    endpoint: &WorkloadEndpoint,
+    name: &str,
+    asking: &Asking,
+) -> Result<Credential, tonic::Status> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let message = WorkloadCredentialsClient::new(channel)
+        .get_credential(request(GetCredentialRequest {
+            name: name.to_string(),
+            spiffe_id: asking.spiffe_id.clone(),
+            ttl_seconds: asking.ttl_seconds,
+        }))
+        .await?
+        .into_inner();
+    Credential::from_workload(message).map_err(|e| tonic::Status::internal(e.to_string()))
 }
 
 /// KEY=VALUE lines; blank lines and `#` comments are skipped, `export ` is allowed.
@@ -155,7 +323,7 @@ fn parse_pair(pair: &str) -> Result<(String, EnvValue), EnvPairError> {
 
 /// Follows WatchSecrets for as long as the supervisor listens, reconnecting with backoff:
 /// an agent restart leaves the app running on the values it has.
-async fn follow(endpoint: WorkloadEndpoint, snapshots: mpsc::Sender<Update>) {
+async fn follow(endpoint: WorkloadEndpoint, snapshots: mpsc::Sender<Part>) {
     let mut backoff = Backoff::default();
     loop {
         match watch_once(&endpoint, &snapshots, &mut backoff).await {
@@ -172,7 +340,7 @@ async fn follow(endpoint: WorkloadEndpoint, snapshots: mpsc::Sender<Update>) {
 /// Ok when the supervisor has gone away; Err when the stream broke.
 async fn watch_once(
     endpoint: &WorkloadEndpoint,
-    snapshots: &mpsc::Sender<Update>,
+    snapshots: &mpsc::Sender<Part>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let mut client = WorkloadSecretsClient::new(endpoint.connect().await?);
@@ -198,11 +366,7 @@ async fn watch_once(
                 (s.name, Arc::new(view))
             })
             .collect();
-        let update = Update {
-            secrets: snapshot,
-            restart: false,
-        };
-        if snapshots.send(update).await.is_err() {
+        if snapshots.send(Part::Secrets(snapshot)).await.is_err() {
             return Ok(());
         }
     }

@@ -1,7 +1,8 @@
-//! The supervisor behind `mayfly-agent exec`: starts an app with granted secrets in its
-//! environment once they are all there, forwards signals to it, restarts it gracefully
+//! The supervisor behind `mayfly-agent exec`: starts an app with granted secrets and
+//! TTL-bound credentials in its environment once they are all there, forwards signals to it, restarts it gracefully
 //! (or signals it) exactly once per change of what it was given, and reports its exit code.
-//! Where the secrets come from is the caller's business: a channel of snapshots.
+//! Where they come from is the caller's business: a channel of snapshots. A credential's
+//! lease renewed keeps its values, so it restarts nothing; a new lease does.
 
 mod client;
 mod signal;
@@ -18,7 +19,8 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use crate::cli::endpoint::WorkloadEndpoint;
-use crate::secret_ref::SecretRef;
+use crate::credentials::Credential;
+use crate::secret_ref::{CredentialRef, SecretRef};
 use crate::state::SecretView;
 
 pub use client::{EnvPairError, ExecArgs, parse_env_file, run as run_cli};
@@ -27,31 +29,54 @@ pub use signal::{Signal, UnknownSignal};
 /// The secrets a workload may have right now, by name.
 pub type Snapshot = BTreeMap<String, Arc<SecretView>>;
 
+/// The credentials a workload holds right now, by definition name.
+pub type HeldByName = BTreeMap<String, Arc<Credential>>;
+
 /// What the supervisor is told on every change.
 #[derive(Debug, Clone)]
 pub struct Update {
     pub secrets: Snapshot,
+    pub credentials: HeldByName,
     /// Restart even if the child's own values did not change (a sink it reads did).
     /// One update restarts at most once, however many reasons it carries.
     pub restart: bool,
 }
 
-/// One environment variable for the child: a granted secret's field, or a literal.
+/// One environment variable for the child: a granted secret's field, a credential's
+/// value, or a literal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnvValue {
     Secret(SecretRef),
+    Credential(CredentialRef),
     Literal(String),
 }
 
 impl EnvValue {
-    /// `secret:NAME[:FIELD]` is a reference; anything else is taken as it is.
+    /// `secret:NAME[:FIELD]` and `credential:NAME:FIELD` are references; anything else is
+    /// taken as it is.
     pub fn parse(value: &str) -> Result<Self, crate::secret_ref::SecretRefError> {
         if value.starts_with("secret:") {
             Ok(Self::Secret(value.parse()?))
+        } else if value.starts_with("credential:") {
+            Ok(Self::Credential(value.parse()?))
         } else {
             Ok(Self::Literal(value.to_string()))
         }
     }
+}
+
+/// The credential names `vars` refer to, each once.
+pub fn credential_names(vars: &[(String, EnvValue)]) -> Vec<String> {
+    let mut names: Vec<String> = vars
+        .iter()
+        .filter_map(|(_, v)| match v {
+            EnvValue::Credential(r) => Some(r.name.clone()),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// What a change of the child's secrets does.
@@ -110,7 +135,7 @@ pub struct ChildSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error(
-        "secret(s) {names} not granted to this workload after {waited:?}: define `grants` on the secret for a SPIFFE ID whose entry matches this process"
+        "{names} not granted to this workload after {waited:?}: define `grants` on the secret or credential for a SPIFFE ID whose entry matches this process"
     )]
     NotGranted { names: String, waited: Duration },
     #[error("{reference}: {source}")]
@@ -180,14 +205,14 @@ pub async fn supervise(
                 if stopping {
                     continue;
                 }
-                let changed = match resolve(&spec.vars, &update.secrets) {
+                let changed = match resolve(&spec.vars, &update) {
                     Ok(next) if next != env => {
                         env = next;
                         true
                     }
                     Ok(_) => false,
                     Err(Missing(names)) => {
-                        tracing::warn!(secrets = %names.join(", "), "secrets are no longer granted; the child keeps the values it has");
+                        tracing::warn!(missing = %names.join(", "), "no longer granted or not there yet; the child keeps the values it has");
                         false
                     }
                 };
@@ -215,6 +240,7 @@ pub async fn supervise(
 /// The resolved environment: name and value, in the order given.
 type ResolvedEnv = Vec<(String, Zeroizing<String>)>;
 
+#[derive(Debug)]
 struct Missing(Vec<String>);
 
 async fn first_env(
@@ -233,43 +259,57 @@ async fn first_env(
                 });
             }
         };
-        match resolve(&spec.vars, &update.secrets) {
+        match resolve(&spec.vars, &update) {
             Ok(env) => return Ok(env),
             Err(Missing(names)) => missing = names,
         }
     }
 }
 
+/// How a missing value is named: `secret NAME`, `credential NAME`.
+fn missing_name(value: &EnvValue) -> Option<String> {
+    match value {
+        EnvValue::Secret(r) => Some(format!("secret {}", r.name)),
+        EnvValue::Credential(r) => Some(format!("credential {}", r.name)),
+        EnvValue::Literal(_) => None,
+    }
+}
+
 fn names_of(vars: &[(String, EnvValue)]) -> Vec<String> {
-    let mut names: Vec<String> = vars
-        .iter()
-        .filter_map(|(_, v)| match v {
-            EnvValue::Secret(r) => Some(r.name.clone()),
-            EnvValue::Literal(_) => None,
-        })
-        .collect();
-    names.dedup();
+    let mut names: Vec<String> = Vec::new();
+    for name in vars.iter().filter_map(|(_, v)| missing_name(v)) {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
     names
 }
 
-fn resolve(vars: &[(String, EnvValue)], snapshot: &Snapshot) -> Result<ResolvedEnv, Missing> {
+fn resolve(vars: &[(String, EnvValue)], update: &Update) -> Result<ResolvedEnv, Missing> {
     let mut env = Vec::with_capacity(vars.len());
     let mut missing = Vec::new();
     for (key, value) in vars {
-        match value {
-            EnvValue::Literal(text) => env.push((key.clone(), Zeroizing::new(text.clone()))),
-            EnvValue::Secret(reference) => match snapshot
+        let resolved = match value {
+            EnvValue::Literal(text) => Some(Zeroizing::new(text.clone())),
+            // A value that is not text cannot be an environment variable: as good as absent.
+            EnvValue::Secret(reference) => update
+                .secrets
                 .get(&reference.name)
-                .map(|view| reference.resolve(view))
-            {
-                Some(Ok(text)) => env.push((key.clone(), Zeroizing::new(text))),
-                // A value that is not text cannot be an environment variable: as good as absent.
-                Some(Err(_)) | None => {
-                    if !missing.contains(&reference.name) {
-                        missing.push(reference.name.clone());
-                    }
+                .and_then(|view| reference.resolve(view).ok())
+                .map(Zeroizing::new),
+            EnvValue::Credential(reference) => update
+                .credentials
+                .get(&reference.name)
+                .and_then(|credential| credential.value(&reference.field)),
+        };
+        match (resolved, missing_name(value)) {
+            (Some(text), _) => env.push((key.clone(), text)),
+            (None, Some(name)) => {
+                if !missing.contains(&name) {
+                    missing.push(name);
                 }
-            },
+            }
+            (None, None) => {}
         }
     }
     if missing.is_empty() {
@@ -400,6 +440,7 @@ mod tests {
         };
         let update = |secrets: Vec<(String, Arc<SecretView>)>, restart| Update {
             secrets: secrets.into_iter().collect(),
+            credentials: Default::default(),
             restart,
         };
         tx.send(update(vec![view("db", "v1", "one")], false))
@@ -443,12 +484,55 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         tx.send(Update {
             secrets: [view("other", "v1", "x")].into(),
+            credentials: Default::default(),
             restart: false,
         })
         .await
         .unwrap();
         let err = supervise(spec, rx).await.unwrap_err().to_string();
-        assert!(err.contains("db"), "{err}");
+        assert!(err.contains("secret db"), "{err}");
         assert!(!dir.path().join("starts").exists());
+    }
+
+    fn credential(lease: &str, password: &str, expires_at: i64) -> Arc<Credential> {
+        Arc::new(Credential::from_issued(
+            mayfly_proto::v1::IssuedCredential {
+                lease_id: lease.into(),
+                name: "orders-db".into(),
+                kind: "postgres_dynamic".into(),
+                values: [("password".to_string(), password.to_string())].into(),
+                issued_at: 1_000,
+                expires_at,
+                notice: String::new(),
+            },
+            mayfly_common::SpiffeId::parse("spiffe://example.org/orders").unwrap(),
+        ))
+    }
+
+    #[test]
+    fn a_renewed_lease_changes_nothing_a_new_one_does() {
+        let vars = vec![(
+            "PGPASSWORD".to_string(),
+            EnvValue::parse("credential:orders-db:password").unwrap(),
+        )];
+        assert_eq!(credential_names(&vars), vec!["orders-db".to_string()]);
+        let update = |c: Option<Arc<Credential>>| Update {
+            secrets: Default::default(),
+            credentials: c
+                .map(|c| ("orders-db".to_string(), c))
+                .into_iter()
+                .collect(),
+            restart: false,
+        };
+        let Err(Missing(missing)) = resolve(&vars, &update(None)) else {
+            panic!("resolved without the credential");
+        };
+        assert_eq!(missing, vec!["credential orders-db".to_string()]);
+        let first = resolve(&vars, &update(Some(credential("ls-1", "Pw-1", 2_000)))).unwrap();
+        assert_eq!(first[0].1.as_str(), "Pw-1");
+        let renewed = resolve(&vars, &update(Some(credential("ls-1", "Pw-1", 3_000)))).unwrap();
+        assert_eq!(renewed, first, "the same values: no restart");
+        let replaced = resolve(&vars, &update(Some(credential("ls-2", "Pw-2", 3_000)))).unwrap();
+        assert_ne!(replaced, first);
     }
 }

@@ -34,6 +34,30 @@ pub enum SinkConfigError {
     SvidSelect,
     #[error("key `secret`: {source}")]
     Secret { source: SecretRefError },
+    #[error("credential `{0}`: a credential name is 1-128 letters, digits, '-', '_' or '.'")]
+    CredentialName(String),
+    #[error(
+        "field `{0}`: name one value of the credential (username, password, access_key_id, lease_id, expires_at, …)"
+    )]
+    Field(String),
+    #[error("format `{0}`: use \"json\", \"env\" or \"aws\" (a shared-credentials profile)")]
+    Format(String),
+    #[error(
+        "a credential sink takes `field` (one value) or `format` (the whole credential), not both"
+    )]
+    FieldAndFormat,
+    #[error(
+        "this sink writes a credential: `spiffe_id` must say which of this agent's identities obtains it"
+    )]
+    HolderRequired,
+    #[error(
+        "key `spiffe_id` names who obtains a sink's credentials, and this sink writes none (an svid sink takes it too)"
+    )]
+    HolderWithoutCredential,
+    #[error("key `ttl` is the lease asked for a sink's credentials, and this sink writes none")]
+    TtlWithoutCredential,
+    #[error("key `ttl`: {0}")]
+    Ttl(String),
     #[error("key `source`: cannot read {}: {source}", .path.display())]
     TemplateSource { path: PathBuf, source: io::Error },
     #[error("a template sink needs exactly one of `template` (inline) or `source` (a file)")]

@@ -1,6 +1,6 @@
 //! Sinks: what lets an app that only reads files live without a hardcoded credential.
-//! Each `[[sink]]` of agent.toml turns the agent's state (SVIDs, granted secrets) into
-//! files, written atomically with their mode and owner, and says what to do when they
+//! Each `[[sink]]` of agent.toml turns the agent's state (SVIDs, granted secrets, and the
+//! TTL-bound credentials its sinks name, obtained as one of its identities) into files, written atomically with their mode and owner, and says what to do when they
 //! change. This module owns the typed sink definitions; `render` computes file contents,
 //! `runner` writes them and fires the change actions.
 
@@ -15,8 +15,9 @@ use serde::Deserialize;
 
 use mayfly_common::SpiffeId;
 
+use crate::credentials::CredentialKey;
 use crate::exec::Signal;
-use crate::secret_ref::SecretRef;
+use crate::secret_ref::{SecretRef, ValueRef};
 use crate::sys;
 
 pub use error::{InvalidEnvName, SinkConfigError, SinkSetError};
@@ -28,7 +29,7 @@ pub use runner::SinkRunner;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// svid, secret, template or env.
+    /// svid, secret, credential, template or env.
     pub kind: SinkKindName,
     /// How templates refer to an svid sink (`svids.NAME.cert_path`); optional elsewhere.
     #[serde(default)]
@@ -59,6 +60,20 @@ pub struct SinkConfig {
     pub source: Option<PathBuf>,
     #[serde(default)]
     pub vars: Option<std::collections::BTreeMap<String, String>>,
+    // credential; template (credentials); credentials in env vars
+    #[serde(default)]
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub credentials: Option<Vec<String>>,
+    /// One value of the credential (`password`), instead of a whole-credential format.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// json (the default), env or aws (a shared-credentials profile).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// The lease asked for, e.g. "1h"; the credential's default TTL otherwise.
+    #[serde(default)]
+    pub ttl: Option<String>,
     // every kind
     #[serde(default)]
     pub mode: Option<String>,
@@ -88,6 +103,7 @@ pub struct SinkConfig {
 pub enum SinkKindName {
     Svid,
     Secret,
+    Credential,
     Template,
     Env,
 }
@@ -103,6 +119,28 @@ pub struct Sink {
     pub group: Option<u32>,
     pub on_change: OnChange,
     pub on_revoke: OnRevoke,
+    /// For a sink that writes credentials: whose (one of the agent's SPIFFE IDs) and
+    /// for how long.
+    pub holder: Option<Holder>,
+}
+
+/// Who a sink's credentials are obtained as, and the TTL asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub spiffe_id: SpiffeId,
+    /// 0: the credential's default.
+    pub ttl_seconds: i64,
+}
+
+/// How a credential sink writes its credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialOutput {
+    /// One value, as it is (`field = "password"`).
+    Field(String),
+    Json,
+    Env,
+    /// `[default]` with aws_access_key_id, aws_secret_access_key, aws_session_token.
+    AwsProfile,
 }
 
 /// What a sink does with its files when what they hold is revoked.
@@ -129,14 +167,22 @@ pub enum SinkKind {
         path: PathBuf,
         mode: u32,
     },
+    Credential {
+        name: String,
+        output: CredentialOutput,
+        path: PathBuf,
+        mode: u32,
+    },
     Template {
         /// The template's text (from `template`, or read from `source` at start).
         text: String,
+        /// The credentials it sees as `credentials[NAME]`.
+        credentials: Vec<String>,
         path: PathBuf,
         mode: u32,
     },
     Env {
-        vars: Vec<(String, SecretRef)>,
+        vars: Vec<(String, ValueRef)>,
         path: PathBuf,
         mode: u32,
     },
@@ -182,6 +228,7 @@ impl Sink {
         let label = config.name.clone().unwrap_or_else(|| match &kind {
             SinkKind::Svid { cert_path, .. } => cert_path.display().to_string(),
             SinkKind::Secret { path, .. }
+            | SinkKind::Credential { path, .. }
             | SinkKind::Template { path, .. }
             | SinkKind::Env { path, .. } => path.display().to_string(),
         });
@@ -201,6 +248,7 @@ impl Sink {
             Some("blank") => OnRevoke::Blank,
             Some(other) => return Err(SinkConfigError::OnRevoke(other.to_owned())),
         };
+        let holder = holder_of(config, &kind)?;
         Ok(Self {
             label,
             name: config.name.clone(),
@@ -209,7 +257,44 @@ impl Sink {
             group,
             on_change,
             on_revoke,
+            holder,
         })
+    }
+
+    /// The credentials this sink writes, by name.
+    pub fn credential_names(&self) -> Vec<&str> {
+        match &self.kind {
+            SinkKind::Credential { name, .. } => vec![name.as_str()],
+            SinkKind::Template { credentials, .. } => {
+                credentials.iter().map(String::as_str).collect()
+            }
+            SinkKind::Env { vars, .. } => vars
+                .iter()
+                .filter_map(|(_, r)| match r {
+                    ValueRef::Credential(c) => Some(c.name.as_str()),
+                    ValueRef::Secret(_) => None,
+                })
+                .collect(),
+            SinkKind::Svid { .. } | SinkKind::Secret { .. } => Vec::new(),
+        }
+    }
+
+    /// What the credential cache is asked for on this sink's behalf.
+    pub fn credential_keys(&self) -> Vec<CredentialKey> {
+        let Some(holder) = &self.holder else {
+            return Vec::new();
+        };
+        let mut names = self.credential_names();
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| CredentialKey {
+                spiffe_id: holder.spiffe_id.clone(),
+                name: name.to_string(),
+                ttl_seconds: holder.ttl_seconds,
+            })
+            .collect()
     }
 
     /// Every file this sink writes.
@@ -226,6 +311,7 @@ impl Sink {
                 paths
             }
             SinkKind::Secret { path, .. }
+            | SinkKind::Credential { path, .. }
             | SinkKind::Template { path, .. }
             | SinkKind::Env { path, .. } => vec![path.as_path()],
         }
@@ -278,8 +364,8 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
             Ok(())
         }
     };
-    let svid_keys = c.spiffe_id.is_some()
-        || c.hint.is_some()
+    // spiffe_id also names who obtains a sink's credentials (holder_of).
+    let svid_keys = c.hint.is_some()
         || c.cert_path.is_some()
         || c.key_path.is_some()
         || c.bundle_path.is_some()
@@ -287,9 +373,16 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
         || c.cert_mode.is_some();
     if c.kind != SinkKindName::Svid {
         only_for(
-            "spiffe_id/hint/cert_path/key_path/bundle_path/include_intermediates/cert_mode",
+            "hint/cert_path/key_path/bundle_path/include_intermediates/cert_mode",
             svid_keys,
             "\"svid\"",
+        )?;
+    }
+    if c.kind != SinkKindName::Credential {
+        only_for(
+            "credential/field/format",
+            c.credential.is_some() || c.field.is_some() || c.format.is_some(),
+            "\"credential\"",
         )?;
     }
     if c.kind != SinkKindName::Secret {
@@ -297,8 +390,8 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
     }
     if c.kind != SinkKindName::Template {
         only_for(
-            "template/source",
-            c.template.is_some() || c.source.is_some(),
+            "template/source/credentials",
+            c.template.is_some() || c.source.is_some() || c.credentials.is_some(),
             "\"template\"",
         )?;
     }
@@ -315,7 +408,7 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
             only_for(
                 "path",
                 c.path.is_some(),
-                "secret, template or env (svid sinks take cert_path, key_path and bundle_path)",
+                "secret, credential, template or env (svid sinks take cert_path, key_path and bundle_path)",
             )?;
             let select = match (&c.spiffe_id, &c.hint) {
                 (Some(id), None) => SvidSelect::SpiffeId(
@@ -368,6 +461,32 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
                 mode,
             })
         }
+        SinkKindName::Credential => {
+            let name = c
+                .credential
+                .clone()
+                .ok_or(SinkConfigError::Required("credential"))?;
+            check_credential_name(&name)?;
+            let output = match (c.field.as_deref(), c.format.as_deref()) {
+                (Some(_), Some(_)) => return Err(SinkConfigError::FieldAndFormat),
+                (Some(field), None) => {
+                    format!("credential:{name}:{field}")
+                        .parse::<crate::secret_ref::CredentialRef>()
+                        .map_err(|_| SinkConfigError::Field(field.to_owned()))?;
+                    CredentialOutput::Field(field.to_owned())
+                }
+                (None, None | Some("json")) => CredentialOutput::Json,
+                (None, Some("env")) => CredentialOutput::Env,
+                (None, Some("aws")) => CredentialOutput::AwsProfile,
+                (None, Some(other)) => return Err(SinkConfigError::Format(other.to_owned())),
+            };
+            Ok(SinkKind::Credential {
+                name,
+                output,
+                path: file_path()?,
+                mode,
+            })
+        }
         SinkKindName::Template => {
             let text = match (&c.template, &c.source) {
                 (Some(text), None) => text.clone(),
@@ -379,8 +498,13 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
                 })?,
                 _ => return Err(SinkConfigError::TemplateText),
             };
+            let credentials = c.credentials.clone().unwrap_or_default();
+            for name in &credentials {
+                check_credential_name(name)?;
+            }
             Ok(SinkKind::Template {
                 text,
+                credentials,
                 path: file_path()?,
                 mode,
             })
@@ -394,7 +518,7 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
                 .iter()
                 .map(|(key, reference)| {
                     check_env_name(key)?;
-                    let reference = reference.parse::<SecretRef>().map_err(|source| {
+                    let reference = reference.parse::<ValueRef>().map_err(|source| {
                         SinkConfigError::VarReference {
                             key: key.clone(),
                             source,
@@ -408,6 +532,53 @@ fn kind_of(c: &SinkConfig) -> Result<SinkKind, SinkConfigError> {
                 path: file_path()?,
                 mode,
             })
+        }
+    }
+}
+
+fn check_credential_name(name: &str) -> Result<(), SinkConfigError> {
+    format!("credential:{name}:value")
+        .parse::<crate::secret_ref::CredentialRef>()
+        .map(|_| ())
+        .map_err(|_| SinkConfigError::CredentialName(name.to_owned()))
+}
+
+/// Who the sink's credentials are obtained as: `spiffe_id` (one of the agent's
+/// identities), required exactly when the sink names a credential; and `ttl`.
+fn holder_of(c: &SinkConfig, kind: &SinkKind) -> Result<Option<Holder>, SinkConfigError> {
+    let uses_credentials = match kind {
+        SinkKind::Svid { .. } => return Ok(None),
+        SinkKind::Credential { .. } => true,
+        SinkKind::Template { credentials, .. } => !credentials.is_empty(),
+        SinkKind::Env { vars, .. } => vars
+            .iter()
+            .any(|(_, r)| matches!(r, ValueRef::Credential(_))),
+        SinkKind::Secret { .. } => false,
+    };
+    match (&c.spiffe_id, uses_credentials) {
+        (None, false) => {
+            if c.ttl.is_some() {
+                return Err(SinkConfigError::TtlWithoutCredential);
+            }
+            Ok(None)
+        }
+        (Some(_), false) => Err(SinkConfigError::HolderWithoutCredential),
+        (None, true) => Err(SinkConfigError::HolderRequired),
+        (Some(id), true) => {
+            let spiffe_id =
+                SpiffeId::parse(id).map_err(|source| SinkConfigError::SpiffeId { source })?;
+            let ttl_seconds = match c.ttl.as_deref() {
+                None => 0,
+                Some(text) => {
+                    let ttl = crate::credentials::parse_ttl(text)
+                        .map_err(|e| SinkConfigError::Ttl(e.to_string()))?;
+                    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)
+                }
+            };
+            Ok(Some(Holder {
+                spiffe_id,
+                ttl_seconds,
+            }))
         }
     }
 }
@@ -548,6 +719,60 @@ pub(crate) fn parse_for_tests(toml_text: &str) -> Result<Vec<Sink>, SinkSetError
 mod tests {
     use super::*;
 
+    #[test]
+    fn credential_sinks_say_whose_credential_and_take_one_form() {
+        let app = "spiffe://example.org/app";
+        let ok = parse_for_tests(&format!(
+            "[[sink]]\nkind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{app}\"\nttl = \"30m\"\npath = \"/x/db\"\n"
+        ))
+        .unwrap();
+        let keys = ok[0].credential_keys();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].ttl_seconds, 1800);
+        assert_eq!(keys[0].spiffe_id.as_str(), app);
+        let cases = [
+            (
+                "kind = \"credential\"\ncredential = \"orders-db\"\npath = \"/x/db\"".to_string(),
+                "`spiffe_id` must say",
+            ),
+            (
+                format!("kind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{app}\"\nfield = \"password\"\nformat = \"env\"\npath = \"/x/db\""),
+                "not both",
+            ),
+            (
+                format!("kind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{app}\"\nformat = \"yaml\"\npath = \"/x/db\""),
+                "format `yaml`",
+            ),
+            (
+                format!("kind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{app}\"\nttl = \"500ms\"\npath = \"/x/db\""),
+                "whole seconds",
+            ),
+            (
+                format!("kind = \"secret\"\nsecret = \"db\"\nspiffe_id = \"{app}\"\npath = \"/x/db\""),
+                "writes none",
+            ),
+            (
+                "kind = \"env\"\npath = \"/x/db\"\nvars = { U = \"credential:orders-db:username\" }".to_string(),
+                "`spiffe_id` must say",
+            ),
+            (
+                "kind = \"env\"\npath = \"/x/db\"\nvars = { U = \"credential:orders-db\" }".to_string(),
+                "credential:NAME:FIELD",
+            ),
+            (
+                "kind = \"secret\"\ncredential = \"orders-db\"\nsecret = \"db\"\npath = \"/x/db\"".to_string(),
+                "only for kind = \"credential\"",
+            ),
+        ];
+        for (table, expected) in cases {
+            let err = parse_for_tests(&format!("[[sink]]\n{table}\n"))
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {table}"))
+                .to_string();
+            assert!(err.contains(expected), "{table}: {err}");
+        }
+    }
+
     fn parse(toml_text: &str) -> Result<Vec<Sink>, SinkSetError> {
         parse_for_tests(toml_text)
     }
@@ -638,7 +863,7 @@ mod tests {
             ),
             (
                 "kind = \"env\"\npath = \"/x/e\"\nvars = { X = \"a\" }",
-                "not a secret reference",
+                "is neither secret:NAME[:FIELD] nor credential:NAME:FIELD",
             ),
             (
                 "kind = \"secret\"\nsecret = \"a\"\npath = \"/x/pw\"\nmode = \"999\"",

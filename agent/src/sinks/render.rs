@@ -1,6 +1,7 @@
 //! What a sink's files should hold for a given agent state: PEM for svid sinks, a value
-//! for secret sinks, a minijinja template rendered with granted secrets and SVID paths,
-//! or a `KEY="VALUE"` file for systemd's EnvironmentFile=.
+//! for secret sinks, a credential (one value, JSON, env lines or an AWS profile) for
+//! credential sinks, a minijinja template rendered with granted secrets, credentials and
+//! SVID paths, or a `KEY="VALUE"` file for systemd's EnvironmentFile=.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,8 +13,9 @@ use zeroize::Zeroizing;
 
 use mayfly_common::svid::{bundle_pem, pem_block};
 
-use super::{Sink, SinkKind, SvidSelect};
-use crate::secret_ref::{SecretRef, SecretRefError};
+use super::{CredentialOutput, Sink, SinkKind, SvidSelect};
+use crate::credentials::{Credential, CredentialKey, HeldCredentials, format};
+use crate::secret_ref::{SecretRef, SecretRefError, ValueRef};
 use crate::state::{SecretView, WorkloadState};
 
 /// One file a sink should hold now.
@@ -44,6 +46,24 @@ pub enum RenderError {
         key: String,
         reference: String,
     },
+    #[error("sink `{sink}`: credential `{credential}` was refused: {why}")]
+    CredentialRefused {
+        sink: String,
+        credential: String,
+        why: String,
+    },
+    #[error("sink `{sink}`: credential `{credential}` has no value `{field}`; it has {names}")]
+    NoSuchValue {
+        sink: String,
+        credential: String,
+        field: String,
+        names: String,
+    },
+    #[error("sink `{sink}`: {source}")]
+    Format {
+        sink: String,
+        source: format::FormatError,
+    },
     #[error("sink `{sink}`: the template failed: {message}")]
     Template { sink: String, message: String },
     /// Found at start, before any state: the message can only quote the template itself.
@@ -62,13 +82,17 @@ pub(super) fn compile_check(sink: &str, text: &str) -> Result<(), RenderError> {
         })
 }
 
-/// The files `sink` should hold for `state`, or `None` while what it needs (an SVID not
-/// signed yet) is not there.
+/// The files `sink` should hold for `state` and the credentials held, or `None` while
+/// what it needs (an SVID not signed yet, a credential not issued yet) is not there.
 pub(super) fn render(
     sink: &Sink,
     all: &[Sink],
     state: &WorkloadState,
+    held: &HeldCredentials,
 ) -> Result<Option<Vec<RenderedFile>>, RenderError> {
+    let Some(credentials) = credentials_of(sink, held)? else {
+        return Ok(None);
+    };
     match &sink.kind {
         SinkKind::Svid {
             select,
@@ -129,8 +153,36 @@ pub(super) fn render(
                 mode: *mode,
             }]))
         }
-        SinkKind::Template { text, path, mode } => {
-            let rendered = render_template(sink, text, all, state)?;
+        SinkKind::Credential {
+            name,
+            output,
+            path,
+            mode,
+        } => {
+            let credential = &credentials[name];
+            let message = credential.to_message();
+            let formatted = |text: Result<Zeroizing<String>, format::FormatError>| {
+                text.map_err(|source| RenderError::Format {
+                    sink: sink.label.clone(),
+                    source,
+                })
+            };
+            let text = match output {
+                CredentialOutput::Field(field) => value_of(sink, credential, field)?,
+                CredentialOutput::Json => format::json(&message),
+                CredentialOutput::Env => formatted(format::env(&message))?,
+                CredentialOutput::AwsProfile => formatted(format::aws_profile(&message))?,
+            };
+            Ok(Some(vec![RenderedFile {
+                path: path.clone(),
+                contents: Zeroizing::new(text.as_bytes().to_vec()),
+                mode: *mode,
+            }]))
+        }
+        SinkKind::Template {
+            text, path, mode, ..
+        } => {
+            let rendered = render_template(sink, text, all, state, &credentials)?;
             Ok(Some(vec![RenderedFile {
                 path: path.clone(),
                 contents: Zeroizing::new(rendered.into_bytes()),
@@ -140,8 +192,15 @@ pub(super) fn render(
         SinkKind::Env { vars, path, mode } => {
             let mut out = Zeroizing::new(String::new());
             for (key, reference) in vars {
-                let view = granted(sink, state, &reference.name)?;
-                let value = Zeroizing::new(resolve(sink, reference, view)?);
+                let value = match reference {
+                    ValueRef::Secret(reference) => {
+                        let view = granted(sink, state, &reference.name)?;
+                        Zeroizing::new(resolve(sink, reference, view)?)
+                    }
+                    ValueRef::Credential(reference) => {
+                        value_of(sink, &credentials[&reference.name], &reference.field)?
+                    }
+                };
                 if value.contains(['\n', '\r']) {
                     return Err(RenderError::MultiLine {
                         sink: sink.label.clone(),
@@ -167,6 +226,53 @@ pub(super) fn render(
             }]))
         }
     }
+}
+
+/// The credentials `sink` writes, by name: `None` while one is not issued yet, an error
+/// naming the daemon's refusal.
+fn credentials_of(
+    sink: &Sink,
+    held: &HeldCredentials,
+) -> Result<Option<BTreeMap<String, Arc<Credential>>>, RenderError> {
+    let mut found = BTreeMap::new();
+    for key in sink.credential_keys() {
+        if let Some(credential) = held.held.get(&key) {
+            found.insert(key.name.clone(), credential.clone());
+        } else if let Some(why) = held.refused.get(&key) {
+            return Err(RenderError::CredentialRefused {
+                sink: sink.label.clone(),
+                credential: key.name.clone(),
+                why: why.clone(),
+            });
+        } else {
+            return Ok(None);
+        }
+    }
+    Ok(Some(found))
+}
+
+/// The lease ids of what `sink` would write from `held`.
+pub(super) fn leases_of(sink: &Sink, held: &HeldCredentials) -> Vec<String> {
+    sink.credential_keys()
+        .iter()
+        .filter_map(|key: &CredentialKey| held.held.get(key))
+        .map(|c| c.lease_id.clone())
+        .collect()
+}
+
+fn value_of(
+    sink: &Sink,
+    credential: &Credential,
+    field: &str,
+) -> Result<Zeroizing<String>, RenderError> {
+    credential
+        .value(field)
+        .ok_or_else(|| RenderError::NoSuchValue {
+            sink: sink.label.clone(),
+            credential: credential.name.clone(),
+            field: field.to_owned(),
+            names: credential.value_names().join(", "),
+        })
 }
 
 fn granted<'a>(
@@ -252,11 +358,28 @@ fn render_template(
     text: &str,
     all: &[Sink],
     state: &WorkloadState,
+    credentials: &BTreeMap<String, Arc<Credential>>,
 ) -> Result<String, RenderError> {
     let template_error = |message: String| RenderError::Template {
         sink: sink.label.clone(),
-        message: redact(message, state),
+        message: redact(message, state, credentials),
     };
+    let credential_values: BTreeMap<String, Value> = credentials
+        .iter()
+        .map(|(name, credential)| {
+            let mut fields: BTreeMap<String, Value> = credential
+                .values()
+                .map(|(k, v)| (k.to_owned(), Value::from(v)))
+                .collect();
+            fields.insert("lease_id".into(), Value::from(credential.lease_id.as_str()));
+            fields.insert(
+                "expires_at".into(),
+                Value::from(format::rfc3339(credential.expires_at)),
+            );
+            fields.insert("expires_at_unix".into(), Value::from(credential.expires_at));
+            (name.clone(), Value::from(fields))
+        })
+        .collect();
     let mut secrets = BTreeMap::new();
     for (name, view) in &state.secrets {
         let value = String::from_utf8(view.value.to_vec()).ok();
@@ -314,6 +437,7 @@ fn render_template(
     let context = Value::from_pairs([
         ("secrets", Value::from_dyn_object(secrets.clone())),
         ("svids", Value::from(svids)),
+        ("credentials", Value::from(credential_values)),
         (
             "trust_domain",
             Value::from(state.bundle.trust_domain.as_str()),
@@ -351,12 +475,22 @@ fn describe(e: minijinja::Error) -> String {
     text
 }
 
-/// A template error may quote what it choked on; a secret's value never leaves here.
-fn redact(mut message: String, state: &WorkloadState) -> String {
-    for view in state.secrets.values() {
-        if let Ok(value) = std::str::from_utf8(&view.value)
-            && value.len() >= 4
-        {
+/// A template error may quote what it choked on; a secret's or credential's value never
+/// leaves here.
+fn redact(
+    mut message: String,
+    state: &WorkloadState,
+    credentials: &BTreeMap<String, Arc<Credential>>,
+) -> String {
+    let secrets = state
+        .secrets
+        .values()
+        .filter_map(|view| std::str::from_utf8(&view.value).ok());
+    let values = credentials
+        .values()
+        .flat_map(|c| c.values().map(|(_, v)| v));
+    for value in secrets.chain(values) {
+        if value.len() >= 4 {
             message = message.replace(value, "<redacted>");
         }
     }
@@ -416,7 +550,7 @@ mod tests {
             "#,
         );
         let state = state_with(&[("orders-db", "orders_a", "s3cret-Value")]);
-        let out = text(render(&all[1], &all, &state).unwrap());
+        let out = text(render(&all[1], &all, &state, &HeldCredentials::default()).unwrap());
         assert_eq!(
             out,
             "127.0.0.1:5432:*:orders_a:s3cret-Value\ncert=/srv/tls/cert.pem td=example.org\n"
@@ -429,7 +563,9 @@ mod tests {
             "[[sink]]\nkind = \"template\"\npath = \"/x/t\"\ntemplate = \"{{ secrets.nope.password }}\"\n",
         );
         let state = state_with(&[("orders-db", "u", "s3cret-Value")]);
-        let err = render(&all[0], &all, &state).err().unwrap();
+        let err = render(&all[0], &all, &state, &HeldCredentials::default())
+            .err()
+            .unwrap();
         assert_eq!(
             err,
             RenderError::NotGranted {
@@ -440,7 +576,10 @@ mod tests {
         let all = sinks(
             "[[sink]]\nkind = \"template\"\npath = \"/x/t\"\ntemplate = \"{{ nothing_here }}\"\n",
         );
-        let err = render(&all[0], &all, &state).err().unwrap().to_string();
+        let err = render(&all[0], &all, &state, &HeldCredentials::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("undefined"), "{err}");
     }
 
@@ -450,7 +589,7 @@ mod tests {
             "[[sink]]\nkind = \"template\"\npath = \"/x/t\"\ntemplate = \"{{ secrets['db'].password | int }}\"\n",
         );
         let state = state_with(&[("db", "u", "s3cret-Value")]);
-        if let Err(e) = render(&all[0], &all, &state) {
+        if let Err(e) = render(&all[0], &all, &state, &HeldCredentials::default()) {
             assert!(!e.to_string().contains("s3cret-Value"), "{e}");
             assert!(!format!("{e:?}").contains("s3cret-Value"), "{e:?}");
         }
@@ -463,12 +602,12 @@ mod tests {
         );
         let state = state_with(&[("db", "app", "a\"b$c\\d`e")]);
         assert_eq!(
-            text(render(&all[0], &all, &state).unwrap()),
+            text(render(&all[0], &all, &state, &HeldCredentials::default()).unwrap()),
             "DB_PASSWORD=\"a\\\"b\\$c\\\\d\\`e\"\nDB_USER=\"app\"\n"
         );
         let state = state_with(&[("db", "app", "two\nlines")]);
         assert!(matches!(
-            render(&all[0], &all, &state),
+            render(&all[0], &all, &state, &HeldCredentials::default()),
             Err(RenderError::MultiLine { .. })
         ));
     }
@@ -478,6 +617,103 @@ mod tests {
         let all = sinks(
             "[[sink]]\nkind = \"svid\"\nspiffe_id = \"spiffe://example.org/web\"\ncert_path = \"/x/c\"\nkey_path = \"/x/k\"\n",
         );
-        assert!(render(&all[0], &all, &state_with(&[])).unwrap().is_none());
+        assert!(
+            render(&all[0], &all, &state_with(&[]), &HeldCredentials::default())
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    const APP: &str = "spiffe://example.org/app";
+
+    fn held(values: &[(&str, &str)], ttl_seconds: i64) -> HeldCredentials {
+        let spiffe_id = mayfly_common::SpiffeId::parse(APP).unwrap();
+        let credential = Credential::from_issued(
+            mayfly_proto::v1::IssuedCredential {
+                lease_id: "ls-7".into(),
+                name: "orders-db".into(),
+                kind: "postgres_dynamic".into(),
+                values: values
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                issued_at: 1_767_225_000,
+                expires_at: 1_767_225_600,
+                notice: String::new(),
+            },
+            spiffe_id.clone(),
+        );
+        let key = CredentialKey {
+            spiffe_id,
+            name: "orders-db".into(),
+            ttl_seconds,
+        };
+        HeldCredentials {
+            round: 1,
+            held: [(key, Arc::new(credential))].into(),
+            refused: Default::default(),
+        }
+    }
+
+    #[test]
+    fn credential_sinks_write_a_value_the_document_or_env_lines() {
+        let all = sinks(&format!(
+            "[[sink]]\nkind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{APP}\"\nfield = \"password\"\npath = \"/x/pw\"\n\
+             [[sink]]\nkind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{APP}\"\npath = \"/x/db.json\"\n\
+             [[sink]]\nkind = \"env\"\nspiffe_id = \"{APP}\"\npath = \"/x/db.env\"\n\
+             vars = {{ PGUSER = \"credential:orders-db:username\", LEASE = \"credential:orders-db:lease_id\" }}\n\
+             [[sink]]\nkind = \"template\"\ncredentials = [\"orders-db\"]\nspiffe_id = \"{APP}\"\npath = \"/x/t\"\n\
+             template = \"{{{{ credentials['orders-db'].username }}}} {{{{ credentials['orders-db'].expires_at }}}}\"\n\
+             [[sink]]\nkind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{APP}\"\nformat = \"aws\"\npath = \"/x/aws\"\n"
+        ));
+        let state = state_with(&[]);
+        let creds = held(&[("username", "v_orders_1"), ("password", "Pw-hunter2")], 0);
+        let out = |i: usize| text(render(&all[i], &all, &state, &creds).unwrap());
+        assert_eq!(out(0), "Pw-hunter2");
+        let doc: serde_json::Value = serde_json::from_str(&out(1)).unwrap();
+        assert_eq!(doc["values"]["username"], "v_orders_1");
+        assert_eq!(doc["lease_id"], "ls-7");
+        assert_eq!(out(2), "LEASE=\"ls-7\"\nPGUSER=\"v_orders_1\"\n");
+        assert_eq!(out(3), "v_orders_1 2026-01-01T00:00:00Z");
+        let err = render(&all[4], &all, &state, &creds)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("no AWS keys") && !err.contains("hunter2"),
+            "{err}"
+        );
+        // Another TTL is another lease, not issued yet: the sink waits.
+        let other = held(&[("username", "u")], 60);
+        assert!(render(&all[0], &all, &state, &other).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_refused_credential_or_a_missing_value_is_named() {
+        let all = sinks(&format!(
+            "[[sink]]\nkind = \"credential\"\ncredential = \"orders-db\"\nspiffe_id = \"{APP}\"\nfield = \"token\"\npath = \"/x/pw\"\n"
+        ));
+        let state = state_with(&[]);
+        let creds = held(&[("password", "Pw-hunter2")], 0);
+        let err = render(&all[0], &all, &state, &creds)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("no value `token`") && err.contains("password"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let mut refused = HeldCredentials::default();
+        refused.refused.insert(
+            all[0].credential_keys()[0].clone(),
+            "mayflyd refused: credential orders-db is not granted".into(),
+        );
+        let err = render(&all[0], &all, &state, &refused).err().unwrap();
+        assert!(
+            matches!(err, RenderError::CredentialRefused { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not granted"), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 //! them all before writing anything, rewrites a file only when its content differs (mode
 //! and owner are put right either way), and fires a sink's change action once per change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -13,8 +13,9 @@ use tokio::sync::{mpsc, watch};
 
 use mayfly_common::fsutil;
 
-use super::render::{RenderError, RenderedFile, render};
+use super::render::{RenderError, RenderedFile, leases_of, render};
 use super::{OnChange, OnRevoke, PidSource, Sink, SinkKind, SvidSelect};
+use crate::credentials::{CredentialKey, HeldCredentials};
 use crate::exec::Update;
 use crate::state::WorkloadState;
 
@@ -26,6 +27,8 @@ pub struct SinkRunner {
     /// The `[exec]` supervisor: told the secrets after every pass, and whether a sink with
     /// `on_change = "restart"` changed, in one message so that one change restarts once.
     exec: Option<mpsc::Sender<Update>>,
+    /// The credentials the `[exec]` child's environment names.
+    exec_credentials: Vec<CredentialKey>,
     progress: watch::Sender<SinkProgress>,
 }
 
@@ -57,6 +60,8 @@ struct Pass {
     /// Files removed or blanked because what they held was revoked.
     removed: Vec<String>,
     blanked: Vec<String>,
+    /// Per sink that writes credentials, the leases its files hold now.
+    written: HashMap<usize, Vec<String>>,
 }
 
 impl SinkRunner {
@@ -64,8 +69,15 @@ impl SinkRunner {
         Self {
             sinks: Arc::new(sinks),
             exec,
+            exec_credentials: Vec::new(),
             progress: watch::channel(SinkProgress::default()).0,
         }
+    }
+
+    /// The credentials to hand the `[exec]` child with every update.
+    pub fn with_exec_credentials(mut self, keys: Vec<CredentialKey>) -> Self {
+        self.exec_credentials = keys;
+        self
     }
 
     /// Follows the passes; the revocation acknowledgements wait on it.
@@ -73,20 +85,27 @@ impl SinkRunner {
         self.progress.subscribe()
     }
 
-    /// Waits for the daemon's first full state, checks that every sink can be rendered
-    /// from it (a missing or ungranted secret, a template error: nothing is written and
-    /// the error is returned), then keeps the files current until the state's publisher
-    /// goes away.
+    /// Waits for the daemon's first full state (and, when sinks write credentials, the
+    /// first answers for them), checks that every sink can be rendered from it (a
+    /// missing or ungranted secret, a refused credential, a template error: nothing is
+    /// written and the error is returned), then keeps the files current until the
+    /// state's publisher goes away.
     pub async fn run(
         self,
         mut state: watch::Receiver<Arc<WorkloadState>>,
+        mut credentials: watch::Receiver<Arc<HeldCredentials>>,
     ) -> Result<(), RenderError> {
         let first = match state.wait_for(|s| s.synced).await {
             Ok(s) => s.clone(),
             Err(_) => return Ok(()),
         };
+        let mut credentials_open = true;
+        if self.sinks.iter().any(|s| s.holder.is_some()) || !self.exec_credentials.is_empty() {
+            credentials_open = credentials.wait_for(|held| held.round > 0).await.is_ok();
+        }
+        let held = credentials.borrow().clone();
         for sink in self.sinks.iter() {
-            render(sink, &self.sinks, &first)?;
+            render(sink, &self.sinks, &first, &held)?;
         }
         if !self.sinks.is_empty() {
             tracing::info!(
@@ -95,13 +114,31 @@ impl SinkRunner {
             );
         }
         let mut reported: HashMap<usize, String> = HashMap::new();
+        let mut written: HashMap<usize, Vec<String>> = HashMap::new();
+        // Leases revoked while the credentials feed may still hold them: a revocation stops
+        // being pending once acknowledged, possibly before the feed has a replacement.
+        let mut revoked: HashSet<String> = HashSet::new();
         loop {
             let current = state.borrow_and_update().clone();
+            let held = credentials.borrow_and_update().clone();
+            let pending: HashSet<&String> = current
+                .revocations
+                .iter()
+                .flat_map(|r| &r.message.lease_ids)
+                .collect();
+            revoked.extend(pending.iter().map(|l| (*l).clone()));
+            revoked.retain(|l| pending.contains(l) || held.held.values().any(|c| c.lease_id == *l));
             let sinks = self.sinks.clone();
-            let written = current.clone();
-            let pass = tokio::task::spawn_blocking(move || write_pass(&sinks, &written))
-                .await
-                .unwrap_or_default();
+            let snapshot = current.clone();
+            let before = std::mem::take(&mut written);
+            let dead = revoked.clone();
+            let for_exec = held.clone();
+            let pass = tokio::task::spawn_blocking(move || {
+                write_pass(&sinks, &snapshot, &held, &dead, before)
+            })
+            .await
+            .unwrap_or_default();
+            written = pass.written.clone();
             let mut restart = false;
             let mut actions = Vec::new();
             for index in &pass.changed {
@@ -115,6 +152,15 @@ impl SinkRunner {
             if let Some(exec) = &self.exec {
                 let update = Update {
                     secrets: current.secrets.clone(),
+                    credentials: self
+                        .exec_credentials
+                        .iter()
+                        .filter_map(|key| {
+                            let credential = for_exec.held.get(key)?;
+                            (!revoked.contains(&credential.lease_id))
+                                .then(|| (key.name.clone(), credential.clone()))
+                        })
+                        .collect(),
                     restart,
                 };
                 if exec.send(update).await.is_err() {
@@ -151,6 +197,9 @@ impl SinkRunner {
                     if changed.is_err() {
                         return Ok(());
                     }
+                }
+                changed = credentials.changed(), if credentials_open => {
+                    credentials_open = changed.is_ok();
                 }
                 _ = tokio::time::sleep(RETRY_EVERY), if retry => {}
             }
@@ -295,24 +344,67 @@ fn revoke_sink(index: usize, sink: &Sink, paths: &[&Path], pass: &mut Pass) {
     }
 }
 
-/// Brings every sink's files up to date; blocking file I/O.
-fn write_pass(sinks: &[Sink], state: &WorkloadState) -> Pass {
-    let mut pass = Pass::default();
+/// Whether the credentials a sink's files hold (`written`) or would hold (`using`) are
+/// revoked with nothing to replace them: a lease in `revoked`, or, the holder refused
+/// now, anything written before.
+fn credentials_revoked(
+    using: &[String],
+    written: &[String],
+    rendered: &Result<Option<Vec<RenderedFile>>, RenderError>,
+    revoked: &HashSet<String>,
+) -> bool {
+    let dead = |lease: &String| revoked.contains(lease);
+    if using.iter().any(dead) {
+        return true;
+    }
+    match rendered {
+        Ok(Some(_)) => false,
+        Err(RenderError::CredentialRefused { .. }) => !written.is_empty(),
+        _ => written.iter().any(dead),
+    }
+}
+
+/// Brings every sink's files up to date; blocking file I/O. `revoked` are the leases not
+/// to write (nor leave written), `written` what the last pass left in credential sinks'
+/// files.
+fn write_pass(
+    sinks: &[Sink],
+    state: &WorkloadState,
+    held: &HeldCredentials,
+    revoked: &HashSet<String>,
+    written: HashMap<usize, Vec<String>>,
+) -> Pass {
+    let mut pass = Pass {
+        written,
+        ..Pass::default()
+    };
     for (index, sink) in sinks.iter().enumerate() {
         // What the sink should hold, unless what it holds is revoked: its identity or
         // everything (checked first), or its secret, revoked with the entries it was
-        // granted to (found when rendering fails on it).
+        // granted to (found when rendering fails on it), or its credential's lease.
+        let using = leases_of(sink, held);
         let rendered = match revoked_paths(sink, state) {
             Some(paths) => Err(paths),
-            None => match render(sink, sinks, state) {
+            None => match render(sink, sinks, state, held) {
                 Err(RenderError::NotGranted { secret, .. })
                     if state.revoked_secrets.contains(&secret) =>
                 {
                     Err(sink.paths())
                 }
+                other if sink.holder.is_some() => {
+                    let before = pass.written.get(&index).map_or(&[][..], Vec::as_slice);
+                    if credentials_revoked(&using, before, &other, revoked) {
+                        Err(sink.paths())
+                    } else {
+                        Ok(other)
+                    }
+                }
                 other => Ok(other),
             },
         };
+        if rendered.is_err() {
+            pass.written.remove(&index);
+        }
         let files = match rendered {
             Ok(Ok(Some(files))) => files,
             Ok(Ok(None)) => continue,
@@ -326,14 +418,19 @@ fn write_pass(sinks: &[Sink], state: &WorkloadState) -> Pass {
             }
         };
         let mut changed = false;
+        let mut complete = true;
         for file in &files {
             match sync_file(file, sink.owner, sink.group) {
                 Ok(wrote) => changed |= wrote,
                 Err(e) => {
+                    complete = false;
                     pass.failures
                         .insert(index, format!("{}: {e}", file.path.display()));
                 }
             }
+        }
+        if complete && sink.holder.is_some() {
+            pass.written.insert(index, using);
         }
         if changed {
             pass.changed.push(index);
@@ -449,5 +546,54 @@ mod tests {
                 .to_string()
                 .contains("does not hold a pid")
         );
+    }
+
+    #[test]
+    fn a_revoked_lease_leaves_the_files_unless_a_new_one_replaces_it() {
+        // Revoked: pending now, or acknowledged while the feed still held it.
+        let leases = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let revoked: HashSet<String> = ["ls-old".to_string()].into();
+        let files = Ok(Some(Vec::new()));
+        let waiting = Ok(None);
+        let refused = Err(RenderError::CredentialRefused {
+            sink: "s".into(),
+            credential: "c".into(),
+            why: "not granted".into(),
+        });
+        // Would write the revoked lease: out.
+        assert!(credentials_revoked(
+            &leases(&["ls-old"]),
+            &[],
+            &files,
+            &revoked
+        ));
+        // Wrote it, the replacement not here yet: out.
+        assert!(credentials_revoked(
+            &[],
+            &leases(&["ls-old"]),
+            &waiting,
+            &revoked
+        ));
+        // Wrote it, the replacement is here: written over, not removed.
+        assert!(!credentials_revoked(
+            &leases(&["ls-new"]),
+            &leases(&["ls-old"]),
+            &files,
+            &revoked
+        ));
+        // The holder is refused now: what it wrote goes, whatever its lease.
+        assert!(credentials_revoked(
+            &[],
+            &leases(&["ls-live"]),
+            &refused,
+            &revoked
+        ));
+        assert!(!credentials_revoked(&[], &[], &refused, &revoked));
+        assert!(!credentials_revoked(
+            &[],
+            &leases(&["ls-live"]),
+            &waiting,
+            &revoked
+        ));
     }
 }

@@ -100,7 +100,9 @@ impl From<crate::creds::CredsError> for Status {
             CredsError::Invalid(_) | CredsError::Spec(_) => {
                 Status::invalid_argument(error.to_string())
             }
-            CredsError::FromConfig(_) => Status::failed_precondition(error.to_string()),
+            CredsError::FromConfig(_) | CredsError::NotRenewable(_) => {
+                Status::failed_precondition(error.to_string())
+            }
             CredsError::Backend(BackendError::Unavailable(_)) => {
                 Status::unavailable(error.to_string())
             }

@@ -80,6 +80,9 @@ pub enum CredsError {
     Spec(#[from] CredentialSpecError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A lease that cannot be extended: the holder asks for a new one.
+    #[error("{0}; ask for a new one")]
+    NotRenewable(String),
     #[error("credential `{0}` is defined in daemon.toml; change it there")]
     FromConfig(String),
     #[error(transparent)]
@@ -195,6 +198,26 @@ impl Backend {
                 Ok((issued, issued_at + duration))
             }
             Backend::Sts(sts) => sts.issue(backend_id, holder, ttl_secs).await,
+        }
+    }
+
+    /// Extends the credential to `expires_at`, renewed at `now`; returns the expiry the
+    /// backend granted, or `None` where a credential cannot be extended (STS).
+    async fn extend(
+        &self,
+        backend_id: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<Option<i64>, BackendError> {
+        match self {
+            Backend::Postgres(pg) => {
+                pg.extend(backend_id, expires_at).await?;
+                Ok(Some(expires_at))
+            }
+            Backend::Vault(vault) => {
+                Ok(Some(now + vault.renew(backend_id, expires_at - now).await?))
+            }
+            Backend::Sts(_) => Ok(None),
         }
     }
 
@@ -480,19 +503,14 @@ impl Broker {
         self.store
             .activate_lease(&lease.id, &lease.backend_id, expires_at)
             .await?;
-        let mut event = Event::new(&actor, "credential.issue", name)
-            .scope(format!(
-                "lease {} for {holder} as {}",
-                lease.id, lease.backend_id
-            ))
-            .ttl_secs(expires_at - issued_at);
-        if let Some(notice) = &notice {
-            event = event.reason(notice.clone());
-        }
-        self.audit
-            .record(event)
-            .await
-            .map_err(|e| CredsError::Internal(e.to_string()))?;
+        self.record_grant(
+            "credential.issue",
+            &actor,
+            &lease,
+            expires_at - issued_at,
+            &notice,
+        )
+        .await?;
         tracing::info!(lease = %lease.id, credential = %name, %holder, ttl_secs = expires_at - issued_at, "credential issued");
         Ok(Granted {
             kind: loaded.spec.kind(),
@@ -500,6 +518,156 @@ impl Broker {
             values: issued.values,
             notice,
         })
+    }
+
+    /// Extends lease `lease_id`, held by `agent`, for `requested` from now (zero: the
+    /// default), up to the definition's max TTL from its issue. Refused, with an audit
+    /// record, unless `agent` holds it, still serves its holder and the definition still
+    /// grants it; `NotRenewable` when it is revoked, expired, at its max TTL or an STS
+    /// session. Returns the lease as extended, when (unix seconds), and a notice when it
+    /// got less than asked.
+    pub async fn renew(
+        &self,
+        agent: &str,
+        lease_id: &str,
+        requested: Duration,
+    ) -> Result<(CredentialLease, i64, Option<String>), CredsError> {
+        let actor = Actor::Spiffe(agent.to_string());
+        let refuse = |what: &str, why: String| {
+            self.audit.note_refusal(
+                Event::new(&actor, "credential.renew", what)
+                    .scope(format!("lease {lease_id}"))
+                    .denied(why.clone()),
+            );
+            CredsError::Denied(why)
+        };
+        let mut lease = match self.store.get_credential_lease(lease_id).await {
+            Ok(lease) => lease,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(refuse("", format!("no lease with id {lease_id}")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if lease.agent_id != agent {
+            return Err(refuse(
+                &lease.credential,
+                format!("lease {lease_id} is not held by agent {agent}"),
+            ));
+        }
+        let now = self.now();
+        if lease.state != LeaseState::Active || lease.expires_at <= now {
+            return Err(CredsError::NotRenewable(format!(
+                "lease {lease_id} is {}",
+                if lease.state == LeaseState::Active {
+                    "expired"
+                } else {
+                    lease.state.as_str()
+                }
+            )));
+        }
+        let loaded = self.load(&lease.credential).await?;
+        let holder = lease.holder.clone();
+        if !self
+            .view
+            .entries(agent)
+            .iter()
+            .any(|e| e.spiffe_id == holder)
+        {
+            return Err(refuse(
+                &lease.credential,
+                format!("agent {agent} serves no workload {holder}"),
+            ));
+        }
+        if !loaded.spec.grants.contains(&holder) {
+            return Err(refuse(
+                &lease.credential,
+                format!("credential {} is not granted to {holder}", lease.credential),
+            ));
+        }
+        let (ttl, _) = loaded.spec.ttl_for(requested);
+        let wanted = now + ttl.as_secs() as i64;
+        let cap = lease.issued_at + loaded.spec.max().as_secs() as i64;
+        let target = wanted.min(cap);
+        if target <= lease.expires_at {
+            // Never shortened: OpenBao would cut a lease renewed with less than it has.
+            return Err(CredsError::NotRenewable(if cap <= lease.expires_at {
+                format!(
+                    "lease {lease_id} has reached the max TTL of credential {} ({})",
+                    lease.credential,
+                    humantime::format_duration(loaded.spec.max())
+                )
+            } else {
+                format!(
+                    "lease {lease_id} already lasts longer than the {} asked",
+                    humantime::format_duration(ttl)
+                )
+            }));
+        }
+        let Some(expires_at) = loaded
+            .backend
+            .extend(&lease.backend_id, now, target)
+            .await?
+        else {
+            return Err(CredsError::NotRenewable(format!(
+                "lease {lease_id} is an STS session, which cannot be extended"
+            )));
+        };
+        // The backend may grant less (Vault's role max); never record less than before.
+        let expires_at = expires_at.max(lease.expires_at);
+        if !self.store.extend_lease(lease_id, expires_at, now).await? {
+            return Err(CredsError::NotRenewable(format!(
+                "lease {lease_id} was revoked meanwhile"
+            )));
+        }
+        let notice = (expires_at < wanted).then(|| {
+            format!(
+                "extended {} s, not the {} s asked: {}",
+                expires_at - now,
+                wanted - now,
+                if target < wanted {
+                    "the credential's max TTL"
+                } else {
+                    "the backend's limit"
+                }
+            )
+        });
+        self.record_grant(
+            "credential.renew",
+            &actor,
+            &lease,
+            expires_at - now,
+            &notice,
+        )
+        .await?;
+        tracing::info!(lease = %lease_id, credential = %lease.credential, %holder, ttl_secs = expires_at - now, "lease renewed");
+        lease.expires_at = expires_at;
+        Ok((lease, now, notice))
+    }
+
+    /// The audit record of a grant (`action`: an issue or a renewal) of `ttl_secs`,
+    /// committed before the agent hears of it.
+    async fn record_grant(
+        &self,
+        action: &str,
+        actor: &Actor,
+        lease: &CredentialLease,
+        ttl_secs: i64,
+        notice: &Option<String>,
+    ) -> Result<(), CredsError> {
+        let mut event = Event::new(actor, action, &lease.credential)
+            .scope(format!(
+                "lease {} for {} as {}",
+                lease.id, lease.holder, lease.backend_id
+            ))
+            .ttl_secs(ttl_secs);
+        if let Some(notice) = notice {
+            event = event.reason(notice.clone());
+        }
+        self.audit
+            .record(event)
+            .await
+            .map(|_| ())
+            .map_err(|e| CredsError::Internal(e.to_string()))
     }
 
     // ----- revoking -----

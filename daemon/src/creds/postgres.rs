@@ -72,10 +72,7 @@ impl PostgresDynamic {
     /// Creates `role` with a fresh password, valid until `expires_at` (unix seconds).
     pub async fn issue(&self, role: &str, expires_at: i64) -> Result<Issued, BackendError> {
         let password = random_password();
-        let expiration = chrono::DateTime::from_timestamp(expires_at, 0)
-            .ok_or_else(|| BackendError::Config(format!("expiry {expires_at} is out of range")))?
-            .format("%Y-%m-%d %H:%M:%S+00")
-            .to_string();
+        let expiration = valid_until(expires_at)?;
         let mut conn = self.admin().await?;
         let result = async {
             let mut tx = conn.begin().await.map_err(|e| classify(e, &password))?;
@@ -103,6 +100,30 @@ impl PostgresDynamic {
                 ("password".into(), SecretValue::new(password)),
             ],
         })
+    }
+
+    /// Moves `role`'s `VALID UNTIL` to `expires_at`: the same password, usable longer.
+    pub async fn extend(&self, role: &str, expires_at: i64) -> Result<(), BackendError> {
+        let expiration = valid_until(expires_at)?;
+        let mut conn = self.admin().await?;
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_roles WHERE rolname = $1")
+            .bind(role)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| classify(e, ""))?;
+        if exists.is_none() {
+            return Err(BackendError::Refused(format!(
+                "role {role} no longer exists"
+            )));
+        }
+        // The timestamp is formatted by us from an integer: digits, '-', ':' and ' ' only.
+        conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER ROLE {} VALID UNTIL '{expiration}'",
+            pg_identifier(role)
+        ))))
+        .await
+        .map_err(|e| classify(e, ""))?;
+        Ok(())
     }
 
     /// Makes `role` unable to log in, ends its sessions, hands what it owns to the admin
@@ -142,6 +163,14 @@ impl PostgresDynamic {
         }
         .await
     }
+}
+
+/// `expires_at` (unix seconds) as PostgreSQL's `VALID UNTIL` reads it, in UTC.
+fn valid_until(expires_at: i64) -> Result<String, BackendError> {
+    Ok(chrono::DateTime::from_timestamp(expires_at, 0)
+        .ok_or_else(|| BackendError::Config(format!("expiry {expires_at} is out of range")))?
+        .format("%Y-%m-%d %H:%M:%S+00")
+        .to_string())
 }
 
 fn pg_identifier(name: &str) -> String {

@@ -2,7 +2,8 @@
 //! PostgreSQL users is the case we test; any engine whose `creds` endpoint returns a lease
 //! works). Issuing reads `<mount>/creds/<role>` and at once renews the new lease to the
 //! TTL Mayfly granted, so Vault's own expiry is Mayfly's (should the daemon be gone, Vault
-//! still revokes on time); revoking is `sys/leases/revoke` with `sync`, which Vault answers
+//! still revokes on time); while the holder still asks, its agent renews the lease
+//! (`sys/leases/renew`) up to the definition's max TTL; revoking is `sys/leases/revoke` with `sync`, which Vault answers
 //! 204 for a lease it no longer knows, so it is idempotent.
 //!
 //! Which client does what: these calls go through Mayfly's own small Vault HTTP client
@@ -129,26 +130,34 @@ impl VaultDynamic {
             values,
         };
         // The lease to the TTL granted: Vault revokes it then even without us.
-        let renewed = self
-            .call(
-                Method::PUT,
-                "/v1/sys/leases/renew",
-                Some(&json!({ "lease_id": lease_id, "increment": ttl_secs })),
-                "sys/leases/renew",
-            )
-            .await;
-        let duration = match renewed {
-            Ok(answer) => answer
-                .get("lease_duration")
-                .and_then(Value::as_i64)
-                .unwrap_or(ttl_secs),
+        let duration = match self.renew(&lease_id, ttl_secs).await {
+            Ok(duration) => duration,
             Err(e) => {
                 // Unusable without a known end: give it back rather than hand it out.
                 let _ = self.revoke(&lease_id).await;
                 return Err(e);
             }
         };
-        Ok((issued, duration.min(ttl_secs)))
+        Ok((issued, duration))
+    }
+
+    /// Renews `lease_id` to `increment_secs` from now (OpenBao shortens a lease renewed
+    /// with less than it has left, so callers ask only for more); returns the duration
+    /// Vault granted, which the role's max TTL may cut.
+    pub async fn renew(&self, lease_id: &str, increment_secs: i64) -> Result<i64, BackendError> {
+        let answer = self
+            .call(
+                Method::PUT,
+                "/v1/sys/leases/renew",
+                Some(&json!({ "lease_id": lease_id, "increment": increment_secs })),
+                "sys/leases/renew",
+            )
+            .await?;
+        Ok(answer
+            .get("lease_duration")
+            .and_then(Value::as_i64)
+            .unwrap_or(increment_secs)
+            .min(increment_secs))
     }
 
     /// Revokes the lease and waits until Vault has (`sync`). Vault answers 204 for a lease

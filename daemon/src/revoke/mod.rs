@@ -61,6 +61,18 @@ pub enum Target {
     Credential {
         name: String,
     },
+    /// The live leases of one credential whose holders its definition no longer grants:
+    /// what redefining it with fewer grants revokes. Not an operator's target.
+    Ungranted {
+        name: String,
+    },
+    /// The live leases `agent` holds for `spiffe_id` once no entry has it serve that
+    /// identity any more: what deleting the last such entry revokes. Not an operator's
+    /// target.
+    Unserved {
+        spiffe_id: String,
+        agent: String,
+    },
 }
 
 impl Target {
@@ -129,7 +141,8 @@ impl Target {
             Target::Agent { .. } => "agent",
             Target::Secret { .. } => "secret",
             Target::Lease { .. } => "lease",
-            Target::Credential { .. } => "credential",
+            Target::Credential { .. } | Target::Ungranted { .. } => "credential",
+            Target::Unserved { .. } => "entry",
         }
     }
 
@@ -138,8 +151,11 @@ impl Target {
             Target::Svid { serial } => serial.clone(),
             Target::Entry { spiffe_id } | Target::Agent { spiffe_id } => spiffe_id.to_string(),
             Target::Selector { selector } => selector.to_string(),
-            Target::Secret { name } | Target::Credential { name } => name.clone(),
+            Target::Secret { name } | Target::Credential { name } | Target::Ungranted { name } => {
+                name.clone()
+            }
             Target::Lease { id } => id.clone(),
+            Target::Unserved { spiffe_id, .. } => spiffe_id.clone(),
         }
     }
 }

@@ -84,6 +84,20 @@ impl Revoker {
                 }
                 self.cover_entries(&entries, &mut scope, &mut agents, &mut serials, now_s)
                     .await?;
+                // What those identities hold through those agents goes too.
+                let served: BTreeSet<(&str, &str)> = entries
+                    .iter()
+                    .map(|e| (e.spiffe_id.as_str(), e.parent_id.as_str()))
+                    .collect();
+                let live = self
+                    .broker
+                    .leases(&crate::store::LeaseFilter::default())
+                    .await?
+                    .into_iter()
+                    .filter(|l| served.contains(&(l.holder.as_str(), l.agent_id.as_str())))
+                    .collect();
+                self.cover_leases(live, reason, actor, &mut scope, &mut agents)
+                    .await;
             }
             Target::Agent { spiffe_id } => {
                 let agent = store.get_agent(spiffe_id.as_str()).await?.ok_or_else(|| {
@@ -124,6 +138,16 @@ impl Revoker {
                     "agent {spiffe_id} is banned: it may not attest again"
                 ));
                 agents.insert(agent.spiffe_id.clone());
+                // Every credential it holds for its workloads is revoked at the backend.
+                let live = self
+                    .broker
+                    .leases(&crate::store::LeaseFilter::default())
+                    .await?
+                    .into_iter()
+                    .filter(|l| l.agent_id == agent.spiffe_id)
+                    .collect();
+                self.cover_leases(live, reason, actor, &mut scope, &mut agents)
+                    .await;
                 ban = Some(agent.spiffe_id);
             }
             Target::Secret { name } => {
@@ -175,41 +199,34 @@ impl Revoker {
                 ));
                 agents.insert(lease.agent_id);
             }
-            Target::Credential { name } => {
-                self.broker.describe(name).await?;
-                let live = self
+            Target::Credential { name } | Target::Ungranted { name } => {
+                let (spec, _, _) = self.broker.describe(name).await?;
+                let mut live = self
                     .broker
                     .leases(&crate::store::LeaseFilter {
                         credential: Some(name.clone()),
                         ..Default::default()
                     })
                     .await?;
-                let holders: std::collections::HashMap<String, String> = live
-                    .iter()
-                    .map(|l| (l.id.clone(), l.agent_id.clone()))
+                if matches!(target, Target::Ungranted { .. }) {
+                    live.retain(|l| !spec.grants.contains(&l.holder));
+                }
+                self.cover_leases(live, reason, actor, &mut scope, &mut agents)
+                    .await;
+            }
+            Target::Unserved { spiffe_id, agent } => {
+                let live = self
+                    .broker
+                    .leases(&crate::store::LeaseFilter {
+                        holder: Some(spiffe_id.clone()),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_iter()
+                    .filter(|l| l.agent_id == *agent)
                     .collect();
-                let (_, errors) = self.broker.revoke_many(live, actor, Some(reason)).await;
-                let failed: Vec<String> =
-                    errors.iter().map(|(id, e)| format!("{id}: {e}")).collect();
-                for (id, agent) in holders {
-                    if !errors.iter().any(|(failed, _)| *failed == id) {
-                        scope.lease_ids.push(id);
-                        agents.insert(agent);
-                    }
-                }
-                scope.lease_ids.sort();
-                scope.notes.push(format!(
-                    "{} leases of credential {name} revoked at the backend",
-                    scope.lease_ids.len()
-                ));
-                if !failed.is_empty() {
-                    // Those revoked stay revoked; the sweeper retries the others.
-                    scope.notes.push(format!(
-                        "{} could not be revoked yet and are retried: {}",
-                        failed.len(),
-                        failed.join("; ")
-                    ));
-                }
+                self.cover_leases(live, reason, actor, &mut scope, &mut agents)
+                    .await;
             }
         }
 
@@ -252,5 +269,46 @@ impl Revoker {
             });
         }
         Ok(())
+    }
+
+    /// Revokes `live` at their backends and puts those revoked in the scope; any that
+    /// fail stay live, are named in the notes and retried by the sweeper.
+    async fn cover_leases(
+        &self,
+        live: Vec<crate::store::CredentialLease>,
+        reason: &str,
+        actor: &Actor,
+        scope: &mut Scope,
+        agents: &mut BTreeSet<String>,
+    ) {
+        if live.is_empty() {
+            return;
+        }
+        let holders: HashMap<String, String> = live
+            .iter()
+            .map(|l| (l.id.clone(), l.agent_id.clone()))
+            .collect();
+        let (_, errors) = self.broker.revoke_many(live, actor, Some(reason)).await;
+        let before = scope.lease_ids.len();
+        for (id, agent) in holders {
+            if !errors.iter().any(|(failed, _)| *failed == id) {
+                scope.lease_ids.push(id);
+                agents.insert(agent);
+            }
+        }
+        scope.lease_ids.sort();
+        scope.notes.push(format!(
+            "{} credential leases revoked at the backend",
+            scope.lease_ids.len() - before
+        ));
+        if !errors.is_empty() {
+            let failed: Vec<String> = errors.iter().map(|(id, e)| format!("{id}: {e}")).collect();
+            // Those revoked stay revoked; the sweeper retries the others.
+            scope.notes.push(format!(
+                "{} could not be revoked yet and are retried: {}",
+                failed.len(),
+                failed.join("; ")
+            ));
+        }
     }
 }

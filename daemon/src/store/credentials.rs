@@ -215,6 +215,21 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Moves a live lease's expiry to `expires_at`; false if it is no longer live at `now`
+    /// (revoked, or expired and due for the sweeper).
+    pub async fn extend_lease(&self, id: &str, expires_at: i64, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE credential_leases SET expires_at = $1 \
+             WHERE id = $2 AND state = 'active' AND expires_at > $3",
+        )
+        .bind(expires_at)
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn get_credential_lease(&self, id: &str) -> Result<CredentialLease> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {LEASE_COLUMNS} FROM credential_leases WHERE id = $1"

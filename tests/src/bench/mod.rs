@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod creds;
+pub mod creds_cache;
 pub mod fanout;
 pub mod http1;
 pub mod mayfly;

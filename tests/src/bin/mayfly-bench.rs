@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
-use mayfly_tests::bench::{agent, creds, fanout, mayfly, openbao, revocation, rotation, sinks};
+use mayfly_tests::bench::{
+    agent, creds, creds_cache, fanout, mayfly, openbao, revocation, rotation, sinks,
+};
 
 #[derive(Parser)]
 #[command(
@@ -141,6 +143,17 @@ enum Cmd {
         revocations: usize,
         #[arg(long, default_value_t = 10_000)]
         bulk: usize,
+    },
+    /// The agent's credential cache, as a workload sees it on the Workload API socket.
+    CredsCache {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 10_000)]
+        calls: usize,
+        #[arg(long, default_value_t = 100)]
+        concurrent: usize,
     },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
@@ -278,6 +291,26 @@ fn real_main() -> Result<ExitCode> {
                 .await?;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(if result.bulk_left == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Cmd::CredsCache {
+                socket,
+                name,
+                calls,
+                concurrent,
+            } => {
+                let result = creds_cache::run(&creds_cache::Options {
+                    socket,
+                    name,
+                    calls,
+                    concurrent,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(if result.concurrent_leases == 1 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

@@ -1,5 +1,7 @@
-//! The admin API's credential definitions: created from TOML, summarised with their live
-//! lease count, deleted only when nothing issued under them is live.
+//! The admin API's credential definitions: created from TOML (a redefinition that drops a
+//! grant revokes what that holder holds), summarised with their live lease count, deleted
+//! only when nothing issued under them is live; an agent's leases for an identity it no
+//! longer serves revoked when its last entry goes.
 
 use tonic::Status;
 
@@ -8,8 +10,58 @@ use mayfly_proto::v1;
 use super::AdminApi;
 use super::operator::Operator;
 use crate::creds::spec::CredentialSpec;
+use crate::revoke::Target;
+use crate::store::{EntryFilter, EntryRecord, LeaseFilter};
 
 impl AdminApi {
+    /// After `deleted` is gone: if no entry has its parent serve its SPIFFE ID any more,
+    /// what that agent holds for the identity is revoked (acknowledged like any other).
+    pub(super) async fn revoke_unserved(
+        &self,
+        deleted: &EntryRecord,
+        op: &Operator,
+    ) -> Result<(), Status> {
+        let still_served = self
+            .registry
+            .list_entries(&EntryFilter {
+                parent_id: Some(deleted.parent_id.clone()),
+                spiffe_id: Some(deleted.spiffe_id.clone()),
+            })
+            .await?
+            .iter()
+            .any(|e| e.id != deleted.id);
+        if still_served {
+            return Ok(());
+        }
+        let held = self
+            .broker
+            .leases(&LeaseFilter {
+                holder: Some(deleted.spiffe_id.clone()),
+                ..Default::default()
+            })
+            .await?
+            .iter()
+            .any(|l| l.agent_id == deleted.parent_id);
+        if !held {
+            return Ok(());
+        }
+        let report = self
+            .revoker
+            .revoke(
+                Target::Unserved {
+                    spiffe_id: deleted.spiffe_id.clone(),
+                    agent: deleted.parent_id.clone(),
+                },
+                "the entry that let the agent serve this identity was deleted",
+                &op.actor(),
+                Some(std::time::Duration::from_secs(1)),
+            )
+            .await
+            .map_err(crate::api::status::revoke_status)?;
+        tracing::warn!(spiffe_id = %deleted.spiffe_id, agent = %deleted.parent_id, leases = report.scope.lease_ids.len(), "revoked the leases of an identity its agent no longer serves");
+        Ok(())
+    }
+
     pub(super) async fn credential_summary(
         &self,
         name: &str,
@@ -59,9 +111,36 @@ impl AdminApi {
         let spec = CredentialSpec::from_toml(definition)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = spec.name.clone();
+        let grants = spec.grants.clone();
         self.broker.create(spec).await?;
         tracing::info!(uid = op.uid, credential = %name, "credential defined");
         self.record(op.event("credential.create", &name)).await?;
+        // A redefinition that grants fewer holders takes back what they hold, through
+        // the acknowledged revocation so that agents drop their copies too.
+        let ungranted = self
+            .broker
+            .leases(&LeaseFilter {
+                credential: Some(name.clone()),
+                ..Default::default()
+            })
+            .await?
+            .iter()
+            .any(|l| !grants.contains(&l.holder));
+        if ungranted {
+            let report = self
+                .revoker
+                .revoke(
+                    Target::Ungranted { name: name.clone() },
+                    "the credential's definition no longer grants its holder",
+                    &op.actor(),
+                    // The backend revocation is done before this returns; agents that
+                    // have not acknowledged within a second stay pending on the record.
+                    Some(std::time::Duration::from_secs(1)),
+                )
+                .await
+                .map_err(crate::api::status::revoke_status)?;
+            tracing::warn!(credential = %name, leases = report.scope.lease_ids.len(), "revoked the leases of holders the new definition does not grant");
+        }
         self.credential_summary(&name).await
     }
 

@@ -243,6 +243,7 @@ impl Admin for AdminApi {
                 .scope(format!("entry {}", deleted.id)),
         )
         .await?;
+        self.revoke_unserved(&deleted, &op).await?;
         Ok(Response::new(v1::DeleteEntryResponse { id: deleted.id }))
     }
 

@@ -400,4 +400,32 @@ impl Node for NodeApi {
             notice: granted.notice.unwrap_or_default(),
         }))
     }
+
+    async fn renew_credential(
+        &self,
+        request: Request<v1::RenewCredentialRequest>,
+    ) -> Result<Response<v1::RenewedCredential>, Status> {
+        let agent = self.authenticate(&request, "RenewCredential").await?;
+        let body = request.into_inner();
+        if body.lease_id.is_empty() {
+            return Err(Status::invalid_argument("lease_id is required"));
+        }
+        if body.ttl_seconds < 0 {
+            return Err(Status::invalid_argument("ttl_seconds must not be negative"));
+        }
+        let (lease, renewed_at, notice) = self
+            .broker
+            .renew(
+                &agent.spiffe_id,
+                &body.lease_id,
+                std::time::Duration::from_secs(body.ttl_seconds as u64),
+            )
+            .await?;
+        Ok(Response::new(v1::RenewedCredential {
+            lease_id: lease.id,
+            renewed_at,
+            expires_at: lease.expires_at,
+            notice: notice.unwrap_or_default(),
+        }))
+    }
 }
