@@ -47,6 +47,9 @@ pub struct DaemonConfig {
     /// TTL-bound credentials issued to workloads (`[[credential]]` tables).
     #[serde(default, rename = "credential")]
     pub credentials: Vec<crate::creds::spec::CredentialSpec>,
+    /// Runtime authorization: where the operator's Cedar policies are, shadow mode.
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +135,7 @@ impl DaemonConfig {
             log: LogConfig::default(),
             secrets: Vec::new(),
             credentials: Vec::new(),
+            policy: crate::policy::PolicyConfig::default(),
         }
     }
 

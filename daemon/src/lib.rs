@@ -10,6 +10,7 @@ pub mod dev;
 pub use mayfly_common::fsutil;
 pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod revoke;
 pub mod secrets;
 pub mod server;

@@ -23,6 +23,7 @@ use crate::creds::Broker;
 use crate::fsutil;
 use crate::identity::{Clock, Registry, SystemClock};
 use crate::metrics::{self, Metrics};
+use crate::policy::PolicyEngine;
 use crate::revoke::Revoker;
 use crate::secrets::engine::{LeaseSettings, RotationEngine};
 use crate::secrets::local::SealingKey;
@@ -46,6 +47,10 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(Daemon, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // First, so that a policy set that does not validate stops the daemon before it
+    // changes anything.
+    let policy = PolicyEngine::load(config.policy.clone(), clock.clone())
+        .map_err(|e| anyhow::anyhow!("loading the policies: {}", e.problems().join("\n  ")))?;
     fsutil::ensure_private_dir(&config.data_dir, 0o700)
         .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
     let url = Some(config.datastore_url.as_str()).filter(|u| !u.is_empty());
@@ -89,13 +94,23 @@ pub async fn start(
     )
     .await
     .context("starting the rotation engine")?;
-    let registry =
-        Arc::new(Registry::load(store.clone(), ca.clone(), &config, clock.clone()).await?);
+    let policy = Arc::new(policy.with_audit(audit.clone()));
+    policy
+        .clone()
+        .reload_on_sighup()
+        .context("watching SIGHUP for policy reloads")?;
+    let registry = Arc::new(
+        Registry::load(store.clone(), ca.clone(), &config, clock.clone())
+            .await?
+            .with_policy(policy.clone()),
+    );
+    // What each agent may see, decided by the policies: one view for every caller.
+    let view = Visibility::new(registry.entries(), secrets.definitions(), policy.clone());
     let broker = Broker::start(
         store.clone(),
         sealing,
         &config.credentials,
-        Visibility::new(registry.entries(), secrets.definitions()),
+        view.clone(),
         audit.clone(),
         clock.clone(),
         config.trust_domain.as_str(),
@@ -107,6 +122,7 @@ pub async fn start(
         secrets.clone(),
         broker.clone(),
         audit.clone(),
+        view.clone(),
     ));
     tokio::spawn(revoker.clone().watch_other_daemons());
     audit.note(
@@ -160,6 +176,7 @@ pub async fn start(
         metrics.clone(),
         audit.clone(),
         revoker.clone(),
+        view,
     ))
     .max_decoding_message_size(config.max_message_bytes);
     let admin_service = AdminServer::new(AdminApi::new(
@@ -168,6 +185,7 @@ pub async fn start(
         broker.clone(),
         audit.clone(),
         revoker.clone(),
+        policy.clone(),
     ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -189,7 +207,7 @@ pub async fn start(
         });
     // Every admin call passes the operator check first, whichever method it names.
     let admin = tonic::transport::Server::builder()
-        .layer(OperatorLayer::new(audit.clone()))
+        .layer(OperatorLayer::new(audit.clone(), policy.clone()))
         .add_service(admin_service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
             let _ = admin_stop.wait_for(|stop| *stop).await;

@@ -1,13 +1,17 @@
-//! What one agent may see: the entries it serves, and the secrets granted to one of their
-//! SPIFFE IDs or to the agent itself. Read from the registry's and the rotation engine's
-//! published snapshots (watch channels), never from the store and never under a lock
+//! What one agent may see: the entries it serves, and the secrets the policies let one of
+//! their SPIFFE IDs or the agent itself read (the built-in policy: those the definition
+//! grants them). Read from the registry's and the rotation engine's published snapshots
+//! (watch channels) and the active policy set, never from the store and never under a lock
 //! another stream waits on, so a sync stream decides what to push without a query.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::policy::{
+    Access, AccessContext, Action, PolicyDecision, PolicyEngine, Principal, Resource, Source,
+};
 use crate::secrets::spec::SecretSpec;
 use crate::store::EntryRecord;
 
@@ -22,23 +26,32 @@ pub type Definitions = Arc<[SecretSpec]>;
 pub struct Grant {
     pub secret: String,
     pub to: Vec<String>,
+    /// The hash of the policy set that granted it.
+    pub policy_set: String,
 }
 
 #[derive(Clone)]
 pub struct Visibility {
     entries: watch::Receiver<EntryIndex>,
     definitions: watch::Receiver<Definitions>,
+    policy: Arc<PolicyEngine>,
 }
 
 impl Visibility {
     pub fn new(
         entries: watch::Receiver<EntryIndex>,
         definitions: watch::Receiver<Definitions>,
+        policy: Arc<PolicyEngine>,
     ) -> Self {
         Self {
             entries,
             definitions,
+            policy,
         }
+    }
+
+    pub fn policy(&self) -> &Arc<PolicyEngine> {
+        &self.policy
     }
 
     /// Entries whose parent is `agent`, sorted by SPIFFE ID then id.
@@ -57,46 +70,149 @@ impl Visibility {
     /// Every secret `agent` may hold, sorted by name.
     pub fn grants(&self, agent: &str) -> Vec<Grant> {
         let definitions = self.definitions.borrow().clone();
-        grants_among(&definitions, &self.served(agent), agent)
+        let served = self.served(agent);
+        definitions
+            .iter()
+            .filter_map(|spec| self.grant_of(spec, &served, agent))
+            .collect()
     }
 
     /// The grant of one secret to `agent`, when it has one.
     pub fn grant(&self, agent: &str, secret: &str) -> Option<Grant> {
         let definitions = self.definitions.borrow().clone();
         let spec = definitions.iter().find(|s| s.name == secret)?;
-        grants_among(std::slice::from_ref(spec), &self.served(agent), agent)
-            .into_iter()
-            .next()
+        self.grant_of(spec, &self.served(agent), agent)
     }
 
-    /// The SPIFFE IDs `agent` serves workloads as.
-    fn served(&self, agent: &str) -> BTreeSet<String> {
-        self.entries
-            .borrow()
-            .values()
-            .filter(|e| e.parent_id == agent)
-            .map(|e| e.spiffe_id.clone())
-            .collect()
+    /// Whether the policies let `holder`, a workload `agent` serves, obtain a credential
+    /// (`ttl_seconds` asked, through `method`). Unserved is refused before any policy;
+    /// a policy's denial is on the audit trail under `credential.issue`.
+    pub fn credential_decision(
+        &self,
+        agent: &str,
+        holder: &str,
+        spec: &crate::creds::spec::CredentialSpec,
+        ttl_seconds: i64,
+        method: &str,
+    ) -> Result<PolicyDecision, CredentialRefusal> {
+        let selectors: Vec<String> = {
+            let index = self.entries.borrow();
+            let mut selectors: Vec<String> = index
+                .values()
+                .filter(|e| e.parent_id == agent && e.spiffe_id == holder)
+                .flat_map(|e| e.selectors.iter().cloned())
+                .collect();
+            if selectors.is_empty()
+                && !index
+                    .values()
+                    .any(|e| e.parent_id == agent && e.spiffe_id == holder)
+            {
+                return Err(CredentialRefusal::Unserved(format!(
+                    "agent {agent} serves no workload {holder}"
+                )));
+            }
+            selectors.sort();
+            selectors.dedup();
+            selectors
+        };
+        let access = Access {
+            principal: Principal::Workload { spiffe_id: holder },
+            action: Action::ObtainCredential,
+            resource: Resource::Credential {
+                name: &spec.name,
+                kind: spec.kind(),
+                grants: &spec.grants,
+                sets: &spec.sets,
+                max_ttl_seconds: spec.max().as_secs() as i64,
+            },
+            context: AccessContext {
+                node: agent,
+                selectors: &selectors,
+                ttl_seconds,
+                source: Source::NodeApi,
+                method,
+            },
+        };
+        self.policy
+            .authorize(&access, "credential.issue")
+            .map_err(|denied| CredentialRefusal::Policy(denied.reason))
+    }
+
+    /// The SPIFFE IDs `agent` serves workloads as, with their entries' selectors.
+    fn served(&self, agent: &str) -> BTreeMap<String, Vec<String>> {
+        let mut served: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for entry in self.entries.borrow().values() {
+            if entry.parent_id == agent {
+                served
+                    .entry(entry.spiffe_id.clone())
+                    .or_default()
+                    .extend(entry.selectors.iter().cloned());
+            }
+        }
+        served
+    }
+
+    /// Who, of `agent` itself and the identities it serves, the policies let read `spec`.
+    /// A denial of what the definition grants is on the audit trail; not being granted is
+    /// not (it is the usual case, asked on every sync).
+    fn grant_of(
+        &self,
+        spec: &SecretSpec,
+        served: &BTreeMap<String, Vec<String>>,
+        agent: &str,
+    ) -> Option<Grant> {
+        let itself = (agent.to_string(), Vec::new());
+        let mut to = Vec::new();
+        let mut policy_set = String::new();
+        for (holder, selectors) in served.iter().chain(std::iter::once((&itself.0, &itself.1))) {
+            let principal = if holder == agent {
+                Principal::Agent { spiffe_id: agent }
+            } else {
+                Principal::Workload { spiffe_id: holder }
+            };
+            let access = Access {
+                principal,
+                action: Action::ReadSecret,
+                resource: Resource::Secret {
+                    name: &spec.name,
+                    grants: &spec.grants,
+                    sets: &spec.sets,
+                },
+                context: AccessContext {
+                    node: agent,
+                    selectors,
+                    ttl_seconds: 0,
+                    source: Source::NodeApi,
+                    method: "Sync",
+                },
+            };
+            let decision = if spec.grants.contains(holder) {
+                self.policy.authorize(&access, "secret.grant").ok()
+            } else {
+                Some(self.policy.decide(&access)).filter(|d| d.allowed)
+            };
+            if let Some(decision) = decision.filter(PolicyDecision::granted) {
+                policy_set = decision.hash;
+                if !to.contains(holder) {
+                    to.push(holder.clone());
+                }
+            }
+        }
+        (!to.is_empty()).then(|| Grant {
+            secret: spec.name.clone(),
+            to,
+            policy_set,
+        })
     }
 }
 
-/// Of `specs`, those granted to `agent` itself or to one of the SPIFFE IDs in `served`.
-pub fn grants_among(specs: &[SecretSpec], served: &BTreeSet<String>, agent: &str) -> Vec<Grant> {
-    specs
-        .iter()
-        .filter_map(|spec| {
-            let to: Vec<String> = spec
-                .grants
-                .iter()
-                .filter(|g| served.contains(*g) || g.as_str() == agent)
-                .cloned()
-                .collect();
-            (!to.is_empty()).then(|| Grant {
-                secret: spec.name.clone(),
-                to,
-            })
-        })
-        .collect()
+/// Why an agent may not have a credential for a holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialRefusal {
+    /// The agent has no entry for the holder (not a policy question).
+    Unserved(String),
+    /// The policies deny it (already on the audit trail).
+    Policy(String),
 }
 
 #[cfg(test)]
@@ -145,7 +261,12 @@ mod tests {
         .into();
         let (_entries_tx, entries) = watch::channel(index);
         let (_definitions_tx, definitions) = watch::channel(definitions);
-        let view = Visibility::new(entries, definitions);
+        let policy = PolicyEngine::load(
+            crate::policy::PolicyConfig::default(),
+            Arc::new(mayfly_common::clock::SystemClock),
+        )
+        .expect("built-in policies");
+        let view = Visibility::new(entries, definitions, Arc::new(policy));
 
         let ids: Vec<_> = view
             .entries(node_a)

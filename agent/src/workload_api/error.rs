@@ -97,6 +97,11 @@ impl WorkloadApiError {
             Self::Mint(status) => {
                 tracing::warn!(code = ?status.code(), error = %status.message(), "minting a JWT-SVID failed");
                 match status.code() {
+                    // The daemon's policies refused it: say so (the deciding policies are
+                    // named; their ids are what the operator wrote, nothing secret).
+                    Code::PermissionDenied if is_policy_denial(status.message()) => {
+                        return Status::permission_denied(status.message().to_string());
+                    }
                     // The entry vanished on the server between our check and the mint.
                     Code::PermissionDenied | Code::NotFound => {
                         return Status::permission_denied(NO_IDENTITY_ISSUED);
@@ -140,4 +145,10 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Whether the daemon's refusal came from its policies (`mayfly_daemon::policy`'s
+/// `PolicyDecision::denial` wording) rather than from a missing entry.
+fn is_policy_denial(message: &str) -> bool {
+    message.contains("denied by policy ") || message.contains("no policy permits it")
 }

@@ -17,6 +17,7 @@ impl From<IdentityError> for Status {
             | IdentityError::BatchTooLarge { .. } => Status::invalid_argument(error.to_string()),
             IdentityError::EntryNotFound(_) => Status::not_found(error.to_string()),
             IdentityError::EntryNotYours { .. }
+            | IdentityError::PolicyDenied { .. }
             | IdentityError::JoinToken(_)
             | IdentityError::AgentEvicted(_)
             | IdentityError::AgentBanned(_) => Status::permission_denied(error.to_string()),
@@ -25,6 +26,7 @@ impl From<IdentityError> for Status {
             }
             IdentityError::Store(store) => store_status(store),
             IdentityError::Signing(ca) => internal("signing", ca),
+            IdentityError::Policy(message) => Status::internal(message),
         }
     }
 }

@@ -55,6 +55,8 @@ impl std::fmt::Display for Actor {
 pub const OK: &str = "ok";
 pub const DENIED: &str = "denied";
 pub const FAILED: &str = "failed";
+/// A policy denied it in shadow mode: it was let through and would have been refused.
+pub const WOULD_DENY: &str = "would-deny";
 
 /// One event, built up field by field. Never put a secret value in any field.
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@
 pub mod credentials;
 pub mod operator;
 pub mod output;
+pub mod policy;
 
 use std::path::PathBuf;
 
@@ -100,6 +101,54 @@ pub enum Command {
         command: AuditCommand,
         #[command(flatten)]
         conn: Connection,
+    },
+    /// Runtime authorization: Cedar policies, validated, shown, reloaded and tested.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check the *.cedar files of DIR against Mayfly's schema (strict), with the built-in
+    /// policies, without a daemon; exits 1 naming the file, line and column of each problem.
+    Validate {
+        dir: PathBuf,
+        /// Without the built-in policies (as `defaults = false` in [policy]).
+        #[arg(long)]
+        no_defaults: bool,
+    },
+    /// The active policy set: its hash, mode, files and policy ids.
+    Show {
+        /// Print every policy's text too.
+        #[arg(long)]
+        text: bool,
+    },
+    /// Read policy_dir again (as SIGHUP does); a set that does not validate is refused and
+    /// the active one stays.
+    Reload,
+    /// Decide one request against the active set, with what the daemon knows of the
+    /// principal and the resource; nothing is granted.
+    Test {
+        /// Mayfly::Workload::"spiffe://example.org/web", Mayfly::Agent::"…", or
+        /// Mayfly::Operator::"<uid>".
+        #[arg(long)]
+        principal: String,
+        /// sign_x509_svid, mint_jwt_svid, read_secret, obtain_credential, elevate,
+        /// admin_read, admin_write, rotate or revoke.
+        #[arg(long)]
+        action: String,
+        /// Mayfly::Entry::"<id>", Mayfly::Audience::"<aud>", Mayfly::Secret::"<name>",
+        /// Mayfly::Credential::"<name>" or Mayfly::AdminCall::"<Method>".
+        #[arg(long)]
+        resource: String,
+        /// JSON object setting context fields: node, selectors, ttl_seconds, source,
+        /// method, time (RFC 3339).
+        #[arg(long)]
+        context: Option<String>,
     },
 }
 

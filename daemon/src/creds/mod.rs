@@ -15,10 +15,11 @@ use std::time::Duration;
 use mayfly_common::clock::{Clock, unix};
 
 use crate::audit::{Actor, Audit, Event};
+use crate::policy::PolicyDecision;
 use crate::secrets::SecretValue;
 use crate::secrets::local::SealingKey;
 use crate::store::{CredentialLease, CredentialRecord, LeaseFilter, LeaseState, Store, StoreError};
-use crate::visibility::Visibility;
+use crate::visibility::{CredentialRefusal, Visibility};
 
 pub mod postgres;
 pub mod spec;
@@ -438,19 +439,22 @@ impl Broker {
             }
             Err(e) => return Err(e),
         };
-        if !self
-            .view
-            .entries(agent)
-            .iter()
-            .any(|e| e.spiffe_id == holder)
-        {
-            return Err(refuse(format!("agent {agent} serves no workload {holder}")));
-        }
-        if !loaded.spec.grants.iter().any(|g| g == holder) {
-            return Err(refuse(format!(
-                "credential {name} is not granted to {holder}"
-            )));
-        }
+        let decision = match self.view.credential_decision(
+            agent,
+            holder,
+            &loaded.spec,
+            requested.as_secs() as i64,
+            "IssueCredential",
+        ) {
+            Ok(decision) => decision,
+            Err(CredentialRefusal::Unserved(why)) => return Err(refuse(why)),
+            // On the trail already, with the deciding policies.
+            Err(CredentialRefusal::Policy(why)) => {
+                return Err(CredsError::Denied(format!(
+                    "credential {name} for {holder}: {why}"
+                )));
+            }
+        };
         let (ttl, notice) = loaded.spec.ttl_for(requested);
         let issued_at = self.now();
         let expires_at = issued_at + ttl.as_secs() as i64;
@@ -509,6 +513,7 @@ impl Broker {
             &lease,
             expires_at - issued_at,
             &notice,
+            &decision,
         )
         .await?;
         tracing::info!(lease = %lease.id, credential = %name, %holder, ttl_secs = expires_at - issued_at, "credential issued");
@@ -567,23 +572,22 @@ impl Broker {
         }
         let loaded = self.load(&lease.credential).await?;
         let holder = lease.holder.clone();
-        if !self
-            .view
-            .entries(agent)
-            .iter()
-            .any(|e| e.spiffe_id == holder)
-        {
-            return Err(refuse(
-                &lease.credential,
-                format!("agent {agent} serves no workload {holder}"),
-            ));
-        }
-        if !loaded.spec.grants.contains(&holder) {
-            return Err(refuse(
-                &lease.credential,
-                format!("credential {} is not granted to {holder}", lease.credential),
-            ));
-        }
+        let decision = match self.view.credential_decision(
+            agent,
+            &holder,
+            &loaded.spec,
+            requested.as_secs() as i64,
+            "RenewCredential",
+        ) {
+            Ok(decision) => decision,
+            Err(CredentialRefusal::Unserved(why)) => return Err(refuse(&lease.credential, why)),
+            Err(CredentialRefusal::Policy(why)) => {
+                return Err(CredsError::Denied(format!(
+                    "credential {} for {holder}: {why}",
+                    lease.credential
+                )));
+            }
+        };
         let (ttl, _) = loaded.spec.ttl_for(requested);
         let wanted = now + ttl.as_secs() as i64;
         let cap = lease.issued_at + loaded.spec.max().as_secs() as i64;
@@ -637,6 +641,7 @@ impl Broker {
             &lease,
             expires_at - now,
             &notice,
+            &decision,
         )
         .await?;
         tracing::info!(lease = %lease_id, credential = %lease.credential, %holder, ttl_secs = expires_at - now, "lease renewed");
@@ -653,13 +658,18 @@ impl Broker {
         lease: &CredentialLease,
         ttl_secs: i64,
         notice: &Option<String>,
+        decision: &PolicyDecision,
     ) -> Result<(), CredsError> {
         let mut event = Event::new(actor, action, &lease.credential)
             .scope(format!(
                 "lease {} for {} as {}",
                 lease.id, lease.holder, lease.backend_id
             ))
-            .ttl_secs(ttl_secs);
+            .ttl_secs(ttl_secs)
+            .detail(serde_json::json!({
+                "policy_set": decision.hash,
+                "deciding": decision.policies,
+            }));
         if let Some(notice) = notice {
             event = event.reason(notice.clone());
         }

@@ -18,6 +18,9 @@ pub struct CredentialSpec {
     /// SPIFFE IDs that may obtain it.
     #[serde(default)]
     pub grants: Vec<String>,
+    /// The policy sets (`Mayfly::CredentialSet`) it is in, for policies about groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<String>,
     /// When the request names none. Default 1 h.
     #[serde(default = "default_ttl", with = "humantime_serde_compat")]
     pub default_ttl: Duration,

@@ -84,6 +84,11 @@ pub enum IdentityError {
     Store(StoreError),
     #[error("signing failed: {0}")]
     Signing(CaError),
+    /// The policies denied it; the denial is already on the audit trail.
+    #[error("{what}: {reason}")]
+    PolicyDenied { what: String, reason: String },
+    #[error("the policies do not load: {0}")]
+    Policy(String),
 }
 
 impl From<StoreError> for IdentityError {
@@ -144,6 +149,8 @@ pub struct Registry {
     agent_cache: Mutex<HashMap<String, (AgentRecord, Instant)>>,
     // Set when the daemon stops, so long-lived streams end and shutdown can finish.
     closing: watch::Sender<bool>,
+    /// Decides each signing and minting after the entry checks.
+    policy: Arc<crate::policy::PolicyEngine>,
 }
 
 const AGENT_CACHE_TTL: Duration = Duration::from_secs(1);
@@ -162,6 +169,11 @@ impl Registry {
             .collect::<HashMap<_, _>>();
         let (entries, _) = watch::channel(Arc::new(index));
         let (changes, _) = broadcast::channel(4096);
+        let policy = crate::policy::PolicyEngine::load(
+            crate::policy::PolicyConfig::default(),
+            clock.clone(),
+        )
+        .map_err(|e| IdentityError::Policy(e.to_string()))?;
         Ok(Self {
             store,
             ca,
@@ -176,11 +188,23 @@ impl Registry {
             changes,
             agent_cache: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
+            policy: Arc::new(policy),
         })
+    }
+
+    /// Decides signing and minting with `policy` (the built-in policies until then).
+    pub fn with_policy(mut self, policy: Arc<crate::policy::PolicyEngine>) -> Self {
+        self.policy = policy;
+        self
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The hash of the policy set deciding now, for the records of what it granted.
+    pub fn policy_set(&self) -> String {
+        self.policy.current().hash.clone()
     }
 
     pub fn ca(&self) -> &Arc<CaManager> {

@@ -2,6 +2,7 @@
 //! agent serves, and JWT-SVIDs.
 
 use super::*;
+use crate::policy::{Access, AccessContext, Action, Principal, Resource, Source};
 
 impl Registry {
     pub(super) fn sign_agent(
@@ -68,6 +69,26 @@ impl Registry {
                 t if t > 0 => Duration::from_secs(t as u64),
                 _ => self.default_x509_ttl,
             };
+            let access = Access {
+                principal: Principal::Workload {
+                    spiffe_id: &entry.spiffe_id,
+                },
+                action: Action::SignX509Svid,
+                resource: Resource::Entry(entry),
+                context: AccessContext {
+                    node: agent,
+                    selectors: &entry.selectors,
+                    ttl_seconds: ttl.as_secs() as i64,
+                    source: Source::NodeApi,
+                    method: "SignSvids",
+                },
+            };
+            self.policy
+                .authorize(&access, "svid.sign")
+                .map_err(|denied| IdentityError::PolicyDenied {
+                    what: format!("X509-SVID for entry {entry_id} ({})", entry.spiffe_id),
+                    reason: denied.reason,
+                })?;
             let issued = authorities
                 .x509
                 .sign_svid(
@@ -121,6 +142,28 @@ impl Registry {
             t if t > 0 => Duration::from_secs(t as u64),
             _ => self.default_jwt_ttl,
         };
+        for aud in audience {
+            let access = Access {
+                principal: Principal::Workload {
+                    spiffe_id: &entry.spiffe_id,
+                },
+                action: Action::MintJwtSvid,
+                resource: Resource::Audience(aud),
+                context: AccessContext {
+                    node: agent,
+                    selectors: &entry.selectors,
+                    ttl_seconds: ttl.as_secs() as i64,
+                    source: Source::NodeApi,
+                    method: "MintJwtSvid",
+                },
+            };
+            self.policy
+                .authorize(&access, "jwt.mint")
+                .map_err(|denied| IdentityError::PolicyDenied {
+                    what: format!("JWT-SVID for {} with audience {aud}", entry.spiffe_id),
+                    reason: denied.reason,
+                })?;
+        }
         let now = self.now();
         let token = self
             .ca

@@ -258,8 +258,8 @@ impl Revoker {
         secrets: Arc<RotationEngine>,
         broker: Arc<crate::creds::Broker>,
         audit: Audit,
+        view: crate::visibility::Visibility,
     ) -> Self {
-        let view = crate::visibility::Visibility::new(registry.entries(), secrets.definitions());
         Self {
             registry,
             secrets,

@@ -35,6 +35,9 @@ pub struct SecretSpec {
     /// SPIFFE IDs that may receive the value through their agent.
     #[serde(default)]
     pub grants: Vec<String>,
+    /// The policy sets (`Mayfly::SecretSet`) it is in, for policies about groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ use operator::Operator;
 mod audit;
 mod credentials;
 pub mod operator;
+mod policy;
 use crate::audit::{Audit, Event};
 use crate::ca::{bundle_jwks, bundle_pem};
 use crate::identity::{EntryChange, EntryInput, Registry};
@@ -31,6 +32,7 @@ pub struct AdminApi {
     broker: Arc<crate::creds::Broker>,
     audit: Audit,
     revoker: Arc<Revoker>,
+    policy: Arc<crate::policy::PolicyEngine>,
 }
 
 impl AdminApi {
@@ -40,6 +42,7 @@ impl AdminApi {
         broker: Arc<crate::creds::Broker>,
         audit: Audit,
         revoker: Arc<Revoker>,
+        policy: Arc<crate::policy::PolicyEngine>,
     ) -> Self {
         Self {
             registry,
@@ -47,6 +50,7 @@ impl AdminApi {
             broker,
             audit,
             revoker,
+            policy,
         }
     }
 
@@ -622,6 +626,33 @@ impl Admin for AdminApi {
     ) -> Result<Response<Self::ListAuditStream>, Status> {
         Operator::of(&request)?;
         Ok(Response::new(self.audit_pages(request.into_inner())))
+    }
+
+    async fn show_policy(
+        &self,
+        request: Request<v1::ShowPolicyRequest>,
+    ) -> Result<Response<v1::PolicySet>, Status> {
+        Operator::of(&request)?;
+        let active = self.policy.current();
+        Ok(Response::new(
+            self.policy_set(&active, request.get_ref().text),
+        ))
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<v1::ReloadPolicyRequest>,
+    ) -> Result<Response<v1::PolicySet>, Status> {
+        let op = Operator::of(&request)?;
+        Ok(Response::new(self.reload_policy_set(&op).await?))
+    }
+
+    async fn test_policy(
+        &self,
+        request: Request<v1::TestPolicyRequest>,
+    ) -> Result<Response<v1::PolicyDecision>, Status> {
+        Operator::of(&request)?;
+        Ok(Response::new(self.decide_test(request.into_inner()).await?))
     }
 
     async fn verify_audit(

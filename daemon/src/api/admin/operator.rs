@@ -6,6 +6,7 @@
 //! `Operator::event`, so no method can skip the check or make an unattributed record.
 
 use std::future::{Ready, ready};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::Either;
@@ -13,6 +14,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
 use crate::audit::{Actor, Audit, Event};
+use crate::policy::{Access, AccessContext, Action, PolicyEngine, Principal, Resource, Source};
 
 /// The caller of an admin method, as the gate checked it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,19 +43,25 @@ impl Operator {
     }
 }
 
+/// Admin calls the policies do not decide, so that no policy can lock the operators out
+/// of seeing and replacing the policies themselves.
+const UNDECIDED: [&str; 2] = ["ShowPolicy", "ReloadPolicy"];
+
 /// Installs the gate on the admin server (`Server::builder().layer(..)`).
 #[derive(Clone)]
 pub struct OperatorLayer {
     audit: Audit,
     /// The daemon's own effective uid, which may administer it besides root.
     own_uid: u32,
+    policy: Arc<PolicyEngine>,
 }
 
 impl OperatorLayer {
-    pub fn new(audit: Audit) -> Self {
+    pub fn new(audit: Audit, policy: Arc<PolicyEngine>) -> Self {
         Self {
             audit,
             own_uid: crate::sys::effective_uid(),
+            policy,
         }
     }
 
@@ -73,6 +81,30 @@ impl OperatorLayer {
                 Event::new(&Actor::Operator(uid), "admin.denied", &call).denied(why.clone()),
             );
             return Err(Status::permission_denied(why));
+        }
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        if !UNDECIDED.contains(&method) {
+            let name = uzers::get_user_by_uid(uid)
+                .map(|u| u.name().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let access = Access {
+                principal: Principal::Operator { uid, name: &name },
+                action: Action::of_admin_method(method),
+                resource: Resource::AdminCall(method),
+                context: AccessContext {
+                    node: "",
+                    selectors: &[],
+                    ttl_seconds: 0,
+                    source: Source::AdminSocket,
+                    method,
+                },
+            };
+            // A denial is on the trail already, naming the deciding policies.
+            self.policy
+                .authorize(&access, &format!("admin.{call}"))
+                .map_err(|denied| {
+                    Status::permission_denied(format!("{method}: {}", denied.reason))
+                })?;
         }
         Ok(Operator { uid })
     }

@@ -52,8 +52,8 @@ impl NodeApi {
         metrics: Arc<Metrics>,
         audit: Audit,
         revoker: Arc<Revoker>,
+        view: Visibility,
     ) -> Self {
-        let view = Visibility::new(registry.entries(), secrets.definitions());
         Self {
             registry,
             secrets,
@@ -227,11 +227,14 @@ impl Node for NodeApi {
             .sign_batch(&agent.spiffe_id, &csrs)
             .map_err(|e| {
                 tracing::warn!(agent = %agent.spiffe_id, error = %e, "signing refused");
-                self.audit.note_refusal(
-                    Event::new(&actor, "svid.sign", "")
-                        .scope(format!("{} CSRs", csrs.len()))
-                        .denied(e.to_string()),
-                );
+                // A policy's denial is on the trail already, with its deciding policies.
+                if !matches!(e, crate::identity::IdentityError::PolicyDenied { .. }) {
+                    self.audit.note_refusal(
+                        Event::new(&actor, "svid.sign", "")
+                            .scope(format!("{} CSRs", csrs.len()))
+                            .denied(e.to_string()),
+                    );
+                }
                 Status::from(e)
             })?;
         // The serials are on record before anyone holds them, so a revocation finds them.
@@ -255,6 +258,7 @@ impl Node for NodeApi {
             .ttl_secs(signed.iter().map(|s| s.issued.not_after - s.issued.not_before).max().unwrap_or(0))
             .detail(serde_json::json!({
                 "serials": signed.iter().map(|s| (s.entry_id.as_str(), s.issued.serial_hex.as_str())).collect::<Vec<_>>(),
+                "policy_set": self.registry.policy_set(),
             }));
         self.audit.record_issued(event, issued).await.map_err(|e| {
             tracing::error!(error = %e, "signed SVIDs not recorded; refusing to hand them out");
@@ -291,18 +295,21 @@ impl Node for NodeApi {
             {
                 Ok(minted) => minted,
                 Err(e) => {
-                    self.audit.note_refusal(
-                        Event::new(&actor, "jwt.mint", &body.entry_id)
-                            .scope(format!("aud {}", body.audience.join(",")))
-                            .denied(e.to_string()),
-                    );
+                    if !matches!(e, crate::identity::IdentityError::PolicyDenied { .. }) {
+                        self.audit.note_refusal(
+                            Event::new(&actor, "jwt.mint", &body.entry_id)
+                                .scope(format!("aud {}", body.audience.join(",")))
+                                .denied(e.to_string()),
+                        );
+                    }
                     return Err(e.into());
                 }
             };
         self.audit.note(
             Event::new(&actor, "jwt.mint", &spiffe_id)
                 .scope(format!("aud {}", body.audience.join(",")))
-                .ttl_secs(expires_at - mayfly_common::clock::unix(self.registry.now())),
+                .ttl_secs(expires_at - mayfly_common::clock::unix(self.registry.now()))
+                .detail(serde_json::json!({ "policy_set": self.registry.policy_set() })),
         );
         self.metrics.svids_signed(SvidKind::Jwt, 1);
         Ok(Response::new(v1::MintJwtSvidResponse {

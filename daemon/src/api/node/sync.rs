@@ -1,6 +1,7 @@
 //! One agent's sync stream: the full state when it connects, then each change that
 //! concerns it (its entries, revocations it must apply, promoted versions of the secrets
-//! it may hold, the trust bundle), until it goes away, is evicted or the daemon stops.
+//! it may hold, the trust bundle; the whole state again when the policies change), until
+//! it goes away, is evicted or the daemon stops.
 //!
 //! What the agent may see is decided by the view (`crate::visibility`); a promoted value
 //! and a revocation's replacements arrive with their values, read from the secret's store
@@ -23,6 +24,7 @@ pub(super) struct Subscriptions {
     authorities: watch::Receiver<Arc<Authorities>>,
     closing: watch::Receiver<bool>,
     promoted: broadcast::Receiver<Arc<Promoted>>,
+    policy: watch::Receiver<Arc<crate::policy::ActivePolicy>>,
 }
 
 impl Subscriptions {
@@ -32,6 +34,7 @@ impl Subscriptions {
             authorities: api.registry.ca().subscribe(),
             closing: api.registry.closing(),
             promoted: api.secrets.subscribe(),
+            policy: api.view.policy().subscribe(),
         }
     }
 }
@@ -59,6 +62,7 @@ impl NodeApi {
             mut authorities,
             mut closing,
             mut promoted,
+            mut policy,
         } = subscriptions;
         let (tx, rx) = mpsc::channel(256);
         tx.send(Ok(self.full_state(&agent_id).await?))
@@ -126,6 +130,16 @@ impl NodeApi {
                             break;
                         }
                         Update::BundleChanged(api.bundle())
+                    }
+                    // What the agent may hold is decided again under the new policies.
+                    changed = policy.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        match api.full_state(&agent_id).await {
+                            Ok(v1::SyncMessage { update: Some(update) }) => update,
+                            _ => break,
+                        }
                     }
                 };
                 if tx
@@ -225,6 +239,7 @@ impl NodeApi {
     }
 
     fn note_grants(&self, agent: &str, secrets: &[v1::GrantedSecret]) {
+        let policy_set = self.view.policy().current().hash.clone();
         for secret in secrets {
             self.audit.note(
                 Event::new(
@@ -236,7 +251,8 @@ impl NodeApi {
                     "version {} to {}",
                     secret.version,
                     secret.granted_to.join(", ")
-                )),
+                ))
+                .detail(serde_json::json!({ "policy_set": policy_set })),
             );
         }
     }

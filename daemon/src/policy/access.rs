@@ -1,0 +1,445 @@
+//! One authorization request in Mayfly's terms (who, what, on what, in which context),
+//! and its translation into Cedar's entities, request and context. Everything here is
+//! built by the daemon from what it attested and recorded.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::LazyLock;
+use std::time::SystemTime;
+
+use cedar_policy::{
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
+};
+
+use crate::audit::Actor;
+use crate::store::EntryRecord;
+
+/// The actions of the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Action {
+    SignX509Svid,
+    MintJwtSvid,
+    ReadSecret,
+    ObtainCredential,
+    Elevate,
+    AdminRead,
+    AdminWrite,
+    Rotate,
+    Revoke,
+}
+
+impl Action {
+    pub const ALL: [Action; 9] = [
+        Action::SignX509Svid,
+        Action::MintJwtSvid,
+        Action::ReadSecret,
+        Action::ObtainCredential,
+        Action::Elevate,
+        Action::AdminRead,
+        Action::AdminWrite,
+        Action::Rotate,
+        Action::Revoke,
+    ];
+
+    /// The action's id in the schema (`Mayfly::Action::"<name>"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::SignX509Svid => "sign_x509_svid",
+            Action::MintJwtSvid => "mint_jwt_svid",
+            Action::ReadSecret => "read_secret",
+            Action::ObtainCredential => "obtain_credential",
+            Action::Elevate => "elevate",
+            Action::AdminRead => "admin_read",
+            Action::AdminWrite => "admin_write",
+            Action::Rotate => "rotate",
+            Action::Revoke => "revoke",
+        }
+    }
+
+    /// The action groups it is in, besides itself.
+    pub fn groups(self) -> &'static [&'static str] {
+        match self {
+            Action::AdminRead | Action::AdminWrite | Action::Rotate | Action::Revoke => &["admin"],
+            _ => &[],
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Action> {
+        let name = name
+            .strip_prefix("Mayfly::Action::")
+            .map(|quoted| quoted.trim_matches('"'))
+            .unwrap_or(name);
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The action of an admin API method: reading, rotating, revoking or changing.
+    pub fn of_admin_method(method: &str) -> Action {
+        let reads = ["List", "Get", "Show", "Verify", "Test"];
+        if method == "RotateSecret" {
+            Action::Rotate
+        } else if method.starts_with("Revoke") || method == "TaintCa" {
+            Action::Revoke
+        } else if reads.iter().any(|r| method.starts_with(r)) {
+            Action::AdminRead
+        } else {
+            Action::AdminWrite
+        }
+    }
+
+    pub(super) fn uid(self) -> EntityUid {
+        action_uid(self.name())
+    }
+}
+
+pub(super) fn action_uid(name: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(TYPES.action.clone(), EntityId::new(name))
+}
+
+/// Who asks.
+#[derive(Debug, Clone, Copy)]
+pub enum Principal<'a> {
+    /// A node agent, for itself (a secret granted to the agent).
+    Agent {
+        spiffe_id: &'a str,
+    },
+    /// A workload, by the SPIFFE ID its entry gives it.
+    Workload {
+        spiffe_id: &'a str,
+    },
+    Operator {
+        uid: u32,
+        name: &'a str,
+    },
+}
+
+/// What it asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum Resource<'a> {
+    Entry(&'a EntryRecord),
+    Audience(&'a str),
+    Secret {
+        name: &'a str,
+        grants: &'a [String],
+        sets: &'a [String],
+    },
+    Credential {
+        name: &'a str,
+        kind: &'a str,
+        grants: &'a [String],
+        sets: &'a [String],
+        max_ttl_seconds: i64,
+    },
+    AdminCall(&'a str),
+}
+
+impl Resource<'_> {
+    /// Its entity id: the entry's id, the audience, the name or the method.
+    pub fn id(&self) -> &str {
+        match self {
+            Resource::Entry(entry) => &entry.id,
+            Resource::Audience(aud) => aud,
+            Resource::Secret { name, .. } | Resource::Credential { name, .. } => name,
+            Resource::AdminCall(method) => method,
+        }
+    }
+}
+
+/// Where the call came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    NodeApi,
+    AdminSocket,
+    WorkloadApi,
+}
+
+impl Source {
+    pub fn parse(name: &str) -> Option<Source> {
+        [Source::NodeApi, Source::AdminSocket, Source::WorkloadApi]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::NodeApi => "node_api",
+            Source::AdminSocket => "admin_socket",
+            Source::WorkloadApi => "workload_api",
+        }
+    }
+}
+
+/// The context the server builds: the time is added when it decides.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessContext<'a> {
+    /// The agent that asked; "" on the admin socket.
+    pub node: &'a str,
+    pub selectors: &'a [String],
+    /// Seconds asked for; 0 when none were.
+    pub ttl_seconds: i64,
+    pub source: Source,
+    pub method: &'a str,
+}
+
+/// One request to decide.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    pub principal: Principal<'a>,
+    pub action: Action,
+    pub resource: Resource<'a>,
+    pub context: AccessContext<'a>,
+}
+
+struct Types {
+    action: EntityTypeName,
+    agent: EntityTypeName,
+    workload: EntityTypeName,
+    operator: EntityTypeName,
+    entry: EntityTypeName,
+    audience: EntityTypeName,
+    secret: EntityTypeName,
+    secret_set: EntityTypeName,
+    credential: EntityTypeName,
+    credential_set: EntityTypeName,
+    admin_call: EntityTypeName,
+}
+
+static TYPES: LazyLock<Types> = LazyLock::new(|| {
+    // These names are in the schema shipped in this crate; a test loads it.
+    let name = |n: &str| EntityTypeName::from_str(n).expect("a valid Cedar type name");
+    Types {
+        action: name("Mayfly::Action"),
+        agent: name("Mayfly::Agent"),
+        workload: name("Mayfly::Workload"),
+        operator: name("Mayfly::Operator"),
+        entry: name("Mayfly::Entry"),
+        audience: name("Mayfly::Audience"),
+        secret: name("Mayfly::Secret"),
+        secret_set: name("Mayfly::SecretSet"),
+        credential: name("Mayfly::Credential"),
+        credential_set: name("Mayfly::CredentialSet"),
+        admin_call: name("Mayfly::AdminCall"),
+    }
+});
+
+fn uid(kind: &EntityTypeName, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(kind.clone(), EntityId::new(id))
+}
+
+fn string(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_string())
+}
+
+fn strings(values: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(values.iter().map(|v| string(v)))
+}
+
+/// Trust domain and path of a SPIFFE ID; empty when it is not one.
+fn spiffe_parts(id: &str) -> (&str, &str) {
+    let rest = id.strip_prefix("spiffe://").unwrap_or("");
+    match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, ""),
+    }
+}
+
+/// `now` as Cedar's `datetime` reads it (UTC, milliseconds).
+fn cedar_time(now: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(now)
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}
+
+fn entity(
+    uid: EntityUid,
+    attrs: Vec<(&str, RestrictedExpression)>,
+    parents: HashSet<EntityUid>,
+) -> Result<Entity, String> {
+    let attrs: HashMap<String, RestrictedExpression> =
+        attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    Entity::new(uid, attrs, parents).map_err(|e| e.to_string())
+}
+
+impl Access<'_> {
+    /// Who the audit trail names: the agent that asked, or the operator.
+    pub fn actor(&self) -> Actor {
+        match self.principal {
+            Principal::Operator { uid, .. } => Actor::Operator(uid),
+            Principal::Agent { spiffe_id } => Actor::Spiffe(spiffe_id.to_string()),
+            Principal::Workload { spiffe_id } if self.context.node.is_empty() => {
+                Actor::Spiffe(spiffe_id.to_string())
+            }
+            Principal::Workload { .. } => Actor::Spiffe(self.context.node.to_string()),
+        }
+    }
+
+    /// The scope an audit record of this request gives.
+    pub fn scope(&self) -> String {
+        let who = match self.principal {
+            Principal::Agent { spiffe_id } | Principal::Workload { spiffe_id } => {
+                spiffe_id.to_string()
+            }
+            Principal::Operator { uid, name: "" } => format!("uid:{uid}"),
+            Principal::Operator { uid, name } => format!("uid:{uid} ({name})"),
+        };
+        format!(
+            "{} for {who} via {}",
+            self.action.name(),
+            self.context.method
+        )
+    }
+
+    fn principal_entity(&self) -> Result<(EntityUid, Entity), String> {
+        match self.principal {
+            Principal::Agent { spiffe_id } | Principal::Workload { spiffe_id } => {
+                let (trust_domain, path) = spiffe_parts(spiffe_id);
+                let (kind, mut attrs) = match self.principal {
+                    Principal::Agent { .. } => (&TYPES.agent, Vec::new()),
+                    _ => (&TYPES.workload, vec![("path", string(path))]),
+                };
+                attrs.push(("spiffe_id", string(spiffe_id)));
+                attrs.push(("trust_domain", string(trust_domain)));
+                let id = uid(kind, spiffe_id);
+                Ok((id.clone(), entity(id, attrs, HashSet::new())?))
+            }
+            Principal::Operator { uid: n, name } => {
+                let id = uid(&TYPES.operator, &n.to_string());
+                let attrs = vec![
+                    ("uid", RestrictedExpression::new_long(i64::from(n))),
+                    ("name", string(name)),
+                ];
+                Ok((id.clone(), entity(id, attrs, HashSet::new())?))
+            }
+        }
+    }
+
+    /// The resource's entity and those of the sets it is in.
+    fn resource_entities(&self) -> Result<(EntityUid, Vec<Entity>), String> {
+        let in_sets = |kind: &EntityTypeName, sets: &[String]| -> HashSet<EntityUid> {
+            sets.iter().map(|s| uid(kind, s)).collect()
+        };
+        let (id, attrs, parents) = match self.resource {
+            Resource::Entry(entry) => (
+                uid(&TYPES.entry, &entry.id),
+                vec![
+                    ("id", string(&entry.id)),
+                    ("spiffe_id", string(&entry.spiffe_id)),
+                    ("parent", string(&entry.parent_id)),
+                    ("selectors", strings(&entry.selectors)),
+                    ("hint", string(&entry.hint)),
+                ],
+                HashSet::new(),
+            ),
+            Resource::Audience(aud) => (uid(&TYPES.audience, aud), Vec::new(), HashSet::new()),
+            Resource::AdminCall(method) => {
+                (uid(&TYPES.admin_call, method), Vec::new(), HashSet::new())
+            }
+            Resource::Secret { name, grants, sets } => (
+                uid(&TYPES.secret, name),
+                vec![("name", string(name)), ("grants", strings(grants))],
+                in_sets(&TYPES.secret_set, sets),
+            ),
+            Resource::Credential {
+                name,
+                kind,
+                grants,
+                sets,
+                max_ttl_seconds,
+            } => (
+                uid(&TYPES.credential, name),
+                vec![
+                    ("name", string(name)),
+                    ("kind", string(kind)),
+                    ("grants", strings(grants)),
+                    (
+                        "max_ttl_seconds",
+                        RestrictedExpression::new_long(max_ttl_seconds),
+                    ),
+                ],
+                in_sets(&TYPES.credential_set, sets),
+            ),
+        };
+        let mut all: Vec<Entity> = parents
+            .iter()
+            .map(|p| Entity::new_no_attrs(p.clone(), HashSet::new()))
+            .collect();
+        all.push(entity(id.clone(), attrs, parents)?);
+        Ok((id, all))
+    }
+
+    fn context(&self, now: SystemTime) -> Result<Context, String> {
+        let time = cedar_time(now);
+        Context::from_pairs([
+            ("time".to_string(), RestrictedExpression::new_datetime(time)),
+            ("node".to_string(), string(self.context.node)),
+            ("selectors".to_string(), strings(self.context.selectors)),
+            (
+                "ttl_seconds".to_string(),
+                RestrictedExpression::new_long(self.context.ttl_seconds),
+            ),
+            ("source".to_string(), string(self.context.source.name())),
+            ("method".to_string(), string(self.context.method)),
+        ])
+        .map_err(|e| e.to_string())
+    }
+
+    /// What the request is made of, as JSON: the principal's and the resource's entities
+    /// and the context (for `policy test`).
+    pub fn describe(&self, now: SystemTime) -> serde_json::Value {
+        let json = |e: Result<Entity, String>| {
+            e.and_then(|e| e.to_json_value().map_err(|e| e.to_string()))
+                .unwrap_or_else(serde_json::Value::String)
+        };
+        let resource = self
+            .resource_entities()
+            .map(|(_, all)| all.into_iter().map(|e| json(Ok(e))).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let time = cedar_time(now);
+        serde_json::json!({
+            "principal": json(self.principal_entity().map(|(_, e)| e)),
+            "action": format!("Mayfly::Action::\"{}\"", self.action.name()),
+            "resource": resource,
+            "context": {
+                "time": time,
+                "node": self.context.node,
+                "selectors": self.context.selectors,
+                "ttl_seconds": self.context.ttl_seconds,
+                "source": self.context.source.name(),
+                "method": self.context.method,
+            },
+        })
+    }
+
+    /// Cedar's request and the entities it needs; `actions` are the schema's action
+    /// entities. Not validated against the schema here (it costs as much as the decision):
+    /// a test checks that what this builds conforms.
+    pub(super) fn cedar_request(
+        &self,
+        actions: &[Entity],
+        now: SystemTime,
+    ) -> Result<(Request, Entities), String> {
+        self.cedar_request_checked(actions, now, None)
+    }
+
+    pub(super) fn cedar_request_checked(
+        &self,
+        actions: &[Entity],
+        now: SystemTime,
+        schema: Option<&cedar_policy::Schema>,
+    ) -> Result<(Request, Entities), String> {
+        let (principal, principal_entity) = self.principal_entity()?;
+        let (resource, mut own) = self.resource_entities()?;
+        own.push(principal_entity);
+        let request = Request::new(
+            principal,
+            self.action.uid(),
+            resource,
+            self.context(now)?,
+            schema,
+        )
+        .map_err(|e| e.to_string())?;
+        let entities = Entities::from_entities(actions.iter().cloned().chain(own), schema)
+            .map_err(|e| e.to_string())?;
+        Ok((request, entities))
+    }
+}

@@ -1,0 +1,521 @@
+//! Runtime authorization end to end: a real `mayflyd` with Cedar policies in its
+//! policy_dir, real agents and the `spiffe` crate as the workload, the node API played
+//! over mTLS, and the operator's `mayflyd policy …` commands.
+
+use std::time::Duration;
+
+use spiffe::WorkloadApiClient;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use mayfly_daemon::ca::generate_csr;
+use mayfly_proto::v1::{self, sync_message::Update};
+use mayfly_tests::harness::{AgentProcess, DaemonOptions, DaemonProcess, init, wait_for};
+
+const NODE_A: &str = "spiffe://example.org/node/a";
+const NODE_B: &str = "spiffe://example.org/node/b";
+
+const NO_BILLING: &str = r#"@id("no-billing-tokens")
+forbid(principal, action == Mayfly::Action::"mint_jwt_svid", resource == Mayfly::Audience::"billing");
+"#;
+
+/// A daemon whose policy_dir holds `files`; `enforce = false` for shadow mode.
+fn daemon_with(files: &[(&str, &str)], enforce: bool) -> (DaemonProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let daemon = DaemonProcess::start(DaemonOptions {
+        extra_toml: format!(
+            "[policy]\ndir = \"{}\"\nenforce = {enforce}\n",
+            dir.path().display()
+        ),
+        ..Default::default()
+    })
+    .unwrap();
+    (daemon, dir)
+}
+
+fn audit(daemon: &DaemonProcess, action: &str) -> Vec<serde_json::Value> {
+    daemon
+        .cli_json(&["audit", "list", "--action", action])
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn csr_request(entry_id: &str) -> v1::SignSvidsRequest {
+    let (_key, csr) = generate_csr(None).unwrap();
+    v1::SignSvidsRequest {
+        csrs: vec![v1::SvidCsr {
+            entry_id: entry_id.to_string(),
+            csr,
+        }],
+    }
+}
+
+fn mint(entry_id: &str, audience: &str) -> v1::MintJwtSvidRequest {
+    v1::MintJwtSvidRequest {
+        entry_id: entry_id.to_string(),
+        audience: vec![audience.to_string()],
+    }
+}
+
+fn policy_hash(daemon: &DaemonProcess) -> String {
+    daemon.cli_json(&["policy", "show"]).unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_forbidden_jwt_audience_is_refused_at_the_agent_while_others_work() {
+    init();
+    let (daemon, _dir) = daemon_with(&[("jwt.cedar", NO_BILLING)], true);
+    daemon
+        .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:0", &[])
+        .unwrap();
+    let agent = AgentProcess::start(&daemon, NODE_A).unwrap();
+    let api = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+
+    // The entry reaches the agent asynchronously; a permitted audience works once it has.
+    let mut token = None;
+    for _ in 0..100 {
+        match api.fetch_jwt_svid(["orders"], None).await {
+            Ok(jwt) => {
+                token = Some(jwt);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let token = token.expect("a JWT-SVID for a permitted audience");
+    assert_eq!(token.spiffe_id().to_string(), "spiffe://example.org/web");
+
+    let refused = api
+        .fetch_jwt_svid(["billing"], None)
+        .await
+        .expect_err("the forbidden audience is refused");
+    let text = format!("{refused:?}");
+    assert!(
+        text.contains("PermissionDenied") && text.contains("no-billing-tokens"),
+        "{text}"
+    );
+
+    let denied = audit(&daemon, "jwt.mint");
+    let denial = denied
+        .iter()
+        .find(|r| r["outcome"] == "denied")
+        .expect("the denial is on the audit trail");
+    assert!(
+        denial["reason"]
+            .as_str()
+            .unwrap()
+            .contains("denied by policy no-billing-tokens"),
+        "{denial}"
+    );
+    let hash = policy_hash(&daemon);
+    let granted = denied
+        .iter()
+        .find(|r| r["outcome"] == "ok")
+        .expect("the grant is on the trail");
+    assert!(
+        granted["detail"].to_string().contains(&hash),
+        "a granting record carries the policy set's hash: {granted}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_scoped_forbid_stops_one_agents_signing_only() {
+    init();
+    let (daemon, _dir) = daemon_with(
+        &[(
+            "nodes.cedar",
+            &format!(
+                "@id(\"quarantine-node-b\")\nforbid(principal, action == Mayfly::Action::\"sign_x509_svid\", resource)\nwhen {{ context.node == \"{NODE_B}\" }};\n"
+            ),
+        )],
+        true,
+    );
+    let a = daemon.attest(NODE_A).await.unwrap();
+    let b = daemon.attest(NODE_B).await.unwrap();
+    let on_a = daemon
+        .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:1000", &[])
+        .unwrap();
+    let on_b = daemon
+        .create_entry("spiffe://example.org/web", NODE_B, "unix:uid:1000", &[])
+        .unwrap();
+
+    let signed = daemon
+        .node(&a)
+        .await
+        .unwrap()
+        .sign_svids(csr_request(&on_a))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signed.svids.len(), 1);
+    let refused = daemon
+        .node(&b)
+        .await
+        .unwrap()
+        .sign_svids(csr_request(&on_b))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("quarantine-node-b"),
+        "{refused:?}"
+    );
+
+    let trail = audit(&daemon, "svid.sign");
+    let denial = trail
+        .iter()
+        .find(|r| r["outcome"] == "denied")
+        .expect("the denial is on the trail");
+    assert_eq!(denial["actor"], NODE_B);
+    assert!(
+        denial["detail"].to_string().contains("quarantine-node-b"),
+        "{denial}"
+    );
+    assert!(
+        trail.iter().any(|r| r["outcome"] == "ok"
+            && r["actor"] == NODE_A
+            && r["detail"].to_string().contains(&policy_hash(&daemon))),
+        "{trail:?}"
+    );
+}
+
+/// A window of two hours that does not include the present hour (UTC), and one that does.
+fn windows() -> (String, String) {
+    let hour = (mayfly_common::clock::unix(std::time::SystemTime::now()) / 3600 % 24) as u32;
+    let window = |from: u32, hours: u32| {
+        format!(
+            "@id(\"office-hours\")\nforbid(principal, action == Mayfly::Action::\"read_secret\", resource)\n\
+             unless {{ context.time.toTime() >= duration(\"{from}h\") && context.time.toTime() < duration(\"{}h\") }};\n",
+            from + hours
+        )
+    };
+    // Two hours ending 2 hours before now (or starting 3 hours after, early in the day)
+    // leave now and the next hour outside; three hours from the hour before hold now and
+    // the next hour, so the test may cross an hour either way.
+    let outside = if hour >= 4 { hour - 4 } else { hour + 3 };
+    let inside = hour.saturating_sub(1).min(21);
+    (window(outside, 2), window(inside, 3))
+}
+
+async fn next_full_state(stream: &mut tonic::Streaming<v1::SyncMessage>) -> v1::FullState {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a sync message within 10 s")
+            .expect("stream open")
+            .expect("no error");
+        if let Some(Update::FullState(state)) = message.update {
+            return state;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_time_window_refuses_a_secret_grant_outside_it_and_a_reload_grants_it_inside() {
+    init();
+    let (outside, inside) = windows();
+    let (daemon, dir) = daemon_with(&[("hours.cedar", &outside)], true);
+    let agent = daemon.attest(NODE_A).await.unwrap();
+    daemon
+        .create_entry("spiffe://example.org/db", NODE_A, "unix:uid:1000", &[])
+        .unwrap();
+    daemon
+        .define_secret(
+            "name = \"db-password\"\nschedule = \"@yearly\"\ngrants = [\"spiffe://example.org/db\"]\n\
+             [store]\nkind = \"local\"\n[target]\nkind = \"none\"\n",
+        )
+        .unwrap();
+    daemon.cli_ok(&["secret", "rotate", "db-password"]).unwrap();
+
+    let mut node = daemon.node(&agent).await.unwrap();
+    let mut stream = node.sync(v1::SyncRequest {}).await.unwrap().into_inner();
+    let state = next_full_state(&mut stream).await;
+    assert_eq!(state.entries.len(), 1);
+    assert!(
+        state.secrets.is_empty(),
+        "outside the window the secret is not granted: {:?}",
+        state.secrets.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let denial = audit(&daemon, "secret.grant")
+        .into_iter()
+        .find(|r| r["outcome"] == "denied")
+        .expect("the refused grant is on the trail");
+    assert!(
+        denial["reason"].as_str().unwrap().contains("office-hours"),
+        "{denial}"
+    );
+
+    // Inside the window, reloaded: the agent's stream gets the secret at once.
+    std::fs::write(dir.path().join("hours.cedar"), inside).unwrap();
+    daemon.cli_ok(&["policy", "reload"]).unwrap();
+    let state = next_full_state(&mut stream).await;
+    assert_eq!(
+        state
+            .secrets
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["db-password"]
+    );
+    let reloads = audit(&daemon, "policy.reload");
+    assert!(reloads.iter().any(|r| r["outcome"] == "ok"), "{reloads:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_policy_is_refused_and_the_old_one_keeps_deciding() {
+    init();
+    let (daemon, dir) = daemon_with(&[("jwt.cedar", NO_BILLING)], true);
+    let agent = daemon.attest(NODE_A).await.unwrap();
+    let entry = daemon
+        .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:1000", &[])
+        .unwrap();
+    let before = policy_hash(&daemon);
+
+    std::fs::write(
+        dir.path().join("typo.cedar"),
+        "permit(principal, action, resource)\nwhen { resource.onwer == \"x\" };\n",
+    )
+    .unwrap();
+    let out = daemon.cli(&["policy", "reload"]).unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("typo.cedar:2:") && stderr.contains("onwer"),
+        "names the file, line and attribute: {stderr}"
+    );
+    assert!(stderr.contains("the active policy set stays"), "{stderr}");
+    assert_eq!(policy_hash(&daemon), before);
+    let refused = daemon
+        .node(&agent)
+        .await
+        .unwrap()
+        .mint_jwt_svid(mint(&entry, "billing"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let failed = audit(&daemon, "policy.reload");
+    assert!(
+        failed.iter().any(|r| r["outcome"] == "failed"
+            && r["reason"].as_str().unwrap_or("").contains("typo.cedar:2:")),
+        "{failed:?}"
+    );
+
+    // `policy validate` says the same offline, and a daemon will not start on it.
+    let out = daemon
+        .cli(&["policy", "validate", &dir.path().display().to_string()])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("typo.cedar:2:"));
+    let refused = DaemonProcess::start(DaemonOptions {
+        extra_toml: format!("[policy]\ndir = \"{}\"\n", dir.path().display()),
+        ..Default::default()
+    })
+    .err()
+    .expect("a daemon does not start on a policy set that does not validate");
+    assert!(
+        format!("{refused:#}").contains("loading the policies: typo.cedar:2:"),
+        "{refused:#}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_under_load_loses_no_request() {
+    init();
+    let (daemon, dir) = daemon_with(&[("jwt.cedar", NO_BILLING)], true);
+    let agent = daemon.attest(NODE_A).await.unwrap();
+    let entry = daemon
+        .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:1000", &[])
+        .unwrap();
+    let node = daemon.node(&agent).await.unwrap();
+
+    let load = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for worker in 0..4 {
+            let mut node = node.clone();
+            let entry = entry.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for i in 0..150 {
+                    let audience = format!("svc-{worker}-{i}");
+                    let ok = node.mint_jwt_svid(mint(&entry, &audience)).await.is_ok();
+                    let billing = node.mint_jwt_svid(mint(&entry, "billing")).await;
+                    outcomes.push((ok, billing.map(|_| ()).map_err(|e| e.code())));
+                }
+                outcomes
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    });
+    // Reloads of sets that all forbid billing, one of them extended each time.
+    for n in 0..6 {
+        let extra = format!(
+            "@id(\"extra-{n}\")\nforbid(principal, action == Mayfly::Action::\"mint_jwt_svid\", resource == Mayfly::Audience::\"never-{n}\");\n"
+        );
+        std::fs::write(dir.path().join("extra.cedar"), extra).unwrap();
+        daemon.cli_ok(&["policy", "reload"]).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcomes = load.await.unwrap();
+    assert_eq!(outcomes.len(), 600);
+    assert!(
+        outcomes.iter().all(|(ok, _)| *ok),
+        "every permitted request was granted across the reloads"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|(_, billing)| *billing == Err(Code::PermissionDenied)),
+        "every forbidden request was refused across the reloads"
+    );
+}
+
+#[tokio::test]
+async fn shadow_mode_audits_would_be_denials_and_refuses_nothing() {
+    init();
+    let (daemon, _dir) = daemon_with(&[("jwt.cedar", NO_BILLING)], false);
+    let agent = daemon.attest(NODE_A).await.unwrap();
+    let entry = daemon
+        .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:1000", &[])
+        .unwrap();
+    daemon
+        .node(&agent)
+        .await
+        .unwrap()
+        .mint_jwt_svid(mint(&entry, "billing"))
+        .await
+        .expect("shadow mode refuses nothing");
+    let shown = daemon.cli_ok(&["policy", "show"]).unwrap();
+    assert!(shown.contains("mode: shadow"), "{shown}");
+    wait_for(
+        "the would-be denial on the trail",
+        Duration::from_secs(5),
+        || {
+            audit(&daemon, "jwt.mint").iter().any(|r| {
+                r["outcome"] == "would-deny"
+                    && r["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("no-billing-tokens")
+            })
+        },
+    );
+}
+
+#[tokio::test]
+async fn policy_test_explains_a_decision_with_what_the_daemon_knows() {
+    init();
+    let (daemon, _dir) = daemon_with(&[("jwt.cedar", NO_BILLING)], true);
+    let json = daemon
+        .cli_json(&[
+            "policy",
+            "test",
+            "--principal",
+            "Mayfly::Workload::\"spiffe://example.org/web\"",
+            "--action",
+            "mint_jwt_svid",
+            "--resource",
+            "Mayfly::Audience::\"billing\"",
+        ])
+        .unwrap();
+    assert_eq!(json["decision"], "deny");
+    assert_eq!(json["policies"][0], "no-billing-tokens");
+    let json = daemon
+        .cli_json(&[
+            "policy",
+            "test",
+            "--principal",
+            "Mayfly::Operator::\"0\"",
+            "--action",
+            "admin_write",
+            "--resource",
+            "Mayfly::AdminCall::\"CreateEntry\"",
+            "--context",
+            "{\"time\": \"2026-01-01T03:00:00Z\"}",
+        ])
+        .unwrap();
+    assert_eq!(json["decision"], "allow");
+    assert_eq!(json["policies"][0], "mayfly-default-admin");
+    assert_eq!(
+        json["request"]["context"]["time"],
+        "2026-01-01T03:00:00.000Z"
+    );
+    let out = daemon
+        .cli(&[
+            "policy",
+            "test",
+            "--principal",
+            "Mayfly::Robot::\"x\"",
+            "--action",
+            "fly",
+            "--resource",
+            "Mayfly::Audience::\"a\"",
+        ])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown action `fly`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_admin_forbid_refuses_the_call_but_never_the_policy_calls() {
+    init();
+    let (daemon, dir) = daemon_with(
+        &[(
+            "admin.cedar",
+            "@id(\"no-new-entries\")\nforbid(principal, action, resource == Mayfly::AdminCall::\"CreateEntry\");\n",
+        )],
+        true,
+    );
+    let out = daemon
+        .cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--parent-id",
+            NODE_A,
+            "--selector",
+            "unix:uid:1000",
+        ])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-new-entries"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        daemon.cli_ok(&["entry", "list"]).is_ok(),
+        "reads still work"
+    );
+    // Even a policy forbidding every admin call leaves show and reload, to undo it.
+    std::fs::write(
+        dir.path().join("admin.cedar"),
+        "forbid(principal, action, resource);\n",
+    )
+    .unwrap();
+    daemon.cli_ok(&["policy", "reload"]).unwrap();
+    assert!(daemon.cli(&["entry", "list"]).unwrap().status.code() != Some(0));
+    std::fs::remove_file(dir.path().join("admin.cedar")).unwrap();
+    daemon.cli_ok(&["policy", "reload"]).unwrap();
+    daemon
+        .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:1000", &[])
+        .unwrap();
+}
