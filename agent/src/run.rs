@@ -92,6 +92,7 @@ pub async fn start(
     tokio::spawn(
         SvidCache::new(
             config.trust_domain.clone(),
+            identity.borrow().spiffe_id.to_string(),
             config.max_csr_batch,
             client.clone(),
             authorized_rx,

@@ -110,6 +110,10 @@ pub struct WorkloadState {
     pub revoked_all: bool,
     /// Revocations applied and not yet acknowledged, with what the SVID cache did.
     pub revocations: Vec<Arc<PendingRevocation>>,
+    /// The daemon's policies, decided here for Workload API calls; none until pushed.
+    pub policy: Option<Arc<crate::policy::AgentPolicy>>,
+    /// This agent's SPIFFE ID (the `node` of a policy's context).
+    pub node: String,
 }
 
 /// A revocation the agent is carrying out.
@@ -137,6 +141,8 @@ impl WorkloadState {
             revoked_secrets: BTreeSet::new(),
             revoked_all: false,
             revocations: Vec::new(),
+            policy: None,
+            node: String::new(),
         }
     }
 

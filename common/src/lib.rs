@@ -1,11 +1,12 @@
 //! What `mayflyd` and `mayfly-agent` share beyond the wire: SPIFFE IDs and selectors parsed
-//! once, the SVID rules (building, checking, bundles, JWTs), SPIFFE-aware mTLS, the clock,
+//! once, the SVID rules (building, checking, bundles, JWTs), SPIFFE-aware mTLS, Cedar policy decisions, the clock,
 //! atomic files, and how a program loads its config and starts its logging.
 
 #![forbid(unsafe_code)]
 
 pub mod clock;
 pub mod fsutil;
+pub mod policy;
 pub mod process;
 pub mod selector;
 pub mod spiffe_id;

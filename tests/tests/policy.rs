@@ -105,18 +105,20 @@ async fn a_forbidden_jwt_audience_is_refused_at_the_agent_while_others_work() {
         "{text}"
     );
 
-    let denied = audit(&daemon, "jwt.mint");
-    let denial = denied
-        .iter()
-        .find(|r| r["outcome"] == "denied")
-        .expect("the denial is on the audit trail");
-    assert!(
-        denial["reason"]
-            .as_str()
-            .unwrap()
-            .contains("denied by policy no-billing-tokens"),
-        "{denial}"
+    // Decided at the agent, which reports it: on the daemon's trail within a second or so.
+    wait_for(
+        "the agent's denial on the audit trail",
+        Duration::from_secs(10),
+        || {
+            audit(&daemon, "workload.denied").iter().any(|r| {
+                r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("denied by policy no-billing-tokens")
+            })
+        },
     );
+    let denied = audit(&daemon, "jwt.mint");
     let hash = policy_hash(&daemon);
     let granted = denied
         .iter()
@@ -518,4 +520,54 @@ async fn an_admin_forbid_refuses_the_call_but_never_the_policy_calls() {
     daemon
         .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:1000", &[])
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_agent_decides_with_the_callers_selectors_and_holds_a_deny_while_the_daemon_is_down() {
+    init();
+    let local_only = r#"@id("root-gets-no-x509")
+forbid(principal, action == Mayfly::Action::"sign_x509_svid", resource)
+when { context.source == "workload_api" && context.selectors.contains("unix:uid:0") };
+"#;
+    let (mut daemon, _dir) = daemon_with(
+        &[("jwt.cedar", NO_BILLING), ("local.cedar", local_only)],
+        true,
+    );
+    daemon
+        .create_entry("spiffe://example.org/web", NODE_A, "unix:uid:0", &[])
+        .unwrap();
+    let agent = AgentProcess::start(&daemon, NODE_A).unwrap();
+    let api = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    let mut token = None;
+    for _ in 0..100 {
+        if let Ok(jwt) = api.fetch_jwt_svid(["orders"], None).await {
+            token = Some(jwt);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(token.is_some(), "a permitted audience works");
+
+    // The daemon signed the SVID (its requests come from the node API); the agent, which
+    // knows the caller is uid 0, refuses to hand it out.
+    let refused = api
+        .fetch_x509_context()
+        .await
+        .expect_err("the X509-SVID is refused to this caller");
+    let text = format!("{refused:?}");
+    assert!(text.contains("root-gets-no-x509"), "{text}");
+
+    // With the daemon gone, the pushed policy still refuses billing at the agent.
+    daemon.kill();
+    let refused = api
+        .fetch_jwt_svid(["billing"], None)
+        .await
+        .expect_err("still refused");
+    let text = format!("{refused:?}");
+    assert!(
+        text.contains("PermissionDenied") && text.contains("no-billing-tokens"),
+        "{text}"
+    );
 }

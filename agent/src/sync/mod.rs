@@ -40,6 +40,8 @@ pub struct Authorized {
     pub revoked_all: bool,
     /// Revocations applied but not yet acknowledged to the daemon, oldest first.
     pub revocations: Vec<v1::Revocation>,
+    /// The daemon's policy set, compiled.
+    pub policy: Option<Arc<crate::policy::AgentPolicy>>,
 }
 
 impl std::fmt::Debug for Authorized {
@@ -58,6 +60,7 @@ impl std::fmt::Debug for Authorized {
             .field("revoked_ids", &self.revoked_ids)
             .field("revoked_secrets", &self.revoked_secrets)
             .field("revoked_all", &self.revoked_all)
+            .field("policy", &self.policy)
             .field(
                 "revocations",
                 &self.revocations.iter().map(|r| &r.id).collect::<Vec<_>>(),
@@ -118,6 +121,9 @@ pub async fn follow(
 fn apply(state: &mut Authorized, update: Update) {
     match update {
         Update::FullState(full) => {
+            if let Some(pushed) = &full.policy {
+                state.policy = crate::policy::update(&state.policy, pushed);
+            }
             state.entries = full
                 .entries
                 .into_iter()

@@ -49,6 +49,8 @@ struct Renewal {
 
 pub struct SvidCache {
     trust_domain: TrustDomain,
+    /// This agent's SPIFFE ID, published with the state for policy decisions.
+    node: String,
     max_batch: usize,
     client: ClientCell,
     authorized: watch::Receiver<Authorized>,
@@ -72,6 +74,7 @@ struct Effects {
 impl SvidCache {
     pub fn new(
         trust_domain: TrustDomain,
+        node: String,
         max_batch: usize,
         client: ClientCell,
         authorized: watch::Receiver<Authorized>,
@@ -79,6 +82,7 @@ impl SvidCache {
     ) -> Self {
         Self {
             trust_domain,
+            node,
             max_batch: max_batch.max(1),
             client,
             authorized,
@@ -323,6 +327,8 @@ impl SvidCache {
             revoked_secrets: authorized.revoked_secrets.clone(),
             revoked_all: authorized.revoked_all,
             revocations,
+            policy: authorized.policy.clone(),
+            node: self.node.clone(),
             svids: self.svids.clone(),
             bundle: Arc::new(Bundle {
                 trust_domain: self.trust_domain.clone(),
@@ -342,6 +348,7 @@ impl SvidCache {
                 && current.revoked_secrets == state.revoked_secrets
                 && current.revoked_all == state.revoked_all
                 && current.revocations == state.revocations
+                && current.policy == state.policy
                 && current.secrets == state.secrets
                 && current.entries == state.entries
                 && current.svids.len() == state.svids.len()

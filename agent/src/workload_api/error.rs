@@ -42,6 +42,10 @@ pub enum WorkloadApiError {
         /// The SPIFFE ID the caller asked for, when it named one.
         requested: Option<String>,
     },
+    /// The daemon's policies, decided here, refuse it (the deciding policies named). Not
+    /// worded as "no identity issued": a client shows this reason instead of retrying.
+    #[error("{0}")]
+    PolicyDenied(String),
     /// A required request field is empty.
     #[error("{0} must be specified")]
     MissingField(&'static str),
@@ -93,13 +97,15 @@ impl WorkloadApiError {
                 tracing::warn!(error = %source, "workload attestation failed");
                 Code::Unavailable
             }
-            Self::NoIdentityIssued { .. } => Code::PermissionDenied,
+            Self::NoIdentityIssued { .. } | Self::PolicyDenied(_) => Code::PermissionDenied,
             Self::Mint(status) => {
                 tracing::warn!(code = ?status.code(), error = %status.message(), "minting a JWT-SVID failed");
                 match status.code() {
                     // The daemon's policies refused it: say so (the deciding policies are
                     // named; their ids are what the operator wrote, nothing secret).
-                    Code::PermissionDenied if is_policy_denial(status.message()) => {
+                    Code::PermissionDenied
+                        if mayfly_common::policy::is_denial(status.message()) =>
+                    {
                         return Status::permission_denied(status.message().to_string());
                     }
                     // The entry vanished on the server between our check and the mint.
@@ -145,10 +151,4 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// Whether the daemon's refusal came from its policies (`mayfly_daemon::policy`'s
-/// `PolicyDecision::denial` wording) rather than from a missing entry.
-fn is_policy_denial(message: &str) -> bool {
-    message.contains("denied by policy ") || message.contains("no policy permits it")
 }

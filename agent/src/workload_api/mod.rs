@@ -204,6 +204,26 @@ impl WorkloadApi {
             self.deny("FetchJWTSVID", &caller, &error);
             return Err(error);
         }
+        // Decided here too, with the caller's own selectors, before the daemon is asked.
+        let denied = {
+            let state = self.state.borrow();
+            chosen.iter().find_map(|entry| {
+                audience.iter().find_map(|aud| {
+                    crate::policy::check(
+                        &state,
+                        entry,
+                        &caller,
+                        crate::policy::WorkloadAsk::JwtSvid { audience: aud },
+                    )
+                    .err()
+                })
+            })
+        };
+        if let Some(why) = denied {
+            let error = WorkloadApiError::PolicyDenied(why);
+            self.deny("FetchJWTSVID", &caller, &error);
+            return Err(error);
+        }
 
         let svids = try_join_all(chosen.iter().map(|entry| self.jwt_for(entry, &audience))).await?;
         Ok(JwtsvidResponse { svids })

@@ -128,6 +128,19 @@ impl View for X509SvidView {
         if entries.is_empty() {
             return Err(WorkloadApiError::NoIdentityIssued { requested: None });
         }
+        // The policies may take some of them away; all of them is a refusal.
+        let mut denial = None;
+        let entries: Vec<_> = entries
+            .into_iter()
+            .filter(|e| {
+                crate::policy::check(state, e, caller, crate::policy::WorkloadAsk::X509Svid)
+                    .map_err(|why| denial = Some(why))
+                    .is_ok()
+            })
+            .collect();
+        if entries.is_empty() {
+            return Err(WorkloadApiError::PolicyDenied(denial.unwrap_or_default()));
+        }
         let svids: Vec<_> = entries
             .iter()
             .filter_map(|e| state.svids.get(&e.id).map(|s| (s.clone(), e.hint.clone())))

@@ -119,7 +119,7 @@ fn validate(dir: &std::path::Path, defaults: bool, format: OutputFormat) -> anyh
     })
 }
 
-fn policy_set(format: OutputFormat, set: &v1::PolicySet) -> String {
+fn policy_set(format: OutputFormat, set: &v1::ActivePolicySet) -> String {
     match format {
         OutputFormat::Json => pretty(&json!({
             "hash": set.hash,

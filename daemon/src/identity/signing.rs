@@ -74,7 +74,7 @@ impl Registry {
                     spiffe_id: &entry.spiffe_id,
                 },
                 action: Action::SignX509Svid,
-                resource: Resource::Entry(entry),
+                resource: Resource::Entry(crate::policy::entry_facts(entry)),
                 context: AccessContext {
                     node: agent,
                     selectors: &entry.selectors,

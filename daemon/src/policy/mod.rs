@@ -6,24 +6,22 @@
 //! under load is atomic: a decision sees the old set or the new one. A set that does not
 //! parse or validate is refused and the old one keeps deciding.
 
-mod access;
 mod load;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use cedar_policy::{Authorizer, Decision, Entity, PolicySet, Schema};
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::audit::{Actor, Audit, Event};
 use crate::identity::Clock;
 
-pub use access::{Access, AccessContext, Action, Principal, Resource, Source};
-pub use load::{
-    Compiled, LoadError, PolicyProblem, PolicySource, compile, load_dir, schema, sources,
+pub use load::{load_dir, sources};
+pub use mayfly_common::policy::{
+    Access, AccessContext, Action, ActiveSet, Compiled, Decider, EntryFacts, LoadError,
+    PolicyDecision, PolicyProblem, PolicySource, Principal, Resource, Source, compile, schema,
 };
 
 /// `[policy]` in daemon.toml.
@@ -57,68 +55,17 @@ impl Default for PolicyConfig {
     }
 }
 
-/// The policies deciding now.
+/// The policies deciding now, and when they were loaded (unix seconds).
 pub struct ActivePolicy {
-    /// SHA-256 (hex) over every source's name and text and the mode: what each granting
-    /// record carries, so that the set that granted can be found again.
-    pub hash: String,
-    pub enforce: bool,
-    /// The files it came from (the built-in one first), with their policies' ids.
-    pub sources: Vec<(String, Vec<String>)>,
-    /// When it was loaded, unix seconds.
+    pub set: ActiveSet,
     pub loaded_at: i64,
-    all: PolicySet,
-    /// The policies that can apply to each action, so that a decision evaluates only
-    /// those (Cedar evaluates every policy of the set it is given).
-    by_action: HashMap<Action, PolicySet>,
 }
 
-impl ActivePolicy {
-    /// The first 12 hex digits of the hash, as messages show it.
-    pub fn short_hash(&self) -> &str {
-        &self.hash[..12]
-    }
+impl std::ops::Deref for ActivePolicy {
+    type Target = ActiveSet;
 
-    pub fn policy_count(&self) -> usize {
-        self.all.policies().count()
-    }
-
-    pub fn text(&self) -> String {
-        self.all.to_string()
-    }
-}
-
-/// What one request got.
-#[derive(Debug, Clone)]
-pub struct PolicyDecision {
-    /// Whether Cedar allowed it.
-    pub allowed: bool,
-    /// The policies that decided: those that permitted an allow, or the forbids (or
-    /// nothing, when no permit applied) behind a deny.
-    pub policies: Vec<String>,
-    /// Policies whose evaluation failed (they count as not applying).
-    pub errors: Vec<String>,
-    pub hash: String,
-    pub enforce: bool,
-}
-
-impl PolicyDecision {
-    /// Whether the caller gets it: allowed, or denied in shadow mode.
-    pub fn granted(&self) -> bool {
-        self.allowed || !self.enforce
-    }
-
-    /// The reason a denial gives, naming the deciding policies and the set.
-    pub fn denial(&self) -> String {
-        let set = &self.hash[..12.min(self.hash.len())];
-        if self.policies.is_empty() {
-            format!("not granted: no policy permits it (policy set {set})")
-        } else {
-            format!(
-                "denied by policy {} (policy set {set})",
-                self.policies.join(", ")
-            )
-        }
+    fn deref(&self) -> &ActiveSet {
+        &self.set
     }
 }
 
@@ -133,9 +80,7 @@ pub struct PolicyDenied {
 /// Decides requests against the active policies and reloads them.
 pub struct PolicyEngine {
     config: PolicyConfig,
-    schema: Arc<Schema>,
-    /// The schema's action entities (their groups), part of every request's entities.
-    actions: Vec<Entity>,
+    decider: Decider,
     active: watch::Sender<Arc<ActivePolicy>>,
     audit: Option<Audit>,
     clock: Arc<dyn Clock>,
@@ -145,14 +90,11 @@ impl PolicyEngine {
     /// Loads the built-in policies and `config.dir`; an error names the file, line and
     /// column of every problem.
     pub fn load(config: PolicyConfig, clock: Arc<dyn Clock>) -> Result<Self, LoadError> {
-        let schema = Arc::new(load::schema()?);
-        let actions = load::action_entities(&schema)?;
-        let now = mayfly_common::clock::unix(clock.now());
-        let active = load::active(&config, &schema, now)?;
+        let decider = Decider::new()?;
+        let active = Self::read(&config, &decider, clock.as_ref())?;
         Ok(Self {
             config,
-            schema,
-            actions,
+            decider,
             active: watch::Sender::new(Arc::new(active)),
             audit: None,
             clock,
@@ -173,8 +115,20 @@ impl PolicyEngine {
         self.active.subscribe()
     }
 
-    pub fn schema(&self) -> &Schema {
-        &self.schema
+    pub fn decider(&self) -> &Decider {
+        &self.decider
+    }
+
+    fn read(
+        config: &PolicyConfig,
+        decider: &Decider,
+        clock: &dyn Clock,
+    ) -> Result<ActivePolicy, LoadError> {
+        let set = decider.compile(load::sources(config)?, config.enforce)?;
+        Ok(ActivePolicy {
+            set,
+            loaded_at: mayfly_common::clock::unix(clock.now()),
+        })
     }
 
     /// The directory the operator's policies are read from.
@@ -185,8 +139,7 @@ impl PolicyEngine {
     /// Reads the policy files again. A set that does not load is refused, with the
     /// problems named, and the one active stays; either way the attempt is on the trail.
     pub async fn reload(&self, actor: &Actor) -> Result<Arc<ActivePolicy>, LoadError> {
-        let now = mayfly_common::clock::unix(self.clock.now());
-        let loaded = load::active(&self.config, &self.schema, now);
+        let loaded = Self::read(&self.config, &self.decider, self.clock.as_ref());
         let before = self.current();
         let event = Event::new(actor, "policy.reload", before.short_hash());
         match loaded {
@@ -225,34 +178,7 @@ impl PolicyEngine {
 
     /// Decides `access` as if it were `now` (`policy test` with a time), recording nothing.
     pub fn decide_at(&self, access: &Access<'_>, now: SystemTime) -> PolicyDecision {
-        let active = self.current();
-        let decision = |allowed, policies, errors| PolicyDecision {
-            allowed,
-            policies,
-            errors,
-            hash: active.hash.clone(),
-            enforce: active.enforce,
-        };
-        let (request, entities) = match access.cedar_request(&self.actions, now) {
-            Ok(built) => built,
-            // Our own request did not build: deny, and say why.
-            Err(e) => return decision(false, Vec::new(), vec![e]),
-        };
-        let empty = PolicySet::new();
-        let policies = active.by_action.get(&access.action).unwrap_or(&empty);
-        let response = Authorizer::new().is_authorized(&request, policies, &entities);
-        let mut reasons: Vec<String> = response
-            .diagnostics()
-            .reason()
-            .map(|id| id.to_string())
-            .collect();
-        reasons.sort();
-        let errors = response
-            .diagnostics()
-            .errors()
-            .map(|e| e.to_string())
-            .collect();
-        decision(response.decision() == Decision::Allow, reasons, errors)
+        self.decider.decide(&self.current(), access, now)
     }
 
     /// Decides `access`; a denial is put on the audit trail (aggregated, it can be
@@ -268,7 +194,7 @@ impl PolicyEngine {
             return Ok(decision);
         }
         let reason = decision.denial();
-        let actor = access.actor();
+        let actor = actor_of(access);
         tracing::warn!(actor = %actor, action = %access.action.name(), resource = %access.resource.id(), enforce = decision.enforce, reason = %reason, "policy denial");
         if let Some(audit) = &self.audit {
             let event = Event::new(&actor, audit_action, access.resource.id())
@@ -304,6 +230,29 @@ impl PolicyEngine {
             }
         });
         Ok(())
+    }
+}
+
+/// Who the audit trail names for a request: the agent that asked, or the operator.
+pub fn actor_of(access: &Access<'_>) -> Actor {
+    match access.principal {
+        Principal::Operator { uid, .. } => Actor::Operator(uid),
+        Principal::Agent { spiffe_id } => Actor::Spiffe(spiffe_id.to_string()),
+        Principal::Workload { spiffe_id } if access.context.node.is_empty() => {
+            Actor::Spiffe(spiffe_id.to_string())
+        }
+        Principal::Workload { .. } => Actor::Spiffe(access.context.node.to_string()),
+    }
+}
+
+/// `entry` as the policies see it.
+pub fn entry_facts(entry: &crate::store::EntryRecord) -> EntryFacts<'_> {
+    EntryFacts {
+        id: &entry.id,
+        spiffe_id: &entry.spiffe_id,
+        parent: &entry.parent_id,
+        selectors: &entry.selectors,
+        hint: &entry.hint,
     }
 }
 

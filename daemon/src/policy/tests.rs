@@ -84,9 +84,9 @@ fn credential<'a>(holder: &'a str, grants: &'a [String]) -> Access<'a> {
 fn the_shipped_schema_and_built_in_policies_load_and_validate() {
     let (engine, _dir) = engine_with(&[], true);
     let active = engine.current();
-    assert_eq!(active.sources[0].0, load::DEFAULTS_NAME);
+    assert_eq!(active.listing[0].0, mayfly_common::policy::DEFAULTS_NAME);
     assert!(
-        active.sources[0]
+        active.listing[0]
             .1
             .contains(&"mayfly-default-credential".to_string())
     );
@@ -106,7 +106,7 @@ fn every_request_the_daemon_builds_conforms_to_the_schema() {
                 spiffe_id: "spiffe://example.org/orders",
             },
             action: Action::SignX509Svid,
-            resource: Resource::Entry(&entry),
+            resource: Resource::Entry(entry_facts(&entry)),
             context: context("spiffe://example.org/node/a", "SignSvids"),
         },
         jwt("billing"),
@@ -141,7 +141,11 @@ fn every_request_the_daemon_builds_conforms_to_the_schema() {
     ];
     for access in accesses {
         access
-            .cedar_request_checked(&engine.actions, SystemTime::now(), Some(engine.schema()))
+            .cedar_request_checked(
+                engine.decider().actions(),
+                SystemTime::now(),
+                Some(engine.decider().schema()),
+            )
             .unwrap_or_else(|e| panic!("{:?} does not conform: {e}", access.action));
         assert!(
             engine.decide(&access).allowed,

@@ -631,7 +631,7 @@ impl Admin for AdminApi {
     async fn show_policy(
         &self,
         request: Request<v1::ShowPolicyRequest>,
-    ) -> Result<Response<v1::PolicySet>, Status> {
+    ) -> Result<Response<v1::ActivePolicySet>, Status> {
         Operator::of(&request)?;
         let active = self.policy.current();
         Ok(Response::new(
@@ -642,7 +642,7 @@ impl Admin for AdminApi {
     async fn reload_policy(
         &self,
         request: Request<v1::ReloadPolicyRequest>,
-    ) -> Result<Response<v1::PolicySet>, Status> {
+    ) -> Result<Response<v1::ActivePolicySet>, Status> {
         let op = Operator::of(&request)?;
         Ok(Response::new(self.reload_policy_set(&op).await?))
     }

@@ -16,14 +16,14 @@ use crate::policy::{Access, AccessContext, Action, ActivePolicy, Principal, Reso
 use crate::store::EntryRecord;
 
 impl AdminApi {
-    pub(super) fn policy_set(&self, active: &ActivePolicy, text: bool) -> v1::PolicySet {
-        v1::PolicySet {
+    pub(super) fn policy_set(&self, active: &ActivePolicy, text: bool) -> v1::ActivePolicySet {
+        v1::ActivePolicySet {
             hash: active.hash.clone(),
             enforce: active.enforce,
             sources: active
-                .sources
+                .listing
                 .iter()
-                .map(|(name, ids)| v1::PolicySource {
+                .map(|(name, ids)| v1::PolicyFile {
                     name: name.clone(),
                     policy_ids: ids.clone(),
                 })
@@ -38,7 +38,10 @@ impl AdminApi {
         }
     }
 
-    pub(super) async fn reload_policy_set(&self, op: &Operator) -> Result<v1::PolicySet, Status> {
+    pub(super) async fn reload_policy_set(
+        &self,
+        op: &Operator,
+    ) -> Result<v1::ActivePolicySet, Status> {
         let active = self.policy.reload(&op.actor()).await.map_err(|e| {
             Status::invalid_argument(format!(
                 "{}\nthe active policy set stays",
@@ -99,9 +102,9 @@ impl AdminApi {
         let resource = match resource_type.as_str() {
             "Mayfly::Entry" => {
                 entry = self.registry.entries().borrow().get(&resource_id).cloned();
-                Resource::Entry(entry.as_deref().ok_or_else(|| {
-                    Status::not_found(format!("entry {resource_id} does not exist"))
-                })?)
+                Resource::Entry(crate::policy::entry_facts(entry.as_deref().ok_or_else(
+                    || Status::not_found(format!("entry {resource_id} does not exist")),
+                )?))
             }
             "Mayfly::Audience" => Resource::Audience(&resource_id),
             "Mayfly::AdminCall" => Resource::AdminCall(&resource_id),
@@ -136,11 +139,11 @@ impl AdminApi {
             }
         };
         let default_selectors = match &resource {
-            Resource::Entry(e) => e.selectors.clone(),
+            Resource::Entry(e) => e.selectors.to_vec(),
             _ => Vec::new(),
         };
         let default_node = match &resource {
-            Resource::Entry(e) => e.parent_id.clone(),
+            Resource::Entry(e) => e.parent.to_string(),
             _ => String::new(),
         };
         let selectors = overrides.selectors.unwrap_or(default_selectors);

@@ -206,8 +206,26 @@ impl NodeApi {
                 secrets,
                 revocations,
                 deny_list,
+                policy: Some(self.policy_set()),
             })),
         })
+    }
+
+    /// The active policy set as agents receive it.
+    fn policy_set(&self) -> v1::PolicySet {
+        let active = self.view.policy().current();
+        v1::PolicySet {
+            hash: active.hash.clone(),
+            enforce: active.enforce,
+            sources: active
+                .sources
+                .iter()
+                .map(|s| v1::PolicySource {
+                    name: s.name.clone(),
+                    text: s.text.clone(),
+                })
+                .collect(),
+        }
     }
 
     /// A secret's current value; a store that cannot answer now leaves it out (the agent

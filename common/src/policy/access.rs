@@ -1,6 +1,6 @@
 //! One authorization request in Mayfly's terms (who, what, on what, in which context),
 //! and its translation into Cedar's entities, request and context. Everything here is
-//! built by the daemon from what it attested and recorded.
+//! built by the daemon or the agent from what it attested and recorded.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -10,9 +10,6 @@ use std::time::SystemTime;
 use cedar_policy::{
     Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
 };
-
-use crate::audit::Actor;
-use crate::store::EntryRecord;
 
 /// The actions of the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,10 +110,21 @@ pub enum Principal<'a> {
     },
 }
 
+/// A registration entry as a policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryFacts<'a> {
+    pub id: &'a str,
+    pub spiffe_id: &'a str,
+    /// The SPIFFE ID of the agent that serves it.
+    pub parent: &'a str,
+    pub selectors: &'a [String],
+    pub hint: &'a str,
+}
+
 /// What it asks for.
 #[derive(Debug, Clone, Copy)]
 pub enum Resource<'a> {
-    Entry(&'a EntryRecord),
+    Entry(EntryFacts<'a>),
     Audience(&'a str),
     Secret {
         name: &'a str,
@@ -137,7 +145,7 @@ impl Resource<'_> {
     /// Its entity id: the entry's id, the audience, the name or the method.
     pub fn id(&self) -> &str {
         match self {
-            Resource::Entry(entry) => &entry.id,
+            Resource::Entry(entry) => entry.id,
             Resource::Audience(aud) => aud,
             Resource::Secret { name, .. } | Resource::Credential { name, .. } => name,
             Resource::AdminCall(method) => method,
@@ -261,18 +269,6 @@ fn entity(
 }
 
 impl Access<'_> {
-    /// Who the audit trail names: the agent that asked, or the operator.
-    pub fn actor(&self) -> Actor {
-        match self.principal {
-            Principal::Operator { uid, .. } => Actor::Operator(uid),
-            Principal::Agent { spiffe_id } => Actor::Spiffe(spiffe_id.to_string()),
-            Principal::Workload { spiffe_id } if self.context.node.is_empty() => {
-                Actor::Spiffe(spiffe_id.to_string())
-            }
-            Principal::Workload { .. } => Actor::Spiffe(self.context.node.to_string()),
-        }
-    }
-
     /// The scope an audit record of this request gives.
     pub fn scope(&self) -> String {
         let who = match self.principal {
@@ -320,13 +316,13 @@ impl Access<'_> {
         };
         let (id, attrs, parents) = match self.resource {
             Resource::Entry(entry) => (
-                uid(&TYPES.entry, &entry.id),
+                uid(&TYPES.entry, entry.id),
                 vec![
-                    ("id", string(&entry.id)),
-                    ("spiffe_id", string(&entry.spiffe_id)),
-                    ("parent", string(&entry.parent_id)),
-                    ("selectors", strings(&entry.selectors)),
-                    ("hint", string(&entry.hint)),
+                    ("id", string(entry.id)),
+                    ("spiffe_id", string(entry.spiffe_id)),
+                    ("parent", string(entry.parent)),
+                    ("selectors", strings(entry.selectors)),
+                    ("hint", string(entry.hint)),
                 ],
                 HashSet::new(),
             ),
@@ -413,7 +409,7 @@ impl Access<'_> {
     /// Cedar's request and the entities it needs; `actions` are the schema's action
     /// entities. Not validated against the schema here (it costs as much as the decision):
     /// a test checks that what this builds conforms.
-    pub(super) fn cedar_request(
+    pub fn cedar_request(
         &self,
         actions: &[Entity],
         now: SystemTime,
@@ -421,7 +417,7 @@ impl Access<'_> {
         self.cedar_request_checked(actions, now, None)
     }
 
-    pub(super) fn cedar_request_checked(
+    pub fn cedar_request_checked(
         &self,
         actions: &[Entity],
         now: SystemTime,

@@ -1,0 +1,187 @@
+//! The daemon's Cedar policies, decided here too: the daemon pushes its active set with
+//! the agent's state, and the Workload API asks it before it hands a workload an
+//! X509-SVID or a JWT-SVID, with the selectors the agent attested for the caller. A deny
+//! therefore holds while the daemon is unreachable, and is decided on what only the agent
+//! knows (the calling process), which the daemon never sees.
+
+use std::sync::{Arc, LazyLock};
+use std::time::SystemTime;
+
+use mayfly_common::Selector;
+use mayfly_common::policy::{
+    Access, AccessContext, Action, ActiveSet, Decider, EntryFacts, LoadError, PolicyDecision,
+    PolicySource, Principal, Resource, Source,
+};
+use mayfly_proto::v1;
+
+use crate::state::{EntryView, WorkloadState};
+
+/// The schema is compiled into the binary and loaded by a test; should it ever fail to
+/// load, the agent decides nothing locally and the daemon's decisions still hold.
+static DECIDER: LazyLock<Result<Decider, LoadError>> = LazyLock::new(Decider::new);
+
+/// A policy set as the daemon pushed it, compiled.
+pub struct AgentPolicy {
+    set: ActiveSet,
+}
+
+impl AgentPolicy {
+    /// Compiles what the daemon pushed; refused (the agent keeps the set it has) when it
+    /// does not validate here, which only an agent older than its daemon would see.
+    pub fn compile(pushed: &v1::PolicySet) -> Result<Self, String> {
+        let decider = DECIDER.as_ref().map_err(|e| e.to_string())?;
+        let sources = pushed
+            .sources
+            .iter()
+            .map(|s| PolicySource {
+                name: s.name.clone(),
+                text: s.text.clone(),
+            })
+            .collect();
+        let set = decider
+            .compile(sources, pushed.enforce)
+            .map_err(|e| e.to_string())?;
+        Ok(Self { set })
+    }
+
+    /// The daemon's hash of the set.
+    pub fn hash(&self) -> &str {
+        &self.set.hash
+    }
+
+    fn decide(&self, access: &Access<'_>) -> Option<PolicyDecision> {
+        let decider = DECIDER.as_ref().ok()?;
+        Some(decider.decide(&self.set, access, SystemTime::now()))
+    }
+}
+
+impl PartialEq for AgentPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.set.hash == other.set.hash
+    }
+}
+
+impl std::fmt::Debug for AgentPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentPolicy")
+            .field("hash", &self.set.hash)
+            .field("enforce", &self.set.enforce)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a workload asks the agent for.
+#[derive(Debug, Clone, Copy)]
+pub enum WorkloadAsk<'a> {
+    X509Svid,
+    JwtSvid { audience: &'a str },
+}
+
+/// Whether the caller (with `caller` selectors) may have `ask` for `entry` under the
+/// pushed policies; `Err` carries the denial, naming the deciding policies. Without a
+/// pushed set (an older daemon) nothing is decided here.
+pub fn check(
+    state: &WorkloadState,
+    entry: &EntryView,
+    caller: &[Selector],
+    ask: WorkloadAsk<'_>,
+) -> Result<(), String> {
+    let Some(policy) = state.policy.as_ref() else {
+        return Ok(());
+    };
+    let entry_selectors: Vec<String> = entry.selectors.iter().map(|s| s.to_string()).collect();
+    let caller_selectors: Vec<String> = caller.iter().map(|s| s.to_string()).collect();
+    let facts = EntryFacts {
+        id: &entry.id,
+        spiffe_id: entry.spiffe_id.as_str(),
+        parent: &state.node,
+        selectors: &entry_selectors,
+        hint: &entry.hint,
+    };
+    let (action, resource, method) = match ask {
+        WorkloadAsk::X509Svid => (
+            Action::SignX509Svid,
+            Resource::Entry(facts),
+            "FetchX509SVID",
+        ),
+        WorkloadAsk::JwtSvid { audience } => (
+            Action::MintJwtSvid,
+            Resource::Audience(audience),
+            "FetchJWTSVID",
+        ),
+    };
+    let access = Access {
+        principal: Principal::Workload {
+            spiffe_id: entry.spiffe_id.as_str(),
+        },
+        action,
+        resource,
+        context: AccessContext {
+            node: &state.node,
+            selectors: &caller_selectors,
+            ttl_seconds: 0,
+            source: Source::WorkloadApi,
+            method,
+        },
+    };
+    let Some(decision) = policy.decide(&access) else {
+        return Ok(());
+    };
+    if decision.allowed {
+        return Ok(());
+    }
+    let what = match ask {
+        WorkloadAsk::X509Svid => format!("X509-SVID {}", entry.spiffe_id),
+        WorkloadAsk::JwtSvid { audience } => {
+            format!("JWT-SVID {} for audience {audience}", entry.spiffe_id)
+        }
+    };
+    if !decision.enforce {
+        tracing::warn!(%what, reason = %decision.denial(), "shadow mode: a policy would deny this Workload API request");
+        return Ok(());
+    }
+    Err(format!("{what}: {}", decision.denial()))
+}
+
+/// The pushed set, compiled unless it is the one already held.
+pub fn update(
+    current: &Option<Arc<AgentPolicy>>,
+    pushed: &v1::PolicySet,
+) -> Option<Arc<AgentPolicy>> {
+    if current.as_ref().is_some_and(|p| p.hash() == pushed.hash) {
+        return current.clone();
+    }
+    match AgentPolicy::compile(pushed) {
+        Ok(policy) => {
+            tracing::info!(policy_set = %pushed.hash, "policy set received from the daemon");
+            Some(Arc::new(policy))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, policy_set = %pushed.hash, "the daemon's policy set does not compile here; keeping the one held");
+            current.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_schema_loads_in_the_agent() {
+        assert!(DECIDER.is_ok());
+        let pushed = v1::PolicySet {
+            hash: "h".into(),
+            enforce: true,
+            sources: vec![v1::PolicySource {
+                name: "x.cedar".into(),
+                text: "forbid(principal, action, resource".into(),
+            }],
+        };
+        assert!(AgentPolicy::compile(&pushed).is_err());
+        assert!(
+            update(&None, &pushed).is_none(),
+            "a broken set is not adopted"
+        );
+    }
+}

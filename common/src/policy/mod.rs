@@ -1,0 +1,161 @@
+//! Runtime authorization's core, shared by the daemon (which decides node-API grants and
+//! admin calls, and loads the operator's files) and the agent (which decides Workload API
+//! calls with the set the daemon pushes): the schema Mayfly ships, the built-in policies,
+//! compiling a set of sources, and deciding one request against it with Cedar.
+
+mod access;
+mod compile;
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use cedar_policy::{Authorizer, Decision, Entity, PolicySet, Schema};
+
+pub use access::{Access, AccessContext, Action, EntryFacts, Principal, Resource, Source};
+pub use compile::{
+    Compiled, DEFAULTS, DEFAULTS_NAME, LoadError, PolicyProblem, PolicySource, SCHEMA, compile,
+    schema,
+};
+
+/// A compiled policy set, ready to decide.
+pub struct ActiveSet {
+    /// SHA-256 (hex) over every source's name and text and the mode: what each granting
+    /// record carries, so that the set that granted can be found again.
+    pub hash: String,
+    /// False in shadow mode: denials are reported, not enforced.
+    pub enforce: bool,
+    /// Each source's name with its policies' ids.
+    pub listing: Vec<(String, Vec<String>)>,
+    /// The texts it was compiled from (what the daemon pushes to agents).
+    pub sources: Vec<PolicySource>,
+    all: PolicySet,
+    /// The policies that can apply to each action, so that a decision evaluates only
+    /// those (Cedar evaluates every policy of the set it is given).
+    by_action: HashMap<Action, PolicySet>,
+}
+
+impl ActiveSet {
+    /// The first 12 hex digits of the hash, as messages show it.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.all.policies().count()
+    }
+
+    /// Every policy as Cedar prints it.
+    pub fn text(&self) -> String {
+        self.all.to_string()
+    }
+}
+
+/// What one request got.
+#[derive(Debug, Clone)]
+pub struct PolicyDecision {
+    /// Whether Cedar allowed it.
+    pub allowed: bool,
+    /// The policies that decided: those that permitted an allow, or the forbids (or
+    /// nothing, when no permit applied) behind a deny.
+    pub policies: Vec<String>,
+    /// Policies whose evaluation failed (they count as not applying).
+    pub errors: Vec<String>,
+    pub hash: String,
+    pub enforce: bool,
+}
+
+impl PolicyDecision {
+    /// Whether the caller gets it: allowed, or denied in shadow mode.
+    pub fn granted(&self) -> bool {
+        self.allowed || !self.enforce
+    }
+
+    /// The reason a denial gives, naming the deciding policies and the set.
+    pub fn denial(&self) -> String {
+        let set = &self.hash[..12.min(self.hash.len())];
+        if self.policies.is_empty() {
+            format!("not granted: no policy permits it (policy set {set})")
+        } else {
+            format!(
+                "denied by policy {} (policy set {set})",
+                self.policies.join(", ")
+            )
+        }
+    }
+}
+
+/// Whether a refusal's message is a policy's denial (`PolicyDecision::denial`), as an
+/// agent tells it from a missing entry in the daemon's answer.
+pub fn is_denial(message: &str) -> bool {
+    message.contains("denied by policy ") || message.contains("no policy permits it")
+}
+
+/// The schema and its action entities, loaded once per process; compiles sets and
+/// decides requests against them.
+pub struct Decider {
+    schema: Schema,
+    /// The schema's action entities (their groups), part of every request's entities.
+    actions: Vec<Entity>,
+}
+
+impl Decider {
+    pub fn new() -> Result<Self, LoadError> {
+        let schema = compile::schema()?;
+        let actions = compile::action_entities(&schema)?;
+        Ok(Self { schema, actions })
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub fn actions(&self) -> &[Entity] {
+        &self.actions
+    }
+
+    /// `sources` parsed and validated into a set that decides; refused whole, with every
+    /// problem named, when any has one.
+    pub fn compile(
+        &self,
+        sources: Vec<PolicySource>,
+        enforce: bool,
+    ) -> Result<ActiveSet, LoadError> {
+        compile::active(sources, enforce, &self.schema)
+    }
+
+    /// The built-in policies alone.
+    pub fn defaults(&self, enforce: bool) -> Result<ActiveSet, LoadError> {
+        self.compile(vec![PolicySource::defaults()], enforce)
+    }
+
+    /// Decides `access` against `set` as at `now`; records nothing.
+    pub fn decide(&self, set: &ActiveSet, access: &Access<'_>, now: SystemTime) -> PolicyDecision {
+        let decision = |allowed, policies, errors| PolicyDecision {
+            allowed,
+            policies,
+            errors,
+            hash: set.hash.clone(),
+            enforce: set.enforce,
+        };
+        let (request, entities) = match access.cedar_request(&self.actions, now) {
+            Ok(built) => built,
+            // Our own request did not build: deny, and say why.
+            Err(e) => return decision(false, Vec::new(), vec![e]),
+        };
+        let empty = PolicySet::new();
+        let policies = set.by_action.get(&access.action).unwrap_or(&empty);
+        let response = Authorizer::new().is_authorized(&request, policies, &entities);
+        let mut reasons: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| id.to_string())
+            .collect();
+        reasons.sort();
+        let errors = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        decision(response.decision() == Decision::Allow, reasons, errors)
+    }
+}
