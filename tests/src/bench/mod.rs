@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod http1;
 pub mod mayfly;
 pub mod openbao;
+pub mod policy;
 pub mod revocation;
 pub mod rotation;
 pub mod sinks;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
 use mayfly_tests::bench::{
-    agent, creds, creds_cache, fanout, mayfly, openbao, revocation, rotation, sinks,
+    agent, creds, creds_cache, fanout, mayfly, openbao, policy, revocation, rotation, sinks,
 };
 
 #[derive(Parser)]
@@ -155,6 +155,23 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         concurrent: usize,
     },
+    /// Policy decision latency: the daemon's PolicyEngine with generated policies (no
+    /// network, one core).
+    PolicyDecide {
+        #[arg(long, default_value_t = 1000)]
+        policies: usize,
+        #[arg(long, default_value_t = 10_000)]
+        entities: usize,
+        #[arg(long, default_value_t = 200_000)]
+        decisions: usize,
+    },
+    /// Write the generated policies the decision bench uses into DIR (bench.cedar).
+    PolicyGen {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        policies: usize,
+    },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
         /// The daemon's node API; must be on 127.0.0.1.
@@ -295,6 +312,23 @@ fn real_main() -> Result<ExitCode> {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Cmd::PolicyDecide {
+                policies,
+                entities,
+                decisions,
+            } => {
+                let result = policy::run(&policy::Options {
+                    policies,
+                    entities,
+                    decisions,
+                })?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::PolicyGen { dir, policies } => {
+                policy::generate(&dir, policies)?;
+                Ok(ExitCode::SUCCESS)
             }
             Cmd::CredsCache {
                 socket,
