@@ -89,7 +89,7 @@ impl Action {
     }
 }
 
-pub(super) fn action_uid(name: &str) -> EntityUid {
+pub(crate) fn action_uid(name: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(TYPES.action.clone(), EntityId::new(name))
 }
 
@@ -377,6 +377,30 @@ impl Access<'_> {
             ("method".to_string(), string(self.context.method)),
         ])
         .map_err(|e| e.to_string())
+    }
+
+    /// The principal's uid, and the resource's with those of the sets it is in: the
+    /// entities a policy's scope may name for this request.
+    pub(crate) fn scope_uids(&self) -> (EntityUid, Vec<EntityUid>) {
+        let principal = match self.principal {
+            Principal::Agent { spiffe_id } => uid(&TYPES.agent, spiffe_id),
+            Principal::Workload { spiffe_id } => uid(&TYPES.workload, spiffe_id),
+            Principal::Operator { uid: n, .. } => uid(&TYPES.operator, &n.to_string()),
+        };
+        let resources = match self.resource {
+            Resource::Entry(entry) => vec![uid(&TYPES.entry, entry.id)],
+            Resource::Audience(aud) => vec![uid(&TYPES.audience, aud)],
+            Resource::AdminCall(method) => vec![uid(&TYPES.admin_call, method)],
+            Resource::Secret { name, sets, .. } => std::iter::once(uid(&TYPES.secret, name))
+                .chain(sets.iter().map(|s| uid(&TYPES.secret_set, s)))
+                .collect(),
+            Resource::Credential { name, sets, .. } => {
+                std::iter::once(uid(&TYPES.credential, name))
+                    .chain(sets.iter().map(|s| uid(&TYPES.credential_set, s)))
+                    .collect()
+            }
+        };
+        (principal, resources)
     }
 
     /// What the request is made of, as JSON: the principal's and the resource's entities

@@ -8,12 +8,13 @@ use std::str::FromStr;
 
 use aws_lc_rs::digest;
 use cedar_policy::{
-    ActionConstraint, Entity, PolicyId, PolicySet, Schema, ValidationMode, Validator,
+    ActionConstraint, Entity, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint,
+    ResourceConstraint, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 
-use super::ActiveSet;
 use super::access::{Action, action_uid};
+use super::{ActionPolicies, ActiveSet};
 
 /// The schema every policy is validated against.
 pub const SCHEMA: &str = include_str!("mayfly.cedarschema");
@@ -271,11 +272,11 @@ pub fn active(
     }
     let mut by_action = HashMap::new();
     for action in Action::ALL {
-        let mut subset = PolicySet::new();
+        let mut subset = ActionPolicies::default();
         for policy in all.policies() {
             if applies_to(&policy.action_constraint(), action) {
                 // Ids are unique in `all`, so adding to a subset cannot clash.
-                let _ = subset.add(policy.clone());
+                let _ = subset_for(&mut subset, policy).add(policy.clone());
             }
         }
         by_action.insert(action, subset);
@@ -288,6 +289,32 @@ pub fn active(
         all,
         by_action,
     })
+}
+
+/// Where a policy of one action goes: under the entity its resource scope names (`==` or
+/// `in`), else under the one its principal scope names, else with those that apply to any
+/// request. A decision then evaluates the general policies and only the indexed ones its
+/// principal, resource and the resource's sets name.
+fn subset_for<'a>(subset: &'a mut ActionPolicies, policy: &Policy) -> &'a mut PolicySet {
+    let resource = match policy.resource_constraint() {
+        ResourceConstraint::Eq(uid)
+        | ResourceConstraint::In(uid)
+        | ResourceConstraint::IsIn(_, uid) => Some(uid),
+        _ => None,
+    };
+    if let Some(uid) = resource {
+        return subset.by_resource.entry(uid).or_default();
+    }
+    let principal: Option<EntityUid> = match policy.principal_constraint() {
+        PrincipalConstraint::Eq(uid)
+        | PrincipalConstraint::In(uid)
+        | PrincipalConstraint::IsIn(_, uid) => Some(uid),
+        _ => None,
+    };
+    match principal {
+        Some(uid) => subset.by_principal.entry(uid).or_default(),
+        None => &mut subset.general,
+    }
 }
 
 /// Whether a policy with `constraint` can apply to `action` (its groups included).

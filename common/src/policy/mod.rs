@@ -9,7 +9,7 @@ mod compile;
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use cedar_policy::{Authorizer, Decision, Entity, PolicySet, Schema};
+use cedar_policy::{Authorizer, Decision, Entity, EntityUid, PolicySet, Schema};
 
 pub use access::{Access, AccessContext, Action, EntryFacts, Principal, Resource, Source};
 pub use compile::{
@@ -29,9 +29,19 @@ pub struct ActiveSet {
     /// The texts it was compiled from (what the daemon pushes to agents).
     pub sources: Vec<PolicySource>,
     all: PolicySet,
-    /// The policies that can apply to each action, so that a decision evaluates only
-    /// those (Cedar evaluates every policy of the set it is given).
-    by_action: HashMap<Action, PolicySet>,
+    /// The policies that can apply to each action, indexed by the entities their scopes
+    /// name, so that a decision evaluates only those that can apply (Cedar evaluates
+    /// every policy of the set it is given: 1,000 policies cost 200 µs a decision).
+    by_action: HashMap<Action, ActionPolicies>,
+}
+
+/// One action's policies: those whose scope names a resource (or a set of resources) or
+/// a principal, by that entity, and the rest.
+#[derive(Default)]
+pub(crate) struct ActionPolicies {
+    pub(crate) general: PolicySet,
+    pub(crate) by_resource: HashMap<EntityUid, PolicySet>,
+    pub(crate) by_principal: HashMap<EntityUid, PolicySet>,
 }
 
 impl ActiveSet {
@@ -96,13 +106,33 @@ pub struct Decider {
     schema: Schema,
     /// The schema's action entities (their groups), part of every request's entities.
     actions: Vec<Entity>,
+    /// Per action, its own entity and its groups': all a request's action needs (a
+    /// request with every action entity costs a third more, measured).
+    action_entities: HashMap<Action, Vec<Entity>>,
 }
 
 impl Decider {
     pub fn new() -> Result<Self, LoadError> {
         let schema = compile::schema()?;
         let actions = compile::action_entities(&schema)?;
-        Ok(Self { schema, actions })
+        let action_entities = Action::ALL
+            .into_iter()
+            .map(|action| {
+                let mut names = vec![action.name()];
+                names.extend_from_slice(action.groups());
+                let own = actions
+                    .iter()
+                    .filter(|e| names.iter().any(|n| e.uid() == access::action_uid(n)))
+                    .cloned()
+                    .collect();
+                (action, own)
+            })
+            .collect();
+        Ok(Self {
+            schema,
+            actions,
+            action_entities,
+        })
     }
 
     pub fn schema(&self) -> &Schema {
@@ -137,25 +167,45 @@ impl Decider {
             hash: set.hash.clone(),
             enforce: set.enforce,
         };
-        let (request, entities) = match access.cedar_request(&self.actions, now) {
+        let actions = self
+            .action_entities
+            .get(&access.action)
+            .map_or(&self.actions[..], Vec::as_slice);
+        let (request, entities) = match access.cedar_request(actions, now) {
             Ok(built) => built,
             // Our own request did not build: deny, and say why.
             Err(e) => return decision(false, Vec::new(), vec![e]),
         };
-        let empty = PolicySet::new();
-        let policies = set.by_action.get(&access.action).unwrap_or(&empty);
-        let response = Authorizer::new().is_authorized(&request, policies, &entities);
-        let mut reasons: Vec<String> = response
-            .diagnostics()
-            .reason()
-            .map(|id| id.to_string())
-            .collect();
+        let Some(policies) = set.by_action.get(&access.action) else {
+            return decision(false, Vec::new(), Vec::new());
+        };
+        // The subsets that can apply, each decided by Cedar, combined as Cedar combines
+        // policies: any satisfied forbid denies; otherwise any satisfied permit allows.
+        let (principal, resources) = access.scope_uids();
+        let subsets = std::iter::once(&policies.general)
+            .chain(policies.by_principal.get(&principal))
+            .chain(resources.iter().filter_map(|r| policies.by_resource.get(r)));
+        let authorizer = Authorizer::new();
+        let (mut forbids, mut permits, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+        let mut permitted = false;
+        for subset in subsets {
+            let response = authorizer.is_authorized(&request, subset, &entities);
+            let reasons = response.diagnostics().reason().map(|id| id.to_string());
+            if response.decision() == Decision::Allow {
+                permitted = true;
+                permits.extend(reasons);
+            } else {
+                // A deny's reasons are the forbids that held (none: no permit applied).
+                forbids.extend(reasons);
+            }
+            errors.extend(response.diagnostics().errors().map(|e| e.to_string()));
+        }
+        let allowed = permitted && forbids.is_empty();
+        let mut reasons = if allowed { permits } else { forbids };
         reasons.sort();
-        let errors = response
-            .diagnostics()
-            .errors()
-            .map(|e| e.to_string())
-            .collect();
-        decision(response.decision() == Decision::Allow, reasons, errors)
+        decision(allowed, reasons, errors)
     }
 }
+
+#[cfg(test)]
+mod tests;

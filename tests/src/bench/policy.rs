@@ -1,8 +1,10 @@
 //! Policy decision latency: the daemon's own `PolicyEngine` with a generated set of 1,000
-//! policies (audience forbids, per-workload credential permits, node and selector
-//! conditions, time windows on secret sets) beside the built-in ones, deciding requests
-//! about 10,000 entries, 1,000 workloads' credentials and 1,000 audiences, one at a time
-//! on one core. The same generated set is what the signing run with policies loads.
+//! policies (audience forbids, per-workload credential permits, per-workload signing
+//! forbids with a selector condition, time windows on secret sets) beside the built-in
+//! ones, deciding requests about 10,000 entries, 1,000 workloads' credentials and 1,000
+//! audiences, one at a time on one core; then the same with a quarter of them written
+//! without a scope (`when { context.node == … }`), which every request of their action
+//! must evaluate. The scoped set is what the signing run with policies loads.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +21,8 @@ use mayfly_daemon::policy::{
 
 pub struct Options {
     pub policies: usize,
+    /// Of `policies`, how many of the signing forbids name no principal in their scope.
+    pub unscoped: usize,
     pub entities: usize,
     pub decisions: usize,
 }
@@ -36,13 +40,21 @@ pub struct DecideResult {
     /// The same requests against the built-in policies alone.
     pub defaults_p50_us: f64,
     pub defaults_p99_us: f64,
+    /// The same requests with `unscoped` of the policies written without a scope.
+    pub unscoped: usize,
+    pub unscoped_p50_us: f64,
+    pub unscoped_p99_us: f64,
 }
 
-/// Writes `count` generated policies into `dir` as `bench.cedar`.
-pub fn generate(dir: &Path, count: usize) -> Result<()> {
+/// Writes `count` generated policies into `dir` as `bench.cedar`; the first `unscoped`
+/// signing forbids name the node in a condition instead of the workload in their scope.
+pub fn generate(dir: &Path, count: usize, unscoped: usize) -> Result<()> {
     let mut text = String::new();
     for i in 0..count {
         let policy = match i % 4 {
+            2 if i / 4 < unscoped => format!(
+                "@id(\"node-{i}\")\nforbid(principal, action == Mayfly::Action::\"sign_x509_svid\", resource)\nwhen {{ context.node == \"spiffe://example.org/node/q{i}\" && context.selectors.contains(\"unix:uid:{i}\") }};\n"
+            ),
             0 => format!(
                 "@id(\"aud-{i}\")\nforbid(principal, action == Mayfly::Action::\"mint_jwt_svid\", resource == Mayfly::Audience::\"svc-{i}\");\n"
             ),
@@ -51,7 +63,8 @@ pub fn generate(dir: &Path, count: usize) -> Result<()> {
                 i % 100
             ),
             2 => format!(
-                "@id(\"node-{i}\")\nforbid(principal, action == Mayfly::Action::\"sign_x509_svid\", resource)\nwhen {{ context.node == \"spiffe://example.org/node/q{i}\" && context.selectors.contains(\"unix:uid:{i}\") }};\n"
+                "@id(\"workload-{i}\")\nforbid(principal == Mayfly::Workload::\"spiffe://example.org/w/{}\", action == Mayfly::Action::\"sign_x509_svid\", resource)\nwhen {{ context.selectors.contains(\"unix:uid:{i}\") }};\n",
+                i % 1000
             ),
             _ => format!(
                 "@id(\"hours-{i}\")\nforbid(principal, action == Mayfly::Action::\"read_secret\", resource in Mayfly::SecretSet::\"set-{i}\")\nunless {{ context.time.toTime() >= duration(\"1h\") && context.time.toTime() < duration(\"23h\") }};\n"
@@ -154,36 +167,46 @@ fn measure(engine: &PolicyEngine, entities: &[Workload], decisions: usize) -> (V
     (samples, denied)
 }
 
-pub fn run(opts: &Options) -> Result<DecideResult> {
+/// Loads `policies` generated policies (`unscoped` of them without a scope) and decides.
+fn load_and_measure(
+    opts: &Options,
+    unscoped: usize,
+    entities: &[Workload],
+) -> Result<(f64, usize, Vec<u64>, usize)> {
     let dir = tempfile::tempdir()?;
-    generate(dir.path(), opts.policies)?;
-    let clock = Arc::new(SystemClock);
+    generate(dir.path(), opts.policies, unscoped)?;
     let started = Instant::now();
     let engine = PolicyEngine::load(
         PolicyConfig {
             dir: Some(dir.path().to_path_buf()),
             ..Default::default()
         },
-        clock.clone(),
+        Arc::new(SystemClock),
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let count = engine.current().policy_count();
     ensure!(
-        engine.current().policy_count() >= opts.policies,
+        count >= opts.policies,
         "the generated policies did not all load"
     );
-    let entities = workloads(opts.entities);
     // Warm up allocator and caches, then measure.
-    measure(&engine, &entities, 1000.min(opts.decisions));
-    let (samples, denied) = measure(&engine, &entities, opts.decisions);
+    measure(&engine, entities, 1000.min(opts.decisions));
+    let (samples, denied) = measure(&engine, entities, opts.decisions);
     ensure!(
         denied > 0,
         "the generated forbids never applied: the bench is not deciding"
     );
+    Ok((load_ms, count, samples, denied))
+}
 
-    let defaults = PolicyEngine::load(PolicyConfig::default(), clock)?;
+pub fn run(opts: &Options) -> Result<DecideResult> {
+    let entities = workloads(opts.entities);
+    let (load_ms, count, samples, denied) = load_and_measure(opts, 0, &entities)?;
+    let (_, _, unscoped, _) = load_and_measure(opts, opts.unscoped, &entities)?;
+    let defaults = PolicyEngine::load(PolicyConfig::default(), Arc::new(SystemClock))?;
     let (baseline, _) = measure(&defaults, &entities, opts.decisions);
     Ok(DecideResult {
-        policies: engine.current().policy_count(),
+        policies: count,
         entities: opts.entities,
         decisions: opts.decisions,
         load_ms,
@@ -193,5 +216,8 @@ pub fn run(opts: &Options) -> Result<DecideResult> {
         denied,
         defaults_p50_us: percentile_us(&baseline, 50.0),
         defaults_p99_us: percentile_us(&baseline, 99.0),
+        unscoped: opts.unscoped,
+        unscoped_p50_us: percentile_us(&unscoped, 50.0),
+        unscoped_p99_us: percentile_us(&unscoped, 99.0),
     })
 }

@@ -160,6 +160,9 @@ enum Cmd {
     PolicyDecide {
         #[arg(long, default_value_t = 1000)]
         policies: usize,
+        /// Of them, signing forbids written without a scope (second run).
+        #[arg(long, default_value_t = 250)]
+        unscoped: usize,
         #[arg(long, default_value_t = 10_000)]
         entities: usize,
         #[arg(long, default_value_t = 200_000)]
@@ -315,11 +318,13 @@ fn real_main() -> Result<ExitCode> {
             }
             Cmd::PolicyDecide {
                 policies,
+                unscoped,
                 entities,
                 decisions,
             } => {
                 let result = policy::run(&policy::Options {
                     policies,
+                    unscoped,
                     entities,
                     decisions,
                 })?;
@@ -327,7 +332,7 @@ fn real_main() -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Cmd::PolicyGen { dir, policies } => {
-                policy::generate(&dir, policies)?;
+                policy::generate(&dir, policies, 0)?;
                 Ok(ExitCode::SUCCESS)
             }
             Cmd::CredsCache {

@@ -1,0 +1,156 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cedar_policy::Authorizer;
+
+use super::*;
+
+/// Cedar's own decision over the whole set, as the index must reproduce it.
+fn whole_set(
+    decider: &Decider,
+    set: &ActiveSet,
+    access: &Access<'_>,
+    now: SystemTime,
+) -> (bool, Vec<String>) {
+    let (request, entities) = access
+        .cedar_request_checked(decider.actions(), now, Some(decider.schema()))
+        .expect("the request conforms to the schema");
+    let response = Authorizer::new().is_authorized(&request, &set.all, &entities);
+    let mut reasons: Vec<String> = response
+        .diagnostics()
+        .reason()
+        .map(|id| id.to_string())
+        .collect();
+    reasons.sort();
+    (response.decision() == Decision::Allow, reasons)
+}
+
+const POLICIES: &str = r#"
+@id("aud-forbid") forbid(principal, action == Mayfly::Action::"mint_jwt_svid", resource == Mayfly::Audience::"billing");
+@id("aud-permit") permit(principal, action == Mayfly::Action::"mint_jwt_svid", resource == Mayfly::Audience::"orders");
+@id("w1-cred") permit(principal == Mayfly::Workload::"spiffe://example.org/w1", action == Mayfly::Action::"obtain_credential", resource);
+@id("w2-no-cred") forbid(principal == Mayfly::Workload::"spiffe://example.org/w2", action, resource);
+@id("set-hours") forbid(principal, action == Mayfly::Action::"obtain_credential", resource in Mayfly::CredentialSet::"prod")
+  unless { context.time.toTime() >= duration("7h") && context.time.toTime() < duration("19h") };
+@id("set-permit") permit(principal, action in [Mayfly::Action::"read_secret", Mayfly::Action::"obtain_credential"], resource in Mayfly::SecretSet::"shared");
+@id("node-q") forbid(principal, action == Mayfly::Action::"sign_x509_svid", resource) when { context.node == "spiffe://example.org/node/q" };
+@id("uid-0") forbid(principal, action, resource is Mayfly::Entry) when { context.selectors.contains("unix:uid:0") };
+@id("ops") forbid(principal is Mayfly::Operator, action in Mayfly::Action::"admin", resource == Mayfly::AdminCall::"DeleteEntry") unless { principal.uid == 0 };
+"#;
+
+#[test]
+fn the_index_decides_exactly_as_cedar_over_the_whole_set() {
+    let decider = Decider::new().expect("schema");
+    let set = decider
+        .compile(
+            vec![
+                PolicySource::defaults(),
+                PolicySource {
+                    name: "p.cedar".into(),
+                    text: POLICIES.into(),
+                },
+            ],
+            true,
+        )
+        .expect("compiles");
+    let workloads = [
+        "spiffe://example.org/w1",
+        "spiffe://example.org/w2",
+        "spiffe://example.org/w3",
+    ];
+    let nodes = ["spiffe://example.org/node/a", "spiffe://example.org/node/q"];
+    let selectors = [
+        vec!["unix:uid:0".to_string()],
+        vec!["unix:uid:1000".to_string()],
+    ];
+    let grants = vec!["spiffe://example.org/w3".to_string()];
+    let sets = [
+        Vec::new(),
+        vec!["prod".to_string()],
+        vec!["shared".to_string()],
+    ];
+    let mut checked = 0;
+    for hour in [3u64, 12] {
+        let now = UNIX_EPOCH + Duration::from_secs(1_796_428_800 + hour * 3600);
+        for workload in workloads {
+            for node in nodes {
+                for sel in &selectors {
+                    for set_names in &sets {
+                        let facts = EntryFacts {
+                            id: "e1",
+                            spiffe_id: workload,
+                            parent: node,
+                            selectors: sel,
+                            hint: "",
+                        };
+                        let context = AccessContext {
+                            node,
+                            selectors: sel,
+                            ttl_seconds: 60,
+                            source: Source::NodeApi,
+                            method: "test",
+                        };
+                        let principal = Principal::Workload {
+                            spiffe_id: workload,
+                        };
+                        let mut accesses = vec![
+                            Access {
+                                principal,
+                                action: Action::SignX509Svid,
+                                resource: Resource::Entry(facts),
+                                context,
+                            },
+                            Access {
+                                principal,
+                                action: Action::ReadSecret,
+                                resource: Resource::Secret {
+                                    name: "s",
+                                    grants: &grants,
+                                    sets: set_names,
+                                },
+                                context,
+                            },
+                            Access {
+                                principal,
+                                action: Action::ObtainCredential,
+                                resource: Resource::Credential {
+                                    name: "c",
+                                    kind: "postgres_dynamic",
+                                    grants: &grants,
+                                    sets: set_names,
+                                    max_ttl_seconds: 3600,
+                                },
+                                context,
+                            },
+                        ];
+                        for aud in ["billing", "orders", "other"] {
+                            accesses.push(Access {
+                                principal,
+                                action: Action::MintJwtSvid,
+                                resource: Resource::Audience(aud),
+                                context,
+                            });
+                        }
+                        for uid in [0, 1000] {
+                            accesses.push(Access {
+                                principal: Principal::Operator { uid, name: "" },
+                                action: Action::of_admin_method("DeleteEntry"),
+                                resource: Resource::AdminCall("DeleteEntry"),
+                                context,
+                            });
+                        }
+                        for access in &accesses {
+                            let indexed = decider.decide(&set, access, now);
+                            assert_eq!(
+                                (indexed.allowed, indexed.policies.clone()),
+                                whole_set(&decider, &set, access, now),
+                                "{access:?} at {hour}:00"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 300);
+}
