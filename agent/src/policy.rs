@@ -9,16 +9,16 @@ use std::time::SystemTime;
 
 use mayfly_common::Selector;
 use mayfly_common::policy::{
-    Access, AccessContext, Action, ActiveSet, Decider, EntryFacts, LoadError, PolicyDecision,
-    PolicySource, Principal, Resource, Source,
+    Access, AccessContext, Action, ActiveSet, Decider, EntryFacts, PolicyDecision, PolicySource,
+    Principal, Resource, Source,
 };
 use mayfly_proto::v1;
 
 use crate::state::{EntryView, WorkloadState};
 
-/// The schema is compiled into the binary and loaded by a test; should it ever fail to
-/// load, the agent decides nothing locally and the daemon's decisions still hold.
-static DECIDER: LazyLock<Result<Decider, LoadError>> = LazyLock::new(Decider::new);
+/// Unvalidated: the daemon validated the set against the schema before pushing it, and
+/// leaving the schema parser and validator out keeps their code out of the agent's memory.
+static DECIDER: LazyLock<Decider> = LazyLock::new(Decider::unvalidated);
 
 /// A policy set as the daemon pushed it, compiled.
 pub struct AgentPolicy {
@@ -29,7 +29,7 @@ impl AgentPolicy {
     /// Compiles what the daemon pushed; refused (the agent keeps the set it has) when it
     /// does not validate here, which only an agent older than its daemon would see.
     pub fn compile(pushed: &v1::PolicySet) -> Result<Self, String> {
-        let decider = DECIDER.as_ref().map_err(|e| e.to_string())?;
+        let decider = &*DECIDER;
         let sources = pushed
             .sources
             .iter()
@@ -49,9 +49,8 @@ impl AgentPolicy {
         &self.set.hash
     }
 
-    fn decide(&self, access: &Access<'_>) -> Option<PolicyDecision> {
-        let decider = DECIDER.as_ref().ok()?;
-        Some(decider.decide(&self.set, access, SystemTime::now()))
+    fn decide(&self, access: &Access<'_>) -> PolicyDecision {
+        DECIDER.decide(&self.set, access, SystemTime::now())
     }
 }
 
@@ -124,9 +123,7 @@ pub fn check(
             method,
         },
     };
-    let Some(decision) = policy.decide(&access) else {
-        return Ok(());
-    };
+    let decision = policy.decide(&access);
     if decision.allowed {
         return Ok(());
     }
@@ -168,8 +165,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shipped_schema_loads_in_the_agent() {
-        assert!(DECIDER.is_ok());
+    fn a_set_that_does_not_parse_is_not_adopted() {
         let pushed = v1::PolicySet {
             hash: "h".into(),
             enforce: true,

@@ -102,7 +102,33 @@ pub fn schema() -> Result<Schema, LoadError> {
         .map_err(|e| LoadError::Schema(e.to_string()))
 }
 
-pub fn action_entities(schema: &Schema) -> Result<Vec<Entity>, LoadError> {
+/// The schema's actions as entities, each with the groups it is in, built from
+/// [`Action`] (a test checks they are the schema's), so that no schema need be parsed to
+/// decide.
+pub fn action_entities() -> Vec<Entity> {
+    let mut groups: Vec<&str> = Action::ALL
+        .iter()
+        .flat_map(|a| a.groups())
+        .copied()
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    Action::ALL
+        .iter()
+        .map(|a| {
+            let parents = a.groups().iter().map(|g| action_uid(g)).collect();
+            Entity::new_no_attrs(a.uid(), parents)
+        })
+        .chain(
+            groups
+                .into_iter()
+                .map(|g| Entity::new_no_attrs(action_uid(g), Default::default())),
+        )
+        .collect()
+}
+
+/// The action entities the schema declares.
+pub fn schema_action_entities(schema: &Schema) -> Result<Vec<Entity>, LoadError> {
     Ok(schema
         .action_entities()
         .map_err(|e| LoadError::Schema(e.to_string()))?
@@ -124,7 +150,9 @@ pub struct Compiled {
 /// id, or `<file>#<n>` (its place in the file, from 1). Duplicate ids, templates, parse
 /// and validation errors are problems; any problem refuses the whole set. Warnings
 /// (policies that can never apply, say) come back beside the set.
-pub fn compile(sources: &[PolicySource], schema: &Schema) -> Result<Compiled, LoadError> {
+/// Without a schema nothing is validated: the agent compiles only what its daemon has
+/// validated already, and so never loads the validator.
+pub fn compile(sources: &[PolicySource], schema: Option<&Schema>) -> Result<Compiled, LoadError> {
     let mut problems = Vec::new();
     let mut all = PolicySet::new();
     // Policy id -> (file, text), to place validation errors.
@@ -189,6 +217,13 @@ pub fn compile(sources: &[PolicySource], schema: &Schema) -> Result<Compiled, Lo
     if !problems.is_empty() {
         return Err(LoadError::Invalid(problems));
     }
+    let Some(schema) = schema else {
+        return Ok(Compiled {
+            set: all,
+            warnings: Vec::new(),
+            listing,
+        });
+    };
     let result = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
     for error in result.validation_errors() {
         let id = error.policy_id().to_string();
@@ -260,7 +295,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 pub fn active(
     sources: Vec<PolicySource>,
     enforce: bool,
-    schema: &Schema,
+    schema: Option<&Schema>,
 ) -> Result<ActiveSet, LoadError> {
     let Compiled {
         set: all,

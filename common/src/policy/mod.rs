@@ -14,7 +14,7 @@ use cedar_policy::{Authorizer, Decision, Entity, EntityUid, PolicySet, Schema};
 pub use access::{Access, AccessContext, Action, EntryFacts, Principal, Resource, Source};
 pub use compile::{
     Compiled, DEFAULTS, DEFAULTS_NAME, LoadError, PolicyProblem, PolicySource, SCHEMA, compile,
-    schema,
+    schema, schema_action_entities,
 };
 
 /// A compiled policy set, ready to decide.
@@ -103,7 +103,9 @@ pub fn is_denial(message: &str) -> bool {
 /// The schema and its action entities, loaded once per process; compiles sets and
 /// decides requests against them.
 pub struct Decider {
-    schema: Schema,
+    /// The schema sets are validated against; none at an agent, which decides only what
+    /// its daemon validated (and so never loads the schema parser or the validator).
+    schema: Option<Schema>,
     /// The schema's action entities (their groups), part of every request's entities.
     actions: Vec<Entity>,
     /// Per action, its own entity and its groups': all a request's action needs (a
@@ -112,9 +114,18 @@ pub struct Decider {
 }
 
 impl Decider {
+    /// A decider that validates what it compiles against the shipped schema.
     pub fn new() -> Result<Self, LoadError> {
-        let schema = compile::schema()?;
-        let actions = compile::action_entities(&schema)?;
+        Ok(Self::with_schema(Some(compile::schema()?)))
+    }
+
+    /// A decider that compiles without validating: for sets validated elsewhere.
+    pub fn unvalidated() -> Self {
+        Self::with_schema(None)
+    }
+
+    fn with_schema(schema: Option<Schema>) -> Self {
+        let actions = compile::action_entities();
         let action_entities = Action::ALL
             .into_iter()
             .map(|action| {
@@ -128,15 +139,15 @@ impl Decider {
                 (action, own)
             })
             .collect();
-        Ok(Self {
+        Self {
             schema,
             actions,
             action_entities,
-        })
+        }
     }
 
-    pub fn schema(&self) -> &Schema {
-        &self.schema
+    pub fn schema(&self) -> Option<&Schema> {
+        self.schema.as_ref()
     }
 
     pub fn actions(&self) -> &[Entity] {
@@ -150,7 +161,7 @@ impl Decider {
         sources: Vec<PolicySource>,
         enforce: bool,
     ) -> Result<ActiveSet, LoadError> {
-        compile::active(sources, enforce, &self.schema)
+        compile::active(sources, enforce, self.schema.as_ref())
     }
 
     /// The built-in policies alone.

@@ -12,7 +12,7 @@ fn whole_set(
     now: SystemTime,
 ) -> (bool, Vec<String>) {
     let (request, entities) = access
-        .cedar_request_checked(decider.actions(), now, Some(decider.schema()))
+        .cedar_request_checked(decider.actions(), now, decider.schema())
         .expect("the request conforms to the schema");
     let response = Authorizer::new().is_authorized(&request, &set.all, &entities);
     let mut reasons: Vec<String> = response
@@ -153,4 +153,85 @@ fn the_index_decides_exactly_as_cedar_over_the_whole_set() {
         }
     }
     assert!(checked > 300);
+}
+
+#[test]
+fn the_actions_built_without_the_schema_are_the_schemas() {
+    let schema = schema().expect("schema");
+    let mut declared: Vec<String> = schema_action_entities(&schema)
+        .expect("actions")
+        .iter()
+        .map(|e| {
+            format!("{} in {:?}", e.uid(), {
+                let mut parents: Vec<String> = e
+                    .clone()
+                    .into_inner()
+                    .2
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect();
+                parents.sort();
+                parents
+            })
+        })
+        .collect();
+    let mut built: Vec<String> = compile::action_entities()
+        .iter()
+        .map(|e| {
+            format!("{} in {:?}", e.uid(), {
+                let mut parents: Vec<String> = e
+                    .clone()
+                    .into_inner()
+                    .2
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect();
+                parents.sort();
+                parents
+            })
+        })
+        .collect();
+    declared.sort();
+    built.sort();
+    assert_eq!(built, declared);
+}
+
+#[test]
+fn an_unvalidated_decider_decides_as_a_validating_one() {
+    let validating = Decider::new().expect("schema");
+    let agent = Decider::unvalidated();
+    let sources = vec![
+        PolicySource::defaults(),
+        PolicySource {
+            name: "p.cedar".into(),
+            text: POLICIES.into(),
+        },
+    ];
+    let a = validating.compile(sources.clone(), true).expect("compiles");
+    let b = agent.compile(sources, true).expect("compiles");
+    assert_eq!(a.hash, b.hash);
+    let selectors = vec!["unix:uid:0".to_string()];
+    let context = AccessContext {
+        node: "spiffe://example.org/node/q",
+        selectors: &selectors,
+        ttl_seconds: 0,
+        source: Source::WorkloadApi,
+        method: "FetchJWTSVID",
+    };
+    for aud in ["billing", "orders"] {
+        let access = Access {
+            principal: Principal::Workload {
+                spiffe_id: "spiffe://example.org/w1",
+            },
+            action: Action::MintJwtSvid,
+            resource: Resource::Audience(aud),
+            context,
+        };
+        let now = SystemTime::now();
+        let (x, y) = (
+            validating.decide(&a, &access, now),
+            agent.decide(&b, &access, now),
+        );
+        assert_eq!((x.allowed, x.policies), (y.allowed, y.policies));
+    }
 }

@@ -88,7 +88,7 @@ fn validate(dir: &std::path::Path, defaults: bool, format: OutputFormat) -> anyh
         defaults,
     };
     let schema = policy::schema()?;
-    let compiled = policy::sources(&config).and_then(|s| policy::compile(&s, &schema));
+    let compiled = policy::sources(&config).and_then(|s| policy::compile(&s, Some(&schema)));
     let compiled = match compiled {
         Ok(compiled) => compiled,
         Err(e) => anyhow::bail!(

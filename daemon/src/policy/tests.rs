@@ -144,7 +144,7 @@ fn every_request_the_daemon_builds_conforms_to_the_schema() {
             .cedar_request_checked(
                 engine.decider().actions(),
                 SystemTime::now(),
-                Some(engine.decider().schema()),
+                engine.decider().schema(),
             )
             .unwrap_or_else(|e| panic!("{:?} does not conform: {e}", access.action));
         assert!(
