@@ -73,7 +73,14 @@ impl std::fmt::Debug for AgentPolicy {
 #[derive(Debug, Clone, Copy)]
 pub enum WorkloadAsk<'a> {
     X509Svid,
-    JwtSvid { audience: &'a str },
+    JwtSvid {
+        audience: &'a str,
+    },
+    /// A secret the daemon granted to `granted_to` here (the holders it decided).
+    Secret {
+        name: &'a str,
+        granted_to: &'a [String],
+    },
 }
 
 /// Whether the caller (with `caller` selectors) may have `ask` for `entry` under the
@@ -108,6 +115,17 @@ pub fn check(
             Resource::Audience(audience),
             "FetchJWTSVID",
         ),
+        // The agent knows of a secret only the holders the daemon granted it to, not its
+        // definition's sets: a policy about sets is decided at the daemon.
+        WorkloadAsk::Secret { name, granted_to } => (
+            Action::ReadSecret,
+            Resource::Secret {
+                name,
+                grants: granted_to,
+                sets: &[],
+            },
+            "WatchSecrets",
+        ),
     };
     let access = Access {
         principal: Principal::Workload {
@@ -132,6 +150,7 @@ pub fn check(
         WorkloadAsk::JwtSvid { audience } => {
             format!("JWT-SVID {} for audience {audience}", entry.spiffe_id)
         }
+        WorkloadAsk::Secret { name, .. } => format!("secret {name} for {}", entry.spiffe_id),
     };
     if !decision.enforce {
         tracing::warn!(%what, reason = %decision.denial(), "shadow mode: a policy would deny this Workload API request");

@@ -571,3 +571,59 @@ when { context.source == "workload_api" && context.selectors.contains("unix:uid:
         "{text}"
     );
 }
+
+/// `mayfly-agent exec` with one secret in the environment, running `touch PATH`; its status.
+fn exec_with_secret(agent: &AgentProcess, secret: &str, touch: &std::path::Path) -> Option<i32> {
+    let mut child =
+        std::process::Command::new(mayfly_tests::harness::binary("mayfly-agent").unwrap())
+            .arg("exec")
+            .arg("--socket")
+            .arg(&agent.socket_path)
+            .args(["--env", &format!("KEY=secret:{secret}"), "--wait", "3s"])
+            .args(["--", "/bin/sh", "-c", &format!("touch {}", touch.display())])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "exec did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn the_agent_withholds_a_secret_a_policy_forbids_on_the_workload_api() {
+    init();
+    let forbid = r#"@id("no-app-key-on-the-socket")
+forbid(principal, action == Mayfly::Action::"read_secret", resource == Mayfly::Secret::"app-key")
+when { context.source == "workload_api" };
+"#;
+    let (daemon, _dir) = daemon_with(&[("secrets.cedar", forbid)], true);
+    daemon
+        .create_entry("spiffe://example.org/app", NODE_A, "unix:uid:0", &[])
+        .unwrap();
+    for name in ["app-key", "open-key"] {
+        daemon
+            .define_secret(&format!(
+                "name = \"{name}\"\nschedule = \"@yearly\"\ngrants = [\"spiffe://example.org/app\"]\n\
+                 [store]\nkind = \"local\"\n[target]\nkind = \"none\"\n"
+            ))
+            .unwrap();
+        daemon.cli_ok(&["secret", "rotate", name]).unwrap();
+    }
+    let agent = AgentProcess::start(&daemon, NODE_A).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    assert_eq!(exec_with_secret(&agent, "open-key", &open), Some(0));
+    assert!(open.exists(), "a permitted secret reaches the program");
+    // The daemon granted app-key to the agent (its policy speaks of the Workload API
+    // only); the agent does not hand it to the workload.
+    let withheld = dir.path().join("withheld");
+    assert_eq!(exec_with_secret(&agent, "app-key", &withheld), Some(125));
+    assert!(!withheld.exists());
+}

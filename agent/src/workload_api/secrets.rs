@@ -33,9 +33,26 @@ impl View for SecretsView {
         if !state.synced {
             return Ok(None);
         }
-        Ok(Some(Self {
-            secrets: state.secrets_for(caller),
-        }))
+        // Granted by the daemon; the policies decide again with the caller's selectors: a
+        // secret goes to the caller when one of its entries granted it may read it.
+        let entries = state.entries_for(caller);
+        let secrets = state
+            .secrets_for(caller)
+            .into_iter()
+            .filter(|secret| {
+                entries
+                    .iter()
+                    .filter(|e| secret.granted_to.iter().any(|g| g == e.spiffe_id.as_str()))
+                    .any(|e| {
+                        let ask = crate::policy::WorkloadAsk::Secret {
+                            name: &secret.name,
+                            granted_to: &secret.granted_to,
+                        };
+                        crate::policy::check(state, e, caller, ask).is_ok()
+                    })
+            })
+            .collect();
+        Ok(Some(Self { secrets }))
     }
 
     fn encode(&self) -> WatchSecretsResponse {

@@ -17,9 +17,12 @@ use crate::audit::{Actor, Audit, Event};
 use crate::policy::{Access, AccessContext, Action, PolicyEngine, Principal, Resource, Source};
 
 /// The caller of an admin method, as the gate checked it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operator {
     pub uid: u32,
+    /// The hash of the policy set that let the call through ("" for the calls no policy
+    /// decides): every record of what the call changed carries it.
+    pub policy_set: Arc<str>,
 }
 
 impl Operator {
@@ -29,7 +32,7 @@ impl Operator {
         request
             .extensions()
             .get::<Operator>()
-            .copied()
+            .cloned()
             .ok_or_else(|| Status::internal("the admin call did not pass the operator check"))
     }
 
@@ -37,9 +40,14 @@ impl Operator {
         Actor::Operator(self.uid)
     }
 
-    /// An audit record of this operator's change.
+    /// An audit record of this operator's change, with the policy set that allowed it.
     pub fn event(&self, action: &str, subject: &str) -> Event {
-        Event::new(&self.actor(), action, subject)
+        let event = Event::new(&self.actor(), action, subject);
+        if self.policy_set.is_empty() {
+            event
+        } else {
+            event.detail(serde_json::json!({ "policy_set": &*self.policy_set }))
+        }
     }
 }
 
@@ -83,6 +91,7 @@ impl OperatorLayer {
             return Err(Status::permission_denied(why));
         }
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        let mut policy_set: Arc<str> = Arc::from("");
         if !UNDECIDED.contains(&method) {
             let name = uzers::get_user_by_uid(uid)
                 .map(|u| u.name().to_string_lossy().into_owned())
@@ -100,13 +109,15 @@ impl OperatorLayer {
                 },
             };
             // A denial is on the trail already, naming the deciding policies.
-            self.policy
+            let decision = self
+                .policy
                 .authorize(&access, &format!("admin.{call}"))
                 .map_err(|denied| {
                     Status::permission_denied(format!("{method}: {}", denied.reason))
                 })?;
+            policy_set = Arc::from(decision.hash.as_str());
         }
-        Ok(Operator { uid })
+        Ok(Operator { uid, policy_set })
     }
 }
 
