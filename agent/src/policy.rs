@@ -30,6 +30,12 @@ impl AgentPolicy {
     /// does not validate here, which only an agent older than its daemon would see.
     pub fn compile(pushed: &v1::PolicySet) -> Result<Self, String> {
         let decider = &*DECIDER;
+        if !pushed.json.is_empty() {
+            let set = decider
+                .compile_json(&pushed.json, pushed.hash.clone(), pushed.enforce)
+                .map_err(|e| e.to_string())?;
+            return Ok(Self { set });
+        }
         let sources = pushed
             .sources
             .iter()
@@ -192,6 +198,7 @@ mod tests {
                 name: "x.cedar".into(),
                 text: "forbid(principal, action, resource".into(),
             }],
+            json: String::new(),
         };
         assert!(AgentPolicy::compile(&pushed).is_err());
         assert!(

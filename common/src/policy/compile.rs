@@ -305,6 +305,42 @@ pub fn active(
     for warning in &warnings {
         tracing::warn!(%warning, "policy warning");
     }
+    let hash = hash(&sources, enforce);
+    Ok(indexed(all, hash, enforce, listing, sources))
+}
+
+/// A set already compiled elsewhere, as Cedar's JSON policy format (what a daemon pushes
+/// to its agents): read without Cedar's policy grammar, not validated, `hash` as given.
+pub fn from_json(json: &str, hash: String, enforce: bool) -> Result<ActiveSet, LoadError> {
+    let invalid = |message: String| {
+        LoadError::Invalid(vec![PolicyProblem {
+            file: "(pushed policy set)".into(),
+            line: 0,
+            column: 0,
+            message,
+        }])
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+    let all = PolicySet::from_json_value(value).map_err(|e| invalid(e.to_string()))?;
+    let ids = all.policies().map(|p| p.id().to_string()).collect();
+    Ok(indexed(
+        all,
+        hash,
+        enforce,
+        vec![("(pushed policy set)".into(), ids)],
+        Vec::new(),
+    ))
+}
+
+/// `all` with each action's policies indexed by the entities their scopes name.
+fn indexed(
+    all: PolicySet,
+    hash: String,
+    enforce: bool,
+    listing: Vec<(String, Vec<String>)>,
+    sources: Vec<PolicySource>,
+) -> ActiveSet {
     let mut by_action = HashMap::new();
     for action in Action::ALL {
         let mut subset = ActionPolicies::default();
@@ -316,14 +352,15 @@ pub fn active(
         }
         by_action.insert(action, subset);
     }
-    Ok(ActiveSet {
-        hash: hash(&sources, enforce),
+    ActiveSet {
+        hash,
         enforce,
         listing,
         sources,
         all,
         by_action,
-    })
+        json: std::sync::OnceLock::new(),
+    }
 }
 
 /// Where a policy of one action goes: under the entity its resource scope names (`==` or

@@ -29,6 +29,8 @@ pub struct ActiveSet {
     /// The texts it was compiled from (what the daemon pushes to agents).
     pub sources: Vec<PolicySource>,
     all: PolicySet,
+    /// The set as Cedar's JSON policy format, made once when first asked for.
+    json: std::sync::OnceLock<String>,
     /// The policies that can apply to each action, indexed by the entities their scopes
     /// name, so that a decision evaluates only those that can apply (Cedar evaluates
     /// every policy of the set it is given: 1,000 policies cost 200 µs a decision).
@@ -57,6 +59,17 @@ impl ActiveSet {
     /// Every policy as Cedar prints it.
     pub fn text(&self) -> String {
         self.all.to_string()
+    }
+
+    /// The set as Cedar's JSON policy format: what agents compile, without the grammar.
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| {
+            self.all
+                .clone()
+                .to_json()
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        })
     }
 }
 
@@ -162,6 +175,16 @@ impl Decider {
         enforce: bool,
     ) -> Result<ActiveSet, LoadError> {
         compile::active(sources, enforce, self.schema.as_ref())
+    }
+
+    /// A set compiled elsewhere, pushed as Cedar's JSON policy format (not validated).
+    pub fn compile_json(
+        &self,
+        json: &str,
+        hash: String,
+        enforce: bool,
+    ) -> Result<ActiveSet, LoadError> {
+        compile::from_json(json, hash, enforce)
     }
 
     /// The built-in policies alone.

@@ -235,3 +235,49 @@ fn an_unvalidated_decider_decides_as_a_validating_one() {
         assert_eq!((x.allowed, x.policies), (y.allowed, y.policies));
     }
 }
+
+#[test]
+fn a_set_pushed_as_json_decides_as_the_set_it_came_from() {
+    let decider = Decider::new().expect("schema");
+    let sources = vec![
+        PolicySource::defaults(),
+        PolicySource {
+            name: "p.cedar".into(),
+            text: POLICIES.into(),
+        },
+    ];
+    let set = decider.compile(sources, true).expect("compiles");
+    let pushed = Decider::unvalidated()
+        .compile_json(set.json(), set.hash.clone(), true)
+        .expect("the JSON form reads back");
+    assert_eq!(pushed.policy_count(), set.policy_count());
+    let selectors = vec!["unix:uid:0".to_string()];
+    let context = AccessContext {
+        node: "spiffe://example.org/node/q",
+        selectors: &selectors,
+        ttl_seconds: 0,
+        source: Source::WorkloadApi,
+        method: "FetchJWTSVID",
+    };
+    let now = SystemTime::now();
+    for aud in ["billing", "orders", "other"] {
+        let access = Access {
+            principal: Principal::Workload {
+                spiffe_id: "spiffe://example.org/w1",
+            },
+            action: Action::MintJwtSvid,
+            resource: Resource::Audience(aud),
+            context,
+        };
+        let (a, b) = (
+            decider.decide(&set, &access, now),
+            decider.decide(&pushed, &access, now),
+        );
+        assert_eq!((a.allowed, a.policies), (b.allowed, b.policies), "{aud}");
+    }
+    assert!(
+        Decider::unvalidated()
+            .compile_json("{", "h".into(), true)
+            .is_err()
+    );
+}

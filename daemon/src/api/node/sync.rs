@@ -225,6 +225,7 @@ impl NodeApi {
                     text: s.text.clone(),
                 })
                 .collect(),
+            json: active.json().to_string(),
         }
     }
 
