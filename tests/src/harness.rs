@@ -361,6 +361,17 @@ impl Drop for DaemonProcess {
     }
 }
 
+/// A SignSvids request with one fresh CSR for `entry_id`.
+pub fn csr_request(entry_id: &str) -> v1::SignSvidsRequest {
+    let (_key, csr) = generate_csr(None).expect("a fresh P-256 CSR");
+    v1::SignSvidsRequest {
+        csrs: vec![v1::SvidCsr {
+            entry_id: entry_id.to_string(),
+            csr,
+        }],
+    }
+}
+
 /// An attested agent's SVID and key, as the agent would keep them.
 #[derive(Clone)]
 pub struct AgentIdentity {

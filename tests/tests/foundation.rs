@@ -12,7 +12,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use mayfly_common::tls::peer_identity;
 use mayfly_daemon::ca::{SvidRequest, X509Authority, generate_ca, generate_csr};
 use mayfly_proto::v1::{self, sync_message::Update};
-use mayfly_tests::harness::{DaemonOptions, DaemonProcess, init};
+use mayfly_tests::harness::{DaemonOptions, DaemonProcess, csr_request, init};
 use mayfly_tests::pg::TestDatabase;
 
 const AGENT_A: &str = "spiffe://example.org/node/a";
@@ -28,16 +28,6 @@ fn create_entry(daemon: &DaemonProcess, spiffe_id: &str, parent: &str, uid: u32)
             &["--x509-ttl", "10m", "--dns", "web.example.org"],
         )
         .unwrap()
-}
-
-fn csr_request(entry_id: &str) -> v1::SignSvidsRequest {
-    let (_key, csr) = generate_csr(None).unwrap();
-    v1::SignSvidsRequest {
-        csrs: vec![v1::SvidCsr {
-            entry_id: entry_id.to_string(),
-            csr,
-        }],
-    }
 }
 
 fn agents(daemon: &DaemonProcess) -> Vec<serde_json::Value> {

@@ -8,9 +8,10 @@ use spiffe::WorkloadApiClient;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use mayfly_daemon::ca::generate_csr;
 use mayfly_proto::v1::{self, sync_message::Update};
-use mayfly_tests::harness::{AgentProcess, DaemonOptions, DaemonProcess, init, wait_for};
+use mayfly_tests::harness::{
+    AgentProcess, DaemonOptions, DaemonProcess, csr_request, init, wait_for,
+};
 
 const NODE_A: &str = "spiffe://example.org/node/a";
 const NODE_B: &str = "spiffe://example.org/node/b";
@@ -43,16 +44,6 @@ fn audit(daemon: &DaemonProcess, action: &str) -> Vec<serde_json::Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
-}
-
-fn csr_request(entry_id: &str) -> v1::SignSvidsRequest {
-    let (_key, csr) = generate_csr(None).unwrap();
-    v1::SignSvidsRequest {
-        csrs: vec![v1::SvidCsr {
-            entry_id: entry_id.to_string(),
-            csr,
-        }],
-    }
 }
 
 fn mint(entry_id: &str, audience: &str) -> v1::MintJwtSvidRequest {
