@@ -95,26 +95,13 @@ impl Visibility {
         ttl_seconds: i64,
         method: &str,
     ) -> Result<PolicyDecision, CredentialRefusal> {
-        let selectors: Vec<String> = {
-            let index = self.entries.borrow();
-            let mut selectors: Vec<String> = index
-                .values()
-                .filter(|e| e.parent_id == agent && e.spiffe_id == holder)
-                .flat_map(|e| e.selectors.iter().cloned())
-                .collect();
-            if selectors.is_empty()
-                && !index
-                    .values()
-                    .any(|e| e.parent_id == agent && e.spiffe_id == holder)
-            {
-                return Err(CredentialRefusal::Unserved(format!(
-                    "agent {agent} serves no workload {holder}"
-                )));
-            }
-            selectors.sort();
-            selectors.dedup();
-            selectors
+        let Some(mut selectors) = self.served(agent).remove(holder) else {
+            return Err(CredentialRefusal::Unserved(format!(
+                "agent {agent} serves no workload {holder}"
+            )));
         };
+        selectors.sort();
+        selectors.dedup();
         let access = Access {
             principal: Principal::Workload { spiffe_id: holder },
             action: Action::ObtainCredential,

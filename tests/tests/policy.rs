@@ -60,6 +60,18 @@ fn policy_hash(daemon: &DaemonProcess) -> String {
         .to_string()
 }
 
+/// A JWT-SVID for the permitted audience "orders", once the agent has the entry (it
+/// arrives asynchronously).
+async fn permitted_jwt(api: &WorkloadApiClient) -> spiffe::JwtSvid {
+    for _ in 0..100 {
+        if let Ok(jwt) = api.fetch_jwt_svid(["orders"], None).await {
+            return jwt;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no JWT-SVID for a permitted audience within 10 s");
+}
+
 #[tokio::test]
 async fn a_forbidden_jwt_audience_is_refused_at_the_agent_while_others_work() {
     init();
@@ -73,17 +85,7 @@ async fn a_forbidden_jwt_audience_is_refused_at_the_agent_while_others_work() {
         .unwrap();
 
     // The entry reaches the agent asynchronously; a permitted audience works once it has.
-    let mut token = None;
-    for _ in 0..100 {
-        match api.fetch_jwt_svid(["orders"], None).await {
-            Ok(jwt) => {
-                token = Some(jwt);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let token = token.expect("a JWT-SVID for a permitted audience");
+    let token = permitted_jwt(&api).await;
     assert_eq!(token.spiffe_id().to_string(), "spiffe://example.org/web");
 
     let refused = api
@@ -531,15 +533,7 @@ when { context.source == "workload_api" && context.selectors.contains("unix:uid:
     let api = WorkloadApiClient::connect_to(agent.endpoint())
         .await
         .unwrap();
-    let mut token = None;
-    for _ in 0..100 {
-        if let Ok(jwt) = api.fetch_jwt_svid(["orders"], None).await {
-            token = Some(jwt);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(token.is_some(), "a permitted audience works");
+    permitted_jwt(&api).await;
 
     // The daemon signed the SVID (its requests come from the node API); the agent, which
     // knows the caller is uid 0, refuses to hand it out.

@@ -69,26 +69,14 @@ impl Registry {
                 t if t > 0 => Duration::from_secs(t as u64),
                 _ => self.default_x509_ttl,
             };
-            let access = Access {
-                principal: Principal::Workload {
-                    spiffe_id: &entry.spiffe_id,
-                },
-                action: Action::SignX509Svid,
-                resource: Resource::Entry(crate::policy::entry_facts(entry)),
-                context: AccessContext {
-                    node: agent,
-                    selectors: &entry.selectors,
-                    ttl_seconds: ttl.as_secs() as i64,
-                    source: Source::NodeApi,
-                    method: "SignSvids",
-                },
-            };
-            self.policy
-                .authorize(&access, "svid.sign")
-                .map_err(|denied| IdentityError::PolicyDenied {
-                    what: format!("X509-SVID for entry {entry_id} ({})", entry.spiffe_id),
-                    reason: denied.reason,
-                })?;
+            self.authorize_for(
+                agent,
+                entry,
+                (Action::SignX509Svid, "SignSvids", "svid.sign"),
+                Resource::Entry(crate::policy::entry_facts(entry)),
+                ttl,
+                || format!("X509-SVID for entry {entry_id} ({})", entry.spiffe_id),
+            )?;
             let issued = authorities
                 .x509
                 .sign_svid(
@@ -143,26 +131,14 @@ impl Registry {
             _ => self.default_jwt_ttl,
         };
         for aud in audience {
-            let access = Access {
-                principal: Principal::Workload {
-                    spiffe_id: &entry.spiffe_id,
-                },
-                action: Action::MintJwtSvid,
-                resource: Resource::Audience(aud),
-                context: AccessContext {
-                    node: agent,
-                    selectors: &entry.selectors,
-                    ttl_seconds: ttl.as_secs() as i64,
-                    source: Source::NodeApi,
-                    method: "MintJwtSvid",
-                },
-            };
-            self.policy
-                .authorize(&access, "jwt.mint")
-                .map_err(|denied| IdentityError::PolicyDenied {
-                    what: format!("JWT-SVID for {} with audience {aud}", entry.spiffe_id),
-                    reason: denied.reason,
-                })?;
+            self.authorize_for(
+                agent,
+                entry,
+                (Action::MintJwtSvid, "MintJwtSvid", "jwt.mint"),
+                Resource::Audience(aud),
+                ttl,
+                || format!("JWT-SVID for {} with audience {aud}", entry.spiffe_id),
+            )?;
         }
         let now = self.now();
         let token = self
@@ -176,5 +152,39 @@ impl Registry {
             token,
             unix(now) + ttl.as_secs() as i64,
         ))
+    }
+
+    /// The policies' decision on `entry`'s workload getting `resource` through `agent`,
+    /// for `ttl`; `(action, node API method, audit action)`. A denial names `what`.
+    fn authorize_for(
+        &self,
+        agent: &str,
+        entry: &EntryRecord,
+        (action, method, audit_action): (Action, &str, &str),
+        resource: Resource<'_>,
+        ttl: Duration,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), IdentityError> {
+        let access = Access {
+            principal: Principal::Workload {
+                spiffe_id: &entry.spiffe_id,
+            },
+            action,
+            resource,
+            context: AccessContext {
+                node: agent,
+                selectors: &entry.selectors,
+                ttl_seconds: ttl.as_secs() as i64,
+                source: Source::NodeApi,
+                method,
+            },
+        };
+        self.policy
+            .authorize(&access, audit_action)
+            .map(|_| ())
+            .map_err(|denied| IdentityError::PolicyDenied {
+                what: what(),
+                reason: denied.reason,
+            })
     }
 }
