@@ -166,6 +166,12 @@ async fn a_node_scoped_forbid_stops_one_agents_signing_only() {
         "{refused:?}"
     );
 
+    // Refusals are noted without waiting for their commit: wait for it here.
+    wait_for("the denial on the trail", Duration::from_secs(10), || {
+        audit(&daemon, "svid.sign")
+            .iter()
+            .any(|r| r["outcome"] == "denied")
+    });
     let trail = audit(&daemon, "svid.sign");
     let denial = trail
         .iter()
@@ -240,6 +246,15 @@ async fn a_time_window_refuses_a_secret_grant_outside_it_and_a_reload_grants_it_
         state.secrets.is_empty(),
         "outside the window the secret is not granted: {:?}",
         state.secrets.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    wait_for(
+        "the refused grant on the trail",
+        Duration::from_secs(10),
+        || {
+            audit(&daemon, "secret.grant")
+                .iter()
+                .any(|r| r["outcome"] == "denied")
+        },
     );
     let denial = audit(&daemon, "secret.grant")
         .into_iter()
