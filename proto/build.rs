@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mayfly/v1/admin.proto",
         "mayfly/v1/workload_secrets.proto",
         "mayfly/v1/workload_credentials.proto",
+        "mayfly/v1/elevation.proto",
     ];
     for file in workload.iter().chain(&mayfly) {
         println!("cargo:rerun-if-changed={file}");

@@ -10,7 +10,7 @@ use clap::Parser;
 
 use mayfly_common::process::{init_logging, shutdown_signal};
 
-use mayfly_agent::cli::{Cli, Command, api, creds};
+use mayfly_agent::cli::{Cli, Command, api, creds, elevate};
 use mayfly_agent::config::{AgentConfig, LogFormat};
 use mayfly_agent::run;
 
@@ -71,6 +71,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Api { command, endpoint } => api::run(command, &endpoint).await,
         Command::Creds { command, socket } => creds::run(command, socket.as_deref()).await,
+        Command::Elevate { command, socket } => elevate::run(command, socket.as_deref()).await,
         Command::Exec(_) => unreachable!("handled before the runtime's dispatch"),
     }
 }

@@ -86,6 +86,14 @@ pub enum WorkloadAsk<'a> {
     Secret {
         name: &'a str,
         granted_to: &'a [String],
+        sets: &'a [String],
+    },
+    /// A credential, with the facts the daemon sent when it issued it.
+    Credential {
+        name: &'a str,
+        kind: &'a str,
+        facts: &'a v1::CredentialFacts,
+        ttl_seconds: i64,
     },
 }
 
@@ -109,6 +117,7 @@ pub fn check(
         parent: &state.node,
         selectors: &entry_selectors,
         hint: &entry.hint,
+        sets: &entry.sets,
     };
     let (action, resource, method) = match ask {
         WorkloadAsk::X509Svid => (
@@ -121,17 +130,38 @@ pub fn check(
             Resource::Audience(audience),
             "FetchJWTSVID",
         ),
-        // The agent knows of a secret only the holders the daemon granted it to, not its
-        // definition's sets: a policy about sets is decided at the daemon.
-        WorkloadAsk::Secret { name, granted_to } => (
+        // The agent knows of a secret only the holders the daemon granted it to among its
+        // own entries, and of a credential only whether it is granted to the holder.
+        WorkloadAsk::Secret {
+            name,
+            granted_to,
+            sets,
+        } => (
             Action::ReadSecret,
             Resource::Secret {
                 name,
                 grants: granted_to,
-                sets: &[],
+                sets,
             },
             "WatchSecrets",
         ),
+        WorkloadAsk::Credential {
+            name, kind, facts, ..
+        } => (
+            Action::ObtainCredential,
+            Resource::Credential {
+                name,
+                kind,
+                grants: &facts.grants,
+                sets: &facts.sets,
+                max_ttl_seconds: facts.max_ttl_seconds,
+            },
+            "GetCredential",
+        ),
+    };
+    let ttl_seconds = match ask {
+        WorkloadAsk::Credential { ttl_seconds, .. } => ttl_seconds,
+        _ => 0,
     };
     let access = Access {
         principal: Principal::Workload {
@@ -142,9 +172,10 @@ pub fn check(
         context: AccessContext {
             node: &state.node,
             selectors: &caller_selectors,
-            ttl_seconds: 0,
+            ttl_seconds,
             source: Source::WorkloadApi,
             method,
+            elevation: None,
         },
     };
     let decision = policy.decide(&access);
@@ -157,6 +188,9 @@ pub fn check(
             format!("JWT-SVID {} for audience {audience}", entry.spiffe_id)
         }
         WorkloadAsk::Secret { name, .. } => format!("secret {name} for {}", entry.spiffe_id),
+        WorkloadAsk::Credential { name, .. } => {
+            format!("credential {name} for {}", entry.spiffe_id)
+        }
     };
     if !decision.enforce {
         tracing::warn!(%what, reason = %decision.denial(), "shadow mode: a policy would deny this Workload API request");

@@ -517,6 +517,22 @@ impl CredentialIssuer for DaemonCredentialIssuer {
         let mut client = self.client.borrow().clone();
         Ok(client.renew_credential(request).await?.into_inner())
     }
+
+    async fn request_elevation(
+        &self,
+        request: v1::HolderElevationRequest,
+    ) -> Result<v1::Elevation, tonic::Status> {
+        let mut client = self.client.borrow().clone();
+        Ok(client.request_elevation(request).await?.into_inner())
+    }
+
+    async fn end_elevation(
+        &self,
+        request: v1::HolderEndElevationRequest,
+    ) -> Result<v1::Elevation, tonic::Status> {
+        let mut client = self.client.borrow().clone();
+        Ok(client.end_elevation(request).await?.into_inner())
+    }
 }
 
 fn unix_now() -> i64 {

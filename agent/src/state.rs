@@ -17,6 +17,8 @@ pub struct EntryView {
     /// A caller must match every one of these.
     pub selectors: Vec<Selector>,
     pub hint: String,
+    /// The policy sets (`Mayfly::EntrySet`) it is in.
+    pub sets: Vec<String>,
     pub revision: i64,
 }
 
@@ -74,6 +76,8 @@ pub struct SecretView {
     pub value: Arc<Zeroizing<Vec<u8>>>,
     /// The SPIFFE IDs it is granted to: the agent's own, or its entries'.
     pub granted_to: Vec<String>,
+    /// The policy sets (`Mayfly::SecretSet`) of its definition.
+    pub sets: Vec<String>,
 }
 
 impl fmt::Debug for SecretView {
@@ -84,6 +88,7 @@ impl fmt::Debug for SecretView {
             .field("username", &self.username)
             .field("value", &"<redacted>")
             .field("granted_to", &self.granted_to)
+            .field("sets", &self.sets)
             .finish()
     }
 }

@@ -50,6 +50,65 @@ pub struct DaemonConfig {
     /// Runtime authorization: where the operator's Cedar policies are, shadow mode.
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
+    /// Just-in-time elevation: its socket, how long a request waits, the longest one.
+    #[serde(default)]
+    pub elevation: ElevationConfig,
+    /// Webhooks told of each elevation step (`[[notify]]` tables).
+    #[serde(default, rename = "notify")]
+    pub notify: Vec<crate::elevation::notify::NotifyConfig>,
+}
+
+/// `[elevation]` in daemon.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElevationConfig {
+    /// The socket every local user may reach to ask for, review and end elevations
+    /// (default: `elevation.sock` beside the admin socket).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// How long a request waits for its reviews before it expires.
+    #[serde(default = "default_pending_ttl", deserialize_with = "duration")]
+    pub pending_ttl: Duration,
+    /// The longest elevation anybody may ask for, whatever the policies say.
+    #[serde(default = "default_elevation_max_ttl", deserialize_with = "duration")]
+    pub max_ttl: Duration,
+    /// A workload whose entries on its agent are in this entry set is an AI agent
+    /// (`context.requester_kind == "ai_agent"`).
+    #[serde(default = "default_ai_agent_set")]
+    pub ai_agent_set: String,
+}
+
+impl Default for ElevationConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            pending_ttl: default_pending_ttl(),
+            max_ttl: default_elevation_max_ttl(),
+            ai_agent_set: default_ai_agent_set(),
+        }
+    }
+}
+
+fn default_pending_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_elevation_max_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+
+fn default_ai_agent_set() -> String {
+    "ai-agents".to_string()
+}
+
+impl DaemonConfig {
+    /// The elevation socket: configured, or beside the admin socket.
+    pub fn elevation_socket(&self) -> PathBuf {
+        self.elevation
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.admin_socket.with_file_name("elevation.sock"))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +195,8 @@ impl DaemonConfig {
             secrets: Vec::new(),
             credentials: Vec::new(),
             policy: crate::policy::PolicyConfig::default(),
+            elevation: ElevationConfig::default(),
+            notify: Vec::new(),
         }
     }
 

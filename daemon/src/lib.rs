@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod creds;
 pub mod dev;
+pub mod elevation;
 pub use mayfly_common::fsutil;
 pub mod identity;
 pub mod metrics;

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use mayfly_common::process::{init_logging, shutdown_signal};
 
-use mayfly_daemon::cli::{Cli, Command, credentials, operator, policy};
+use mayfly_daemon::cli::{Cli, Command, credentials, elevation, operator, policy};
 use mayfly_daemon::config::{DaemonConfig, LogFormat};
 use mayfly_daemon::{dev, server};
 
@@ -65,5 +65,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Revoke { command, conn } => operator::revoke(command, &conn).await,
         Command::Audit { command, conn } => operator::audit(command, &conn).await,
         Command::Policy { command, conn } => policy::policy(command, &conn).await,
+        Command::Elevation { command, conn } => elevation::elevation(command, &conn).await,
     }
 }

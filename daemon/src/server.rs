@@ -125,6 +125,18 @@ pub async fn start(
         view.clone(),
     ));
     tokio::spawn(revoker.clone().watch_other_daemons());
+    let elevations = crate::elevation::Elevations::start(
+        store.clone(),
+        policy.clone(),
+        broker.clone(),
+        revoker.clone(),
+        view.clone(),
+        audit.clone(),
+        clock.clone(),
+        config.elevation.clone(),
+        crate::elevation::notify::Notifier::start(&config.notify)
+            .map_err(|e| anyhow::anyhow!(e))?,
+    );
     audit.note(
         Event::new(&Actor::Daemon, "daemon.start", config.trust_domain.as_str())
             .scope(format!("node API {}", config.node_listen)),
@@ -168,6 +180,8 @@ pub async fn start(
     let node_incoming = ReceiverStream::new(tls::incoming(listener, tls_config));
 
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
+    let elevation_path = config.elevation_socket();
+    let elevation_listener = bind_elevation_socket(&elevation_path)?;
 
     let node_service = NodeServer::new(NodeApi::new(
         registry.clone(),
@@ -177,6 +191,7 @@ pub async fn start(
         audit.clone(),
         revoker.clone(),
         view,
+        elevations.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes);
     let admin_service = AdminServer::new(AdminApi::new(
@@ -198,6 +213,7 @@ pub async fn start(
         None => None,
     };
     let mut node_stop = stop_rx.clone();
+    let mut elevation_stop = stop_rx.clone();
     let mut admin_stop = stop_rx;
     let node = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -212,6 +228,17 @@ pub async fn start(
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
             let _ = admin_stop.wait_for(|stop| *stop).await;
         });
+    // Every local user may reach this one; each call is decided for the caller's uid.
+    let elevation = tonic::transport::Server::builder()
+        .add_service(
+            mayfly_proto::v1::elevations_server::ElevationsServer::new(
+                crate::api::elevation::ElevationApi::new(elevations),
+            )
+            .max_decoding_message_size(64 * 1024),
+        )
+        .serve_with_incoming_shutdown(UnixListenerStream::new(elevation_listener), async move {
+            let _ = elevation_stop.wait_for(|stop| *stop).await;
+        });
     let admin_path = config.admin_socket.clone();
     let closing = registry.clone();
     let stepping_down = secrets.clone();
@@ -222,10 +249,12 @@ pub async fn start(
             closing.close();
             let _ = stop_tx.send(true);
         });
-        let (node, admin) = tokio::join!(node, admin);
+        let (node, admin, elevation) = tokio::join!(node, admin, elevation);
         let _ = std::fs::remove_file(&admin_path);
+        let _ = std::fs::remove_file(&elevation_path);
         node.context("node API")?;
         admin.context("admin API")?;
+        elevation.context("elevation API")?;
         Ok(())
     });
     tracing::info!(node_api = %node_addr, admin_socket = %config.admin_socket.display(), metrics = ?metrics_addr, trust_domain = %config.trust_domain, "mayflyd serving");
@@ -260,6 +289,28 @@ fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
     let bound = crate::sys::with_umask(0o177, || UnixListener::bind(path));
     let listener = bound.with_context(|| format!("binding the admin socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Binds the elevation socket, which every local user may reach (mode 0666): who the
+/// caller is comes from the socket's peer credentials, what it may do from the policies.
+fn bind_elevation_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "elevation socket {} is in use: is another mayflyd running?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the elevation socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(listener)
 }
 

@@ -26,6 +26,8 @@ pub type Definitions = Arc<[SecretSpec]>;
 pub struct Grant {
     pub secret: String,
     pub to: Vec<String>,
+    /// The policy sets of its definition, which the agent decides with too.
+    pub sets: Vec<String>,
     /// The hash of the policy set that granted it.
     pub policy_set: String,
 }
@@ -86,12 +88,15 @@ impl Visibility {
 
     /// Whether the policies let `holder`, a workload `agent` serves, obtain a credential
     /// (`ttl_seconds` asked, through `method`). Unserved is refused before any policy;
-    /// a policy's denial is on the audit trail under `credential.issue`.
+    /// a policy's denial is on the audit trail under `credential.issue`. `elevated`: an
+    /// active elevation of `holder` grants it, so the policies see it among the grants
+    /// (a `forbid` still wins).
     pub fn credential_decision(
         &self,
         agent: &str,
         holder: &str,
         spec: &crate::creds::spec::CredentialSpec,
+        elevated: bool,
         ttl_seconds: i64,
         method: &str,
     ) -> Result<PolicyDecision, CredentialRefusal> {
@@ -102,13 +107,17 @@ impl Visibility {
         };
         selectors.sort();
         selectors.dedup();
+        let mut grants = spec.grants.clone();
+        if elevated && !grants.iter().any(|g| g == holder) {
+            grants.push(holder.to_string());
+        }
         let access = Access {
             principal: Principal::Workload { spiffe_id: holder },
             action: Action::ObtainCredential,
             resource: Resource::Credential {
                 name: &spec.name,
                 kind: spec.kind(),
-                grants: &spec.grants,
+                grants: &grants,
                 sets: &spec.sets,
                 max_ttl_seconds: spec.max().as_secs() as i64,
             },
@@ -118,11 +127,33 @@ impl Visibility {
                 ttl_seconds,
                 source: Source::NodeApi,
                 method,
+                elevation: None,
             },
         };
         self.policy
             .authorize(&access, "credential.issue")
             .map_err(|denied| CredentialRefusal::Policy(denied.reason))
+    }
+
+    /// What the daemon knows of `holder` as `agent` serves it: its entries' selectors and
+    /// policy sets, each sorted and without duplicates; `None` when it serves no such
+    /// workload.
+    pub fn holder(&self, agent: &str, holder: &str) -> Option<(Vec<String>, Vec<String>)> {
+        let mut selectors = Vec::new();
+        let mut sets = Vec::new();
+        let mut found = false;
+        for entry in self.entries.borrow().values() {
+            if entry.parent_id == agent && entry.spiffe_id == holder {
+                found = true;
+                selectors.extend(entry.selectors.iter().cloned());
+                sets.extend(entry.sets.iter().cloned());
+            }
+        }
+        selectors.sort();
+        selectors.dedup();
+        sets.sort();
+        sets.dedup();
+        found.then_some((selectors, sets))
     }
 
     /// The SPIFFE IDs `agent` serves workloads as, with their entries' selectors.
@@ -171,6 +202,7 @@ impl Visibility {
                     ttl_seconds: 0,
                     source: Source::NodeApi,
                     method: "Sync",
+                    elevation: None,
                 },
             };
             let decision = if spec.grants.contains(holder) {
@@ -188,6 +220,7 @@ impl Visibility {
         (!to.is_empty()).then(|| Grant {
             secret: spec.name.clone(),
             to,
+            sets: spec.sets.clone(),
             policy_set,
         })
     }

@@ -190,6 +190,72 @@ async fn a_node_scoped_forbid_stops_one_agents_signing_only() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbid_on_an_entry_set_stops_the_entries_in_it_until_they_leave_it() {
+    init();
+    let (daemon, _dir) = daemon_with(
+        &[(
+            "frozen.cedar",
+            "@id(\"frozen-entries\")\nforbid(principal, action == Mayfly::Action::\"sign_x509_svid\", resource in Mayfly::EntrySet::\"frozen\");\n",
+        )],
+        true,
+    );
+    let a = daemon.attest(NODE_A).await.unwrap();
+    let frozen = daemon
+        .create_entry(
+            "spiffe://example.org/web",
+            NODE_A,
+            "unix:uid:1000",
+            &["--set", "frozen", "--set", "prod", "--set", "frozen"],
+        )
+        .unwrap();
+    let thawed = daemon
+        .create_entry(
+            "spiffe://example.org/api",
+            NODE_A,
+            "unix:uid:1001",
+            &["--set", "prod"],
+        )
+        .unwrap();
+    let shown = daemon.cli_json(&["entry", "show", &frozen]).unwrap();
+    assert_eq!(
+        shown["sets"],
+        serde_json::json!(["frozen", "prod"]),
+        "{shown}"
+    );
+
+    let mut node = daemon.node(&a).await.unwrap();
+    let refused = node.sign_svids(csr_request(&frozen)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("frozen-entries"), "{refused:?}");
+    let signed = node
+        .sign_svids(csr_request(&thawed))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signed.svids.len(), 1);
+
+    // Bad set names are refused by name, and the entry stays as it was.
+    let bad = daemon
+        .cli(&["entry", "update", &frozen, "--set", "tab\there"])
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("sets"), "{stderr}");
+    let unchanged = daemon.cli_json(&["entry", "show", &frozen]).unwrap();
+    assert_eq!(unchanged["sets"], serde_json::json!(["frozen", "prod"]));
+
+    daemon
+        .cli_ok(&["entry", "update", &frozen, "--clear-sets"])
+        .unwrap();
+    let signed = node
+        .sign_svids(csr_request(&frozen))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signed.svids.len(), 1, "out of the set, signed again");
+}
+
 /// A window of two hours that does not include the present hour (UTC), and one that does.
 fn windows() -> (String, String) {
     let hour = (mayfly_common::clock::unix(std::time::SystemTime::now()) / 3600 % 24) as u32;

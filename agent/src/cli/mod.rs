@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod creds;
+pub mod elevate;
 pub mod endpoint;
 
 use std::path::PathBuf;
@@ -50,6 +51,16 @@ pub enum Command {
         command: CredsCommand,
         /// The Workload API: unix:///absolute/path, a path, or tcp://IP:port; default:
         /// SPIFFE_ENDPOINT_SOCKET, then unix:///run/mayfly-agent/api.sock.
+        #[arg(long, global = true, value_name = "ENDPOINT")]
+        socket: Option<String>,
+    },
+    /// Ask for temporary access to a credential as this workload (an AI agent's tools
+    /// too), and end it when the task is done: `mayfly-agent elevate request --credential
+    /// orders-db --ttl 15m --reason "…"`.
+    Elevate {
+        #[command(subcommand)]
+        command: elevate::ElevateCommand,
+        /// The Workload API, as for `creds`.
         #[arg(long, global = true, value_name = "ENDPOINT")]
         socket: Option<String>,
     },

@@ -80,6 +80,11 @@ impl Slot {
 type Flight = Shared<BoxFuture<'static, Result<Arc<Credential>, CredentialError>>>;
 
 impl CredentialCache {
+    /// What the cache asks the daemon with (elevation requests go the same way).
+    pub fn issuer(&self) -> Arc<dyn CredentialIssuer> {
+        self.inner.issuer.clone()
+    }
+
     pub fn new(
         issuer: Arc<dyn CredentialIssuer>,
         clock: Arc<dyn Clock>,
@@ -467,6 +472,7 @@ mod tests {
                 issued_at: now,
                 expires_at: now + TTL,
                 notice: String::new(),
+                facts: None,
             })
         }
 
@@ -564,6 +570,7 @@ mod tests {
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
             selectors: vec![Selector::Uid(1000)],
             hint: String::new(),
+            sets: Vec::new(),
             revision: 1,
         })
     }

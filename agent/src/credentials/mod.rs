@@ -36,6 +36,28 @@ pub trait CredentialIssuer: Send + Sync + 'static {
         let _ = request;
         Err(tonic::Status::unimplemented("this issuer does not renew"))
     }
+
+    /// Asks the daemon for an elevation of a workload this agent serves.
+    async fn request_elevation(
+        &self,
+        request: v1::HolderElevationRequest,
+    ) -> Result<v1::Elevation, tonic::Status> {
+        let _ = request;
+        Err(tonic::Status::unimplemented(
+            "this issuer does not ask for elevations",
+        ))
+    }
+
+    /// Ends (or withdraws) a workload's own elevation.
+    async fn end_elevation(
+        &self,
+        request: v1::HolderEndElevationRequest,
+    ) -> Result<v1::Elevation, tonic::Status> {
+        let _ = request;
+        Err(tonic::Status::unimplemented(
+            "this issuer does not end elevations",
+        ))
+    }
 }
 
 /// What one cached credential answers: the same SPIFFE ID asking for the same definition
@@ -67,6 +89,9 @@ pub struct Credential {
     pub renewed_at: i64,
     /// Set by the daemon when it adjusted the request (a TTL clamped to the maximum).
     pub notice: String,
+    /// Its definition as the policies see it: the agent decides each hand-out on these.
+    /// `None` from an older daemon, or on what a workload was handed (`exec`).
+    pub facts: Option<v1::CredentialFacts>,
 }
 
 impl fmt::Debug for Credential {
@@ -96,6 +121,7 @@ impl Credential {
             issued_at,
             expires_at,
             notice,
+            facts,
         } = issued;
         Self {
             name,
@@ -110,6 +136,7 @@ impl Credential {
             expires_at,
             renewed_at: issued_at,
             notice,
+            facts,
         }
     }
 
@@ -136,6 +163,7 @@ impl Credential {
             issued_at,
             expires_at,
             notice,
+            facts: None,
         };
         Ok(Self::from_issued(issued, spiffe_id))
     }
@@ -302,6 +330,7 @@ mod tests {
                 issued_at,
                 expires_at,
                 notice: String::new(),
+                facts: None,
             },
             SpiffeId::parse("spiffe://example.org/app").unwrap(),
         )

@@ -362,6 +362,7 @@ async fn watch_once(
                     username: s.username,
                     value: Arc::new(Zeroizing::new(s.value)),
                     granted_to: Vec::new(),
+                    sets: Vec::new(),
                 };
                 (s.name, Arc::new(view))
             })

@@ -387,6 +387,7 @@ mod tests {
                 username: "app".into(),
                 value: Arc::new(Zeroizing::new(value.as_bytes().to_vec())),
                 granted_to: vec![],
+                sets: vec![],
             }),
         )
     }
@@ -504,6 +505,7 @@ mod tests {
                 issued_at: 1_000,
                 expires_at,
                 notice: String::new(),
+                facts: None,
             },
             mayfly_common::SpiffeId::parse("spiffe://example.org/orders").unwrap(),
         ))

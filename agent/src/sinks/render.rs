@@ -518,6 +518,7 @@ mod tests {
                     username: user.to_string(),
                     value: Arc::new(Zeroizing::new(value.as_bytes().to_vec())),
                     granted_to: vec!["spiffe://example.org/app".into()],
+                    sets: vec![],
                 }),
             );
         }
@@ -640,6 +641,7 @@ mod tests {
                 issued_at: 1_767_225_000,
                 expires_at: 1_767_225_600,
                 notice: String::new(),
+                facts: None,
             },
             spiffe_id.clone(),
         );

@@ -301,6 +301,7 @@ impl SvidCache {
                     username: s.username.clone(),
                     value: Arc::new(Zeroizing::new(s.value.clone())),
                     granted_to: s.granted_to.clone(),
+                    sets: s.sets.clone(),
                 };
                 (s.name.clone(), Arc::new(view))
             })
@@ -379,6 +380,7 @@ fn entry_view(entry: &v1::Entry) -> Result<EntryView, SvidCacheError> {
         spiffe_id: SpiffeId::parse(&entry.spiffe_id).map_err(SvidCacheError::SpiffeId)?,
         selectors,
         hint: entry.hint.clone(),
+        sets: entry.sets.clone(),
         revision: entry.revision,
     })
 }

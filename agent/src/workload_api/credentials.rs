@@ -8,7 +8,8 @@ use mayfly_common::{Selector, SpiffeId};
 use mayfly_proto::v1::workload_credentials_server::WorkloadCredentials;
 use mayfly_proto::v1::{GetCredentialRequest, WorkloadCredential};
 
-use crate::credentials::CredentialKey;
+use crate::credentials::{Credential, CredentialKey};
+use crate::policy::WorkloadAsk;
 use crate::workload_api::WorkloadApi;
 use crate::workload_api::error::WorkloadApiError;
 
@@ -35,7 +36,7 @@ impl WorkloadApi {
         let Some(cache) = &self.credentials else {
             return Err(WorkloadApiError::NoCredentials);
         };
-        let spiffe_id = self.credential_holder(&caller, &spiffe_id)?;
+        let spiffe_id = self.credential_holder(&caller, &spiffe_id, CALL)?;
         let key = CredentialKey {
             spiffe_id,
             name,
@@ -45,15 +46,54 @@ impl WorkloadApi {
             .get(&key)
             .await
             .map_err(WorkloadApiError::Credential)?;
+        self.check_credential_policy(&caller, &credential, ttl_seconds)?;
         Ok(credential.to_message())
+    }
+
+    /// The policies decide every hand-out, a cached credential's too, on the facts the
+    /// daemon sent with it: a `forbid` pushed later holds while the daemon is unreachable.
+    /// Allowed when one of the caller's entries for the holder may have it.
+    fn check_credential_policy(
+        &self,
+        caller: &[Selector],
+        credential: &Credential,
+        ttl_seconds: i64,
+    ) -> Result<(), WorkloadApiError> {
+        let Some(facts) = &credential.facts else {
+            return Ok(());
+        };
+        let state = self.state.borrow();
+        let ask = WorkloadAsk::Credential {
+            name: &credential.name,
+            kind: &credential.kind,
+            facts,
+            ttl_seconds,
+        };
+        let mut denial = None;
+        for entry in state
+            .entries_for(caller)
+            .iter()
+            .filter(|e| e.spiffe_id == credential.spiffe_id)
+        {
+            match crate::policy::check(&state, entry, caller, ask) {
+                Ok(()) => return Ok(()),
+                Err(why) => denial = Some(why),
+            }
+        }
+        let error = WorkloadApiError::PolicyDenied(
+            denial.unwrap_or_else(|| format!("no entry of the caller is {}", credential.spiffe_id)),
+        );
+        self.deny(CALL, caller, &error);
+        Err(error)
     }
 
     /// Which of the caller's SPIFFE IDs asks: the one it names, which must be one of its
     /// entries', or its only one. Refusals are reported like every Workload API denial.
-    fn credential_holder(
+    pub(super) fn credential_holder(
         &self,
         caller: &[Selector],
         requested: &str,
+        call: &str,
     ) -> Result<SpiffeId, WorkloadApiError> {
         let requested = if requested.is_empty() {
             None
@@ -79,7 +119,7 @@ impl WorkloadApi {
             let error = WorkloadApiError::NoIdentityIssued {
                 requested: requested.map(|id| id.as_str().to_owned()),
             };
-            self.deny(CALL, caller, &error);
+            self.deny(call, caller, &error);
             error
         })
     }

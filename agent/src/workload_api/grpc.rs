@@ -26,6 +26,7 @@ use tonic::metadata::MetadataMap;
 use zeroize::Zeroizing;
 
 use mayfly_proto::v1::workload_credentials_server::WorkloadCredentials;
+use mayfly_proto::v1::workload_elevation_server::WorkloadElevation;
 use mayfly_proto::v1::workload_secrets_server::WorkloadSecrets;
 use mayfly_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 
@@ -49,6 +50,8 @@ enum Rpc {
     ValidateJwtSvid,
     WatchSecrets,
     GetCredential,
+    RequestElevation,
+    EndElevation,
 }
 
 impl Rpc {
@@ -61,6 +64,8 @@ impl Rpc {
             "/SpiffeWorkloadAPI/ValidateJWTSVID" => Self::ValidateJwtSvid,
             "/mayfly.v1.WorkloadSecrets/WatchSecrets" => Self::WatchSecrets,
             "/mayfly.v1.WorkloadCredentials/GetCredential" => Self::GetCredential,
+            "/mayfly.v1.WorkloadElevation/RequestElevation" => Self::RequestElevation,
+            "/mayfly.v1.WorkloadElevation/EndElevation" => Self::EndElevation,
             _ => return None,
         })
     }
@@ -161,6 +166,12 @@ async fn dispatch(
         }
         Rpc::GetCredential => {
             message_reply(WorkloadCredentials::get_credential(api, call.decode()?).await?)
+        }
+        Rpc::RequestElevation => {
+            message_reply(WorkloadElevation::request_elevation(api, call.decode()?).await?)
+        }
+        Rpc::EndElevation => {
+            message_reply(WorkloadElevation::end_elevation(api, call.decode()?).await?)
         }
     }
 }

@@ -3,6 +3,7 @@
 //! agent's published [`WorkloadState`].
 
 mod credentials;
+mod elevation;
 mod error;
 mod grpc;
 mod jwt;

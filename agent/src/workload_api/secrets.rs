@@ -47,6 +47,7 @@ impl View for SecretsView {
                         let ask = crate::policy::WorkloadAsk::Secret {
                             name: &secret.name,
                             granted_to: &secret.granted_to,
+                            sets: &secret.sets,
                         };
                         crate::policy::check(state, e, caller, ask).is_ok()
                     })

@@ -156,6 +156,11 @@ impl crate::credentials::CredentialIssuer for FakeCredentialIssuer {
             issued_at: now,
             expires_at: now + 600,
             notice: String::new(),
+            facts: Some(mayfly_proto::v1::CredentialFacts {
+                grants: vec![request.spiffe_id],
+                sets: vec!["prod".into()],
+                max_ttl_seconds: 86_400,
+            }),
         })
     }
 }
@@ -315,6 +320,7 @@ fn entry(id: &str, spiffe_id: &str, selectors: Vec<Selector>) -> Arc<EntryView> 
         spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
         selectors,
         hint: format!("hint-{id}"),
+        sets: Vec::new(),
         revision: 1,
     })
 }
@@ -1204,4 +1210,80 @@ async fn a_caller_without_an_entry_gets_no_credential() {
         status.message()
     );
     assert!(f.credential_issuer.asked.lock().unwrap().is_empty());
+}
+
+/// A set the daemon would push: the built-in policies and `text`.
+fn pushed_policy(text: &str) -> Arc<crate::policy::AgentPolicy> {
+    use mayfly_common::policy::{DEFAULTS, DEFAULTS_NAME};
+    let source = |name: &str, text: &str| mayfly_proto::v1::PolicySource {
+        name: name.into(),
+        text: text.into(),
+    };
+    let pushed = mayfly_proto::v1::PolicySet {
+        hash: format!("test-{}", text.len()),
+        enforce: true,
+        sources: vec![source(DEFAULTS_NAME, DEFAULTS), source("extra.cedar", text)],
+        json: String::new(),
+    };
+    Arc::new(crate::policy::AgentPolicy::compile(&pushed).expect("the test policy compiles"))
+}
+
+#[tokio::test]
+async fn a_forbid_pushed_later_stops_a_cached_credential_without_the_daemon() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let f = Fixture::start(TestAttestor::AsIs).await;
+    let mut client = f.credentials_client().await;
+    let first = client
+        .get_credential(with_header(credential_request("orders-db", CALLER_ID)))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A set about other credentials changes nothing.
+    f.update(|s| {
+        s.policy = Some(pushed_policy(
+            r#"@id("staging-off") forbid(principal, action == Mayfly::Action::"obtain_credential", resource in Mayfly::CredentialSet::"staging");"#,
+        ))
+    });
+    let again = client
+        .get_credential(with_header(credential_request("orders-db", CALLER_ID)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.lease_id, first.lease_id);
+
+    // One about the set this credential is in refuses it, from the cache, naming the policy.
+    f.update(|s| {
+        s.policy = Some(pushed_policy(
+            r#"@id("prod-frozen") forbid(principal, action == Mayfly::Action::"obtain_credential", resource in Mayfly::CredentialSet::"prod") when { context.ttl_seconds == 0 };"#,
+        ))
+    });
+    let status = client
+        .get_credential(with_header(credential_request("orders-db", CALLER_ID)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("prod-frozen"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("orders-db"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        f.credential_issuer.asked.lock().unwrap().len(),
+        1,
+        "decided at the agent: the daemon was asked once, for the first"
+    );
+
+    // The context is the request's: another TTL is not covered by that policy.
+    let mut other_ttl = credential_request("orders-db", CALLER_ID);
+    other_ttl.ttl_seconds = 300;
+    client
+        .get_credential(with_header(other_ttl))
+        .await
+        .expect("a request the policy does not cover");
 }

@@ -19,7 +19,11 @@ pub enum Action {
     MintJwtSvid,
     ReadSecret,
     ObtainCredential,
-    Elevate,
+    RequestElevation,
+    ReviewElevation,
+    ActivateElevation,
+    RejectElevation,
+    ViewElevation,
     AdminRead,
     AdminWrite,
     Rotate,
@@ -27,12 +31,16 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 9] = [
+    pub const ALL: [Action; 13] = [
         Action::SignX509Svid,
         Action::MintJwtSvid,
         Action::ReadSecret,
         Action::ObtainCredential,
-        Action::Elevate,
+        Action::RequestElevation,
+        Action::ReviewElevation,
+        Action::ActivateElevation,
+        Action::RejectElevation,
+        Action::ViewElevation,
         Action::AdminRead,
         Action::AdminWrite,
         Action::Rotate,
@@ -46,12 +54,28 @@ impl Action {
             Action::MintJwtSvid => "mint_jwt_svid",
             Action::ReadSecret => "read_secret",
             Action::ObtainCredential => "obtain_credential",
-            Action::Elevate => "elevate",
+            Action::RequestElevation => "request_elevation",
+            Action::ReviewElevation => "review_elevation",
+            Action::ActivateElevation => "activate_elevation",
+            Action::RejectElevation => "reject_elevation",
+            Action::ViewElevation => "view_elevation",
             Action::AdminRead => "admin_read",
             Action::AdminWrite => "admin_write",
             Action::Rotate => "rotate",
             Action::Revoke => "revoke",
         }
+    }
+
+    /// Whether its context is the elevation context (`Mayfly::ElevationContext`).
+    pub fn is_elevation(self) -> bool {
+        matches!(
+            self,
+            Action::RequestElevation
+                | Action::ReviewElevation
+                | Action::ActivateElevation
+                | Action::RejectElevation
+                | Action::ViewElevation
+        )
     }
 
     /// The action groups it is in, besides itself.
@@ -119,6 +143,8 @@ pub struct EntryFacts<'a> {
     pub parent: &'a str,
     pub selectors: &'a [String],
     pub hint: &'a str,
+    /// The policy sets (`Mayfly::EntrySet`) it is in.
+    pub sets: &'a [String],
 }
 
 /// What it asks for.
@@ -159,13 +185,20 @@ pub enum Source {
     NodeApi,
     AdminSocket,
     WorkloadApi,
+    /// The daemon's elevation socket, which every local user may reach.
+    ElevationSocket,
 }
 
 impl Source {
     pub fn parse(name: &str) -> Option<Source> {
-        [Source::NodeApi, Source::AdminSocket, Source::WorkloadApi]
-            .into_iter()
-            .find(|s| s.name() == name)
+        [
+            Source::NodeApi,
+            Source::AdminSocket,
+            Source::WorkloadApi,
+            Source::ElevationSocket,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
     }
 
     pub fn name(self) -> &'static str {
@@ -173,8 +206,25 @@ impl Source {
             Source::NodeApi => "node_api",
             Source::AdminSocket => "admin_socket",
             Source::WorkloadApi => "workload_api",
+            Source::ElevationSocket => "elevation_socket",
         }
     }
+}
+
+/// What the server knows of an elevation request when it decides about it; the elevation
+/// actions' context carries it besides the common fields. The counts are the server's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ElevationFacts<'a> {
+    /// Who asked: `uid:1000` for an operator, the SPIFFE ID for a workload.
+    pub requester: &'a str,
+    /// `operator`, `workload` or `ai_agent`.
+    pub requester_kind: &'a str,
+    pub reason: &'a str,
+    pub ticket: &'a str,
+    pub break_glass: bool,
+    /// Distinct reviewers who approved, and who denied, so far.
+    pub approvals: i64,
+    pub denials: i64,
 }
 
 /// The context the server builds: the time is added when it decides.
@@ -187,6 +237,9 @@ pub struct AccessContext<'a> {
     pub ttl_seconds: i64,
     pub source: Source,
     pub method: &'a str,
+    /// Set on the elevation actions only (their context has these fields; the others'
+    /// has not).
+    pub elevation: Option<ElevationFacts<'a>>,
 }
 
 /// One request to decide.
@@ -204,6 +257,7 @@ struct Types {
     workload: EntityTypeName,
     operator: EntityTypeName,
     entry: EntityTypeName,
+    entry_set: EntityTypeName,
     audience: EntityTypeName,
     secret: EntityTypeName,
     secret_set: EntityTypeName,
@@ -221,6 +275,7 @@ static TYPES: LazyLock<Types> = LazyLock::new(|| {
         workload: name("Mayfly::Workload"),
         operator: name("Mayfly::Operator"),
         entry: name("Mayfly::Entry"),
+        entry_set: name("Mayfly::EntrySet"),
         audience: name("Mayfly::Audience"),
         secret: name("Mayfly::Secret"),
         secret_set: name("Mayfly::SecretSet"),
@@ -324,7 +379,7 @@ impl Access<'_> {
                     ("selectors", strings(entry.selectors)),
                     ("hint", string(entry.hint)),
                 ],
-                HashSet::new(),
+                in_sets(&TYPES.entry_set, entry.sets),
             ),
             Resource::Audience(aud) => (uid(&TYPES.audience, aud), Vec::new(), HashSet::new()),
             Resource::AdminCall(method) => {
@@ -365,7 +420,7 @@ impl Access<'_> {
 
     fn context(&self, now: SystemTime) -> Result<Context, String> {
         let time = cedar_time(now);
-        Context::from_pairs([
+        let mut pairs = vec![
             ("time".to_string(), RestrictedExpression::new_datetime(time)),
             ("node".to_string(), string(self.context.node)),
             ("selectors".to_string(), strings(self.context.selectors)),
@@ -375,8 +430,29 @@ impl Access<'_> {
             ),
             ("source".to_string(), string(self.context.source.name())),
             ("method".to_string(), string(self.context.method)),
-        ])
-        .map_err(|e| e.to_string())
+        ];
+        if self.action.is_elevation() {
+            let e = self.context.elevation.unwrap_or_default();
+            pairs.extend([
+                ("requester".to_string(), string(e.requester)),
+                ("requester_kind".to_string(), string(e.requester_kind)),
+                ("reason".to_string(), string(e.reason)),
+                ("ticket".to_string(), string(e.ticket)),
+                (
+                    "break_glass".to_string(),
+                    RestrictedExpression::new_bool(e.break_glass),
+                ),
+                (
+                    "approvals".to_string(),
+                    RestrictedExpression::new_long(e.approvals),
+                ),
+                (
+                    "denials".to_string(),
+                    RestrictedExpression::new_long(e.denials),
+                ),
+            ]);
+        }
+        Context::from_pairs(pairs).map_err(|e| e.to_string())
     }
 
     /// The principal's uid, and the resource's with those of the sets it is in: the
@@ -388,7 +464,9 @@ impl Access<'_> {
             Principal::Operator { uid: n, .. } => uid(&TYPES.operator, &n.to_string()),
         };
         let resources = match self.resource {
-            Resource::Entry(entry) => vec![uid(&TYPES.entry, entry.id)],
+            Resource::Entry(entry) => std::iter::once(uid(&TYPES.entry, entry.id))
+                .chain(entry.sets.iter().map(|s| uid(&TYPES.entry_set, s)))
+                .collect(),
             Resource::Audience(aud) => vec![uid(&TYPES.audience, aud)],
             Resource::AdminCall(method) => vec![uid(&TYPES.admin_call, method)],
             Resource::Secret { name, sets, .. } => std::iter::once(uid(&TYPES.secret, name))
@@ -415,18 +493,33 @@ impl Access<'_> {
             .map(|(_, all)| all.into_iter().map(|e| json(Ok(e))).collect::<Vec<_>>())
             .unwrap_or_default();
         let time = cedar_time(now);
+        let mut context = serde_json::json!({
+            "time": time,
+            "node": self.context.node,
+            "selectors": self.context.selectors,
+            "ttl_seconds": self.context.ttl_seconds,
+            "source": self.context.source.name(),
+            "method": self.context.method,
+        });
+        if self.action.is_elevation() {
+            let e = self.context.elevation.unwrap_or_default();
+            for (key, value) in [
+                ("requester", serde_json::json!(e.requester)),
+                ("requester_kind", serde_json::json!(e.requester_kind)),
+                ("reason", serde_json::json!(e.reason)),
+                ("ticket", serde_json::json!(e.ticket)),
+                ("break_glass", serde_json::json!(e.break_glass)),
+                ("approvals", serde_json::json!(e.approvals)),
+                ("denials", serde_json::json!(e.denials)),
+            ] {
+                context[key] = value;
+            }
+        }
         serde_json::json!({
             "principal": json(self.principal_entity().map(|(_, e)| e)),
             "action": format!("Mayfly::Action::\"{}\"", self.action.name()),
             "resource": resource,
-            "context": {
-                "time": time,
-                "node": self.context.node,
-                "selectors": self.context.selectors,
-                "ttl_seconds": self.context.ttl_seconds,
-                "source": self.context.source.name(),
-                "method": self.context.method,
-            },
+            "context": context,
         })
     }
 

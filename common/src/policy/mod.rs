@@ -11,7 +11,9 @@ use std::time::SystemTime;
 
 use cedar_policy::{Authorizer, Decision, Entity, EntityUid, PolicySet, Schema};
 
-pub use access::{Access, AccessContext, Action, EntryFacts, Principal, Resource, Source};
+pub use access::{
+    Access, AccessContext, Action, ElevationFacts, EntryFacts, Principal, Resource, Source,
+};
 pub use compile::{
     Compiled, DEFAULTS, DEFAULTS_NAME, LoadError, PolicyProblem, PolicySource, SCHEMA, compile,
     schema, schema_action_entities,
@@ -111,6 +113,26 @@ impl PolicyDecision {
 /// agent tells it from a missing entry in the daemon's answer.
 pub fn is_denial(message: &str) -> bool {
     message.contains("denied by policy ") || message.contains("no policy permits it")
+}
+
+/// Checks the names of the policy sets a resource is in (`sets = [..]` on an entry, a
+/// secret or a credential) and returns them sorted, without duplicates: 1 to 128
+/// characters, none of them a control character, at most 64 sets.
+pub fn check_set_names(names: &[String]) -> Result<Vec<String>, String> {
+    if names.len() > 64 {
+        return Err(format!("{} sets; at most 64", names.len()));
+    }
+    for name in names {
+        if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+            return Err(format!(
+                "set name {name:?}: 1 to 128 characters, no control characters"
+            ));
+        }
+    }
+    let mut sorted = names.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    Ok(sorted)
 }
 
 /// The schema and its action entities, loaded once per process; compiles sets and

@@ -34,6 +34,7 @@ const POLICIES: &str = r#"
 @id("set-permit") permit(principal, action in [Mayfly::Action::"read_secret", Mayfly::Action::"obtain_credential"], resource in Mayfly::SecretSet::"shared");
 @id("node-q") forbid(principal, action == Mayfly::Action::"sign_x509_svid", resource) when { context.node == "spiffe://example.org/node/q" };
 @id("uid-0") forbid(principal, action, resource is Mayfly::Entry) when { context.selectors.contains("unix:uid:0") };
+@id("entry-set") forbid(principal, action == Mayfly::Action::"sign_x509_svid", resource in Mayfly::EntrySet::"prod") when { context.node == "spiffe://example.org/node/a" };
 @id("ops") forbid(principal is Mayfly::Operator, action in Mayfly::Action::"admin", resource == Mayfly::AdminCall::"DeleteEntry") unless { principal.uid == 0 };
 "#;
 
@@ -81,6 +82,7 @@ fn the_index_decides_exactly_as_cedar_over_the_whole_set() {
                             parent: node,
                             selectors: sel,
                             hint: "",
+                            sets: set_names,
                         };
                         let context = AccessContext {
                             node,
@@ -88,6 +90,7 @@ fn the_index_decides_exactly_as_cedar_over_the_whole_set() {
                             ttl_seconds: 60,
                             source: Source::NodeApi,
                             method: "test",
+                            elevation: None,
                         };
                         let principal = Principal::Workload {
                             spiffe_id: workload,
@@ -198,6 +201,7 @@ fn an_unvalidated_decider_decides_as_a_validating_one() {
         ttl_seconds: 0,
         source: Source::WorkloadApi,
         method: "FetchJWTSVID",
+        elevation: None,
     };
     for aud in ["billing", "orders"] {
         let access = Access {
@@ -239,6 +243,7 @@ fn a_set_pushed_as_json_decides_as_the_set_it_came_from() {
         ttl_seconds: 0,
         source: Source::WorkloadApi,
         method: "FetchJWTSVID",
+        elevation: None,
     };
     let now = SystemTime::now();
     for aud in ["billing", "orders", "other"] {

@@ -29,6 +29,7 @@ pub fn entry(record: &EntryRecord) -> v1::Entry {
         jwt_svid_ttl: record.jwt_svid_ttl,
         dns_names: record.dns_names.clone(),
         hint: record.hint.clone(),
+        sets: record.sets.clone(),
         revision: record.revision,
         created_at: record.created_at,
         updated_at: record.updated_at,

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod convert;
+pub mod elevation;
 pub mod node;
 pub mod status;
 pub mod tls;

@@ -107,7 +107,7 @@ fn credentials(format: OutputFormat, list: &[v1::CredentialSummary]) -> String {
     }
 }
 
-fn lease_json(l: &v1::Lease) -> Value {
+pub(super) fn lease_json(l: &v1::Lease) -> Value {
     json!({
         "id": l.id, "credential": l.credential, "holder": l.holder, "agent_id": l.agent_id,
         "backend_id": l.backend_id, "issued_at": l.issued_at, "expires_at": l.expires_at,

@@ -2,6 +2,7 @@
 //! running daemon over its admin socket.
 
 pub mod credentials;
+pub mod elevation;
 pub mod operator;
 pub mod output;
 pub mod policy;
@@ -106,6 +107,13 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Just-in-time elevation: ask for temporary access, review, end, read the record.
+    Elevation {
+        #[command(subcommand)]
+        command: elevation::ElevationCommand,
         #[command(flatten)]
         conn: Connection,
     },
@@ -327,6 +335,9 @@ pub struct EntryFields {
     /// A hint shown to workloads holding several SVIDs.
     #[arg(long, default_value = "")]
     pub hint: String,
+    /// A policy set (Mayfly::EntrySet) the entry is in (repeatable).
+    #[arg(long = "set")]
+    pub sets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -350,6 +361,12 @@ pub struct EntryUpdateFields {
     pub clear_dns: bool,
     #[arg(long)]
     pub hint: Option<String>,
+    /// Replaces all policy sets (repeatable).
+    #[arg(long = "set")]
+    pub sets: Vec<String>,
+    /// Take the entry out of every policy set.
+    #[arg(long, conflicts_with = "sets")]
+    pub clear_sets: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -78,6 +78,7 @@ pub async fn entry(command: EntryCommand, conn: &Connection) -> anyhow::Result<S
                         jwt_svid_ttl: secs(f.jwt_ttl),
                         dns_names: f.dns_names,
                         hint: f.hint,
+                        sets: f.sets,
                     })
                     .await,
             )?;
@@ -111,6 +112,13 @@ pub async fn entry(command: EntryCommand, conn: &Connection) -> anyhow::Result<S
                     names: fields.dns_names,
                 })
             };
+            let sets = if fields.clear_sets {
+                Some(v1::SetNames { names: vec![] })
+            } else if fields.sets.is_empty() {
+                None
+            } else {
+                Some(v1::SetNames { names: fields.sets })
+            };
             let updated = call(
                 client
                     .update_entry(v1::UpdateEntryRequest {
@@ -122,6 +130,7 @@ pub async fn entry(command: EntryCommand, conn: &Connection) -> anyhow::Result<S
                         jwt_svid_ttl: fields.jwt_ttl.map(|d| d.as_secs() as i64),
                         dns_names,
                         hint: fields.hint,
+                        sets,
                     })
                     .await,
             )?;

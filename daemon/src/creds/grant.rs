@@ -10,7 +10,8 @@ impl Broker {
 
     /// Issues credential `name` to `holder`, a workload `agent` serves, for `requested`
     /// (zero: the default). Refused, with an audit record and nothing issued, unless the
-    /// definition grants it to `holder` and `agent` has an entry for `holder`.
+    /// definition grants it to `holder` (or an active elevation of `holder` does, until
+    /// its end) and `agent` has an entry for `holder`.
     pub async fn issue(
         &self,
         agent: &str,
@@ -34,10 +35,12 @@ impl Broker {
             }
             Err(e) => return Err(e),
         };
+        let elevation = self.elevation_for(&loaded.spec, holder).await?;
         let decision = match self.view.credential_decision(
             agent,
             holder,
             &loaded.spec,
+            elevation.is_some(),
             requested.as_secs() as i64,
             "IssueCredential",
         ) {
@@ -50,9 +53,104 @@ impl Broker {
                 )));
             }
         };
-        let (ttl, notice) = loaded.spec.ttl_for(requested);
+        self.issue_lease(
+            &loaded,
+            &actor,
+            agent,
+            holder,
+            requested,
+            elevation.as_ref(),
+            &decision,
+        )
+        .await
+    }
+
+    /// Issues the credential of an active elevation to the operator who asked for it (an
+    /// elevation of a workload is served through its agent, by `issue`). The elevation's
+    /// activation was the decision; the record carries the policy set that made it.
+    pub async fn issue_elevated(
+        &self,
+        elevation: &crate::store::ElevationRecord,
+        requested: Duration,
+    ) -> Result<Granted, CredsError> {
+        let loaded = self.load(&elevation.scope_name).await?;
+        let decision = PolicyDecision {
+            allowed: true,
+            policies: Vec::new(),
+            errors: Vec::new(),
+            hash: elevation.policy_set.clone(),
+            enforce: true,
+        };
+        let actor = match elevation.requester.strip_prefix("uid:").map(str::parse) {
+            Some(Ok(uid)) => Actor::Operator(uid),
+            _ => Actor::Spiffe(elevation.requester.clone()),
+        };
+        self.issue_lease(
+            &loaded,
+            &actor,
+            "",
+            &elevation.requester,
+            requested,
+            Some(elevation),
+            &decision,
+        )
+        .await
+    }
+
+    /// The active elevation that lets `holder` have `spec` when its definition does not
+    /// grant it.
+    async fn elevation_for(
+        &self,
+        spec: &CredentialSpec,
+        holder: &str,
+    ) -> Result<Option<crate::store::ElevationRecord>, CredsError> {
+        if spec.grants.iter().any(|g| g == holder) {
+            return Ok(None);
+        }
+        Ok(self
+            .store
+            .active_elevation(holder, "credential", &spec.name, self.now())
+            .await?)
+    }
+
+    /// Records, issues and audits one lease of a decided grant.
+    #[allow(clippy::too_many_arguments)]
+    async fn issue_lease(
+        &self,
+        loaded: &Loaded,
+        actor: &Actor,
+        agent: &str,
+        holder: &str,
+        requested: Duration,
+        elevation: Option<&crate::store::ElevationRecord>,
+        decision: &PolicyDecision,
+    ) -> Result<Granted, CredsError> {
+        let name = loaded.spec.name.as_str();
+        let (ttl, mut notice) = loaded.spec.ttl_for(requested);
         let issued_at = self.now();
-        let expires_at = issued_at + ttl.as_secs() as i64;
+        let mut expires_at = issued_at + ttl.as_secs() as i64;
+        if let Some(elevation) = elevation {
+            let end = elevation.ends_at.unwrap_or(issued_at);
+            if end <= issued_at {
+                return Err(CredsError::Denied(format!(
+                    "elevation {} has ended",
+                    elevation.id
+                )));
+            }
+            if end < expires_at {
+                expires_at = end;
+                notice = Some(format!("cut to the end of elevation {}", elevation.id));
+                if !loaded.backend.revocable() && end - issued_at < sts::MIN_TTL.as_secs() as i64 {
+                    expires_at = issued_at + sts::MIN_TTL.as_secs() as i64;
+                    notice = Some(format!(
+                        "STS issues no session shorter than 15 minutes and AWS cannot end one \
+                         early: this one outlives elevation {} by {} s",
+                        elevation.id,
+                        expires_at - end
+                    ));
+                }
+            }
+        }
         let id = format!("ls-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
         let mut lease = CredentialLease {
             backend_id: loaded.backend.backend_id(&id),
@@ -65,12 +163,19 @@ impl Broker {
             state: LeaseState::Issuing,
             revoked_at: None,
             reason: String::new(),
+            elevation_id: elevation.map(|e| e.id.clone()).unwrap_or_default(),
         };
         // On record before the backend creates anything.
         self.store.insert_lease(&lease).await?;
         let (issued, expires_at) = match loaded
             .backend
-            .issue(&lease.backend_id, holder, issued_at, expires_at - issued_at)
+            .issue(
+                &lease.backend_id,
+                holder,
+                issued_at,
+                expires_at - issued_at,
+                &lease.elevation_id,
+            )
             .await
         {
             Ok(issued) => issued,
@@ -81,7 +186,7 @@ impl Broker {
                     .set_lease_state(&lease.id, LeaseState::RevokeFailed, None, &e.to_string())
                     .await;
                 self.audit.note(
-                    Event::new(&actor, "credential.issue", name)
+                    Event::new(actor, "credential.issue", name)
                         .scope(format!("lease {} for {holder}", lease.id))
                         .failed(e.to_string()),
                 );
@@ -104,19 +209,31 @@ impl Broker {
             .await?;
         self.record_grant(
             "credential.issue",
-            &actor,
+            actor,
             &lease,
             expires_at - issued_at,
             &notice,
-            &decision,
+            decision,
         )
         .await?;
         tracing::info!(lease = %lease.id, credential = %name, %holder, ttl_secs = expires_at - issued_at, "credential issued");
+        // An elevation grants it to the holder as the definition would, until its end.
+        let granted = elevation.is_some() || loaded.spec.grants.iter().any(|g| g == holder);
+        let facts = mayfly_proto::v1::CredentialFacts {
+            grants: if granted {
+                vec![holder.to_string()]
+            } else {
+                Vec::new()
+            },
+            sets: loaded.spec.sets.clone(),
+            max_ttl_seconds: loaded.spec.max().as_secs() as i64,
+        };
         Ok(Granted {
             kind: loaded.spec.kind(),
             lease,
             values: issued.values,
             notice,
+            facts,
         })
     }
 
@@ -167,10 +284,27 @@ impl Broker {
         }
         let loaded = self.load(&lease.credential).await?;
         let holder = lease.holder.clone();
+        // A lease of an elevation lasts no longer than it, and not past its end.
+        let elevation_end = if lease.elevation_id.is_empty() {
+            None
+        } else {
+            let elevation = self.store.get_elevation(&lease.elevation_id).await?;
+            match elevation.ends_at {
+                Some(end) if elevation.state() == crate::store::ElevationState::Active => Some(end),
+                _ => {
+                    return Err(CredsError::NotRenewable(format!(
+                        "lease {lease_id} was issued under elevation {}, which is {}",
+                        elevation.id,
+                        elevation.state()
+                    )));
+                }
+            }
+        };
         let decision = match self.view.credential_decision(
             agent,
             &holder,
             &loaded.spec,
+            elevation_end.is_some(),
             requested.as_secs() as i64,
             "RenewCredential",
         ) {
@@ -185,7 +319,8 @@ impl Broker {
         };
         let (ttl, _) = loaded.spec.ttl_for(requested);
         let wanted = now + ttl.as_secs() as i64;
-        let cap = lease.issued_at + loaded.spec.max().as_secs() as i64;
+        let cap = (lease.issued_at + loaded.spec.max().as_secs() as i64)
+            .min(elevation_end.unwrap_or(i64::MAX));
         let target = wanted.min(cap);
         if target <= lease.expires_at {
             // Never shortened: OpenBao would cut a lease renewed with less than it has.
@@ -223,7 +358,9 @@ impl Broker {
                 "extended {} s, not the {} s asked: {}",
                 expires_at - now,
                 wanted - now,
-                if target < wanted {
+                if elevation_end == Some(target) {
+                    "the end of its elevation"
+                } else if target < wanted {
                     "the credential's max TTL"
                 } else {
                     "the backend's limit"
@@ -261,10 +398,18 @@ impl Broker {
                 lease.id, lease.holder, lease.backend_id
             ))
             .ttl_secs(ttl_secs)
-            .detail(serde_json::json!({
-                "policy_set": decision.hash,
-                "deciding": decision.policies,
-            }));
+            .detail(if lease.elevation_id.is_empty() {
+                serde_json::json!({
+                    "policy_set": decision.hash,
+                    "deciding": decision.policies,
+                })
+            } else {
+                serde_json::json!({
+                    "policy_set": decision.hash,
+                    "deciding": decision.policies,
+                    "elevation": lease.elevation_id,
+                })
+            });
         if let Some(notice) = notice {
             event = event.reason(notice.clone());
         }

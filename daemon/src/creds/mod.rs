@@ -57,6 +57,8 @@ pub struct Granted {
     pub kind: &'static str,
     pub values: Vec<(String, SecretValue)>,
     pub notice: Option<String>,
+    /// The definition as the agent's policies see it, narrowed to the holder.
+    pub facts: mayfly_proto::v1::CredentialFacts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +192,7 @@ impl Backend {
         holder: &str,
         issued_at: i64,
         ttl_secs: i64,
+        elevation: &str,
     ) -> Result<(Issued, i64), BackendError> {
         match self {
             Backend::Postgres(pg) => {
@@ -200,7 +203,7 @@ impl Backend {
                 let (issued, duration) = vault.issue(ttl_secs).await?;
                 Ok((issued, issued_at + duration))
             }
-            Backend::Sts(sts) => sts.issue(backend_id, holder, ttl_secs).await,
+            Backend::Sts(sts) => sts.issue(backend_id, holder, ttl_secs, elevation).await,
         }
     }
 

@@ -119,6 +119,7 @@ impl CredentialSpec {
             mayfly_common::SpiffeId::parse(grant)
                 .map_err(|e| fail(format!("grant {grant}: {e}")))?;
         }
+        mayfly_common::policy::check_set_names(&self.sets).map_err(fail)?;
         if self.default_ttl < Duration::from_secs(1) || self.max_ttl < Duration::from_secs(1) {
             return Err(fail("default_ttl and max_ttl must be at least 1s".into()));
         }

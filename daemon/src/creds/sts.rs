@@ -70,6 +70,7 @@ impl AwsSts {
         lease_id: &str,
         holder: &str,
         ttl_secs: i64,
+        elevation: &str,
     ) -> Result<(Issued, i64), BackendError> {
         let tag = |key: &str, value: &str| {
             Tag::builder()
@@ -88,6 +89,9 @@ impl AwsSts {
             .tags(tag("mayfly:trust-domain", &self.trust_domain)?)
             .tags(tag("mayfly:spiffe-id", &truncate(holder, 256))?)
             .tags(tag("mayfly:lease", lease_id)?);
+        if !elevation.is_empty() {
+            request = request.tags(tag("mayfly:elevation", elevation)?);
+        }
         if let Some(policy) = &self.policy {
             request = request.policy(policy);
         }

@@ -99,6 +99,7 @@ impl Registry {
             jwt_svid_ttl: check_ttl("jwt_svid_ttl", input.jwt_svid_ttl)?,
             dns_names: check_dns_names(&input.dns_names)?,
             hint: check_hint(&input.hint)?,
+            sets: check_sets(&input.sets)?,
         })
     }
 
@@ -129,6 +130,7 @@ impl Registry {
                 .transpose()?,
             dns_names: change.dns_names.map(|d| check_dns_names(&d)).transpose()?,
             hint: change.hint.map(|h| check_hint(&h)).transpose()?,
+            sets: change.sets.map(|s| check_sets(&s)).transpose()?,
         })
     }
 

@@ -259,6 +259,7 @@ pub struct EntryInput {
     pub jwt_svid_ttl: i64,
     pub dns_names: Vec<String>,
     pub hint: String,
+    pub sets: Vec<String>,
 }
 
 /// What an operator supplies to change an entry; `None` keeps the field.
@@ -271,6 +272,7 @@ pub struct EntryChange {
     pub jwt_svid_ttl: Option<i64>,
     pub dns_names: Option<Vec<String>>,
     pub hint: Option<String>,
+    pub sets: Option<Vec<String>>,
 }
 
 /// Join tokens are stored only as their SHA-256.
@@ -333,6 +335,10 @@ fn check_dns_names(names: &[String]) -> Result<Vec<String>, IdentityError> {
         }
     }
     Ok(names.to_vec())
+}
+
+fn check_sets(sets: &[String]) -> Result<Vec<String>, IdentityError> {
+    mayfly_common::policy::check_set_names(sets).map_err(|e| invalid("sets", e))
 }
 
 fn check_hint(hint: &str) -> Result<String, IdentityError> {

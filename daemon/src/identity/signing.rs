@@ -177,6 +177,7 @@ impl Registry {
                 ttl_seconds: ttl.as_secs() as i64,
                 source: Source::NodeApi,
                 method,
+                elevation: None,
             },
         };
         self.policy

@@ -20,8 +20,9 @@ use crate::identity::Clock;
 
 pub use load::{load_dir, sources};
 pub use mayfly_common::policy::{
-    Access, AccessContext, Action, ActiveSet, Compiled, Decider, EntryFacts, LoadError,
-    PolicyDecision, PolicyProblem, PolicySource, Principal, Resource, Source, compile, schema,
+    Access, AccessContext, Action, ActiveSet, Compiled, Decider, ElevationFacts, EntryFacts,
+    LoadError, PolicyDecision, PolicyProblem, PolicySource, Principal, Resource, Source, compile,
+    schema,
 };
 
 /// `[policy]` in daemon.toml.
@@ -253,6 +254,7 @@ pub fn entry_facts(entry: &crate::store::EntryRecord) -> EntryFacts<'_> {
         parent: &entry.parent_id,
         selectors: &entry.selectors,
         hint: &entry.hint,
+        sets: &entry.sets,
     }
 }
 

@@ -49,6 +49,7 @@ fn context<'a>(node: &'a str, method: &'a str) -> AccessContext<'a> {
         ttl_seconds: 0,
         source: Source::NodeApi,
         method,
+        elevation: None,
     }
 }
 
@@ -136,6 +137,7 @@ fn every_request_the_daemon_builds_conforms_to_the_schema() {
                 ttl_seconds: 0,
                 source: Source::AdminSocket,
                 method: "CreateEntry",
+                elevation: None,
             },
         },
     ];
@@ -197,6 +199,37 @@ forbid(principal, action == Mayfly::Action::"mint_jwt_svid", resource == Mayfly:
     );
     assert!(engine.authorize(&jwt("billing"), "jwt.mint").is_err());
     assert!(engine.decide(&jwt("orders")).allowed);
+}
+
+#[test]
+fn a_forbid_on_an_entry_set_stops_the_entries_in_it_only() {
+    let (engine, _dir) = engine_with(
+        &[(
+            "frozen.cedar",
+            r#"@id("frozen-entries")
+forbid(principal, action == Mayfly::Action::"sign_x509_svid", resource in Mayfly::EntrySet::"frozen");"#,
+        )],
+        true,
+    );
+    let sign = |entry: &EntryRecord| {
+        engine.decide(&Access {
+            principal: Principal::Workload {
+                spiffe_id: "spiffe://example.org/orders",
+            },
+            action: Action::SignX509Svid,
+            resource: Resource::Entry(entry_facts(entry)),
+            context: context("spiffe://example.org/node/a", "SignSvids"),
+        })
+    };
+    let mut frozen = entry();
+    frozen.sets = vec!["frozen".into(), "prod".into()];
+    let denied = sign(&frozen);
+    assert!(!denied.allowed);
+    assert_eq!(denied.policies, ["frozen-entries"]);
+    let mut other = entry();
+    other.sets = vec!["prod".into()];
+    assert!(sign(&other).allowed);
+    assert!(sign(&entry()).allowed);
 }
 
 #[test]

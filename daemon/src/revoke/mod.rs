@@ -73,6 +73,11 @@ pub enum Target {
         spiffe_id: String,
         agent: String,
     },
+    /// Everything issued under one elevation, when it ends: what `elevation end` and its
+    /// expiry revoke. Not an operator's target (`mayflyd elevation end` is).
+    Elevation {
+        id: String,
+    },
 }
 
 impl Target {
@@ -143,6 +148,7 @@ impl Target {
             Target::Lease { .. } => "lease",
             Target::Credential { .. } | Target::Ungranted { .. } => "credential",
             Target::Unserved { .. } => "entry",
+            Target::Elevation { .. } => "elevation",
         }
     }
 
@@ -154,7 +160,7 @@ impl Target {
             Target::Secret { name } | Target::Credential { name } | Target::Ungranted { name } => {
                 name.clone()
             }
-            Target::Lease { id } => id.clone(),
+            Target::Lease { id } | Target::Elevation { id } => id.clone(),
             Target::Unserved { spiffe_id, .. } => spiffe_id.clone(),
         }
     }

@@ -228,6 +228,20 @@ impl Revoker {
                 self.cover_leases(live, reason, actor, &mut scope, &mut agents)
                     .await;
             }
+            Target::Elevation { id } => {
+                let live = self
+                    .broker
+                    .leases(&crate::store::LeaseFilter {
+                        elevation_id: Some(id.clone()),
+                        ..Default::default()
+                    })
+                    .await?;
+                self.cover_leases(live, reason, actor, &mut scope, &mut agents)
+                    .await;
+                // An operator's leases went to the admin socket, not to an agent: gone
+                // at the backend is all there is to it.
+                agents.remove("");
+            }
         }
 
         Ok(Plan {

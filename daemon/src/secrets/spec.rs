@@ -203,6 +203,7 @@ impl SecretSpec {
             mayfly_common::SpiffeId::parse(grant)
                 .map_err(|e| fail(format!("grant {grant}: {e}")))?;
         }
+        mayfly_common::policy::check_set_names(&self.sets).map_err(fail)?;
         Ok(())
     }
 

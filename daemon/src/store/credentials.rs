@@ -83,6 +83,8 @@ pub struct CredentialLease {
     pub state: LeaseState,
     pub revoked_at: Option<i64>,
     pub reason: String,
+    /// The elevation it was issued under; "" for a standing grant.
+    pub elevation_id: String,
 }
 
 /// Which leases to list.
@@ -90,11 +92,13 @@ pub struct CredentialLease {
 pub struct LeaseFilter {
     pub holder: Option<String>,
     pub credential: Option<String>,
+    /// Issued under this elevation.
+    pub elevation_id: Option<String>,
     /// Revoked leases too.
     pub all: bool,
 }
 
-const LEASE_COLUMNS: &str = "id, credential, holder, agent_id, backend_id, issued_at, expires_at, state, revoked_at, reason";
+const LEASE_COLUMNS: &str = "id, credential, holder, agent_id, backend_id, issued_at, expires_at, state, revoked_at, reason, elevation_id";
 
 impl Store {
     pub async fn upsert_credential(&self, record: &CredentialRecord) -> Result<()> {
@@ -156,7 +160,7 @@ impl Store {
 
     pub async fn insert_lease(&self, lease: &CredentialLease) -> Result<()> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO credential_leases ({LEASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            "INSERT INTO credential_leases ({LEASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         )))
         .bind(&lease.id)
         .bind(&lease.credential)
@@ -168,6 +172,7 @@ impl Store {
         .bind(lease.state.as_str())
         .bind(lease.revoked_at)
         .bind(&lease.reason)
+        .bind(&lease.elevation_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -253,11 +258,13 @@ impl Store {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {LEASE_COLUMNS} FROM credential_leases \
              WHERE ($1 = '' OR holder = $1) AND ($2 = '' OR credential = $2) \
-             AND ($3 = 1 OR state <> 'revoked') ORDER BY issued_at, id"
+             AND ($3 = 1 OR state <> 'revoked') AND ($4 = '' OR elevation_id = $4) \
+             ORDER BY issued_at, id"
         )))
         .bind(filter.holder.clone().unwrap_or_default())
         .bind(filter.credential.clone().unwrap_or_default())
         .bind(i64::from(filter.all))
+        .bind(filter.elevation_id.clone().unwrap_or_default())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(lease_from_row).collect()
@@ -322,5 +329,6 @@ fn lease_from_row(row: &AnyRow) -> Result<CredentialLease> {
         state: state.parse()?,
         revoked_at: row.try_get("revoked_at")?,
         reason: row.try_get("reason")?,
+        elevation_id: row.try_get("elevation_id")?,
     })
 }

@@ -13,7 +13,7 @@ const KIND: &str = "registration entry";
 macro_rules! entry_columns {
     () => {
         "id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl, dns_names, hint, \
-         revision, created_at, updated_at"
+         sets, revision, created_at, updated_at"
     };
 }
 
@@ -32,6 +32,8 @@ pub struct EntryRecord {
     pub jwt_svid_ttl: i64,
     pub dns_names: Vec<String>,
     pub hint: String,
+    /// The policy sets (`Mayfly::EntrySet`) it is in, sorted and without duplicates.
+    pub sets: Vec<String>,
     /// Starts at 1 and grows by one on every update, so agents can tell stale copies.
     pub revision: i64,
     pub created_at: i64,
@@ -48,6 +50,7 @@ pub struct NewEntry {
     pub jwt_svid_ttl: i64,
     pub dns_names: Vec<String>,
     pub hint: String,
+    pub sets: Vec<String>,
 }
 
 /// A partial update: `None` leaves a field as it is.
@@ -60,6 +63,7 @@ pub struct EntryUpdate {
     pub jwt_svid_ttl: Option<i64>,
     pub dns_names: Option<Vec<String>>,
     pub hint: Option<String>,
+    pub sets: Option<Vec<String>>,
 }
 
 /// Narrows [`Store::list_entries`]; `None` matches everything.
@@ -77,7 +81,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "INSERT INTO registration_entries (",
             entry_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10) RETURNING ",
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11) RETURNING ",
             entry_columns!()
         ))
         .bind(&id)
@@ -88,6 +92,7 @@ impl Store {
         .bind(new.jwt_svid_ttl)
         .bind(strings_json(&new.dns_names))
         .bind(&new.hint)
+        .bind(strings_json(&new.sets))
         .bind(now)
         .bind(now)
         .fetch_one(&self.pool)
@@ -175,9 +180,10 @@ impl Store {
             "jwt_svid_ttl = COALESCE($5, jwt_svid_ttl), ",
             "dns_names = COALESCE($6, dns_names), ",
             "hint = COALESCE($7, hint), ",
+            "sets = COALESCE($8, sets), ",
             "revision = revision + 1, ",
-            "updated_at = $8 ",
-            "WHERE id = $9 RETURNING ",
+            "updated_at = $9 ",
+            "WHERE id = $10 RETURNING ",
             entry_columns!()
         ))
         .bind(update.spiffe_id.as_deref())
@@ -187,6 +193,7 @@ impl Store {
         .bind(update.jwt_svid_ttl)
         .bind(update.dns_names.as_deref().map(strings_json))
         .bind(update.hint.as_deref())
+        .bind(update.sets.as_deref().map(strings_json))
         .bind(now)
         .bind(id)
         .fetch_optional(&self.pool)
@@ -294,6 +301,7 @@ fn entry_from_row(row: &AnyRow) -> Result<EntryRecord> {
         jwt_svid_ttl: row.try_get("jwt_svid_ttl")?,
         dns_names: strings_from_json("entry DNS name list", row.try_get("dns_names")?)?,
         hint: row.try_get("hint")?,
+        sets: strings_from_json("entry policy set list", row.try_get("sets")?)?,
         revision: row.try_get("revision")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

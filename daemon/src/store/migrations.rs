@@ -39,6 +39,16 @@ const SQLITE: &[Embedded] = &[
         "credentials",
         include_str!("../../migrations/sqlite/0005_credentials.sql"),
     ),
+    (
+        6,
+        "entry_sets",
+        include_str!("../../migrations/sqlite/0006_entry_sets.sql"),
+    ),
+    (
+        7,
+        "elevations",
+        include_str!("../../migrations/sqlite/0007_elevations.sql"),
+    ),
 ];
 
 const POSTGRES: &[Embedded] = &[
@@ -66,6 +76,16 @@ const POSTGRES: &[Embedded] = &[
         5,
         "credentials",
         include_str!("../../migrations/postgres/0005_credentials.sql"),
+    ),
+    (
+        6,
+        "entry_sets",
+        include_str!("../../migrations/postgres/0006_entry_sets.sql"),
+    ),
+    (
+        7,
+        "elevations",
+        include_str!("../../migrations/postgres/0007_elevations.sql"),
     ),
 ];
 

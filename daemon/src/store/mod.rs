@@ -8,6 +8,7 @@ mod audit;
 mod bundle;
 mod ca_slots;
 mod credentials;
+mod elevations;
 mod entries;
 mod error;
 mod join_tokens;
@@ -30,6 +31,7 @@ pub use audit::{
 };
 pub use ca_slots::{CaSlotRecord, CaSlotState};
 pub use credentials::{CredentialLease, CredentialRecord, LeaseFilter, LeaseState};
+pub use elevations::{ElevationRecord, ElevationReview, ElevationState};
 pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
 pub use error::StoreError;
 pub use join_tokens::JoinTokenRecord;

@@ -119,6 +119,7 @@ fn new_entry(spiffe_id: &str, parent_id: &str, selectors: &[&str]) -> NewEntry {
         jwt_svid_ttl: 300,
         dns_names: strings(&["web.example", "api.example"]),
         hint: "web".to_owned(),
+        sets: strings(&["prod"]),
     }
 }
 
@@ -209,6 +210,7 @@ async fn entry_crud(db: TestDb) {
                 x509_svid_ttl: Some(600),
                 selectors: Some(strings(&["unix:uid:1000"])),
                 hint: Some("web-v2".to_owned()),
+                sets: Some(strings(&["frozen", "prod"])),
                 ..EntryUpdate::default()
             },
             200,
@@ -220,6 +222,7 @@ async fn entry_crud(db: TestDb) {
     assert_eq!(updated.x509_svid_ttl, 600);
     assert_eq!(updated.selectors, strings(&["unix:uid:1000"]));
     assert_eq!(updated.hint, "web-v2");
+    assert_eq!(updated.sets, strings(&["frozen", "prod"]));
     assert_eq!(
         updated.jwt_svid_ttl, web.jwt_svid_ttl,
         "untouched fields stay"
@@ -695,7 +698,7 @@ async fn migrations_are_idempotent(db: TestDb) {
         .try_get("n")
         .expect("n");
     // Every embedded migration, each applied exactly once.
-    assert_eq!(applied, 5);
+    assert_eq!(applied, 7);
 
     if expected == Backend::Sqlite {
         let file = db.dir.path().join(SQLITE_FILE_NAME);

@@ -121,6 +121,7 @@ fn measure(engine: &PolicyEngine, entities: &[Workload], decisions: usize) -> (V
             ttl_seconds: 3600,
             source: Source::NodeApi,
             method: "bench",
+            elevation: None,
         };
         let (action, resource) = match n % 3 {
             0 => (
@@ -131,6 +132,7 @@ fn measure(engine: &PolicyEngine, entities: &[Workload], decisions: usize) -> (V
                     parent: &w.parent,
                     selectors: &w.selectors,
                     hint: "",
+                    sets: &[],
                 }),
             ),
             1 => (

@@ -95,6 +95,7 @@ impl AdminApi {
             .leases(&crate::store::LeaseFilter {
                 holder: Some(body.holder).filter(|s| !s.is_empty()),
                 credential: Some(body.credential).filter(|s| !s.is_empty()),
+                elevation_id: None,
                 all: body.all,
             })
             .await?;

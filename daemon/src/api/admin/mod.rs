@@ -151,6 +151,7 @@ impl Admin for AdminApi {
                 jwt_svid_ttl: body.jwt_svid_ttl,
                 dns_names: body.dns_names,
                 hint: body.hint,
+                sets: body.sets,
             })
             .await?;
         tracing::info!(uid = op.uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");
@@ -215,6 +216,7 @@ impl Admin for AdminApi {
                     jwt_svid_ttl: body.jwt_svid_ttl,
                     dns_names: body.dns_names.map(|d| d.names),
                     hint: body.hint,
+                    sets: body.sets.map(|s| s.names),
                 },
             )
             .await?;

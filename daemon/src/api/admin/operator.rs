@@ -106,6 +106,7 @@ impl OperatorLayer {
                     ttl_seconds: 0,
                     source: Source::AdminSocket,
                     method,
+                    elevation: None,
                 },
             };
             // A denial is on the trail already, naming the deciding policies.

@@ -163,6 +163,7 @@ impl AdminApi {
                 ttl_seconds: overrides.ttl_seconds.unwrap_or(0),
                 source,
                 method: &method,
+                elevation: None,
             },
         };
         let now = overrides.time.unwrap_or_else(SystemTime::now);

@@ -42,9 +42,11 @@ pub struct NodeApi {
     revoker: Arc<Revoker>,
     /// What each agent may see, from the registry's and the engine's snapshots.
     view: Visibility,
+    elevations: Arc<crate::elevation::Elevations>,
 }
 
 impl NodeApi {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Arc<Registry>,
         secrets: Arc<RotationEngine>,
@@ -53,6 +55,7 @@ impl NodeApi {
         audit: Audit,
         revoker: Arc<Revoker>,
         view: Visibility,
+        elevations: Arc<crate::elevation::Elevations>,
     ) -> Self {
         Self {
             registry,
@@ -62,6 +65,7 @@ impl NodeApi {
             audit,
             revoker,
             view,
+            elevations,
         }
     }
 
@@ -372,6 +376,56 @@ impl Node for NodeApi {
         Ok(Response::new(v1::DenialReportResponse {}))
     }
 
+    async fn request_elevation(
+        &self,
+        request: Request<v1::HolderElevationRequest>,
+    ) -> Result<Response<v1::Elevation>, Status> {
+        let agent = self.authenticate(&request, "RequestElevation").await?;
+        let body = request.into_inner();
+        let ask = crate::api::elevation::ask(body.request.unwrap_or_default())?;
+        let caller = crate::elevation::Caller::Workload {
+            spiffe_id: body.spiffe_id,
+            agent: agent.spiffe_id,
+        };
+        let record = self
+            .elevations
+            .request(&caller, &ask)
+            .await
+            .map_err(crate::api::elevation::status)?;
+        Ok(Response::new(crate::api::elevation::message(&record, &[])))
+    }
+
+    async fn end_elevation(
+        &self,
+        request: Request<v1::HolderEndElevationRequest>,
+    ) -> Result<Response<v1::Elevation>, Status> {
+        let agent = self.authenticate(&request, "EndElevation").await?;
+        let body = request.into_inner();
+        let caller = crate::elevation::Caller::Workload {
+            spiffe_id: body.spiffe_id,
+            agent: agent.spiffe_id,
+        };
+        // A workload ends only its own elevations, asked through the agent that asked.
+        let record = self
+            .elevations
+            .get(&body.id)
+            .await
+            .map_err(crate::api::elevation::status)?;
+        if record.requester != caller.requester() {
+            return Err(Status::permission_denied(format!(
+                "elevation {} is not {}'s",
+                body.id,
+                caller.requester()
+            )));
+        }
+        let record = self
+            .elevations
+            .end(&caller, &body.id, &body.reason, body.cancel)
+            .await
+            .map_err(crate::api::elevation::status)?;
+        Ok(Response::new(crate::api::elevation::message(&record, &[])))
+    }
+
     async fn issue_credential(
         &self,
         request: Request<v1::IssueCredentialRequest>,
@@ -405,6 +459,7 @@ impl Node for NodeApi {
             issued_at: granted.lease.issued_at,
             expires_at: granted.lease.expires_at,
             notice: granted.notice.unwrap_or_default(),
+            facts: Some(granted.facts),
         }))
     }
 

@@ -47,6 +47,7 @@ fn granted(grant: Grant, value: &Promoted) -> v1::GrantedSecret {
         username: value.credential.username.clone(),
         value: value.credential.password.expose().as_bytes().to_vec(),
         granted_to: grant.to,
+        sets: grant.sets,
     }
 }
 
