@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod blast;
 pub mod ca;
 pub mod cli;
 pub mod config;

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use mayfly_common::process::{init_logging, shutdown_signal};
 
-use mayfly_daemon::cli::{Cli, Command, credentials, elevation, operator, policy};
+use mayfly_daemon::cli::{Cli, Command, blast, credentials, elevation, operator, policy};
 use mayfly_daemon::config::{DaemonConfig, LogFormat};
 use mayfly_daemon::{dev, server};
 
@@ -66,5 +66,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Audit { command, conn } => operator::audit(command, &conn).await,
         Command::Policy { command, conn } => policy::policy(command, &conn).await,
         Command::Elevation { command, conn } => elevation::elevation(command, &conn).await,
+        Command::BlastRadius {
+            principal,
+            all,
+            conn,
+        } => blast::blast_radius(principal, all, &conn).await,
     }
 }

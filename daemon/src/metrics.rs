@@ -41,6 +41,17 @@ pub struct Metrics {
     jwt_signed: AtomicU64,
     connected_agents: AtomicI64,
     scheduler_leader: AtomicBool,
+    /// The last blast-radius report's fleet figures, when one was made.
+    blast: RwLock<Option<BlastFigures>>,
+}
+
+/// What the metrics carry of the fleet's blast radius.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlastFigures {
+    pub principals: u64,
+    pub zero_standing: u64,
+    /// Seconds of live credential exposure, by sensitivity.
+    pub exposure: BTreeMap<String, i64>,
 }
 
 /// Counts one open agent sync stream for as long as it lives.
@@ -105,6 +116,10 @@ impl Metrics {
 
     pub fn set_scheduler_leader(&self, leader: bool) {
         self.scheduler_leader.store(leader, Ordering::Relaxed);
+    }
+
+    pub fn set_blast_radius(&self, figures: BlastFigures) {
+        *self.blast.write().unwrap_or_else(|p| p.into_inner()) = Some(figures);
     }
 
     /// Everything, in the Prometheus text exposition format (version 0.0.4).
@@ -188,7 +203,66 @@ impl Metrics {
             "mayfly_scheduler_leader {}",
             u8::from(self.scheduler_leader.load(Ordering::Relaxed))
         );
+        let blast = self.blast.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(blast) = blast {
+            header(
+                &mut out,
+                "mayfly_principals",
+                "gauge",
+                "Principals in the last blast-radius report (workloads and operators).",
+            );
+            let _ = writeln!(out, "mayfly_principals {}", blast.principals);
+            header(
+                &mut out,
+                "mayfly_principals_zero_standing_privilege",
+                "gauge",
+                "Principals holding no standing secret or credential.",
+            );
+            let _ = writeln!(
+                out,
+                "mayfly_principals_zero_standing_privilege {}",
+                blast.zero_standing
+            );
+            header(
+                &mut out,
+                "mayfly_credential_exposure_seconds",
+                "gauge",
+                "Remaining lifetime of every outstanding credential, summed by sensitivity.",
+            );
+            for (sensitivity, seconds) in &blast.exposure {
+                let _ = writeln!(
+                    out,
+                    "mayfly_credential_exposure_seconds{{sensitivity=\"{}\"}} {seconds}",
+                    escape_label(sensitivity)
+                );
+            }
+        }
         out
+    }
+}
+
+/// How often the fleet's blast radius is computed for the metrics.
+const BLAST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps the blast-radius gauges current: the fleet report, once a minute (the first
+/// right away; `MAYFLY_BLAST_INTERVAL_MS` overrides the period, for tests).
+pub async fn track_blast_radius(blast: Arc<crate::blast::BlastRadius>, metrics: Arc<Metrics>) {
+    let interval = std::env::var("MAYFLY_BLAST_INTERVAL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(BLAST_INTERVAL);
+    let mut timer = tokio::time::interval(interval);
+    loop {
+        timer.tick().await;
+        match blast.report(None).await {
+            Ok(report) => metrics.set_blast_radius(BlastFigures {
+                principals: report.principals.len() as u64,
+                zero_standing: report.zero_standing() as u64,
+                exposure: report.exposure_by_sensitivity(),
+            }),
+            Err(e) => tracing::warn!(error = %e, "blast-radius report for the metrics failed"),
+        }
     }
 }
 

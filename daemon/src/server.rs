@@ -190,18 +190,33 @@ pub async fn start(
         metrics.clone(),
         audit.clone(),
         revoker.clone(),
-        view,
+        view.clone(),
         elevations.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes);
-    let admin_service = AdminServer::new(AdminApi::new(
-        registry.clone(),
-        secrets.clone(),
+    let blast = Arc::new(crate::blast::BlastRadius::new(
+        view.clone(),
         broker.clone(),
-        audit.clone(),
-        revoker.clone(),
+        store.clone(),
         policy.clone(),
+        clock.clone(),
+        config.elevation.ai_agent_set.clone(),
     ));
+    tokio::spawn(crate::metrics::track_blast_radius(
+        blast.clone(),
+        metrics.clone(),
+    ));
+    let admin_service = AdminServer::new(
+        AdminApi::new(
+            registry.clone(),
+            secrets.clone(),
+            broker.clone(),
+            audit.clone(),
+            revoker.clone(),
+            policy.clone(),
+        )
+        .with_blast_radius(blast),
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_addr = match metrics_listener {

@@ -56,6 +56,16 @@ impl Visibility {
         &self.policy
     }
 
+    /// Every entry, as the registry published them last.
+    pub fn all_entries(&self) -> EntryIndex {
+        self.entries.borrow().clone()
+    }
+
+    /// Every secret definition, as the rotation engine published them last.
+    pub fn secret_definitions(&self) -> Definitions {
+        self.definitions.borrow().clone()
+    }
+
     /// Entries whose parent is `agent`, sorted by SPIFFE ID then id.
     pub fn entries(&self, agent: &str) -> Vec<Arc<EntryRecord>> {
         let mut list: Vec<_> = self

@@ -63,6 +63,10 @@ impl Jit {
     }
 
     fn start_with(extra_toml: &str) -> Self {
+        Self::start_full(extra_toml, false, &[])
+    }
+
+    fn start_full(extra_toml: &str, metrics: bool, env: &[(&str, &str)]) -> Self {
         let pg = PasswordPostgres::start().unwrap();
         let policies = tempfile::tempdir().unwrap();
         std::fs::write(policies.path().join("jit.cedar"), POLICIES).unwrap();
@@ -71,10 +75,15 @@ impl Jit {
                 "[policy]\ndir = \"{}\"\n{extra_toml}",
                 policies.path().display()
             ),
-            env: vec![
-                ("MAYFLY_LEASE_SWEEP_MS".into(), "200".into()),
-                ("MAYFLY_ELEVATION_SWEEP_MS".into(), "200".into()),
-            ],
+            env: [
+                ("MAYFLY_LEASE_SWEEP_MS", "200"),
+                ("MAYFLY_ELEVATION_SWEEP_MS", "200"),
+            ]
+            .iter()
+            .chain(env)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            metrics,
             ..DaemonOptions::default()
         })
         .unwrap();
@@ -544,5 +553,142 @@ async fn an_ai_agent_asks_through_its_agent_and_loses_the_user_when_its_elevatio
             .cli_ok(&["audit", "verify"])
             .unwrap()
             .starts_with("audit log intact")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blast_radius_shows_standing_eligible_and_live_reach_and_the_fleet_by_exposure() {
+    init();
+    const REPORTS: &str = "spiffe://example.org/reports";
+    const REPORTS_UID: u32 = 1001;
+    let jit = Jit::start_full("", true, &[("MAYFLY_BLAST_INTERVAL_MS", "200")]);
+    let definition = jit.daemon.dir.path().join("reports-db.toml");
+    std::fs::write(
+        &definition,
+        format!(
+            "name = \"reports-db\"\ngrants = [\"{REPORTS}\"]\nsensitivity = \"high\"\n\
+             default_ttl = \"10m\"\n[backend]\nkind = \"postgres_dynamic\"\nadmin_url = \"{}\"\n",
+            jit.pg.admin_url()
+        ),
+    )
+    .unwrap();
+    jit.daemon
+        .cli_ok(&[
+            "credential",
+            "create",
+            "--file",
+            definition.to_str().unwrap(),
+        ])
+        .unwrap();
+    // A typo in a definition's sensitivity is refused by name.
+    let bad = jit.daemon.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&definition)
+            .unwrap()
+            .replace("reports-db", "bad-db")
+            .replace("\"high\"", "\"hgih\""),
+    )
+    .unwrap();
+    let out = jit
+        .daemon
+        .cli(&["credential", "create", "--file", bad.to_str().unwrap()])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sensitivity `hgih`"));
+    jit.daemon
+        .create_entry(REPORTS, AGENT, &format!("unix:uid:{REPORTS_UID}"), &[])
+        .unwrap();
+    jit.daemon
+        .create_entry(
+            BOT,
+            AGENT,
+            &format!("unix:uid:{BOT_UID}"),
+            &["--set", "ai-agents"],
+        )
+        .unwrap();
+    let agent = AgentProcess::start(&jit.daemon, AGENT).unwrap();
+    let mut fetched = false;
+    wait_for("the reports workload's credential", WAIT, || {
+        let out = Command::new(binary("mayfly-agent").unwrap())
+            .args(["creds", "get", "reports-db", "--socket"])
+            .arg(&agent.socket_path)
+            .uid(REPORTS_UID)
+            .gid(REPORTS_UID)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        fetched = out.status.success();
+        fetched
+    });
+
+    let reports = jit.daemon.cli_json(&["blast-radius", REPORTS]).unwrap();
+    assert_eq!(
+        reports["standing"]["credentials"],
+        serde_json::json!(["reports-db"]),
+        "{reports}"
+    );
+    assert_eq!(reports["zero_standing_privilege"], false);
+    assert_eq!(reports["standing"]["svids"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        reports["eligible"]["credentials"],
+        serde_json::json!(["orders-db"])
+    );
+    let exposure = reports["exposure"].as_array().unwrap();
+    assert_eq!(exposure.len(), 1, "{reports}");
+    assert_eq!(exposure[0]["credential"], "reports-db");
+    assert_eq!(exposure[0]["sensitivity"], "high");
+    assert!(exposure[0]["remaining_seconds"].as_i64().unwrap() > 500);
+
+    let bot = jit.daemon.cli_json(&["blast-radius", BOT]).unwrap();
+    assert_eq!(bot["zero_standing_privilege"], true, "{bot}");
+    assert_eq!(bot["standing"]["credentials"], serde_json::json!([]));
+    assert_eq!(
+        bot["eligible"]["credentials"],
+        serde_json::json!(["orders-db"])
+    );
+
+    let fleet = jit.daemon.cli_json(&["blast-radius", "--all"]).unwrap();
+    let principals = fleet["principals"].as_array().unwrap();
+    assert_eq!(
+        principals[0]["principal"], REPORTS,
+        "largest exposure first: {fleet}"
+    );
+    assert_eq!(fleet["total"], 2);
+    assert_eq!(fleet["zero_standing"], 1);
+    let table = jit.daemon.cli_ok(&["blast-radius", "--all"]).unwrap();
+    assert!(
+        table.contains("1 of 2 principals hold zero standing privilege"),
+        "{table}"
+    );
+
+    // Nonsense is refused by name.
+    let out = jit
+        .daemon
+        .cli(&["blast-radius", "not a principal"])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a SPIFFE ID or uid:N"));
+
+    // The same figures as gauges.
+    let mut zsp = None;
+    for _ in 0..100 {
+        zsp = jit
+            .daemon
+            .metric("mayfly_principals_zero_standing_privilege")
+            .await
+            .unwrap();
+        if zsp == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(zsp, Some(1.0));
+    assert_eq!(
+        jit.daemon
+            .metric("mayfly_credential_exposure_seconds{sensitivity=\"high\"}")
+            .await
+            .unwrap()
+            .map(|s| s > 500.0),
+        Some(true)
     );
 }

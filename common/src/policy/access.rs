@@ -96,7 +96,7 @@ impl Action {
 
     /// The action of an admin API method: reading, rotating, revoking or changing.
     pub fn of_admin_method(method: &str) -> Action {
-        let reads = ["List", "Get", "Show", "Verify", "Test"];
+        let reads = ["List", "Get", "Show", "Verify", "Test", "BlastRadius"];
         if method == "RotateSecret" {
             Action::Rotate
         } else if method.starts_with("Revoke") || method == "TaintCa" {

@@ -48,7 +48,59 @@ pub(crate) struct ActionPolicies {
     pub(crate) by_principal: HashMap<EntityUid, PolicySet>,
 }
 
+/// Where one action's permits can apply, read off the index: what a reach computation must
+/// decide (anything no permit can reach is denied without asking).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PermitScopes {
+    /// Ids of the permits whose scope names no principal or resource entity.
+    pub general: Vec<String>,
+    /// Principal entities some permit names, as (type, id): `("Mayfly::Workload", "spiffe://…")`.
+    pub principals: Vec<(String, String)>,
+    /// Resource entities (a resource or a set of them) some permit names, as (type, id).
+    pub resources: Vec<(String, String)>,
+}
+
+fn has_permit(set: &PolicySet) -> bool {
+    set.policies()
+        .any(|p| p.effect() == cedar_policy::Effect::Permit)
+}
+
+fn parts(uid: &EntityUid) -> (String, String) {
+    (
+        uid.type_name().to_string(),
+        uid.id().unescaped().to_string(),
+    )
+}
+
 impl ActiveSet {
+    /// The scopes of `action`'s permits in this set.
+    pub fn permit_scopes(&self, action: Action) -> PermitScopes {
+        let Some(policies) = self.by_action.get(&action) else {
+            return PermitScopes::default();
+        };
+        let mut general: Vec<String> = policies
+            .general
+            .policies()
+            .filter(|p| p.effect() == cedar_policy::Effect::Permit)
+            .map(|p| p.id().to_string())
+            .collect();
+        general.sort();
+        let pick = |map: &HashMap<EntityUid, PolicySet>| {
+            let mut out: Vec<(String, String)> = map
+                .iter()
+                .filter(|(_, set)| has_permit(set))
+                .map(|(uid, _)| parts(uid))
+                .collect();
+            out.sort();
+            out
+        };
+        PermitScopes {
+            general,
+            principals: pick(&policies.by_principal),
+            resources: pick(&policies.by_resource),
+        }
+    }
+
     /// The first 12 hex digits of the hash, as messages show it.
     pub fn short_hash(&self) -> &str {
         &self.hash[..12]

@@ -1,6 +1,7 @@
 //! `mayflyd` command line: `run`, `dev`, and the operator subcommands that talk to a
 //! running daemon over its admin socket.
 
+pub mod blast;
 pub mod credentials;
 pub mod elevation;
 pub mod operator;
@@ -107,6 +108,16 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// What a principal can reach: standing, eligible by elevation, and held now; or the
+    /// whole fleet sorted by exposure (`--all`).
+    BlastRadius {
+        /// A SPIFFE ID, or uid:N for an operator.
+        principal: Option<String>,
+        #[arg(long, conflicts_with = "principal")]
+        all: bool,
         #[command(flatten)]
         conn: Connection,
     },

@@ -371,6 +371,29 @@ impl Broker {
         Ok((loaded.spec.clone(), record.source, live))
     }
 
+    /// Every definition, read and opened in one pass (no backend is built): what the
+    /// blast-radius report decides over.
+    pub async fn specs(&self) -> Result<Vec<Arc<CredentialSpec>>, CredsError> {
+        let mut specs = Vec::new();
+        for record in self.store.list_credentials().await? {
+            let cached = self.lock().get(&record.name).cloned();
+            if let Some(loaded) = cached
+                && loaded.sealed == record.spec_sealed
+            {
+                specs.push(loaded.spec.clone());
+                continue;
+            }
+            let json = self
+                .key
+                .open(&Self::sealing_context(&record.name), &record.spec_sealed)
+                .map_err(|e| CredsError::Internal(format!("credential {}: {e}", record.name)))?;
+            let spec: CredentialSpec = serde_json::from_slice(&json)
+                .map_err(|e| CredsError::Internal(format!("credential {}: {e}", record.name)))?;
+            specs.push(Arc::new(spec));
+        }
+        Ok(specs)
+    }
+
     pub async fn names(&self) -> Result<Vec<String>, CredsError> {
         Ok(self
             .store

@@ -27,6 +27,17 @@ pub struct CredentialSpec {
     /// Longer requests are clamped to it (and told so). Default 24 h.
     #[serde(default = "max_ttl", with = "humantime_serde_compat")]
     pub max_ttl: Duration,
+    /// How bad its leak would be: "low", "medium" (default), "high" or "critical"; the
+    /// blast-radius report weighs live exposure by it.
+    #[serde(default = "default_sensitivity")]
+    pub sensitivity: String,
+}
+
+/// The sensitivities a definition may have, least first; each weighs twice the one before.
+pub const SENSITIVITIES: [&str; 4] = ["low", "medium", "high", "critical"];
+
+fn default_sensitivity() -> String {
+    "medium".to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +131,12 @@ impl CredentialSpec {
                 .map_err(|e| fail(format!("grant {grant}: {e}")))?;
         }
         mayfly_common::policy::check_set_names(&self.sets).map_err(fail)?;
+        if !SENSITIVITIES.contains(&self.sensitivity.as_str()) {
+            return Err(fail(format!(
+                "sensitivity `{}`: use low, medium, high or critical",
+                self.sensitivity
+            )));
+        }
         if self.default_ttl < Duration::from_secs(1) || self.max_ttl < Duration::from_secs(1) {
             return Err(fail("default_ttl and max_ttl must be at least 1s".into()));
         }

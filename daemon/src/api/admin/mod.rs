@@ -33,6 +33,7 @@ pub struct AdminApi {
     audit: Audit,
     revoker: Arc<Revoker>,
     policy: Arc<crate::policy::PolicyEngine>,
+    blast: Option<Arc<crate::blast::BlastRadius>>,
 }
 
 impl AdminApi {
@@ -51,7 +52,14 @@ impl AdminApi {
             audit,
             revoker,
             policy,
+            blast: None,
         }
+    }
+
+    /// Answers `BlastRadius` with `blast`.
+    pub fn with_blast_radius(mut self, blast: Arc<crate::blast::BlastRadius>) -> Self {
+        self.blast = Some(blast);
+        self
     }
 
     /// Every CA slot, as the CA subcommands print them.
@@ -647,6 +655,65 @@ impl Admin for AdminApi {
     ) -> Result<Response<v1::ActivePolicySet>, Status> {
         let op = Operator::of(&request)?;
         Ok(Response::new(self.reload_policy_set(&op).await?))
+    }
+
+    async fn blast_radius(
+        &self,
+        request: Request<v1::BlastRadiusRequest>,
+    ) -> Result<Response<v1::BlastRadiusReport>, Status> {
+        Operator::of(&request)?;
+        let body = request.into_inner();
+        let Some(blast) = &self.blast else {
+            return Err(Status::unimplemented(
+                "this daemon has no blast-radius report",
+            ));
+        };
+        let principal = if body.all {
+            None
+        } else if body.principal.is_empty() {
+            return Err(Status::invalid_argument(
+                "name a principal (a SPIFFE ID or uid:N) or ask for --all",
+            ));
+        } else {
+            Some(body.principal.as_str())
+        };
+        let report = blast.report(principal).await.map_err(|e| match e {
+            crate::blast::BlastError::Invalid(m) => Status::invalid_argument(m),
+            crate::blast::BlastError::Store(e) => crate::api::status::store_status(&e),
+            crate::blast::BlastError::Credentials(e) => e.into(),
+        })?;
+        Ok(Response::new(v1::BlastRadiusReport {
+            zero_standing: report.zero_standing() as i64,
+            notes: report.notes.clone(),
+            elapsed_ms: report.elapsed_ms,
+            decisions: report.decisions as i64,
+            principals: report
+                .principals
+                .iter()
+                .map(|r| v1::Reach {
+                    principal: r.principal.clone(),
+                    kind: r.kind.to_string(),
+                    svids: r.svids.clone(),
+                    secrets: r.secrets.clone(),
+                    credentials: r.credentials.clone(),
+                    eligible: r.eligible.clone(),
+                    zero_standing_privilege: r.zero_standing_privilege(),
+                    exposure_seconds: r.exposure_seconds(),
+                    weighted_exposure: r.weighted_exposure(),
+                    exposure: r
+                        .exposure
+                        .iter()
+                        .map(|e| v1::Exposure {
+                            lease_id: e.lease_id.clone(),
+                            credential: e.credential.clone(),
+                            sensitivity: e.sensitivity.clone(),
+                            remaining_seconds: e.remaining_seconds,
+                            elevation_id: e.elevation_id.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }))
     }
 
     async fn test_policy(
