@@ -10,7 +10,10 @@
 //! candidates come from the policy index: the definitions' grants (what the built-in
 //! policies permit), permits that name the principal, and permits that name the resource
 //! or one of its sets. A permit that names neither makes every pair a candidate; the report
-//! says so, since that is the slow path.
+//! says so, since that is the slow path. Eligible reach is computed for one principal at
+//! a time: the fleet report (`--all`) ranks by standing reach and exposure, and leaves the
+//! eligibility out (a permit naming a set of credentials and no principal would otherwise
+//! have every principal decided against every credential in it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -202,6 +205,13 @@ impl BlastRadius {
             .any(|s| s.name == DEFAULTS_NAME && s.text == DEFAULTS);
         let mut notes = Vec::new();
         let mut decisions = 0u64;
+        let with_eligible = principal.is_some();
+        if !with_eligible {
+            notes.push(
+                "eligible reach is left out of the fleet report: ask for one principal to see it"
+                    .to_string(),
+            );
+        }
 
         // Who is served where, with what.
         let mut served: HashMap<&str, Served> = HashMap::new();
@@ -291,7 +301,7 @@ impl BlastRadius {
             (&credential_plan, "obtain_credential"),
             (&eligible_plan, "request_elevation"),
         ] {
-            if !plan.broad.is_empty() {
+            if !plan.broad.is_empty() && (with_eligible || what != "request_elevation") {
                 notes.push(format!(
                     "{what}: permit {} names no principal or resource, so every pair was decided",
                     plan.broad.join(", ")
@@ -340,7 +350,12 @@ impl BlastRadius {
             if operator {
                 let uid: u32 = name[4..].parse().unwrap_or(u32::MAX);
                 let principal = Principal::Operator { uid, name: "" };
-                for index in eligible_plan.candidates(name, "Mayfly::Operator") {
+                let candidates = if with_eligible {
+                    eligible_plan.candidates(name, "Mayfly::Operator")
+                } else {
+                    Vec::new()
+                };
+                for index in candidates {
                     let spec = &inputs.credentials[index];
                     decisions += 1;
                     let facts = ElevationFacts {
@@ -416,7 +431,12 @@ impl BlastRadius {
                         reach.credentials.push(spec.name.clone());
                     }
                 }
-                for index in eligible_plan.candidates(name, "Mayfly::Workload") {
+                let candidates = if with_eligible {
+                    eligible_plan.candidates(name, "Mayfly::Workload")
+                } else {
+                    Vec::new()
+                };
+                for index in candidates {
                     let spec = &inputs.credentials[index];
                     if reach.credentials.contains(&spec.name) {
                         continue;

@@ -8,6 +8,7 @@
 //! - [`Latencies`] and [`BenchResult`]: percentiles and the one-line JSON the harness reads.
 
 pub mod agent;
+pub mod blast;
 pub mod creds;
 pub mod creds_cache;
 pub mod fanout;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
 use mayfly_tests::bench::{
-    agent, creds, creds_cache, fanout, mayfly, openbao, policy, revocation, rotation, sinks,
+    agent, blast, creds, creds_cache, fanout, mayfly, openbao, policy, revocation, rotation, sinks,
 };
 
 #[derive(Parser)]
@@ -143,6 +143,26 @@ enum Cmd {
         revocations: usize,
         #[arg(long, default_value_t = 10_000)]
         bulk: usize,
+    },
+    /// The blast-radius report over a fleet: `--all` and one principal's, timed.
+    Blast {
+        /// The daemon's node API; must be on 127.0.0.1.
+        #[arg(long)]
+        node_addr: String,
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        #[arg(long)]
+        pg_url: String,
+        #[arg(long, default_value_t = 10_000)]
+        principals: usize,
+        #[arg(long, default_value_t = 10_000)]
+        credentials: usize,
+        #[arg(long, default_value_t = 1_000)]
+        leases: usize,
+        #[arg(long, default_value_t = 5)]
+        reports: usize,
     },
     /// The agent's credential cache, as a workload sees it on the Workload API socket.
     CredsCache {
@@ -315,6 +335,30 @@ fn real_main() -> Result<ExitCode> {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Cmd::Blast {
+                node_addr,
+                admin_socket,
+                trust_domain,
+                pg_url,
+                principals,
+                credentials,
+                leases,
+                reports,
+            } => {
+                let result = blast::run(&blast::Options {
+                    node_addr,
+                    admin_socket,
+                    trust_domain,
+                    pg_url,
+                    principals,
+                    credentials,
+                    leases,
+                    reports,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(ExitCode::SUCCESS)
             }
             Cmd::PolicyDecide {
                 policies,
