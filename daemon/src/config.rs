@@ -76,6 +76,10 @@ pub struct ElevationConfig {
     /// (`context.requester_kind == "ai_agent"`).
     #[serde(default = "default_ai_agent_set")]
     pub ai_agent_set: String,
+    /// Pending requests one requester may have at once: a local user cannot fill the
+    /// datastore (or the reviewers' queue) with requests.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
 }
 
 impl Default for ElevationConfig {
@@ -85,6 +89,7 @@ impl Default for ElevationConfig {
             pending_ttl: default_pending_ttl(),
             max_ttl: default_elevation_max_ttl(),
             ai_agent_set: default_ai_agent_set(),
+            max_pending: default_max_pending(),
         }
     }
 }
@@ -95,6 +100,10 @@ fn default_pending_ttl() -> Duration {
 
 fn default_elevation_max_ttl() -> Duration {
     Duration::from_secs(12 * 3600)
+}
+
+fn default_max_pending() -> usize {
+    10
 }
 
 fn default_ai_agent_set() -> String {

@@ -286,7 +286,7 @@ async fn an_operator_gets_database_access_by_two_approvals_and_loses_it_and_its_
     init();
     let hooks = Hooks::start().await;
     let jit = Jit::start_with(&format!(
-        "[[notify]]\nurl = \"http://127.0.0.1:{}/hooks/jit\"\nevents = [\"activate\", \"end\", \"break-glass\"]\n",
+        "[elevation]\nmax_pending = 2\n[[notify]]\nurl = \"http://127.0.0.1:{}/hooks/jit\"\nevents = [\"activate\", \"end\", \"break-glass\"]\n",
         hooks.port
     ));
     let request = |ttl: &str, ticket: &str| -> Vec<String> {
@@ -423,6 +423,34 @@ async fn an_operator_gets_database_access_by_two_approvals_and_loses_it_and_its_
     assert_eq!(reviewed["reviewed_by"], format!("uid:{CAROL}"));
     jit.ok(BOB, &["end", &glass_id]);
 
+    // A local user cannot flood the reviewers: two pending requests at most here; an
+    // oversized reason is refused by name; a withdrawn request makes room again.
+    let huge = "x".repeat(5000);
+    let why = jit.refused(
+        ALICE,
+        &[
+            "request",
+            "--credential",
+            "orders-db",
+            "--ttl",
+            "5m",
+            "--ticket",
+            "T",
+            "--reason",
+            &huge,
+        ],
+    );
+    assert!(why.contains("reason: at most 1024 characters"), "{why}");
+    let first = id(&jit.ok(ALICE, &strs(&request("5m", "CHG-3"))));
+    jit.ok(ALICE, &strs(&request("5m", "CHG-4")));
+    let why = jit.refused(ALICE, &strs(&request("5m", "CHG-5")));
+    assert!(why.contains("max_pending"), "{why}");
+    let why = jit.refused(BOB, &["cancel", &first]);
+    assert!(why.contains("only its requester withdraws"), "{why}");
+    let cancelled = jit.ok(ALICE, &["cancel", &first]);
+    assert_eq!(cancelled["state"], "cancelled");
+    jit.ok(ALICE, &strs(&request("5m", "CHG-5")));
+
     // Everything stays listable, and the record is on the hash chain.
     let all = jit.ok(CAROL, &["list"]);
     let states: Vec<&str> = all
@@ -431,7 +459,7 @@ async fn an_operator_gets_database_access_by_two_approvals_and_loses_it_and_its_
         .iter()
         .map(|e| e["state"].as_str().unwrap())
         .collect();
-    assert_eq!(states.len(), 3, "{all}");
+    assert_eq!(states.len(), 6, "{all}");
     assert!(states.contains(&"ended") && states.contains(&"rejected"));
     let shown = jit.show(&el);
     assert_eq!(shown["elevation"]["ended_by"], format!("uid:{ALICE}"));
@@ -538,6 +566,26 @@ async fn an_ai_agent_asks_through_its_agent_and_loses_the_user_when_its_elevatio
     assert!(jit.login(&credential).await.is_err());
     let out = workload(&agent, &["creds", "get", "orders-db"]);
     assert!(!out.status.success(), "nothing more after the end");
+
+    // The bot cannot end an elevation that is not its own.
+    let alices = id(&jit.ok(
+        ALICE,
+        &[
+            "request",
+            "--credential",
+            "orders-db",
+            "--ttl",
+            "5m",
+            "--reason",
+            "r",
+            "--ticket",
+            "T",
+        ],
+    ));
+    let out = workload(&agent, &["elevate", "end", &alices]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is not"), "{}", stderr(&out));
+    assert_eq!(jit.show(&alices)["elevation"]["state"], "pending");
 
     // A new one is ended by the bot itself once its task is done.
     let out = elevate("10m");

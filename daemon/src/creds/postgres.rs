@@ -20,6 +20,37 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// connection per call cost more than the statements (measured in `scripts/bench`).
 const POOL_SIZE: u32 = 4;
 
+/// An admin connection unused this long is closed, so that a database's pool holds nothing
+/// while nobody asks for its users.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One pool per admin login, shared by every definition that names it: a thousand
+/// definitions on one PostgreSQL hold at most `POOL_SIZE` connections between them, not a
+/// pool each (which exhausted the server's `max_connections`, measured in `scripts/bench`).
+/// Keyed by the SHA-256 of the URL, so the map keeps no copy of its password.
+static POOLS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<Vec<u8>, PgPool>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn shared_pool(admin_url: &SecretValue, options: PgConnectOptions) -> PgPool {
+    let key = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, admin_url.expose().as_bytes())
+        .as_ref()
+        .to_vec();
+    let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
+    pools
+        .entry(key)
+        .or_insert_with(|| {
+            // sqlx logs statements at debug level, and the creation statements carry
+            // passwords.
+            PgPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .min_connections(0)
+                .idle_timeout(IDLE_TIMEOUT)
+                .acquire_timeout(CONNECT_TIMEOUT)
+                .connect_lazy_with(options.disable_statement_logging())
+        })
+        .clone()
+}
+
 pub struct PostgresDynamic {
     admin: PgPool,
     creation: Vec<String>,
@@ -36,11 +67,7 @@ impl PostgresDynamic {
             // The parse error could quote the URL, password included.
             BackendError::Config(redact(&e.to_string(), admin_url.expose()))
         })?;
-        // sqlx logs statements at debug level, and the creation statements carry passwords.
-        let admin = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_lazy_with(admin.disable_statement_logging());
+        let admin = shared_pool(admin_url, admin);
         Ok(Self {
             admin,
             creation,

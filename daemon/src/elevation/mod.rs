@@ -211,6 +211,27 @@ impl Elevations {
             }
         };
         let requester = caller.requester();
+        let pending = self
+            .store
+            .list_elevations(
+                Some(ElevationState::Pending),
+                Some(&requester),
+                self.config.max_pending as i64 + 1,
+            )
+            .await?
+            .len();
+        if pending >= self.config.max_pending {
+            let why = format!(
+                "{} has {pending} pending elevation requests, the most allowed \
+                 (elevation.max_pending): cancel one or wait for its review",
+                caller.describe()
+            );
+            self.audit.note_refusal(
+                Event::new(&caller.actor(), "elevation.request", &ask.scope_name)
+                    .denied(why.clone()),
+            );
+            return Err(ElevationError::Denied(why));
+        }
         let ttl_seconds = ask.ttl.as_secs() as i64;
         let facts = ElevationFacts {
             requester: &requester,
@@ -564,6 +585,15 @@ impl Elevations {
     ) -> Result<ElevationRecord, ElevationError> {
         check_text("reason", reason, 1024, false)?;
         let record = self.get(id).await?;
+        if cancel && record.requester != caller.requester() {
+            let why = format!(
+                "elevation {id}: only its requester withdraws a request; reviewers deny it"
+            );
+            self.audit.note_refusal(
+                Event::new(&caller.actor(), "elevation.cancel", id).denied(why.clone()),
+            );
+            return Err(ElevationError::Denied(why));
+        }
         if record.requester != caller.requester() {
             self.authorize_view(caller, &record, Action::ReviewElevation, "elevation.end")
                 .await?;
