@@ -108,7 +108,8 @@ fn socket_path(conn: &Connection) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from("/run/mayfly/elevation.sock"))
 }
 
-async fn connect(path: &Path) -> anyhow::Result<ElevationsClient<Channel>> {
+/// A client of the elevation socket at `path`.
+pub async fn connect(path: &Path) -> anyhow::Result<ElevationsClient<Channel>> {
     if !path.exists() {
         anyhow::bail!(
             "elevation socket {} does not exist: is mayflyd running? (set MAYFLY_ELEVATION_SOCKET)",

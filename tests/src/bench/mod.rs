@@ -11,6 +11,7 @@ pub mod agent;
 pub mod blast;
 pub mod creds;
 pub mod creds_cache;
+pub mod elevation;
 pub mod fanout;
 pub mod http1;
 pub mod mayfly;

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
 use mayfly_tests::bench::{
-    agent, blast, creds, creds_cache, fanout, mayfly, openbao, policy, revocation, rotation, sinks,
+    agent, blast, creds, creds_cache, elevation, fanout, mayfly, openbao, policy, revocation,
+    rotation, sinks,
 };
 
 #[derive(Parser)]
@@ -143,6 +144,22 @@ enum Cmd {
         revocations: usize,
         #[arg(long, default_value_t = 10_000)]
         bulk: usize,
+    },
+    /// Elevation end: simulated agents each holding a credential under one elevation, then
+    /// `elevation end` timed until every agent acknowledged.
+    Elevation {
+        #[arg(long)]
+        node_addr: String,
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        #[arg(long)]
+        pg_url: String,
+        #[arg(long, default_value_t = 1_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The blast-radius report over a fleet: `--all` and one principal's, timed.
     Blast {
@@ -331,6 +348,30 @@ fn real_main() -> Result<ExitCode> {
                 .await?;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(if result.bulk_left == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Cmd::Elevation {
+                node_addr,
+                admin_socket,
+                trust_domain,
+                pg_url,
+                agents,
+                rounds,
+            } => {
+                let result = elevation::run(&elevation::Options {
+                    node_addr,
+                    admin_socket,
+                    trust_domain,
+                    pg_url,
+                    agents,
+                    rounds,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(if result.leases_left == 0 && result.users_left == 0 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
