@@ -192,6 +192,52 @@ impl PostgresDynamic {
     }
 }
 
+impl PostgresDynamic {
+    /// Revokes many roles in a few round trips instead of four each: the same steps as
+    /// [`PostgresDynamic::revoke`] (no new logins, open sessions ended, what they own
+    /// reassigned, dropped), each over the whole batch. Roles already gone are skipped.
+    /// All or nothing: one transaction for the statements that can run in one.
+    pub async fn revoke_batch(&self, roles: &[String]) -> Result<(), BackendError> {
+        if roles.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.admin().await?;
+        let existing: Vec<String> =
+            sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)")
+                .bind(roles)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| classify(e, ""))?;
+        if existing.is_empty() {
+            return Ok(());
+        }
+        let idents: Vec<String> = existing.iter().map(|r| pg_identifier(r)).collect();
+        let list = idents.join(", ");
+        let mut nologin = String::with_capacity(idents.len() * 48);
+        for ident in &idents {
+            nologin.push_str(&format!("ALTER ROLE {ident} NOLOGIN;"));
+        }
+        // First no new logins, then end the open sessions, so none slips in between.
+        conn.execute(sqlx::raw_sql(AssertSqlSafe(nologin)))
+            .await
+            .map_err(|e| classify(e, ""))?;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
+        )
+        .bind(&existing)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| classify(e, ""))?;
+        conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(
+            "BEGIN; REASSIGN OWNED BY {list} TO CURRENT_USER; DROP OWNED BY {list}; \
+             DROP ROLE IF EXISTS {list}; COMMIT"
+        ))))
+        .await
+        .map_err(|e| classify(e, ""))?;
+        Ok(())
+    }
+}
+
 /// `expires_at` (unix seconds) as PostgreSQL's `VALID UNTIL` reads it, in UTC.
 fn valid_until(expires_at: i64) -> Result<String, BackendError> {
     Ok(chrono::DateTime::from_timestamp(expires_at, 0)
@@ -258,5 +304,80 @@ mod tests {
         )
         .unwrap();
         assert_eq!(backend.role_name("ls-0A1b'; DROP"), "mayfly_ls0a1bdrop");
+    }
+
+    /// Against this machine's PostgreSQL (MAYFLY_TEST_PG_URL): a batch drops every role,
+    /// ends their open sessions, takes back what they own, and skips those already gone.
+    #[tokio::test]
+    async fn a_batch_revokes_every_role_and_ends_its_sessions() {
+        let Ok(base) = std::env::var("MAYFLY_TEST_PG_URL") else {
+            eprintln!("MAYFLY_TEST_PG_URL is not set: scripts/test sets it");
+            return;
+        };
+        let backend = PostgresDynamic::new(
+            &SecretValue::new(format!("{base}/postgres")),
+            vec![
+                "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'"
+                    .into(),
+                "GRANT CREATE ON SCHEMA public TO \"{{name}}\"".into(),
+            ],
+            "mayfly_bt_".into(),
+        )
+        .unwrap();
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        let roles: Vec<String> = (0..3)
+            .map(|i| backend.role_name(&format!("ls{tag}{i}")))
+            .collect();
+        let expires = mayfly_common::clock::unix(std::time::SystemTime::now()) + 600;
+        let mut issued = Vec::new();
+        for role in &roles {
+            issued.push(backend.issue(role, expires).await.unwrap());
+        }
+        // The first one holds a session and owns a table.
+        let password = issued[0].values[1].1.expose().to_owned();
+        let url = format!("postgres://{}:{password}@127.0.0.1:5432/postgres", roles[0]);
+        let mut session = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE public.t_{tag} (x int)"
+        )))
+        .execute(&mut session)
+        .await
+        .unwrap();
+
+        let mut batch = roles.clone();
+        batch.push(backend.role_name("ls-never-issued"));
+        backend.revoke_batch(&batch).await.unwrap();
+
+        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = ANY($1)")
+            .bind(&roles)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "every role is dropped");
+        assert!(
+            sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
+            "the open session was ended"
+        );
+        let owner: String =
+            sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = $1")
+                .bind(format!("t_{tag}"))
+                .fetch_one(&mut admin)
+                .await
+                .unwrap_or_default();
+        assert!(
+            owner.is_empty() || !owner.starts_with("mayfly_bt_"),
+            "{owner}"
+        );
+        // Again: nothing left, nothing fails.
+        backend.revoke_batch(&batch).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS public.t_{tag}"
+        )))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     }
 }

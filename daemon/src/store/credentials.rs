@@ -200,6 +200,34 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Marks every lease of `ids` revoked at `revoked_at` with `reason`, in one statement
+    /// (a revoked lease stays as it was).
+    pub async fn set_leases_revoked(
+        &self,
+        ids: &[String],
+        revoked_at: i64,
+        reason: &str,
+    ) -> Result<()> {
+        // Chunks keep the statement under SQLite's parameter limit.
+        for chunk in ids.chunks(500) {
+            let placeholders: Vec<String> =
+                (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+            let sql = format!(
+                "UPDATE credential_leases SET state = 'revoked', revoked_at = $1, reason = $2 \
+                 WHERE state <> 'revoked' AND id IN ({})",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(revoked_at)
+                .bind(reason);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
     /// An issued lease: what the backend calls it and when it really ends. A lease an
     /// operator revoked meanwhile stays revoked (returns false).
     pub async fn activate_lease(
