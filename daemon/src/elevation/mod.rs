@@ -30,6 +30,9 @@ pub use record::ElevationView;
 /// The only scope kind so far; secrets and entries come next.
 pub const CREDENTIAL: &str = "credential";
 
+/// An elevation over for this long with nothing taken back was interrupted.
+const UNTAKEN_GRACE_SECS: i64 = 30;
+
 /// How often the sweeper looks for elevations that elapsed or expired.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -671,9 +674,20 @@ impl Elevations {
     }
 
     /// Moves what is due: active elevations past their end elapse (and are taken back),
-    /// pending ones past their deadline expire.
+    /// pending ones past their deadline expire; and an elevation recorded as over whose
+    /// leases were never taken back (its daemon died in between) is taken back now.
     pub async fn sweep(&self) -> Result<usize, ElevationError> {
         let now = self.now();
+        // Not those that ended a moment ago: their `end` call may still be taking back.
+        for record in self
+            .store
+            .elevations_untaken(now - UNTAKEN_GRACE_SECS, 100)
+            .await?
+        {
+            tracing::warn!(elevation = %record.id, "an ended elevation's leases were never taken back; taking them back now");
+            self.take_back(&record, &Actor::Daemon, "resumed after a restart")
+                .await?;
+        }
         let due = self.store.elevations_due(now, 100).await?;
         let mut moved = 0;
         for record in due {

@@ -252,6 +252,24 @@ impl Store {
         rows.iter().map(elevation_from_row).collect()
     }
 
+    /// Elevations that ended (or elapsed) before `before` and whose leases were never taken
+    /// back: what a daemon that died between the two leaves, for the sweeper to finish.
+    pub async fn elevations_untaken(
+        &self,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<ElevationRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM elevations WHERE state IN ('ended', 'elapsed') \
+             AND revocation_id = '' AND ended_at < $1 ORDER BY ended_at LIMIT $2"
+        )))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(elevation_from_row).collect()
+    }
+
     /// Activates a pending elevation until `ends_at`; false if it is no longer pending.
     pub async fn activate_elevation(&self, id: &str, now: i64, ends_at: i64) -> Result<bool> {
         let done = sqlx::query(

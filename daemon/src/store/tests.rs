@@ -104,6 +104,7 @@ on_both_backends!(
     audit_filters,
     revocation_bookkeeping,
     writes_that_read_first_wait_for_other_writers,
+    elevation_lifecycle,
 );
 
 fn strings(values: &[&str]) -> Vec<String> {
@@ -1393,4 +1394,136 @@ async fn writes_that_read_first_wait_for_other_writers(db: TestDb) {
     let current: Vec<_> = versions.iter().filter(|v| v.stage == "current").collect();
     assert_eq!(current.len(), 1);
     assert_eq!(current[0].version_id, "v149");
+}
+
+async fn elevation_lifecycle(db: TestDb) {
+    let store = db.connect().await;
+    let requester = "spiffe://example.org/ai/bot";
+    let record = ElevationRecord {
+        id: "el-1".into(),
+        requester: requester.into(),
+        requester_kind: "ai_agent".into(),
+        scope_kind: "credential".into(),
+        scope_name: "orders-db".into(),
+        reason: "triage".into(),
+        requested_ttl: 600,
+        state: Some(ElevationState::Pending),
+        created_at: 100,
+        pending_until: 3700,
+        policy_set: "abc".into(),
+        ..Default::default()
+    };
+    store.insert_elevation(&record).await.expect("insert");
+    assert_eq!(store.get_elevation("el-1").await.expect("get"), record);
+    assert!(
+        store
+            .active_elevation(requester, "credential", "orders-db", 150)
+            .await
+            .expect("active")
+            .is_none(),
+        "pending is not active"
+    );
+
+    // One verdict per reviewer.
+    let review = ElevationReview {
+        elevation_id: "el-1".into(),
+        reviewer_uid: 1102,
+        reviewer_name: "bob".into(),
+        verdict: "approve".into(),
+        comment: String::new(),
+        at: 120,
+        policy_set: "abc".into(),
+    };
+    store
+        .insert_elevation_review(&review)
+        .await
+        .expect("review");
+    let again = store.insert_elevation_review(&review).await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "{again:?}"
+    );
+    assert_eq!(
+        store
+            .elevation_reviews("el-1")
+            .await
+            .expect("reviews")
+            .len(),
+        1
+    );
+
+    // Activation and ending are conditional on the state they leave: once each.
+    assert!(
+        store
+            .activate_elevation("el-1", 130, 730)
+            .await
+            .expect("activate")
+    );
+    assert!(
+        !store
+            .activate_elevation("el-1", 131, 731)
+            .await
+            .expect("again")
+    );
+    let active = store
+        .active_elevation(requester, "credential", "orders-db", 150)
+        .await
+        .expect("active")
+        .expect("found");
+    assert_eq!(
+        (active.activated_at, active.ends_at),
+        (Some(130), Some(730))
+    );
+    assert!(store.elevations_due(729, 10).await.expect("due").is_empty());
+    assert_eq!(store.elevations_due(730, 10).await.expect("due").len(), 1);
+    let finish = |from, to| store.finish_elevation("el-1", from, to, 200, "uid:1101", "done");
+    assert!(
+        !finish(ElevationState::Pending, ElevationState::Cancelled)
+            .await
+            .expect("wrong state")
+    );
+    assert!(
+        finish(ElevationState::Active, ElevationState::Ended)
+            .await
+            .expect("end")
+    );
+    assert!(
+        !finish(ElevationState::Active, ElevationState::Ended)
+            .await
+            .expect("twice")
+    );
+
+    // Ended without its leases taken back: found once the grace has passed, until recorded.
+    assert!(
+        store
+            .elevations_untaken(200, 10)
+            .await
+            .expect("untaken")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .elevations_untaken(231, 10)
+            .await
+            .expect("untaken")
+            .len(),
+        1
+    );
+    store
+        .set_elevation_revocation("el-1", "rv-1")
+        .await
+        .expect("revocation");
+    assert!(
+        store
+            .elevations_untaken(231, 10)
+            .await
+            .expect("untaken")
+            .is_empty()
+    );
+    let listed = store
+        .list_elevations(Some(ElevationState::Ended), Some(requester), 10)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].end_reason, "done");
 }
