@@ -368,7 +368,7 @@ impl BlastRadius {
                     if self.decide(
                         principal,
                         Action::RequestElevation,
-                        credential(spec),
+                        spec.policy_resource(),
                         "",
                         &[],
                         Some(facts),
@@ -421,7 +421,7 @@ impl BlastRadius {
                         self.decide(
                             principal,
                             Action::ObtainCredential,
-                            credential(spec),
+                            spec.policy_resource(),
                             agent,
                             selectors,
                             None,
@@ -457,7 +457,7 @@ impl BlastRadius {
                         self.decide(
                             principal,
                             Action::RequestElevation,
-                            credential(spec),
+                            spec.policy_resource(),
                             agent,
                             selectors,
                             Some(facts),
@@ -509,16 +509,6 @@ impl BlastRadius {
                 },
             })
             .granted()
-    }
-}
-
-fn credential(spec: &CredentialSpec) -> Resource<'_> {
-    Resource::Credential {
-        name: &spec.name,
-        kind: spec.kind(),
-        grants: &spec.grants,
-        sets: &spec.sets,
-        max_ttl_seconds: spec.max().as_secs() as i64,
     }
 }
 

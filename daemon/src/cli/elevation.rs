@@ -5,11 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Subcommand;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use mayfly_proto::v1;
 use mayfly_proto::v1::elevations_client::ElevationsClient;
@@ -116,17 +114,7 @@ pub async fn connect(path: &Path) -> anyhow::Result<ElevationsClient<Channel>> {
             path.display()
         );
     }
-    let path = path.to_path_buf();
-    let channel = Endpoint::from_static("http://mayflyd.elevation")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-        .context("connecting to the elevation socket")?;
+    let channel = super::operator::unix_channel(path.to_path_buf(), "elevation").await?;
     Ok(ElevationsClient::new(channel))
 }
 
@@ -171,28 +159,10 @@ pub async fn elevation(command: ElevationCommand, conn: &Connection) -> anyhow::
             shown(format, &detail)
         }
         ElevationCommand::Approve { id, comment } => {
-            let reviewed = call(
-                client
-                    .review_elevation(v1::ReviewElevationRequest {
-                        id,
-                        approve: true,
-                        comment,
-                    })
-                    .await,
-            )?;
-            one(format, &reviewed)
+            one(format, &review(&mut client, id, true, comment).await?)
         }
         ElevationCommand::Deny { id, comment } => {
-            let reviewed = call(
-                client
-                    .review_elevation(v1::ReviewElevationRequest {
-                        id,
-                        approve: false,
-                        comment,
-                    })
-                    .await,
-            )?;
-            one(format, &reviewed)
+            one(format, &review(&mut client, id, false, comment).await?)
         }
         ElevationCommand::End { id, reason } => {
             let detail = call(
@@ -234,6 +204,23 @@ pub async fn elevation(command: ElevationCommand, conn: &Connection) -> anyhow::
             credential(format, &issued)
         }
     })
+}
+
+async fn review(
+    client: &mut ElevationsClient<Channel>,
+    id: String,
+    approve: bool,
+    comment: String,
+) -> anyhow::Result<v1::Elevation> {
+    call(
+        client
+            .review_elevation(v1::ReviewElevationRequest {
+                id,
+                approve,
+                comment,
+            })
+            .await,
+    )
 }
 
 fn elevation_json(e: &v1::Elevation) -> Value {

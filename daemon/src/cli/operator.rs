@@ -25,7 +25,12 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<AdminClient<Channel>> 
             path.display()
         );
     }
-    let channel = Endpoint::from_static("http://mayflyd.admin")
+    Ok(AdminClient::new(unix_channel(path, "admin").await?))
+}
+
+/// A gRPC channel over the daemon's Unix socket at `path` (`what`: which one, for errors).
+pub(super) async fn unix_channel(path: PathBuf, what: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_static("http://mayflyd.local")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let path = path.clone();
             async move {
@@ -34,8 +39,7 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<AdminClient<Channel>> 
             }
         }))
         .await
-        .context("connecting to the admin socket")?;
-    Ok(AdminClient::new(channel))
+        .with_context(|| format!("connecting to the {what} socket"))
 }
 
 fn socket_path(conn: &Connection) -> anyhow::Result<PathBuf> {

@@ -109,6 +109,17 @@ impl CredentialSpec {
         Ok(spec)
     }
 
+    /// The definition as the policies see it (`Mayfly::Credential`).
+    pub fn policy_resource(&self) -> mayfly_common::policy::Resource<'_> {
+        mayfly_common::policy::Resource::Credential {
+            name: &self.name,
+            kind: self.kind(),
+            grants: &self.grants,
+            sets: &self.sets,
+            max_ttl_seconds: self.max().as_secs() as i64,
+        }
+    }
+
     /// Checks everything that can be checked without talking to the backend.
     pub fn check(&self) -> Result<(), CredentialSpecError> {
         let fail = |message: String| CredentialSpecError::Invalid {

@@ -18,8 +18,7 @@ use crate::audit::{Actor, Audit, Event};
 use crate::config::ElevationConfig;
 use crate::creds::{Broker, CredsError};
 use crate::policy::{
-    Access, AccessContext, Action, ElevationFacts, PolicyDecision, PolicyEngine, Principal,
-    Resource, Source,
+    Access, AccessContext, Action, ElevationFacts, PolicyDecision, PolicyEngine, Principal, Source,
 };
 use crate::revoke::{RevokeError, Revoker, Target};
 use crate::store::{ElevationRecord, ElevationReview, ElevationState, Store, StoreError};
@@ -251,13 +250,7 @@ impl Elevations {
                 &Access {
                     principal: principal(caller),
                     action: Action::RequestElevation,
-                    resource: Resource::Credential {
-                        name: &spec.name,
-                        kind: spec.kind(),
-                        grants: &spec.grants,
-                        sets: &spec.sets,
-                        max_ttl_seconds: spec.max().as_secs() as i64,
-                    },
+                    resource: spec.policy_resource(),
                     context: AccessContext {
                         node: &node,
                         selectors: &selectors,
@@ -397,7 +390,7 @@ impl Elevations {
                         name: name.as_str(),
                     },
                     action: Action::ReviewElevation,
-                    resource: credential_resource(&spec),
+                    resource: spec.policy_resource(),
                     context: context_of(&record, Source::ElevationSocket, "ReviewElevation", facts),
                 },
                 "elevation.review",
@@ -472,7 +465,7 @@ impl Elevations {
             self.policy.decide(&Access {
                 principal,
                 action,
-                resource: credential_resource(&spec),
+                resource: spec.policy_resource(),
                 context: context_of(
                     record,
                     Source::ElevationSocket,
@@ -816,7 +809,7 @@ impl Elevations {
                         name: name.as_str(),
                     },
                     action,
-                    resource: credential_resource(&spec),
+                    resource: spec.policy_resource(),
                     context: context_of(
                         record,
                         Source::ElevationSocket,
@@ -872,16 +865,6 @@ fn source(caller: &Caller) -> Source {
     match caller {
         Caller::Operator { .. } => Source::ElevationSocket,
         Caller::Workload { .. } => Source::NodeApi,
-    }
-}
-
-fn credential_resource(spec: &crate::creds::spec::CredentialSpec) -> Resource<'_> {
-    Resource::Credential {
-        name: &spec.name,
-        kind: spec.kind(),
-        grants: &spec.grants,
-        sets: &spec.sets,
-        max_ttl_seconds: spec.max().as_secs() as i64,
     }
 }
 

@@ -76,7 +76,7 @@ impl Elevations {
                 name: name.as_str(),
             },
             action: Action::ViewElevation,
-            resource: credential_resource(&spec),
+            resource: spec.policy_resource(),
             context: context_of(
                 record,
                 Source::ElevationSocket,
