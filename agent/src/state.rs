@@ -20,6 +20,8 @@ pub struct EntryView {
     /// The policy sets (`Mayfly::EntrySet`) it is in.
     pub sets: Vec<String>,
     pub revision: i64,
+    /// Unix seconds when it stops (an elevation's temporary entry); 0 for never.
+    pub expires_at: i64,
 }
 
 impl EntryView {

@@ -127,6 +127,8 @@ pub async fn start(
     tokio::spawn(revoker.clone().watch_other_daemons());
     let elevations = crate::elevation::Elevations::start(
         store.clone(),
+        registry.clone(),
+        secrets.clone(),
         policy.clone(),
         broker.clone(),
         revoker.clone(),

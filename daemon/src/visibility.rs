@@ -1,6 +1,6 @@
 //! What one agent may see: the entries it serves, and the secrets the policies let one of
 //! their SPIFFE IDs or the agent itself read (the built-in policy: those the definition
-//! grants them). Read from the registry's and the rotation engine's published snapshots
+//! grants them, or an active elevation of the secret gives them). Read from the registry's and the rotation engine's published snapshots
 //! (watch channels) and the active policy set, never from the store and never under a lock
 //! another stream waits on, so a sync stream decides what to push without a query.
 
@@ -32,11 +32,25 @@ pub struct Grant {
     pub policy_set: String,
 }
 
+/// A secret an active elevation gives one workload on one agent, as the elevation engine
+/// publishes them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ElevatedSecret {
+    pub agent: String,
+    pub holder: String,
+    pub secret: String,
+    pub elevation: String,
+}
+
+/// Every active elevation of a secret, sorted.
+pub type ElevatedSecrets = Arc<Vec<ElevatedSecret>>;
+
 #[derive(Clone)]
 pub struct Visibility {
     entries: watch::Receiver<EntryIndex>,
     definitions: watch::Receiver<Definitions>,
     policy: Arc<PolicyEngine>,
+    elevated: Arc<watch::Sender<ElevatedSecrets>>,
 }
 
 impl Visibility {
@@ -49,7 +63,35 @@ impl Visibility {
             entries,
             definitions,
             policy,
+            elevated: Arc::new(watch::channel(ElevatedSecrets::default()).0),
         }
+    }
+
+    /// Replaces the secrets active elevations give; streams of the agents whose share
+    /// changed push their state again.
+    pub fn publish_elevated(&self, mut elevated: Vec<ElevatedSecret>) {
+        elevated.sort();
+        self.elevated.send_if_modified(|current| {
+            if **current == elevated {
+                return false;
+            }
+            *current = Arc::new(elevated);
+            true
+        });
+    }
+
+    pub fn subscribe_elevated(&self) -> watch::Receiver<ElevatedSecrets> {
+        self.elevated.subscribe()
+    }
+
+    /// The elevations that give `agent`'s workloads a secret, by id.
+    pub fn elevated_for(&self, agent: &str) -> Vec<String> {
+        self.elevated
+            .borrow()
+            .iter()
+            .filter(|e| e.agent == agent)
+            .map(|e| e.elevation.clone())
+            .collect()
     }
 
     pub fn policy(&self) -> &Arc<PolicyEngine> {
@@ -190,6 +232,7 @@ impl Visibility {
         agent: &str,
     ) -> Option<Grant> {
         let itself = (agent.to_string(), Vec::new());
+        let elevated = self.elevated.borrow().clone();
         let mut to = Vec::new();
         let mut policy_set = String::new();
         for (holder, selectors) in served.iter().chain(std::iter::once((&itself.0, &itself.1))) {
@@ -198,12 +241,30 @@ impl Visibility {
             } else {
                 Principal::Workload { spiffe_id: holder }
             };
+            // An active elevation of the secret grants it to its requester here, so the
+            // policies see the requester among the grants (a `forbid` still wins).
+            let is_elevated = holder != agent
+                && elevated
+                    .iter()
+                    .any(|e| e.agent == agent && e.holder == *holder && e.secret == spec.name);
+            let with_elevation;
+            let grants = if is_elevated && !spec.grants.contains(holder) {
+                with_elevation = spec
+                    .grants
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::once(holder.clone()))
+                    .collect::<Vec<_>>();
+                &with_elevation
+            } else {
+                &spec.grants
+            };
             let access = Access {
                 principal,
                 action: Action::ReadSecret,
                 resource: Resource::Secret {
                     name: &spec.name,
-                    grants: &spec.grants,
+                    grants,
                     sets: &spec.sets,
                 },
                 context: AccessContext {
@@ -215,7 +276,7 @@ impl Visibility {
                     elevation: None,
                 },
             };
-            let decision = if spec.grants.contains(holder) {
+            let decision = if grants.contains(holder) {
                 self.policy.authorize(&access, "secret.grant").ok()
             } else {
                 Some(self.policy.decide(&access)).filter(|d| d.allowed)

@@ -44,6 +44,12 @@ when { context.ttl_seconds > 3600 };
 forbid(principal, action == Mayfly::Action::"request_elevation", resource)
 when { context.requester_kind == "ai_agent" && context.ttl_seconds > 900 };
 
+// The deploy key and the deployer identity: anyone may ask (ticket and caps as above).
+@id("deploy-key-eligible")
+permit(principal, action == Mayfly::Action::"request_elevation", resource == Mayfly::Secret::"deploy-key");
+@id("elevatable-identities")
+permit(principal, action == Mayfly::Action::"request_elevation", resource in Mayfly::EntrySet::"elevatable");
+
 // Production credentials need two approvals (the built-in policy activates on one).
 @id("prod-two-approvals")
 forbid(principal, action == Mayfly::Action::"activate_elevation", resource in Mayfly::CredentialSet::"prod")
@@ -738,4 +744,250 @@ async fn blast_radius_shows_standing_eligible_and_live_reach_and_the_fleet_by_ex
     }
     assert_eq!(figures.0, Some(1.0), "{figures:?}");
     assert!(figures.1.is_some_and(|s| s > 500.0), "{figures:?}");
+}
+
+/// The content of a file, "" when it is missing.
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_holds_a_secret_and_an_identity_only_while_their_elevations_last() {
+    init();
+    let jit = Jit::start();
+    const DEPLOYER: &str = "spiffe://example.org/deployer";
+    // The bot holds nothing standing; the deployer identity is served to no agent (its
+    // entry's parent never attests): it exists to be elevated to.
+    jit.daemon
+        .create_entry(BOT, AGENT, &format!("unix:uid:{BOT_UID}"), &[])
+        .unwrap();
+    let template = jit
+        .daemon
+        .create_entry(
+            DEPLOYER,
+            "spiffe://example.org/node/elevation-only",
+            "unix:uid:0",
+            &["--set", "elevatable"],
+        )
+        .unwrap();
+    jit.daemon
+        .define_secret(
+            "name = \"deploy-key\"\nschedule = \"@yearly\"\ngrants = []\n[store]\nkind = \"local\"\n\
+             [target]\nkind = \"none\"\n",
+        )
+        .unwrap();
+    jit.daemon
+        .cli_ok(&["secret", "rotate", "deploy-key"])
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let key_file = files.path().join("deploy-key");
+    let svid_dir = files.path().join("deployer");
+    std::fs::create_dir(&svid_dir).unwrap();
+    let agent = AgentProcess::start_with(
+        &jit.daemon,
+        AGENT,
+        &format!(
+            "[[sink]]\nkind = \"secret\"\nsecret = \"deploy-key\"\npath = \"{}\"\nuntil_granted = true\n\
+             [[sink]]\nkind = \"svid\"\nspiffe_id = \"{DEPLOYER}\"\ncert_path = \"{d}/svid.pem\"\n\
+             key_path = \"{d}/svid.key\"\nbundle_path = \"{d}/bundle.pem\"\non_revoke = \"blank\"\n",
+            key_file.display(),
+            d = svid_dir.display()
+        ),
+    )
+    .unwrap();
+    let elevate = |flag: &str, name: &str| {
+        let mut out = None;
+        wait_for("the agent serves the bot", WAIT, || {
+            let tried = workload(
+                &agent,
+                &[
+                    "elevate",
+                    "request",
+                    flag,
+                    name,
+                    "--ttl",
+                    "10m",
+                    "--ticket",
+                    "CHG-9",
+                    "--reason",
+                    "ship release 42",
+                ],
+            );
+            let served = tried.status.success() || !stderr(&tried).contains("serves no workload");
+            out = Some(tried);
+            served
+        });
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        id(&serde_json::from_slice(&out.stdout).unwrap())
+    };
+
+    // ----- a secret -----
+    assert_eq!(read(&key_file), "", "nothing standing");
+    let el = elevate("--secret", "deploy-key");
+    let active = jit.ok(BOB, &["approve", &el]);
+    assert_eq!(active["state"], "active", "{active}");
+    wait_for("the secret reaches the sink", WAIT, || {
+        !read(&key_file).is_empty()
+    });
+    let seen = read(&key_file);
+    let out = workload(&agent, &["elevate", "end", &el, "--reason", "released"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = jit.show(&el);
+    assert_eq!(shown["elevation"]["state"], "ended");
+    let revocation = &shown["revocation"];
+    assert!(
+        revocation["acknowledged"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == AGENT),
+        "{revocation:#}"
+    );
+    assert!(
+        revocation["notes"].to_string().contains("rotation 1 of 1"),
+        "the secret is replaced: {revocation:#}"
+    );
+    assert!(!key_file.exists(), "the sink's file is gone with the grant");
+    assert!(
+        shown["elevation"]["notices"]
+            .to_string()
+            .contains("rotated"),
+        "{shown:#}"
+    );
+
+    // An operator reads it through an elevation of her own: the value the bot saw is
+    // worth nothing now; nobody else reads hers.
+    let alices = id(&jit.ok(
+        ALICE,
+        &[
+            "request",
+            "--secret",
+            "deploy-key",
+            "--ttl",
+            "5m",
+            "--ticket",
+            "CHG-9",
+            "--reason",
+            "check the deploy key",
+        ],
+    ));
+    let out = jit.as_uid(ALICE, &["secret", &alices]);
+    assert!(!out.status.success(), "not active before approval");
+    jit.ok(CAROL, &["approve", &alices]);
+    let read_by_alice = jit.ok(ALICE, &["secret", &alices]);
+    let now_value = read_by_alice["value"].as_str().unwrap();
+    assert!(!now_value.is_empty());
+    assert_ne!(
+        now_value,
+        seen.trim_end(),
+        "rotated when the bot's elevation ended"
+    );
+    let refused = jit.refused(BOB, &["secret", &alices]);
+    assert!(refused.contains("is not"), "{refused}");
+    jit.ok(ALICE, &["end", &alices]);
+    let after = jit.ok(
+        CAROL,
+        &[
+            "request",
+            "--secret",
+            "deploy-key",
+            "--ttl",
+            "5m",
+            "--ticket",
+            "T",
+            "--reason",
+            "again",
+        ],
+    );
+    jit.ok(BOB, &["approve", &id(&after)]);
+    let again = jit.ok(CAROL, &["secret", &id(&after)]);
+    assert_ne!(
+        again["value"], read_by_alice["value"],
+        "rotated at her end too"
+    );
+    jit.ok(CAROL, &["end", &id(&after)]);
+
+    // ----- an identity -----
+    // Operators cannot be given an entry's identity; a workload is, on its own node.
+    let out = jit.as_uid(
+        ALICE,
+        &[
+            "request", "--entry", DEPLOYER, "--ttl", "5m", "--reason", "r",
+        ],
+    );
+    assert!(!out.status.success());
+    let el = elevate("--entry", DEPLOYER);
+    let active = jit.ok(ALICE, &["approve", &el]);
+    assert_eq!(active["state"], "active", "{active}");
+    let cert = svid_dir.join("svid.pem");
+    wait_for(
+        "the elevated identity's SVID reaches the sink",
+        WAIT,
+        || !read(&cert).is_empty(),
+    );
+    let shown = jit.show(&el);
+    let granted = shown["elevation"]["granted_entry"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!granted.is_empty() && granted != template, "{shown:#}");
+    let svids = shown["svids"].as_array().unwrap();
+    assert!(!svids.is_empty(), "{shown:#}");
+    assert_eq!(svids[0]["spiffe_id"], DEPLOYER);
+    let serial = svids[0]["serial"].as_str().unwrap().to_string();
+    // The SVID ends no later than the elevation.
+    let ends_at = shown["elevation"]["ends_at"].as_i64().unwrap();
+    assert!(
+        svids[0]["not_after"].as_i64().unwrap() <= ends_at,
+        "{shown:#}"
+    );
+
+    let out = workload(&agent, &["elevate", "end", &el]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = jit.show(&el);
+    let revocation = &shown["revocation"];
+    assert!(
+        revocation["serials"].to_string().contains(&serial),
+        "the SVID is deny-listed: {revocation:#}"
+    );
+    assert!(
+        revocation["acknowledged"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == AGENT),
+        "{revocation:#}"
+    );
+    assert_eq!(read(&cert), "", "the SVID sink is blanked");
+    let left = jit
+        .daemon
+        .cli_json(&["entry", "list", "--spiffe-id", DEPLOYER])
+        .unwrap();
+    let left: Vec<_> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(
+        left,
+        vec![serde_json::json!(template)],
+        "only the template stays"
+    );
+
+    // An entry nobody may elevate to is refused by policy.
+    let out = workload(
+        &agent,
+        &[
+            "elevate", "request", "--entry", BOT, "--ttl", "5m", "--ticket", "T", "--reason", "r",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        jit.daemon
+            .cli_ok(&["audit", "verify"])
+            .unwrap()
+            .starts_with("audit log intact")
+    );
 }

@@ -1,7 +1,8 @@
 //! `mayfly-agent elevate …`: a workload (or an AI agent's tool) asks its agent for
-//! temporary access to a credential as the identity the agent attests it as, and ends it
-//! when its task is done. Prints the elevation as JSON; the credential itself then comes
-//! from `mayfly-agent creds get` once operators have approved.
+//! temporary access to a credential, a secret or an entry's identity as the identity the
+//! agent attests it as, and ends it when its task is done. Prints the elevation as JSON;
+//! once operators have approved, the credential comes from `mayfly-agent creds get`, the
+//! secret and the SVID from the Workload API and the sinks like any granted to it.
 
 use std::time::Duration;
 
@@ -16,11 +17,19 @@ use super::endpoint::WorkloadEndpoint;
 
 #[derive(Debug, Subcommand)]
 pub enum ElevateCommand {
-    /// Ask for a credential this workload is not granted, for as long as the task needs.
+    /// Ask for what this workload is not granted, for as long as the task needs.
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["credential", "secret", "entry"])))]
     Request {
-        /// The credential definition.
+        /// A credential definition.
         #[arg(long)]
-        credential: String,
+        credential: Option<String>,
+        /// A secret (rotated when the elevation ends).
+        #[arg(long)]
+        secret: Option<String>,
+        /// An entry (its id, or a SPIFFE ID one entry gives): its identity, on this node,
+        /// for this workload.
+        #[arg(long)]
+        entry: Option<String>,
         /// How long, e.g. 15m.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -60,6 +69,8 @@ pub async fn run(command: ElevateCommand, socket: Option<&str>) -> anyhow::Resul
     let elevation = match command {
         ElevateCommand::Request {
             credential,
+            secret,
+            entry,
             ttl,
             reason,
             ticket,
@@ -69,8 +80,15 @@ pub async fn run(command: ElevateCommand, socket: Option<&str>) -> anyhow::Resul
             .request_elevation(api::request(v1::HolderElevationRequest {
                 spiffe_id: spiffe_id.unwrap_or_default(),
                 request: Some(v1::ElevationRequest {
-                    scope_kind: "credential".into(),
-                    scope_name: credential,
+                    scope_kind: if secret.is_some() {
+                        "secret"
+                    } else if entry.is_some() {
+                        "entry"
+                    } else {
+                        "credential"
+                    }
+                    .into(),
+                    scope_name: credential.or(secret).or(entry).unwrap_or_default(),
                     ttl_seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
                     reason,
                     ticket,

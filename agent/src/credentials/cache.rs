@@ -572,6 +572,7 @@ mod tests {
             hint: String::new(),
             sets: Vec::new(),
             revision: 1,
+            expires_at: 0,
         })
     }
 

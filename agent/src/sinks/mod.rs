@@ -96,6 +96,11 @@ pub struct SinkConfig {
     /// blank (truncate to empty, for apps that must find the file).
     #[serde(default)]
     pub on_revoke: Option<String>,
+    /// The secrets it needs may not be granted yet (they come with an elevation): nothing
+    /// is written until they are, and the files go when the grant does. Otherwise a
+    /// secret not granted stops the agent at start (a typo, most likely).
+    #[serde(default)]
+    pub until_granted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -119,6 +124,8 @@ pub struct Sink {
     pub group: Option<u32>,
     pub on_change: OnChange,
     pub on_revoke: OnRevoke,
+    /// Waits for its secrets to be granted rather than failing (`until_granted`).
+    pub until_granted: bool,
     /// For a sink that writes credentials: whose (one of the agent's SPIFFE IDs) and
     /// for how long.
     pub holder: Option<Holder>,
@@ -257,6 +264,7 @@ impl Sink {
             group,
             on_change,
             on_revoke,
+            until_granted: config.until_granted,
             holder,
         })
     }

@@ -105,7 +105,12 @@ impl SinkRunner {
         }
         let held = credentials.borrow().clone();
         for sink in self.sinks.iter() {
-            render(sink, &self.sinks, &first, &held)?;
+            match render(sink, &self.sinks, &first, &held) {
+                Err(RenderError::NotGranted { .. }) if sink.until_granted => {}
+                other => {
+                    other?;
+                }
+            }
         }
         if !self.sinks.is_empty() {
             tracing::info!(
@@ -391,6 +396,8 @@ fn write_pass(
                 {
                     Err(sink.paths())
                 }
+                // Waiting for an elevation to grant it: nothing to write yet.
+                Err(RenderError::NotGranted { .. }) if sink.until_granted => Ok(Ok(None)),
                 other if sink.holder.is_some() => {
                     let before = pass.written.get(&index).map_or(&[][..], Vec::as_slice);
                     if credentials_revoked(&using, before, &other, revoked) {

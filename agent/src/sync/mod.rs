@@ -217,6 +217,21 @@ fn revoke(state: &mut Authorized, revocation: v1::Revocation) {
             state.revoked_secrets.insert(name);
         }
     }
+    // A secret an ended elevation gave: gone for those workloads, and from the agent
+    // (its sinks emptied) once nobody here holds it.
+    for withdrawn in &revocation.withdrawn_secrets {
+        if let Some(secret) = state.secrets.get_mut(&withdrawn.name) {
+            secret
+                .granted_to
+                .retain(|g| !withdrawn.spiffe_ids.contains(g));
+            if secret.granted_to.is_empty() {
+                state.secrets.remove(&withdrawn.name);
+                state.revoked_secrets.insert(withdrawn.name.clone());
+            }
+        } else {
+            state.revoked_secrets.insert(withdrawn.name.clone());
+        }
+    }
     for secret in &revocation.replacements {
         state.revoked_secrets.remove(&secret.name);
         state.secrets.insert(secret.name.clone(), secret.clone());
@@ -389,6 +404,52 @@ mod tests {
         let shown = format!("{state:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("v2"));
+    }
+
+    #[test]
+    fn a_withdrawal_takes_a_secret_from_those_workloads_and_the_last_one_empties_sinks() {
+        let mut state = Authorized::default();
+        let secret = |to: &[&str]| v1::GrantedSecret {
+            name: "deploy-key".into(),
+            version: "v1".into(),
+            value: b"hunter2".to_vec(),
+            granted_to: to.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        apply(
+            &mut state,
+            Update::SecretUpdated(secret(&[
+                "spiffe://example.org/a",
+                "spiffe://example.org/b",
+            ])),
+        );
+        let withdraw = |id: &str, from: &str| v1::Revocation {
+            id: id.into(),
+            kind: "elevation".into(),
+            withdrawn_secrets: vec![v1::SecretWithdrawal {
+                name: "deploy-key".into(),
+                spiffe_ids: vec![from.into()],
+                agent: String::new(),
+            }],
+            ..Default::default()
+        };
+        apply(
+            &mut state,
+            Update::Revoked(withdraw("rv-1", "spiffe://example.org/a")),
+        );
+        assert_eq!(
+            state.secrets["deploy-key"].granted_to,
+            ["spiffe://example.org/b"],
+            "the other workload keeps it"
+        );
+        assert!(state.revoked_secrets.is_empty());
+        apply(
+            &mut state,
+            Update::Revoked(withdraw("rv-2", "spiffe://example.org/b")),
+        );
+        assert!(!state.secrets.contains_key("deploy-key"));
+        assert!(state.revoked_secrets.contains("deploy-key"), "sinks empty");
+        assert_eq!(state.revocations.len(), 2, "each is acknowledged");
     }
 
     #[test]

@@ -382,6 +382,7 @@ fn entry_view(entry: &v1::Entry) -> Result<EntryView, SvidCacheError> {
         hint: entry.hint.clone(),
         sets: entry.sets.clone(),
         revision: entry.revision,
+        expires_at: entry.expires_at,
     })
 }
 

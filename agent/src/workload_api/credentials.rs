@@ -101,10 +101,19 @@ impl WorkloadApi {
             Some(SpiffeId::parse(requested).map_err(WorkloadApiError::InvalidSpiffeId)?)
         };
         let mut held: Vec<SpiffeId> = Vec::new();
+        // Identities an elevation gave for a while are used when named; unnamed, the
+        // caller is who it is without them.
+        let mut lasting: Vec<SpiffeId> = Vec::new();
         for entry in self.state.borrow().entries_for(caller) {
             if !held.contains(&entry.spiffe_id) {
                 held.push(entry.spiffe_id.clone());
             }
+            if entry.expires_at == 0 && !lasting.contains(&entry.spiffe_id) {
+                lasting.push(entry.spiffe_id.clone());
+            }
+        }
+        if requested.is_none() && held.len() > 1 && lasting.len() == 1 {
+            held = lasting;
         }
         let chosen = match &requested {
             Some(id) => held.iter().find(|held| *held == id).cloned(),

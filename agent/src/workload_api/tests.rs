@@ -322,6 +322,7 @@ fn entry(id: &str, spiffe_id: &str, selectors: Vec<Selector>) -> Arc<EntryView> 
         hint: format!("hint-{id}"),
         sets: Vec::new(),
         revision: 1,
+        expires_at: 0,
     })
 }
 

@@ -30,6 +30,7 @@ pub fn entry(record: &EntryRecord) -> v1::Entry {
         dns_names: record.dns_names.clone(),
         hint: record.hint.clone(),
         sets: record.sets.clone(),
+        expires_at: record.expires_at,
         revision: record.revision,
         created_at: record.created_at,
         updated_at: record.updated_at,

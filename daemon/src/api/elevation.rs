@@ -47,6 +47,7 @@ pub fn status(error: ElevationError) -> Status {
         ElevationError::Store(e) => crate::api::status::store_status(&e),
         ElevationError::Credentials(e) => e.into(),
         ElevationError::Revoke(e) => crate::api::status::revoke_status(e),
+        ElevationError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -103,6 +104,7 @@ pub fn message(record: &ElevationRecord, reviews: &[ElevationReview]) -> v1::Ele
             })
             .collect(),
         notices: Vec::new(),
+        granted_entry: record.granted_entry.clone(),
     }
 }
 
@@ -113,6 +115,17 @@ fn detail(view: ElevationView) -> v1::ElevationDetail {
         elevation: Some(elevation),
         leases: view.leases.iter().map(crate::api::convert::lease).collect(),
         revocation: view.revocation.as_ref().map(crate::revoke::report_message),
+        svids: view
+            .svids
+            .iter()
+            .map(|s| v1::ElevationSvid {
+                serial: s.serial.clone(),
+                spiffe_id: s.spiffe_id.clone(),
+                agent_id: s.agent_id.clone(),
+                issued_at: s.issued_at,
+                not_after: s.not_after,
+            })
+            .collect(),
     }
 }
 
@@ -272,6 +285,27 @@ impl ElevationsService for ElevationApi {
             expires_at: granted.lease.expires_at,
             spiffe_id: String::new(),
             notice: granted.notice.unwrap_or_default(),
+        }))
+    }
+
+    async fn read_elevated_secret(
+        &self,
+        request: Request<v1::GetElevationRequest>,
+    ) -> Result<Response<v1::ElevatedSecret>, Status> {
+        let caller = caller(&request)?;
+        let id = request.into_inner().id;
+        let (record, value) = self
+            .elevations
+            .read_secret(&caller, &id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::ElevatedSecret {
+            elevation_id: record.id,
+            name: value.secret.clone(),
+            version: value.version.clone(),
+            username: value.credential.username.clone(),
+            value: value.credential.password.expose().as_bytes().to_vec(),
+            ends_at: record.ends_at.unwrap_or_default(),
         }))
     }
 }

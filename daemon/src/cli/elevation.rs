@@ -19,11 +19,16 @@ use crate::config::DaemonConfig;
 
 #[derive(Debug, Subcommand)]
 pub enum ElevationCommand {
-    /// Ask for temporary access to a credential, for as long as the task needs.
+    /// Ask for temporary access to a credential or a secret, for as long as the task
+    /// needs. (A workload asks for an entry's identity through its agent.)
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["credential", "secret"])))]
     Request {
         /// The credential definition to obtain while the elevation lasts.
         #[arg(long)]
-        credential: String,
+        credential: Option<String>,
+        /// The secret to read while the elevation lasts (rotated when it ends).
+        #[arg(long)]
+        secret: Option<String>,
         /// How long, e.g. 30m.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -78,6 +83,9 @@ pub enum ElevationCommand {
         #[arg(long)]
         comment: String,
     },
+    /// The current value of the secret of your own active elevation (printed: the
+    /// secret is rotated when the elevation ends).
+    Secret { id: String },
     /// Obtain the credential of your own active elevation (printed: it is yours).
     Credential {
         id: String,
@@ -124,6 +132,7 @@ pub async fn elevation(command: ElevationCommand, conn: &Connection) -> anyhow::
     Ok(match command {
         ElevationCommand::Request {
             credential,
+            secret,
             ttl,
             reason,
             ticket,
@@ -132,8 +141,13 @@ pub async fn elevation(command: ElevationCommand, conn: &Connection) -> anyhow::
             let made = call(
                 client
                     .request_elevation(v1::ElevationRequest {
-                        scope_kind: "credential".into(),
-                        scope_name: credential,
+                        scope_kind: if secret.is_some() {
+                            "secret"
+                        } else {
+                            "credential"
+                        }
+                        .into(),
+                        scope_name: credential.or(secret).unwrap_or_default(),
                         ttl_seconds: ttl.as_secs() as i64,
                         reason,
                         ticket,
@@ -191,6 +205,34 @@ pub async fn elevation(command: ElevationCommand, conn: &Connection) -> anyhow::
                     .await,
             )?;
             one(format, &reviewed)
+        }
+        ElevationCommand::Secret { id } => {
+            let secret = call(
+                client
+                    .read_elevated_secret(v1::GetElevationRequest { id })
+                    .await,
+            )?;
+            let value = String::from_utf8_lossy(&secret.value).into_owned();
+            match format {
+                OutputFormat::Json => pretty(&json!({
+                    "elevation_id": secret.elevation_id,
+                    "name": secret.name,
+                    "version": secret.version,
+                    "username": secret.username,
+                    "value": value,
+                    "ends_at": secret.ends_at,
+                })),
+                OutputFormat::Table => table(
+                    &["FIELD", "VALUE"],
+                    &[
+                        vec!["Secret".into(), secret.name.clone()],
+                        vec!["Version".into(), secret.version.clone()],
+                        vec!["Username".into(), secret.username.clone()],
+                        vec!["Value".into(), value],
+                        vec!["Rotated at".into(), when(secret.ends_at)],
+                    ],
+                ),
+            }
         }
         ElevationCommand::Credential { id, ttl } => {
             let issued = call(
@@ -258,6 +300,7 @@ fn elevation_json(e: &v1::Elevation) -> Value {
             "at": r.at,
         })).collect::<Vec<_>>(),
         "notices": e.notices,
+        "granted_entry": e.granted_entry,
     })
 }
 
@@ -295,6 +338,9 @@ fn rows(e: &v1::Elevation) -> Vec<Vec<String>> {
         vec!["Revocation".into(), e.revocation_id.clone()],
         vec!["Policy set".into(), e.policy_set.clone()],
     ];
+    if !e.granted_entry.is_empty() {
+        rows.push(vec!["Temporary entry".into(), e.granted_entry.clone()]);
+    }
     if e.review_required {
         rows.push(vec![
             "Break-glass review".into(),
@@ -372,6 +418,13 @@ fn shown(format: OutputFormat, detail: &v1::ElevationDetail) -> String {
         OutputFormat::Json => pretty(&json!({
             "elevation": elevation_json(&elevation),
             "leases": detail.leases.iter().map(super::credentials::lease_json).collect::<Vec<_>>(),
+            "svids": detail.svids.iter().map(|s| json!({
+                "serial": s.serial,
+                "spiffe_id": s.spiffe_id,
+                "agent_id": s.agent_id,
+                "issued_at": s.issued_at,
+                "not_after": s.not_after,
+            })).collect::<Vec<_>>(),
             "revocation": detail.revocation.as_ref().map(super::output::revocation_json),
         })),
         OutputFormat::Table => {
@@ -403,6 +456,25 @@ fn shown(format: OutputFormat, detail: &v1::ElevationDetail) -> String {
                     })
                     .collect::<Vec<_>>(),
             ));
+            if !detail.svids.is_empty() {
+                out.push_str("\nSVIDs signed for its temporary entry:\n");
+                out.push_str(&table(
+                    &["SERIAL", "SPIFFE ID", "AGENT", "ISSUED", "NOT AFTER"],
+                    &detail
+                        .svids
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.serial.clone(),
+                                s.spiffe_id.clone(),
+                                s.agent_id.clone(),
+                                when(s.issued_at),
+                                when(s.not_after),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ));
+            }
             if let Some(revocation) = &detail.revocation {
                 out.push_str("\nTaken back by:\n");
                 out.push_str(&super::output::revocation_report(format, revocation));

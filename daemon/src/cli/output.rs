@@ -57,6 +57,7 @@ pub fn entry_json(e: &v1::Entry) -> Value {
         "revision": e.revision,
         "created_at": e.created_at,
         "updated_at": e.updated_at,
+        "expires_at": if e.expires_at == 0 { Value::Null } else { json!(e.expires_at) },
     })
 }
 

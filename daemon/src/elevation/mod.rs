@@ -1,7 +1,8 @@
-//! Just-in-time elevation: temporary access to one credential, asked for by an operator
-//! or by a workload (through its agent), reviewed by other operators, active until its TTL
-//! runs out or its requester says the task is done, and then taken back through the
-//! acknowledged revocation. Who may ask, who may review, how many approvals activate it and
+//! Just-in-time elevation: temporary access to one credential, secret or entry, asked for
+//! by an operator or by a workload (through its agent), reviewed by other operators, active
+//! until its TTL runs out or its requester says the task is done, and then taken back
+//! through the acknowledged revocation: leases revoked at their backend, a secret withdrawn
+//! from the workload and rotated, a temporary entry deleted with its SVIDs deny-listed. Who may ask, who may review, how many approvals activate it and
 //! how many denials reject it are Cedar policies (`request_elevation`, `review_elevation`,
 //! `activate_elevation`, `reject_elevation`); the server counts the reviews and hands the
 //! counts in. Each elevation is one permanent row, each step one record on the hash chain.
@@ -17,17 +18,27 @@ use mayfly_common::clock::{Clock, unix};
 use crate::audit::{Actor, Audit, Event};
 use crate::config::ElevationConfig;
 use crate::creds::{Broker, CredsError};
+use crate::identity::{EntryInput, Registry};
 use crate::policy::{
     Access, AccessContext, Action, ElevationFacts, PolicyDecision, PolicyEngine, Principal, Source,
 };
 use crate::revoke::{RevokeError, Revoker, Target};
-use crate::store::{ElevationRecord, ElevationReview, ElevationState, Store, StoreError};
-use crate::visibility::Visibility;
+use crate::secrets::engine::RotationEngine;
+use crate::store::{
+    ElevationRecord, ElevationReview, ElevationState, EntryFilter, EntryRecord, Store, StoreError,
+};
+use crate::visibility::{ElevatedSecret, Visibility};
 
 pub use record::ElevationView;
 
-/// The only scope kind so far; secrets and entries come next.
+/// What an elevation may be to: a credential definition, a secret, or an entry's identity.
 pub const CREDENTIAL: &str = "credential";
+pub const SECRET: &str = "secret";
+pub const ENTRY: &str = "entry";
+
+/// How the temporary entry of an elevation is marked (its hint), so that it is never taken
+/// for the entry it copies.
+const ENTRY_HINT: &str = "elevation ";
 
 /// An elevation over for this long with nothing taken back was interrupted.
 const UNTAKEN_GRACE_SECS: i64 = 30;
@@ -54,6 +65,8 @@ pub enum ElevationError {
     Credentials(#[from] CredsError),
     #[error(transparent)]
     Revoke(#[from] RevokeError),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Who asks for, reviews or ends an elevation, as the server established it.
@@ -101,8 +114,66 @@ pub struct Ask {
     pub break_glass: bool,
 }
 
+/// What an elevation is to, as the policies see it.
+enum Subject {
+    Credential(Arc<crate::creds::spec::CredentialSpec>),
+    Secret(Box<crate::secrets::spec::SecretSpec>),
+    Entry(EntryRecord),
+    /// Deleted since the request: the record stays readable, decided on its name alone.
+    Gone {
+        kind: String,
+        name: String,
+    },
+}
+
+impl Subject {
+    fn resource(&self) -> mayfly_common::policy::Resource<'_> {
+        use mayfly_common::policy::{EntryFacts, Resource};
+        match self {
+            Subject::Credential(spec) => spec.policy_resource(),
+            Subject::Secret(spec) => Resource::Secret {
+                name: &spec.name,
+                grants: &spec.grants,
+                sets: &spec.sets,
+            },
+            Subject::Entry(entry) => Resource::Entry(EntryFacts {
+                id: &entry.id,
+                spiffe_id: &entry.spiffe_id,
+                parent: &entry.parent_id,
+                selectors: &entry.selectors,
+                hint: &entry.hint,
+                sets: &entry.sets,
+            }),
+            Subject::Gone { kind, name } => match kind.as_str() {
+                SECRET => Resource::Secret {
+                    name,
+                    grants: &[],
+                    sets: &[],
+                },
+                ENTRY => Resource::Entry(EntryFacts {
+                    id: name,
+                    spiffe_id: "",
+                    parent: "",
+                    selectors: &[],
+                    hint: "",
+                    sets: &[],
+                }),
+                _ => Resource::Credential {
+                    name,
+                    kind: "",
+                    grants: &[],
+                    sets: &[],
+                    max_ttl_seconds: 0,
+                },
+            },
+        }
+    }
+}
+
 pub struct Elevations {
     store: Store,
+    registry: Arc<Registry>,
+    secrets: Arc<RotationEngine>,
     policy: Arc<PolicyEngine>,
     broker: Arc<Broker>,
     revoker: Arc<Revoker>,
@@ -130,6 +201,8 @@ impl Elevations {
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Store,
+        registry: Arc<Registry>,
+        secrets: Arc<RotationEngine>,
         policy: Arc<PolicyEngine>,
         broker: Arc<Broker>,
         revoker: Arc<Revoker>,
@@ -141,6 +214,8 @@ impl Elevations {
     ) -> Arc<Self> {
         let elevations = Arc::new(Self {
             store,
+            registry,
+            secrets,
             policy,
             broker,
             revoker,
@@ -159,6 +234,190 @@ impl Elevations {
         unix(self.clock.now())
     }
 
+    /// What `kind` `name` is now; `strict` refuses one deleted since.
+    async fn subject(
+        &self,
+        kind: &str,
+        name: &str,
+        strict: bool,
+    ) -> Result<Subject, ElevationError> {
+        let found = match kind {
+            CREDENTIAL => match self.broker.describe(name).await {
+                Ok((spec, _, _)) => Some(Subject::Credential(spec)),
+                Err(CredsError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+            SECRET => match self.secrets.spec(name).await {
+                Ok(spec) => Some(Subject::Secret(Box::new(spec))),
+                Err(crate::secrets::runtime::EngineError::UnknownSecret(_)) => None,
+                Err(e) => return Err(ElevationError::Unavailable(e.to_string())),
+            },
+            ENTRY => match self.store.get_entry(name).await {
+                Ok(entry) => Some(Subject::Entry(entry)),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            other => {
+                return Err(ElevationError::Invalid(format!(
+                    "scope kind `{other}`: an elevation is to a credential, a secret or an entry \
+                     (--credential NAME, --secret NAME or --entry ID)"
+                )));
+            }
+        };
+        match found {
+            Some(subject) => Ok(subject),
+            None if strict => Err(ElevationError::NotFound(format!(
+                "no {kind} named `{name}`"
+            ))),
+            None => Ok(Subject::Gone {
+                kind: kind.to_string(),
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    /// The entry an elevation of an entry names: by id, or by a SPIFFE ID exactly one
+    /// entry (not an elevation's temporary one) gives.
+    async fn entry_named(&self, name: &str) -> Result<String, ElevationError> {
+        if !name.starts_with("spiffe://") {
+            return Ok(name.to_string());
+        }
+        let found: Vec<EntryRecord> = self
+            .store
+            .list_entries(&EntryFilter {
+                spiffe_id: Some(name.to_string()),
+                ..EntryFilter::default()
+            })
+            .await?
+            .into_iter()
+            .filter(|e| !e.hint.starts_with(ENTRY_HINT))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one.id.clone()),
+            [] => Err(ElevationError::NotFound(format!(
+                "no entry gives {name}; `mayflyd entry list` shows them"
+            ))),
+            many => Err(ElevationError::Invalid(format!(
+                "{} entries give {name}: name one by its id ({})",
+                many.len(),
+                many.iter()
+                    .map(|e| e.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Gives what an elevation that just became active grants beyond leases: its
+    /// temporary entry, or the secret to its workload's agent.
+    async fn grant(&self, record: &ElevationRecord) -> Result<(), ElevationError> {
+        match record.scope_kind.as_str() {
+            SECRET => self.refresh_elevated().await,
+            ENTRY => self.grant_entry(record).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates the temporary entry of an active elevation of an entry: the entry's SPIFFE
+    /// ID, on the requesting workload's agent, with that workload's selectors, its SVIDs no
+    /// longer-lived than the elevation.
+    async fn grant_entry(&self, record: &ElevationRecord) -> Result<(), ElevationError> {
+        if !record.granted_entry.is_empty() {
+            return Ok(());
+        }
+        let template = match self.store.get_entry(&record.scope_name).await {
+            Ok(entry) => entry,
+            Err(StoreError::NotFound { .. }) => {
+                tracing::warn!(elevation = %record.id, entry = %record.scope_name, "the entry an active elevation is to was deleted; nothing to grant");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The workload's own entry on its agent decides which processes get the identity.
+        let mut mine: Vec<EntryRecord> = self
+            .store
+            .list_entries(&EntryFilter {
+                spiffe_id: Some(record.requester.clone()),
+                ..EntryFilter::default()
+            })
+            .await?
+            .into_iter()
+            .filter(|e| e.parent_id == record.agent_id && !e.hint.starts_with(ENTRY_HINT))
+            .collect();
+        mine.sort_by(|a, b| a.id.cmp(&b.id));
+        let Some(own) = mine.first() else {
+            tracing::warn!(elevation = %record.id, requester = %record.requester, "the requesting workload has no entry on its agent any more; nothing to grant");
+            return Ok(());
+        };
+        let remaining = (record.ends_at.unwrap_or_default() - self.now()).max(1);
+        let capped = |ttl: i64| {
+            if ttl > 0 {
+                ttl.min(remaining)
+            } else {
+                remaining
+            }
+        };
+        let created = self
+            .registry
+            .create_entry(EntryInput {
+                spiffe_id: template.spiffe_id.clone(),
+                parent_id: record.agent_id.clone(),
+                selectors: own.selectors.clone(),
+                x509_svid_ttl: capped(template.x509_svid_ttl),
+                jwt_svid_ttl: capped(template.jwt_svid_ttl),
+                dns_names: template.dns_names.clone(),
+                hint: format!("{ENTRY_HINT}{}", record.id),
+                sets: template.sets.clone(),
+                expires_at: record.ends_at.unwrap_or_default(),
+            })
+            .await
+            .map_err(|e| {
+                ElevationError::Unavailable(format!("creating the temporary entry: {e}"))
+            })?;
+        if !self
+            .store
+            .set_elevation_entry(&record.id, &created.id)
+            .await?
+        {
+            // Ended meanwhile, or granted by another pass: this copy is not needed.
+            let _ = self.registry.delete_entry(&created.id).await;
+            return Ok(());
+        }
+        self.record_event(
+            Event::new(&Actor::Daemon, "elevation.grant", &record.id)
+                .scope(scope_of(record))
+                .detail(serde_json::json!({
+                    "entry": created.id,
+                    "spiffe_id": created.spiffe_id,
+                    "agent": created.parent_id,
+                    "selectors": created.selectors,
+                })),
+        )
+        .await?;
+        tracing::info!(elevation = %record.id, entry = %created.id, spiffe_id = %created.spiffe_id, "temporary entry created");
+        Ok(())
+    }
+
+    /// Publishes the secrets active elevations give workloads, from the store (so that
+    /// those another daemon activated or ended count too).
+    async fn refresh_elevated(&self) -> Result<(), ElevationError> {
+        let active = self.store.active_elevations(&[SECRET]).await?;
+        let now = self.now();
+        self.view.publish_elevated(
+            active
+                .into_iter()
+                .filter(|r| !r.agent_id.is_empty() && r.ends_at.is_some_and(|end| end > now))
+                .map(|r| ElevatedSecret {
+                    agent: r.agent_id,
+                    holder: r.requester,
+                    secret: r.scope_name,
+                    elevation: r.id,
+                })
+                .collect(),
+        );
+        Ok(())
+    }
+
     // ----- asking -----
 
     /// Records a request of `caller` for `ask`, decided by `request_elevation`. A
@@ -168,11 +427,12 @@ impl Elevations {
         caller: &Caller,
         ask: &Ask,
     ) -> Result<ElevationRecord, ElevationError> {
-        if ask.scope_kind != CREDENTIAL {
-            return Err(ElevationError::Invalid(format!(
-                "scope kind `{}`: an elevation is to a credential (--credential NAME)",
-                ask.scope_kind
-            )));
+        if ask.scope_kind == ENTRY && matches!(caller, Caller::Operator { .. }) {
+            return Err(ElevationError::Invalid(
+                "an elevation of an entry gives its identity to a workload: ask through the \
+                 agent of the workload's node (`mayfly-agent elevate request --entry ID`)"
+                    .into(),
+            ));
         }
         check_text("reason", &ask.reason, 1024, true)?;
         check_text("ticket", &ask.ticket, 128, false)?;
@@ -183,16 +443,20 @@ impl Elevations {
                 humantime::format_duration(self.config.max_ttl)
             )));
         }
-        let (spec, _, _) = match self.broker.describe(&ask.scope_name).await {
-            Ok(found) => found,
-            Err(CredsError::NotFound(_)) => {
-                return Err(ElevationError::NotFound(format!(
-                    "no credential named `{}`",
-                    ask.scope_name
-                )));
-            }
-            Err(e) => return Err(e.into()),
+        let scope_name = if ask.scope_kind == ENTRY {
+            self.entry_named(&ask.scope_name).await?
+        } else {
+            ask.scope_name.clone()
         };
+        let subject = self.subject(&ask.scope_kind, &scope_name, true).await?;
+        if let Subject::Entry(entry) = &subject
+            && entry.hint.starts_with(ENTRY_HINT)
+        {
+            return Err(ElevationError::Invalid(format!(
+                "entry {} is an elevation's temporary entry: ask for the entry it copies",
+                entry.id
+            )));
+        }
         let (node, selectors, kind) = match caller {
             Caller::Operator { .. } => (String::new(), Vec::new(), "operator"),
             Caller::Workload { spiffe_id, agent } => {
@@ -250,7 +514,7 @@ impl Elevations {
                 &Access {
                     principal: principal(caller),
                     action: Action::RequestElevation,
-                    resource: spec.policy_resource(),
+                    resource: subject.resource(),
                     context: AccessContext {
                         node: &node,
                         selectors: &selectors,
@@ -264,8 +528,9 @@ impl Elevations {
             )
             .map_err(|denied| {
                 ElevationError::Denied(format!(
-                    "elevation to credential {} for {}: {}",
-                    spec.name,
+                    "elevation to {} {} for {}: {}",
+                    ask.scope_kind,
+                    scope_name,
                     caller.describe(),
                     denied.reason
                 ))
@@ -281,7 +546,7 @@ impl Elevations {
             requester_kind: kind.to_string(),
             agent_id: node,
             scope_kind: ask.scope_kind.clone(),
-            scope_name: spec.name.clone(),
+            scope_name: scope_name.clone(),
             reason: ask.reason.clone(),
             ticket: ask.ticket.clone(),
             requested_ttl: ttl_seconds,
@@ -314,7 +579,7 @@ impl Elevations {
                 })),
         )
         .await?;
-        tracing::info!(elevation = %record.id, requester = %record.requester, credential = %record.scope_name, break_glass = record.break_glass, "elevation requested");
+        tracing::info!(elevation = %record.id, requester = %record.requester, scope = %record.scope_kind, name = %record.scope_name, break_glass = record.break_glass, "elevation requested");
         self.notifier.send(
             if record.break_glass {
                 "break-glass"
@@ -336,6 +601,8 @@ impl Elevations {
                     ),
             )
             .await?;
+            self.grant(&record).await?;
+            return self.get(&record.id).await;
         }
         Ok(record)
     }
@@ -379,7 +646,9 @@ impl Elevations {
         }
         let reviews = self.store.elevation_reviews(id).await?;
         let (approvals, denials) = count(&reviews);
-        let spec = self.broker.describe(&record.scope_name).await?.0;
+        let subject = self
+            .subject(&record.scope_kind, &record.scope_name, true)
+            .await?;
         let facts = facts_of(&record, approvals, denials);
         let decision = self
             .policy
@@ -390,7 +659,7 @@ impl Elevations {
                         name: name.as_str(),
                     },
                     action: Action::ReviewElevation,
-                    resource: spec.policy_resource(),
+                    resource: subject.resource(),
                     context: context_of(&record, Source::ElevationSocket, "ReviewElevation", facts),
                 },
                 "elevation.review",
@@ -446,7 +715,9 @@ impl Elevations {
     async fn settle(&self, record: &ElevationRecord) -> Result<(), ElevationError> {
         let reviews = self.store.elevation_reviews(&record.id).await?;
         let (approvals, denials) = count(&reviews);
-        let spec = self.broker.describe(&record.scope_name).await?.0;
+        let subject = self
+            .subject(&record.scope_kind, &record.scope_name, true)
+            .await?;
         let decide = |action: Action| -> PolicyDecision {
             let requester = record.requester.as_str();
             let principal = if record.requester_kind == "operator" {
@@ -465,7 +736,7 @@ impl Elevations {
             self.policy.decide(&Access {
                 principal,
                 action,
-                resource: spec.policy_resource(),
+                resource: subject.resource(),
                 context: context_of(
                     record,
                     Source::ElevationSocket,
@@ -518,6 +789,7 @@ impl Elevations {
                 )
                 .await?;
                 tracing::info!(elevation = %record.id, approvals, ends_at, "elevation active");
+                self.grant(&self.get(&record.id).await?).await?;
                 self.notify_now("activate", &record.id).await;
             }
         }
@@ -649,6 +921,10 @@ impl Elevations {
         actor: &Actor,
         reason: &str,
     ) -> Result<(), ElevationError> {
+        // Nothing pushes the secret again once the revocation withdraws it.
+        if record.scope_kind == SECRET {
+            self.refresh_elevated().await?;
+        }
         let report = self
             .revoker
             .revoke(
@@ -671,6 +947,14 @@ impl Elevations {
     /// leases were never taken back (its daemon died in between) is taken back now.
     pub async fn sweep(&self) -> Result<usize, ElevationError> {
         let now = self.now();
+        // What other daemons on the store activated or ended; temporary entries an
+        // interrupted activation never created.
+        self.refresh_elevated().await?;
+        for record in self.store.active_elevations(&[ENTRY]).await? {
+            if record.granted_entry.is_empty() && record.ends_at.is_some_and(|end| end > now) {
+                self.grant_entry(&record).await?;
+            }
+        }
         // Not those that ended a moment ago: their `end` call may still be taking back.
         for record in self
             .store
@@ -772,15 +1056,65 @@ impl Elevations {
             );
             return Err(ElevationError::Denied(why));
         }
+        self.check_own_active(&record, CREDENTIAL)?;
+        Ok(self.broker.issue_elevated(&record, requested).await?)
+    }
+
+    /// The current value of the secret of `caller`'s own active elevation (an
+    /// operator's; a workload's arrives through its agent like any granted secret).
+    pub async fn read_secret(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(ElevationRecord, Arc<crate::secrets::engine::Promoted>), ElevationError> {
+        let record = self.get(id).await?;
+        if record.requester != caller.requester() {
+            let why = format!("elevation {id} is not {}'s", caller.describe());
+            self.audit.note_refusal(
+                Event::new(&caller.actor(), "secret.read", &record.scope_name)
+                    .scope(format!("elevation {id}"))
+                    .denied(why.clone()),
+            );
+            return Err(ElevationError::Denied(why));
+        }
+        self.check_own_active(&record, SECRET)?;
+        let value = self
+            .secrets
+            .promoted(&record.scope_name)
+            .await
+            .map_err(|e| ElevationError::Unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                ElevationError::Unavailable(format!(
+                    "secret {} has no current value yet (it has not been rotated once)",
+                    record.scope_name
+                ))
+            })?;
+        self.record_event(
+            Event::new(&caller.actor(), "secret.read", &record.scope_name)
+                .scope(format!("elevation {id}"))
+                .detail(serde_json::json!({ "version": value.version, "elevation": id })),
+        )
+        .await?;
+        Ok((record, value))
+    }
+
+    fn check_own_active(&self, record: &ElevationRecord, kind: &str) -> Result<(), ElevationError> {
+        if record.scope_kind != kind {
+            return Err(ElevationError::Invalid(format!(
+                "elevation {} is to {} {}, not to a {kind}",
+                record.id, record.scope_kind, record.scope_name
+            )));
+        }
         if record.state() != ElevationState::Active
             || record.ends_at.is_none_or(|end| end <= self.now())
         {
             return Err(ElevationError::Conflict(format!(
-                "elevation {id} is {}, not active",
+                "elevation {} is {}, not active",
+                record.id,
                 record.state()
             )));
         }
-        Ok(self.broker.issue_elevated(&record, requested).await?)
+        Ok(())
     }
 
     /// Decides whether `caller` may read (or, with `ReviewElevation`, act on) `record`.
@@ -798,7 +1132,9 @@ impl Elevations {
             );
             return Err(ElevationError::Denied(why));
         };
-        let spec = self.broker.describe(&record.scope_name).await?.0;
+        let subject = self
+            .subject(&record.scope_kind, &record.scope_name, false)
+            .await?;
         let reviews = self.store.elevation_reviews(&record.id).await?;
         let (approvals, denials) = count(&reviews);
         self.policy
@@ -809,7 +1145,7 @@ impl Elevations {
                         name: name.as_str(),
                     },
                     action,
-                    resource: spec.policy_resource(),
+                    resource: subject.resource(),
                     context: context_of(
                         record,
                         Source::ElevationSocket,

@@ -1,11 +1,12 @@
 //! The one record of an elevation, as `elevation show` gives it: the request, each review,
-//! every credential issued under it, and the revocation that took them back with each
+//! every credential issued under it and every SVID signed for its temporary entry, and the
+//! revocation that took them back with each
 //! agent's acknowledgement. Reading one is itself decided (`view_elevation`), except for
 //! its own requester.
 
 use super::*;
 use crate::revoke::Report;
-use crate::store::{CredentialLease, LeaseFilter};
+use crate::store::{CredentialLease, IssuedSvidRecord, LeaseFilter};
 
 /// An elevation with everything that happened under it.
 pub struct ElevationView {
@@ -13,6 +14,8 @@ pub struct ElevationView {
     pub reviews: Vec<ElevationReview>,
     /// Every lease issued under it, revoked ones too.
     pub leases: Vec<CredentialLease>,
+    /// Every SVID signed for its temporary entry (an elevation of an entry).
+    pub svids: Vec<IssuedSvidRecord>,
     pub revocation: Option<Report>,
     /// What its requester should know (an STS session cannot be ended early).
     pub notices: Vec<String>,
@@ -63,20 +66,18 @@ impl Elevations {
         let Caller::Operator { uid, name } = caller else {
             return Ok(false);
         };
-        let spec = match self.broker.describe(&record.scope_name).await {
-            Ok((spec, _, _)) => spec,
-            // Its credential was deleted since: the record stays readable to operators
-            // the built-in policies admit (decided on the record alone).
-            Err(CredsError::NotFound(_)) => return Ok(true),
-            Err(e) => return Err(e.into()),
-        };
+        // What it is to may have been deleted since: the record stays readable, decided
+        // on its name alone.
+        let subject = self
+            .subject(&record.scope_kind, &record.scope_name, false)
+            .await?;
         let decision = self.policy.decide(&Access {
             principal: Principal::Operator {
                 uid: *uid,
                 name: name.as_str(),
             },
             action: Action::ViewElevation,
-            resource: spec.policy_resource(),
+            resource: subject.resource(),
             context: context_of(
                 record,
                 Source::ElevationSocket,
@@ -97,19 +98,36 @@ impl Elevations {
                 ..Default::default()
             })
             .await?;
+        let mut svids = if record.granted_entry.is_empty() {
+            Vec::new()
+        } else {
+            // Every one signed, expired ones too while the store remembers them.
+            self.store
+                .live_serials_for_entries(std::slice::from_ref(&record.granted_entry), 0)
+                .await?
+        };
+        svids.sort_by(|a, b| a.issued_at.cmp(&b.issued_at).then(a.serial.cmp(&b.serial)));
         let revocation = if record.revocation_id.is_empty() {
             None
         } else {
             Some(self.revoker.report(&record.revocation_id).await?)
         };
         let mut notices = Vec::new();
-        if let Ok((spec, _, _)) = self.broker.describe(&record.scope_name).await
+        if record.scope_kind == CREDENTIAL
+            && let Ok((spec, _, _)) = self.broker.describe(&record.scope_name).await
             && spec.kind() == "aws_sts"
         {
             notices.push(
                 "AWS cannot end an STS session early and issues none shorter than 15 minutes: \
                  its credentials keep working until their own expiry after the elevation ends \
                  (where the role allows it, deny sessions by aws:TokenIssueTime to cut them off)"
+                    .to_string(),
+            );
+        }
+        if record.scope_kind == SECRET {
+            notices.push(
+                "the secret is rotated when the elevation ends: a copy kept is worth nothing \
+                 after that"
                     .to_string(),
             );
         }
@@ -120,6 +138,7 @@ impl Elevations {
             record,
             reviews,
             leases,
+            svids,
             revocation,
             notices,
         })

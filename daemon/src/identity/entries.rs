@@ -100,6 +100,7 @@ impl Registry {
             dns_names: check_dns_names(&input.dns_names)?,
             hint: check_hint(&input.hint)?,
             sets: check_sets(&input.sets)?,
+            expires_at: input.expires_at.max(0),
         })
     }
 

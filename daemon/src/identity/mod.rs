@@ -260,6 +260,8 @@ pub struct EntryInput {
     pub dns_names: Vec<String>,
     pub hint: String,
     pub sets: Vec<String>,
+    /// Unix seconds after which the entry signs nothing; 0 for never.
+    pub expires_at: i64,
 }
 
 /// What an operator supplies to change an entry; `None` keeps the field.

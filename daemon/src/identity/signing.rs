@@ -65,10 +65,14 @@ impl Registry {
                     agent: agent.to_string(),
                 });
             }
-            let ttl = match entry.x509_svid_ttl {
-                t if t > 0 => Duration::from_secs(t as u64),
-                _ => self.default_x509_ttl,
-            };
+            let ttl = capped(
+                entry,
+                match entry.x509_svid_ttl {
+                    t if t > 0 => Duration::from_secs(t as u64),
+                    _ => self.default_x509_ttl,
+                },
+                now,
+            )?;
             self.authorize_for(
                 agent,
                 entry,
@@ -126,10 +130,14 @@ impl Registry {
                 agent: agent.to_string(),
             });
         }
-        let ttl = match entry.jwt_svid_ttl {
-            t if t > 0 => Duration::from_secs(t as u64),
-            _ => self.default_jwt_ttl,
-        };
+        let ttl = capped(
+            entry,
+            match entry.jwt_svid_ttl {
+                t if t > 0 => Duration::from_secs(t as u64),
+                _ => self.default_jwt_ttl,
+            },
+            self.now(),
+        )?;
         for aud in audience {
             self.authorize_for(
                 agent,
@@ -188,4 +196,24 @@ impl Registry {
                 reason: denied.reason,
             })
     }
+}
+
+/// `ttl`, cut so that nothing signed for `entry` outlives its expiry; an expired entry
+/// signs nothing.
+fn capped(
+    entry: &EntryRecord,
+    ttl: Duration,
+    now: std::time::SystemTime,
+) -> Result<Duration, IdentityError> {
+    if entry.expires_at <= 0 {
+        return Ok(ttl);
+    }
+    let left = entry.expires_at - unix(now);
+    if left <= 0 {
+        return Err(IdentityError::EntryNotFound(format!(
+            "{} (it expired at {})",
+            entry.id, entry.expires_at
+        )));
+    }
+    Ok(ttl.min(Duration::from_secs(left as u64)))
 }

@@ -199,11 +199,22 @@ pub struct Scope {
     pub lease_ids: Vec<String>,
     #[serde(default)]
     pub everything: bool,
+    /// Secrets taken back from workloads an ended elevation gave them to.
+    #[serde(default)]
+    pub withdrawn: Vec<Withdrawn>,
     /// The CA behind the agents' own SVIDs is tainted: they renew at once.
     #[serde(default)]
     pub renew_agent_svid: bool,
     #[serde(default)]
     pub notes: Vec<String>,
+}
+
+/// One secret taken back from workloads of one agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Withdrawn {
+    pub secret: String,
+    pub agent: String,
+    pub spiffe_ids: Vec<String>,
 }
 
 /// A resolved revocation, before anything is written.
@@ -334,6 +345,15 @@ fn message(
         created_at: record.created_at,
         renew_agent_svid: scope.renew_agent_svid,
         lease_ids: scope.lease_ids.clone(),
+        withdrawn_secrets: scope
+            .withdrawn
+            .iter()
+            .map(|w| v1::SecretWithdrawal {
+                name: w.secret.clone(),
+                spiffe_ids: w.spiffe_ids.clone(),
+                agent: w.agent.clone(),
+            })
+            .collect(),
     }
 }
 

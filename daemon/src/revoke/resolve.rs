@@ -151,42 +151,7 @@ impl Revoker {
                 ban = Some(agent.spiffe_id);
             }
             Target::Secret { name } => {
-                let spec = self.secrets.spec(name).await?;
-                // Rotate first: until a new value works on the target, the old one is
-                // still the only one, and revoking it would only break the apps.
-                let rounds = match spec.strategy {
-                    Strategy::SingleUser => 1,
-                    // The other user keeps the previous value valid for zero-downtime
-                    // rotation; a second rotation gives that user a fresh one too.
-                    Strategy::AlternatingUsers => 2,
-                };
-                for round in 0..rounds {
-                    let outcome = self
-                        .secrets
-                        .rotate_now(name, crate::store::TriggerKind::Revoke)
-                        .await?;
-                    if outcome.job.state != crate::store::JobState::Promoted {
-                        return Err(RevokeError::Failed(format!(
-                            "the rotation that replaces secret {name} failed ({}); the old value \
-                             is still valid",
-                            outcome.job.last_error
-                        )));
-                    }
-                    scope.notes.push(format!(
-                        "rotation {} of {rounds} promoted version {} for user {}",
-                        round + 1,
-                        outcome.job.token,
-                        outcome.job.username
-                    ));
-                }
-                scope.secrets.push(name.clone());
-                for agent in store.list_agents().await? {
-                    if agent.status == AgentStatus::Active
-                        && self.view.grant(&agent.spiffe_id, &spec.name).is_some()
-                    {
-                        agents.insert(agent.spiffe_id);
-                    }
-                }
+                self.replace_secret(name, &mut scope, &mut agents).await?;
             }
             Target::Lease { id } => {
                 // Gone at the backend before the agents are told: they only drop copies.
@@ -229,6 +194,61 @@ impl Revoker {
                     .await;
             }
             Target::Elevation { id } => {
+                let elevation = store.get_elevation(id).await?;
+                match elevation.scope_kind.as_str() {
+                    "entry" if !elevation.granted_entry.is_empty() => {
+                        // The temporary entry goes, with every SVID signed for it.
+                        let entries: Vec<_> = self
+                            .registry
+                            .get_entry(&elevation.granted_entry)
+                            .await
+                            .ok()
+                            .into_iter()
+                            .collect();
+                        if !entries.is_empty() {
+                            self.cover_entries(
+                                &entries,
+                                &mut scope,
+                                &mut agents,
+                                &mut serials,
+                                now_s,
+                            )
+                            .await?;
+                        }
+                    }
+                    "secret" => {
+                        // A workload's grant is taken back where nothing else gives it
+                        // the secret (another elevation, the definition); then the value it
+                        // saw is replaced, so a copy kept is worth nothing.
+                        let holder = &elevation.requester;
+                        let agent = &elevation.agent_id;
+                        if !agent.is_empty()
+                            && self
+                                .view
+                                .grant(agent, &elevation.scope_name)
+                                .is_none_or(|g| !g.to.contains(holder))
+                        {
+                            scope.withdrawn.push(Withdrawn {
+                                secret: elevation.scope_name.clone(),
+                                agent: agent.clone(),
+                                spiffe_ids: vec![holder.clone()],
+                            });
+                            agents.insert(agent.clone());
+                        }
+                        if let Err(e) = self
+                            .replace_secret(&elevation.scope_name, &mut scope, &mut agents)
+                            .await
+                        {
+                            // Taken back all the same; the value stays until it rotates.
+                            scope.notes.push(format!(
+                                "secret {} could not be rotated ({e}): the value the elevation \
+                                 gave stays valid until its next rotation",
+                                elevation.scope_name
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
                 let live = self
                     .broker
                     .leases(&crate::store::LeaseFilter {
@@ -252,6 +272,54 @@ impl Revoker {
             agents,
             ban,
         })
+    }
+
+    /// Rotates `name` until no value handed out before is valid (one round for a single
+    /// user, two for alternating users, whose other user keeps the previous value), and
+    /// puts the agents that hold it in the plan, to get the new value with it.
+    async fn replace_secret(
+        &self,
+        name: &str,
+        scope: &mut Scope,
+        agents: &mut BTreeSet<String>,
+    ) -> Result<(), RevokeError> {
+        let spec = self.secrets.spec(name).await?;
+        // Rotate first: until a new value works on the target, the old one is still the
+        // only one, and revoking it would only break the apps.
+        let rounds = match spec.strategy {
+            Strategy::SingleUser => 1,
+            // The other user keeps the previous value valid for zero-downtime rotation; a
+            // second rotation gives that user a fresh one too.
+            Strategy::AlternatingUsers => 2,
+        };
+        for round in 0..rounds {
+            let outcome = self
+                .secrets
+                .rotate_now(name, crate::store::TriggerKind::Revoke)
+                .await?;
+            if outcome.job.state != crate::store::JobState::Promoted {
+                return Err(RevokeError::Failed(format!(
+                    "the rotation that replaces secret {name} failed ({}); the old value is \
+                     still valid",
+                    outcome.job.last_error
+                )));
+            }
+            scope.notes.push(format!(
+                "rotation {} of {rounds} promoted version {} for user {}",
+                round + 1,
+                outcome.job.token,
+                outcome.job.username
+            ));
+        }
+        scope.secrets.push(name.to_string());
+        for agent in self.registry.store().list_agents().await? {
+            if agent.status == AgentStatus::Active
+                && self.view.grant(&agent.spiffe_id, &spec.name).is_some()
+            {
+                agents.insert(agent.spiffe_id);
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn cover_entries(

@@ -112,6 +112,9 @@ pub struct ElevationRecord {
     pub reviewed_at: Option<i64>,
     pub review_comment: String,
     pub policy_set: String,
+    /// The temporary entry an active elevation of an entry created; "" until then (and
+    /// for other scopes).
+    pub granted_entry: String,
 }
 
 impl ElevationRecord {
@@ -136,7 +139,7 @@ pub struct ElevationReview {
 const COLUMNS: &str = "id, requester, requester_name, requester_kind, agent_id, scope_kind, \
      scope_name, reason, ticket, requested_ttl, break_glass, state, created_at, pending_until, \
      activated_at, ends_at, ended_at, ended_by, end_reason, revocation_id, review_required, \
-     reviewed_by, reviewed_at, review_comment, policy_set";
+     reviewed_by, reviewed_at, review_comment, policy_set, granted_entry";
 
 const REVIEW_COLUMNS: &str =
     "elevation_id, reviewer_uid, reviewer_name, verdict, comment, at, policy_set";
@@ -152,7 +155,7 @@ impl Store {
     pub async fn insert_elevation(&self, e: &ElevationRecord) -> Result<()> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO elevations ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
         )))
         .bind(&e.id)
         .bind(&e.requester)
@@ -179,6 +182,7 @@ impl Store {
         .bind(e.reviewed_at)
         .bind(&e.review_comment)
         .bind(&e.policy_set)
+        .bind(&e.granted_entry)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -309,6 +313,37 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Records the temporary entry an active elevation created; false if it is no longer
+    /// active or has one already (the caller then deletes the entry it made).
+    pub async fn set_elevation_entry(&self, id: &str, entry_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE elevations SET granted_entry = $1 WHERE id = $2 AND state = 'active' \
+             AND granted_entry = ''",
+        )
+        .bind(entry_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Active elevations of the given scope kinds: what agents are granted for them.
+    pub async fn active_elevations(&self, kinds: &[&str]) -> Result<Vec<ElevationRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM elevations WHERE state = 'active' ORDER BY ends_at, id"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut active = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let record = elevation_from_row(row)?;
+            if kinds.contains(&record.scope_kind.as_str()) {
+                active.push(record);
+            }
+        }
+        Ok(active)
+    }
+
     pub async fn set_elevation_revocation(&self, id: &str, revocation_id: &str) -> Result<()> {
         sqlx::query("UPDATE elevations SET revocation_id = $1 WHERE id = $2")
             .bind(revocation_id)
@@ -422,5 +457,6 @@ fn elevation_from_row(row: &AnyRow) -> Result<ElevationRecord> {
         reviewed_at: row.try_get("reviewed_at")?,
         review_comment: row.try_get("review_comment")?,
         policy_set: row.try_get("policy_set")?,
+        granted_entry: row.try_get("granted_entry")?,
     })
 }

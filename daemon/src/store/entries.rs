@@ -13,7 +13,7 @@ const KIND: &str = "registration entry";
 macro_rules! entry_columns {
     () => {
         "id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl, dns_names, hint, \
-         sets, revision, created_at, updated_at"
+         sets, revision, created_at, updated_at, expires_at"
     };
 }
 
@@ -38,6 +38,8 @@ pub struct EntryRecord {
     pub revision: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Unix seconds after which it signs nothing and no SVID of it lasts; 0 for never.
+    pub expires_at: i64,
 }
 
 /// What a caller supplies to create an entry.
@@ -51,6 +53,8 @@ pub struct NewEntry {
     pub dns_names: Vec<String>,
     pub hint: String,
     pub sets: Vec<String>,
+    /// Unix seconds; 0 for never.
+    pub expires_at: i64,
 }
 
 /// A partial update: `None` leaves a field as it is.
@@ -81,7 +85,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "INSERT INTO registration_entries (",
             entry_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11) RETURNING ",
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12) RETURNING ",
             entry_columns!()
         ))
         .bind(&id)
@@ -95,6 +99,7 @@ impl Store {
         .bind(strings_json(&new.sets))
         .bind(now)
         .bind(now)
+        .bind(new.expires_at)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| {
@@ -305,5 +310,6 @@ fn entry_from_row(row: &AnyRow) -> Result<EntryRecord> {
         revision: row.try_get("revision")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        expires_at: row.try_get("expires_at")?,
     })
 }

@@ -49,6 +49,11 @@ const SQLITE: &[Embedded] = &[
         "elevations",
         include_str!("../../migrations/sqlite/0007_elevations.sql"),
     ),
+    (
+        8,
+        "elevation_grants",
+        include_str!("../../migrations/sqlite/0008_elevation_grants.sql"),
+    ),
 ];
 
 const POSTGRES: &[Embedded] = &[
@@ -86,6 +91,11 @@ const POSTGRES: &[Embedded] = &[
         7,
         "elevations",
         include_str!("../../migrations/postgres/0007_elevations.sql"),
+    ),
+    (
+        8,
+        "elevation_grants",
+        include_str!("../../migrations/postgres/0008_elevation_grants.sql"),
     ),
 ];
 

@@ -121,6 +121,7 @@ fn new_entry(spiffe_id: &str, parent_id: &str, selectors: &[&str]) -> NewEntry {
         dns_names: strings(&["web.example", "api.example"]),
         hint: "web".to_owned(),
         sets: strings(&["prod"]),
+        expires_at: 0,
     }
 }
 
@@ -699,7 +700,7 @@ async fn migrations_are_idempotent(db: TestDb) {
         .try_get("n")
         .expect("n");
     // Every embedded migration, each applied exactly once.
-    assert_eq!(applied, 7);
+    assert_eq!(applied, 8);
 
     if expected == Backend::Sqlite {
         let file = db.dir.path().join(SQLITE_FILE_NAME);

@@ -160,6 +160,7 @@ impl Admin for AdminApi {
                 dns_names: body.dns_names,
                 hint: body.hint,
                 sets: body.sets,
+                expires_at: 0,
             })
             .await?;
         tracing::info!(uid = op.uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");

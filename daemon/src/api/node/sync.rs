@@ -25,6 +25,7 @@ pub(super) struct Subscriptions {
     closing: watch::Receiver<bool>,
     promoted: broadcast::Receiver<Arc<Promoted>>,
     policy: watch::Receiver<Arc<crate::policy::ActivePolicy>>,
+    elevated: watch::Receiver<crate::visibility::ElevatedSecrets>,
 }
 
 impl Subscriptions {
@@ -35,6 +36,7 @@ impl Subscriptions {
             closing: api.registry.closing(),
             promoted: api.secrets.subscribe(),
             policy: api.view.policy().subscribe(),
+            elevated: api.view.subscribe_elevated(),
         }
     }
 }
@@ -64,7 +66,9 @@ impl NodeApi {
             mut closing,
             mut promoted,
             mut policy,
+            mut elevated,
         } = subscriptions;
+        let mut elevations_here = self.view.elevated_for(&agent_id);
         let (tx, rx) = mpsc::channel(256);
         tx.send(Ok(self.full_state(&agent_id).await?))
             .await
@@ -131,6 +135,21 @@ impl NodeApi {
                             break;
                         }
                         Update::BundleChanged(api.bundle())
+                    }
+                    // A secret an elevation gives one of its workloads, or takes back.
+                    changed = elevated.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let now_here = api.view.elevated_for(&agent_id);
+                        if now_here == elevations_here {
+                            continue;
+                        }
+                        elevations_here = now_here;
+                        match api.full_state(&agent_id).await {
+                            Ok(v1::SyncMessage { update: Some(update) }) => update,
+                            _ => break,
+                        }
                     }
                     // What the agent may hold is decided again under the new policies.
                     changed = policy.changed() => {
@@ -250,6 +269,7 @@ impl NodeApi {
         mut message: v1::Revocation,
         replacements: &[Arc<Promoted>],
     ) -> v1::Revocation {
+        message.withdrawn_secrets.retain(|w| w.agent == agent);
         for value in replacements {
             if let Some(grant) = self.view.grant(agent, &value.secret) {
                 message.replacements.push(granted(grant, value));
