@@ -140,10 +140,74 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
     };
     let names = credential_names(&spec.vars);
     let (tx, rx) = mpsc::channel(4);
-    let follower = tokio::spawn(follow_all(endpoint, names, asking, tx));
+    let heard = Heard::new();
+    let follower = tokio::spawn(follow_all(
+        endpoint.clone(),
+        names,
+        asking,
+        tx,
+        heard.clone(),
+    ));
     let code = supervise(spec, rx).await;
     follower.abort();
-    Ok(code?)
+    match code {
+        // "Not granted" is said only when the agent answered that: an agent that could
+        // not be reached, or that refused the caller, is named as the cause.
+        Err(super::ExecError::NotGranted { waited, .. }) if !heard.answered() => {
+            Err(heard.failure(&endpoint, waited))
+        }
+        code => Ok(code?),
+    }
+}
+
+/// What the agent has said to `exec` so far, for the error when nothing arrives.
+#[derive(Clone, Default)]
+struct Heard(Arc<std::sync::Mutex<HeardState>>);
+
+#[derive(Default)]
+enum HeardState {
+    /// Never reached: the last connection error.
+    #[default]
+    Nothing,
+    Unreachable(String),
+    /// Reached, and it refused this caller.
+    Refused(String),
+    /// It answered with the secrets it grants (perhaps not the ones named).
+    Answered,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn set(&self, state: HeardState) {
+        let mut current = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(*current, HeardState::Answered) {
+            *current = state;
+        }
+    }
+
+    fn answered(&self) -> bool {
+        matches!(
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()),
+            HeardState::Answered
+        )
+    }
+
+    fn failure(&self, endpoint: &WorkloadEndpoint, waited: Duration) -> anyhow::Error {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            HeardState::Refused(why) => anyhow::anyhow!(
+                "the agent at {endpoint} refused this process: {why} (is there an entry whose selectors match it?)"
+            ),
+            HeardState::Unreachable(why) => anyhow::anyhow!(
+                "cannot reach the agent at {endpoint} (tried for {waited:?}): {why}; is mayfly-agent running, and is this the socket it serves?"
+            ),
+            HeardState::Nothing | HeardState::Answered => {
+                anyhow::anyhow!("the agent at {endpoint} did not answer within {waited:?}")
+            }
+        }
+    }
 }
 
 /// How `exec` asks for its credentials.
@@ -167,9 +231,10 @@ async fn follow_all(
     names: Vec<String>,
     asking: Asking,
     updates: mpsc::Sender<Update>,
+    heard: Heard,
 ) {
     let (parts, mut news) = mpsc::channel(8);
-    let mut tasks = vec![tokio::spawn(follow(endpoint.clone(), parts.clone()))];
+    let mut tasks = vec![tokio::spawn(follow(endpoint.clone(), parts.clone(), heard))];
     for name in &names {
         tasks.push(tokio::spawn(follow_credential(
             endpoint.clone(),
@@ -323,10 +388,10 @@ fn parse_pair(pair: &str) -> Result<(String, EnvValue), EnvPairError> {
 
 /// Follows WatchSecrets for as long as the supervisor listens, reconnecting with backoff:
 /// an agent restart leaves the app running on the values it has.
-async fn follow(endpoint: WorkloadEndpoint, snapshots: mpsc::Sender<Part>) {
+async fn follow(endpoint: WorkloadEndpoint, snapshots: mpsc::Sender<Part>, heard: Heard) {
     let mut backoff = Backoff::default();
     loop {
-        match watch_once(&endpoint, &snapshots, &mut backoff).await {
+        match watch_once(&endpoint, &snapshots, &mut backoff, &heard).await {
             Ok(()) => return,
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -342,15 +407,30 @@ async fn watch_once(
     endpoint: &WorkloadEndpoint,
     snapshots: &mpsc::Sender<Part>,
     backoff: &mut Backoff,
+    heard: &Heard,
 ) -> anyhow::Result<()> {
-    let mut client = WorkloadSecretsClient::new(endpoint.connect().await?);
+    let channel = endpoint.connect().await.inspect_err(|e| {
+        heard.set(HeardState::Unreachable(format!("{e:#}")));
+    })?;
+    let mut client = WorkloadSecretsClient::new(channel);
+    let refused = |s: tonic::Status| {
+        let why = format!("{} ({:?})", s.message(), s.code());
+        heard.set(match s.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                HeardState::Unreachable(why.clone())
+            }
+            _ => HeardState::Refused(why.clone()),
+        });
+        anyhow::anyhow!(why)
+    };
     let mut stream = client
         .watch_secrets(request(WatchSecretsRequest {}))
         .await
-        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .map_err(refused)?
         .into_inner();
     while let Some(message) = stream.next().await {
-        let message = message.map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?;
+        let message = message.map_err(refused)?;
+        heard.set(HeardState::Answered);
         backoff.reset();
         let snapshot: Snapshot = message
             .secrets

@@ -488,6 +488,10 @@ pub enum SecretCommand {
     Create {
         #[arg(long)]
         file: PathBuf,
+        /// A local secret's value now (the file's content, one trailing newline dropped):
+        /// imported as its current version, so the first rotation starts from it.
+        #[arg(long)]
+        value_file: Option<PathBuf>,
     },
     /// List secrets with their schedule and last outcome.
     List,

@@ -252,12 +252,32 @@ pub async fn secret(command: SecretCommand, conn: &Connection) -> anyhow::Result
     let mut client = connect(conn).await?;
     let format = conn.output;
     Ok(match command {
-        SecretCommand::Create { file } => {
+        SecretCommand::Create { file, value_file } => {
             let definition = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
+            let current_value = match value_file {
+                Some(path) => {
+                    let mut value = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    if value.ends_with(b"\n") {
+                        value.pop();
+                        if value.ends_with(b"\r") {
+                            value.pop();
+                        }
+                    }
+                    if value.is_empty() {
+                        anyhow::bail!("--value-file {} is empty", path.display());
+                    }
+                    value
+                }
+                None => Vec::new(),
+            };
             let summary = call(
                 client
-                    .create_secret(v1::CreateSecretRequest { definition })
+                    .create_secret(v1::CreateSecretRequest {
+                        definition,
+                        current_value,
+                    })
                     .await,
             )?;
             output::secrets(format, &[summary])

@@ -82,6 +82,18 @@ pub enum SecretStoreError {
     Malformed(String),
     #[error("a concurrent write changed the secret; retry")]
     Conflict,
+    /// Another writer changed a secret Mayfly manages: what it saw, and what to do.
+    #[error("{0}")]
+    OtherWriter(String),
+}
+
+/// A value written outside Mayfly that became its current version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    /// The version id Mayfly gave it.
+    pub token: String,
+    /// Which version of what, written when: for the audit trail.
+    pub detail: String,
 }
 
 /// Where a secret's versions live. Every method is idempotent: a rotation that crashed
@@ -102,6 +114,13 @@ pub trait SecretStore: Send + Sync + 'static {
     async fn promote(&self, token: &str) -> Result<(), SecretStoreError>;
     /// Every version the store keeps, newest first, without values.
     async fn versions(&self) -> Result<Vec<VersionInfo>, SecretStoreError>;
+    /// For a store where a secret can exist without Mayfly's markers (Vault KV written by
+    /// hand or another tool): makes its newest value Mayfly's current version, if it has
+    /// no current version yet. `None` when there is nothing to adopt. Stores whose current
+    /// version needs no marker (AWS's AWSCURRENT) have nothing to do.
+    async fn adopt(&self) -> Result<Option<Adopted>, SecretStoreError> {
+        Ok(None)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,7 @@ pub async fn run(opts: &Options) -> Result<FanoutResult> {
                 "name = \"{secret}\"\nschedule = \"@yearly\"\ngrants = [\"{workload}\"]\n\
                  [store]\nkind = \"local\"\n[target]\nkind = \"none\"\n"
             ),
+            ..Default::default()
         })
         .await
         .context("defining the bench secret")?;

@@ -54,7 +54,10 @@ pub async fn run(opts: &Options) -> Result<RotationResult> {
         opts.pg_url
     );
     admin
-        .create_secret(v1::CreateSecretRequest { definition })
+        .create_secret(v1::CreateSecretRequest {
+            definition,
+            ..Default::default()
+        })
         .await?;
     let mut latencies = Latencies::with_capacity(opts.rotations);
     let mut last_version = String::new();
@@ -101,6 +104,7 @@ pub async fn run(opts: &Options) -> Result<RotationResult> {
                 definition: format!(
                     "name = \"{prefix}-{i}\"\nschedule = \"{sec} {min} {hour} * * *\"\n[store]\nkind = \"local\"\n[target]\nkind = \"none\"\n"
                 ),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("creating secret {i}"))?;

@@ -412,12 +412,37 @@ impl Admin for AdminApi {
         request: Request<v1::CreateSecretRequest>,
     ) -> Result<Response<v1::SecretSummary>, Status> {
         let op = Operator::of(&request)?;
-        let spec = SecretSpec::from_toml(&request.into_inner().definition)
+        let body = request.into_inner();
+        let spec = SecretSpec::from_toml(&body.definition)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = spec.name.clone();
+        let current = if body.current_value.is_empty() {
+            None
+        } else {
+            if !matches!(spec.store, crate::secrets::spec::StoreSpec::Local) {
+                return Err(Status::invalid_argument(format!(
+                    "secret {name}: a current value is imported into a local store only; a \
+                     Vault or AWS secret's value is adopted where it lives, at the first rotation"
+                )));
+            }
+            let value = String::from_utf8(body.current_value).map_err(|_| {
+                Status::invalid_argument(format!("secret {name}: the current value is not UTF-8"))
+            })?;
+            Some(crate::secrets::Credential {
+                username: spec.users.first().cloned().unwrap_or_default(),
+                password: crate::secrets::SecretValue::new(value),
+            })
+        };
         self.secrets.create(spec).await?;
         tracing::info!(uid = op.uid, secret = %name, "secret defined");
         self.record(op.event("secret.create", &name)).await?;
+        if let Some(current) = current
+            && let Err(e) = self.secrets.import_current(&name, &current).await
+        {
+            // Nothing stays half made: the definition goes with the failed import.
+            let _ = self.secrets.delete(&name).await;
+            return Err(e.into());
+        }
         Ok(Response::new(self.summary(&name).await?))
     }
 

@@ -133,6 +133,27 @@ impl RotationEngine {
         Ok(())
     }
 
+    /// Keeps `value` as the current version of `name`, a secret with none yet: what
+    /// `mayflyd secret create --value-file` imports. On the audit trail as adopted.
+    pub async fn import_current(&self, name: &str, value: &Credential) -> Result<(), EngineError> {
+        let runtime = self.runtime(name).await?;
+        if runtime.store.get_current().await?.is_some() {
+            return Err(EngineError::Conflict(format!(
+                "secret {name} has a current value already; rotate it instead"
+            )));
+        }
+        let token = format!("adopted-{}", hex::encode(rand::random::<[u8; 16]>()));
+        runtime.store.put_pending(&token, value).await?;
+        runtime.store.promote(&token).await?;
+        self.audit.note(
+            Event::new(&Actor::Daemon, "secret.adopt", name)
+                .scope(format!("version {token}"))
+                .reason("imported with `mayflyd secret create --value-file`"),
+        );
+        tracing::info!(secret = %name, version = %token, "imported the current value");
+        Ok(())
+    }
+
     pub async fn delete(&self, name: &str) -> Result<(), EngineError> {
         self.runtime(name).await?;
         self.datastore.delete_secret(name).await?;

@@ -41,6 +41,7 @@ impl RotationEngine {
         trigger: TriggerKind,
         scheduled_for: Option<i64>,
     ) -> Result<JobRecord, EngineError> {
+        self.adopt_unmanaged(runtime, true).await?;
         let username = self.next_username(runtime).await?;
         let now = self.clock.now();
         Ok(JobRecord {
@@ -58,6 +59,46 @@ impl RotationEngine {
             claimed_by: self.lease.holder.clone(),
             claim_expires_at: unix_ms(now + self.lease.ttl),
         })
+    }
+
+    /// Brings a secret that exists outside Mayfly under it: a Vault KV secret without
+    /// Mayfly's markers gets its newest value recorded as current; an AWS secret's
+    /// AWSCURRENT (or any store's current version) that no rotation of Mayfly's wrote is
+    /// taken as it is. Either way the audit trail says `secret.adopt`, naming the version,
+    /// and the rotation then proceeds from that value.
+    /// `foreign_current`: also record a current version no rotation of Mayfly's wrote (once
+    /// per job, when it is created).
+    pub(super) async fn adopt_unmanaged(
+        &self,
+        runtime: &SecretRuntime,
+        foreign_current: bool,
+    ) -> Result<(), EngineError> {
+        let name = &runtime.spec.name;
+        let (token, detail) = match runtime.store.get_current().await? {
+            Some((token, _)) => {
+                let ours = token.starts_with("initial-")
+                    || token.starts_with("adopted-")
+                    || self.datastore.get_job(&token).await.is_ok();
+                if ours || !foreign_current {
+                    return Ok(());
+                }
+                (
+                    token.clone(),
+                    format!("current version {token}, written outside Mayfly"),
+                )
+            }
+            None => match runtime.store.adopt().await? {
+                Some(adopted) => (adopted.token, adopted.detail),
+                None => return Ok(()),
+            },
+        };
+        tracing::info!(secret = %name, version = %token, %detail, "adopted a value written outside Mayfly as the current version");
+        self.audit.note(
+            Event::new(&crate::audit::Actor::Daemon, "secret.adopt", name)
+                .scope(format!("version {token}"))
+                .reason(detail),
+        );
+        Ok(())
     }
 
     /// Alternating users: the new version goes to the user the current one does not use,
@@ -307,6 +348,8 @@ impl RotationEngine {
         match job.state {
             JobState::Created => {
                 if runtime.store.get_version(&job.token).await?.is_none() {
+                    // A job resumed after a crash may not have marked an adopted value.
+                    self.adopt_unmanaged(runtime, false).await?;
                     let value = Credential {
                         username: job.username.clone(),
                         password: runtime.spec.generator.generate()?,

@@ -15,7 +15,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Mutex;
 
 use self::client::{Login, VaultHttp, VaultResponse, status_error};
-use crate::secrets::{Credential, SecretStore, SecretStoreError, SecretValue, VersionInfo};
+use crate::secrets::{
+    Adopted, Credential, SecretStore, SecretStoreError, SecretValue, VersionInfo,
+};
 
 /// `custom_metadata` key: the KV version number of the current value.
 pub const CURRENT_KEY: &str = "mayfly_current";
@@ -299,10 +301,10 @@ impl SecretStore for VaultKvStore {
         if meta.version_of(token).is_some() {
             return Ok(());
         }
-        if meta.other_writer_active()? {
+        if let Some(seen) = meta.other_writer(&self.describe())? {
             // Check-and-set only stops writers that read the same metadata; one that starts
             // after another's write would otherwise stack a second pending version on top.
-            return Err(SecretStoreError::Conflict);
+            return Err(SecretStoreError::OtherWriter(seen));
         }
         let version = match self.write_data(value, meta.latest).await {
             Ok(version) => version,
@@ -375,6 +377,50 @@ impl SecretStore for VaultKvStore {
             Ok(true)
         })
         .await
+    }
+
+    async fn adopt(&self) -> Result<Option<Adopted>, SecretStoreError> {
+        let _guard = self.write_lock.lock().await;
+        let Some(meta) = self.read_metadata().await? else {
+            return Ok(None);
+        };
+        // Only a secret with none of Mayfly's markers: one Mayfly manages keeps its guard.
+        let unmarked = meta.stage(CURRENT_KEY)?.is_none()
+            && meta.stage(PENDING_KEY)?.is_none()
+            && meta.tokens.is_empty();
+        let version = meta.latest;
+        if !unmarked || version == 0 || !meta.kept.contains_key(&version) {
+            return Ok(None);
+        }
+        // It must be a credential Mayfly can rotate; the error names the missing fields.
+        if self.read_version(version).await?.is_none() {
+            return Ok(None);
+        }
+        let token = format!("adopted-{}", hex::encode(rand::random::<[u8; 16]>()));
+        let mut took = false;
+        self.update_stages(|meta, custom| {
+            took = false;
+            if meta.latest != version
+                || meta.stage(CURRENT_KEY)?.is_some()
+                || !meta.tokens.is_empty()
+            {
+                // Written again, or adopted by another daemon, meanwhile.
+                return Ok(false);
+            }
+            custom.insert(token_key(version), token.clone());
+            custom.insert(CURRENT_KEY.into(), version.to_string());
+            took = true;
+            Ok(true)
+        })
+        .await?;
+        let written = match meta.kept.get(&version) {
+            Some(Some(at)) => format!(", written at unix {at}"),
+            _ => String::new(),
+        };
+        Ok(took.then(|| Adopted {
+            token,
+            detail: format!("{} KV version {version}{written}", self.describe()),
+        }))
     }
 
     async fn versions(&self) -> Result<Vec<VersionInfo>, SecretStoreError> {
@@ -506,17 +552,42 @@ impl KvMetadata {
             .find_map(|(n, t)| (t == token).then_some(*n))
     }
 
-    /// True when, within [`OTHER_WRITER_WINDOW`], another token's version was made pending
-    /// or the newest version was written without a token yet. Callers have already checked
-    /// that their own token is not recorded, so any pending version is someone else's.
-    fn other_writer_active(&self) -> Result<bool, SecretStoreError> {
-        let unrecorded =
-            (self.latest > 0 && !self.tokens.contains_key(&self.latest)).then_some(self.latest);
-        let pending = self.stage(PENDING_KEY)?;
-        Ok([unrecorded, pending]
-            .into_iter()
-            .flatten()
-            .any(|version| self.written_within(version, OTHER_WRITER_WINDOW)))
+    /// What another writer did within [`OTHER_WRITER_WINDOW`]: made another token's version
+    /// pending, or wrote the newest version without a rotation token. Callers have already
+    /// checked that their own token is not recorded, so any pending version is someone
+    /// else's. `secret` names it in the message.
+    fn other_writer(&self, secret: &str) -> Result<Option<String>, SecretStoreError> {
+        let window = OTHER_WRITER_WINDOW.as_secs();
+        let when = |version: u64| match self.kept.get(&version) {
+            Some(Some(at)) => format!("at unix {at}"),
+            _ => "recently".to_string(),
+        };
+        if let Some(pending) = self.stage(PENDING_KEY)?
+            && self.written_within(pending, OTHER_WRITER_WINDOW)
+        {
+            let token = self.tokens.get(&pending).map_or("none", String::as_str);
+            return Ok(Some(format!(
+                "{secret}: KV version {pending} is pending under another rotation (token \
+                 {token}), written {}: another daemon is rotating this secret; retry once it \
+                 is done (a pending version older than {window} s counts as abandoned)",
+                when(pending)
+            )));
+        }
+        let unrecorded = self.latest > 0 && !self.tokens.contains_key(&self.latest);
+        if unrecorded && self.written_within(self.latest, OTHER_WRITER_WINDOW) {
+            return Ok(Some(format!(
+                "{secret}: KV version {} was written {} by a writer that is not a Mayfly \
+                 rotation (it has no rotation token), and Mayfly manages this secret \
+                 (current is version {}): either another daemon is between its write and \
+                 its record (retry in a few seconds), or someone wrote it by hand or with \
+                 another tool, and that value is not Mayfly's; rotate through `mayflyd \
+                 secret rotate` only, and retry {window} s after that write to replace it",
+                self.latest,
+                when(self.latest),
+                self.custom.get(CURRENT_KEY).map_or("none", String::as_str)
+            )));
+        }
+        Ok(None)
     }
 
     fn written_within(&self, version: u64, window: Duration) -> bool {

@@ -289,6 +289,100 @@ async fn ensure_exists_writes_the_initial_value_once() {
 }
 
 #[tokio::test]
+async fn a_secret_written_by_hand_a_second_ago_is_adopted_then_rotated() {
+    setup();
+    let address = shared_bao().await;
+    let path = unique("app/adopt");
+    admin(
+        address,
+        Method::POST,
+        &format!("/v1/secret/data/{path}"),
+        Some(json!({"data": {"username": "app", "password": "by-hand"}})),
+    )
+    .await;
+    let store = root_store(address, &path);
+    assert!(
+        store.get_current().await.unwrap().is_none(),
+        "not Mayfly's yet"
+    );
+    let adopted = store.adopt().await.unwrap().expect("adopted");
+    assert!(adopted.token.starts_with("adopted-"), "{adopted:?}");
+    assert!(adopted.detail.contains("KV version 1"), "{adopted:?}");
+    assert_eq!(
+        store.get_current().await.unwrap(),
+        Some((adopted.token.clone(), cred("app", "by-hand")))
+    );
+    assert_eq!(store.adopt().await.unwrap(), None, "only once");
+    // Written a second ago, but now recorded as Mayfly's: the rotation proceeds.
+    store
+        .put_pending("next", &cred("app", "rotated"))
+        .await
+        .unwrap();
+    store.promote("next").await.unwrap();
+    assert_eq!(
+        store.get_previous().await.unwrap(),
+        Some((adopted.token, cred("app", "by-hand")))
+    );
+}
+
+#[tokio::test]
+async fn a_hand_written_value_that_is_not_a_credential_is_not_adopted() {
+    setup();
+    let address = shared_bao().await;
+    let path = unique("app/adopt-bad");
+    admin(
+        address,
+        Method::POST,
+        &format!("/v1/secret/data/{path}"),
+        Some(json!({"data": {"api_key": "abc"}})),
+    )
+    .await;
+    let store = root_store(address, &path);
+    match store.adopt().await {
+        Err(SecretStoreError::Malformed(why)) => {
+            assert!(why.contains("username and password"), "{why}");
+            assert!(!why.contains("abc"), "never the value: {why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        store.get_current().await.unwrap().is_none(),
+        "nothing changed"
+    );
+}
+
+#[tokio::test]
+async fn a_managed_secret_another_writer_changed_is_refused_saying_what_was_seen() {
+    setup();
+    let address = shared_bao().await;
+    let path = unique("app/guard");
+    let store = root_store(address, &path);
+    store.ensure_exists(&cred("app", "managed")).await.unwrap();
+    admin(
+        address,
+        Method::POST,
+        &format!("/v1/secret/data/{path}"),
+        Some(json!({"data": {"username": "app", "password": "by-hand"}})),
+    )
+    .await;
+    assert_eq!(store.adopt().await.unwrap(), None, "managed: not adopted");
+    match store.put_pending("next", &cred("app", "rotated")).await {
+        Err(SecretStoreError::OtherWriter(seen)) => {
+            assert!(seen.contains("KV version 2"), "{seen}");
+            assert!(seen.contains("not a Mayfly rotation"), "{seen}");
+            assert!(seen.contains("current is version 1"), "{seen}");
+            assert!(!seen.contains("by-hand"), "never the value: {seen}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.get_current().await.unwrap().map(|(_, v)| v),
+        Some(cred("app", "managed")),
+        "nothing changed"
+    );
+}
+
+#[tokio::test]
 async fn rotation_moves_current_to_previous_and_is_idempotent() {
     setup();
     let address = shared_bao().await;
@@ -407,7 +501,10 @@ async fn concurrent_writers_with_different_tokens_one_wins() {
         _ => panic!("neither writer won: {ra:?} {rb:?}"),
     };
     assert!(
-        matches!(loser_result, Err(SecretStoreError::Conflict)),
+        matches!(
+            loser_result,
+            Err(SecretStoreError::Conflict | SecretStoreError::OtherWriter(_))
+        ),
         "{loser_result:?}"
     );
     let pending: Vec<_> = a
@@ -425,10 +522,13 @@ async fn concurrent_writers_with_different_tokens_one_wins() {
     );
     // A writer arriving after the race, while the winner's rotation is still pending, must
     // not stack another pending version on it.
-    assert!(matches!(
-        b.put_pending("daemon-late", &cred("app", "late")).await,
-        Err(SecretStoreError::Conflict)
-    ));
+    match b.put_pending("daemon-late", &cred("app", "late")).await {
+        Err(SecretStoreError::OtherWriter(seen)) => {
+            assert!(seen.contains("pending under another rotation"), "{seen}");
+            assert!(seen.contains(winner), "names the other rotation: {seen}");
+        }
+        other => panic!("a late writer must be refused: {other:?}"),
+    }
     // The winner's own retry still succeeds.
     a.put_pending(winner, &cred("app", "retry")).await.unwrap();
     a.promote(winner).await.unwrap();
