@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
@@ -57,10 +58,14 @@ pub async fn start(
     let store = Store::connect(url, &config.data_dir)
         .await
         .context("opening the datastore")?;
+    let sealing =
+        Arc::new(SealingKey::load_or_create(&config.data_dir).context("loading the secrets key")?);
+    check_sealing_key(&store, &sealing, &config.data_dir, clock.now()).await?;
     let ca = Arc::new(
         CaManager::start(
             store.clone(),
             &config.data_dir,
+            sealing.clone(),
             config.trust_domain.clone(),
             config.ca.ttl,
             clock.now(),
@@ -68,11 +73,10 @@ pub async fn start(
         .await
         .context("starting the CA")?,
     );
+    tokio::spawn(ca.clone().follow(clock.clone(), Duration::from_secs(1)));
     let audit = Audit::start(store.clone(), clock.clone())
         .await
         .context("opening the audit log")?;
-    let sealing =
-        Arc::new(SealingKey::load_or_create(&config.data_dir).context("loading the secrets key")?);
     let metrics = Arc::new(Metrics::default());
     let lease = LeaseSettings {
         holder: config.scheduler.holder(&config.data_dir),
@@ -350,5 +354,35 @@ pub fn notify_ready() {
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+/// Refuses to start with a sealing key other than the one the datastore's sealed rows
+/// (CA keys, local secrets, definitions) were sealed with: every daemon on one datastore
+/// shares `secrets.key`. The first daemon on a datastore records a value sealed with its
+/// key; every later one must open it.
+async fn check_sealing_key(
+    store: &Store,
+    sealing: &SealingKey,
+    data_dir: &std::path::Path,
+    now: std::time::SystemTime,
+) -> anyhow::Result<()> {
+    const CONTEXT: &str = "mayfly-sealing-check";
+    let candidate = sealing
+        .seal(CONTEXT, CONTEXT.as_bytes())
+        .map_err(|e| anyhow::anyhow!("sealing the check value: {e}"))?;
+    let stored = store
+        .sealing_check(&candidate, mayfly_common::clock::unix(now))
+        .await
+        .context("reading the datastore's sealing check")?;
+    match sealing.open(CONTEXT, &stored) {
+        Ok(plain) if plain.as_slice() == CONTEXT.as_bytes() => Ok(()),
+        _ => anyhow::bail!(
+            "{} is not the sealing key this datastore's CA keys and secrets are sealed with: \
+             every daemon on one datastore shares it; copy secrets.key (0600) from a daemon \
+             already running on this datastore into {}",
+            data_dir.join("secrets.key").display(),
+            data_dir.display()
+        ),
     }
 }

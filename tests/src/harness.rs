@@ -61,8 +61,8 @@ pub struct DaemonOptions {
     pub env: Vec<(String, String)>,
     /// Serve /metrics on a free 127.0.0.1 port (`DaemonProcess::metrics`).
     pub metrics: bool,
-    /// Another daemon's data_dir whose CA keys and secrets key this one shares, as every
-    /// daemon on one datastore must.
+    /// Another daemon's data_dir whose sealing key (secrets.key) this one shares, as every
+    /// daemon on one datastore must; nothing else is copied.
     pub keys_from: Option<PathBuf>,
 }
 
@@ -613,8 +613,9 @@ fn wait_for_exit(
     }
 }
 
-/// Copies the CA keys and the secrets key from one data_dir into another (0700/0600),
-/// nothing else: the rest of a data_dir is the daemon's own.
+/// Copies the sealing key (secrets.key) from one data_dir into another (0700/0600), and
+/// nothing else: the CA keys are sealed in the datastore, and the rest of a data_dir is
+/// the daemon's own.
 fn copy_shared_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let private_dir = |dir: &Path| -> anyhow::Result<()> {
@@ -628,11 +629,6 @@ fn copy_shared_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
         Ok(())
     };
     private_dir(to)?;
-    private_dir(&to.join("ca"))?;
-    for entry in std::fs::read_dir(from.join("ca"))? {
-        let entry = entry?;
-        copy(&entry.path(), &to.join("ca").join(entry.file_name()))?;
-    }
     copy(&from.join("secrets.key"), &to.join("secrets.key"))
 }
 

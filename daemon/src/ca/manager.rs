@@ -1,6 +1,11 @@
 //! The CA's life cycle: creates the first CA, prepares the next one at half-life,
 //! activates it when a sixth of the active one's life remains, and publishes the
 //! signing authorities and the bundle through a watch channel.
+//!
+//! Several daemons on one datastore share one CA: each slot's private keys are sealed into
+//! its row with the sealing key every daemon holds (secrets.key), the datastore allows one
+//! prepared and one active slot, and each daemon follows the bundle sequence every second,
+//! loading whatever another daemon prepared, activated, tainted or removed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use mayfly_common::clock::unix;
 
 use super::{CaError, JwtAuthority, X509Authority, generate_ca};
 use crate::fsutil;
+use crate::secrets::local::SealingKey;
 use crate::store::{CaSlotRecord, CaSlotState, Store, StoreError};
 
 /// What signing and verification need right now; replaced whole on every CA change.
@@ -56,11 +62,21 @@ pub enum CaManagerError {
     NoSuchSlot(String),
     #[error("CA slot {id} is {state}: only a retired CA can be revoked (taint it first)")]
     NotRetired { id: String, state: String },
+    #[error(
+        "CA slot {0}: its private key is neither sealed in the datastore nor in this daemon's \
+         ca/ directory; start the daemon that made it once (it seals the key in), or copy its \
+         ca/ key files here"
+    )]
+    KeyMissing(String),
+    #[error("CA slot {0}: its sealed key does not open with this daemon's secrets.key")]
+    KeySealing(String),
 }
 
 pub struct CaManager {
     store: Store,
+    /// Key files of slots made before keys were sealed into the datastore.
     key_dir: PathBuf,
+    sealing: Arc<SealingKey>,
     trust_domain: TrustDomain,
     ttl: Duration,
     published: watch::Sender<Arc<Authorities>>,
@@ -73,6 +89,7 @@ impl CaManager {
     pub async fn start(
         store: Store,
         data_dir: &Path,
+        sealing: Arc<SealingKey>,
         trust_domain: TrustDomain,
         ttl: Duration,
         now: SystemTime,
@@ -82,21 +99,37 @@ impl CaManager {
             path: key_dir.clone(),
             source,
         })?;
-        let slots = store.list_ca_slots().await?;
-        if !slots.iter().any(|s| s.state == CaSlotState::Active) {
+        seal_in_old_keys(&store, &key_dir, &sealing).await?;
+        // Daemons starting together on a new datastore: one makes the first CA, the others
+        // take it (the datastore allows one prepared and one active slot).
+        for _ in 0..3 {
+            let slots = store.list_ca_slots().await?;
+            if slots.iter().any(|s| s.state == CaSlotState::Active) {
+                break;
+            }
             let slot = match slots.iter().find(|s| s.state == CaSlotState::Prepared) {
                 Some(prepared) => prepared.clone(),
-                None => create_slot(&store, &key_dir, &trust_domain, ttl, now).await?,
+                None => match create_slot(&store, &sealing, &trust_domain, ttl, now).await {
+                    Ok(slot) => slot,
+                    Err(CaManagerError::Store(StoreError::Conflict { .. })) => continue,
+                    Err(e) => return Err(e),
+                },
             };
-            store.activate_ca_slot(&slot.id, unix(now)).await?;
-            store.bump_bundle_sequence().await?;
-            tracing::info!(slot = %slot.id, "activated the first CA");
+            match store.activate_ca_slot(&slot.id, unix(now)).await {
+                Ok(_) => {
+                    store.bump_bundle_sequence().await?;
+                    tracing::info!(slot = %slot.id, "activated the first CA");
+                }
+                Err(StoreError::CaSlotNotPrepared { .. } | StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        let authorities = load(&store, &key_dir, now).await?;
+        let authorities = load(&store, &key_dir, &sealing, now).await?;
         let (published, _) = watch::channel(Arc::new(authorities));
         Ok(Self {
             store,
             key_dir,
+            sealing,
             trust_domain,
             ttl,
             published,
@@ -122,14 +155,24 @@ impl CaManager {
         if let Some(prepared) = self.prepared().await? {
             return Err(CaManagerError::AlreadyPrepared(prepared.id));
         }
-        let slot = create_slot(
+        let slot = match create_slot(
             &self.store,
-            &self.key_dir,
+            &self.sealing,
             &self.trust_domain,
             self.ttl,
             now,
         )
-        .await?;
+        .await
+        {
+            Ok(slot) => slot,
+            // Another daemon prepared one in between.
+            Err(CaManagerError::Store(StoreError::Conflict { .. })) => {
+                self.republish(now).await?;
+                let id = self.prepared().await?.map(|s| s.id).unwrap_or_default();
+                return Err(CaManagerError::AlreadyPrepared(id));
+            }
+            Err(e) => return Err(e),
+        };
         self.store.bump_bundle_sequence().await?;
         self.republish(now).await?;
         tracing::info!(slot = %slot.id, "prepared the next CA");
@@ -143,7 +186,15 @@ impl CaManager {
             .prepared()
             .await?
             .ok_or(CaManagerError::NothingPrepared)?;
-        self.store.activate_ca_slot(&prepared.id, unix(now)).await?;
+        match self.store.activate_ca_slot(&prepared.id, unix(now)).await {
+            Ok(_) => {}
+            // Another daemon activated it first: take what it did.
+            Err(StoreError::CaSlotNotPrepared { state, .. }) if state == "active" => {
+                self.republish(now).await?;
+                return Ok(prepared);
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.store.bump_bundle_sequence().await?;
         self.republish(now).await?;
         tracing::info!(slot = %prepared.id, "activated the prepared CA");
@@ -195,10 +246,26 @@ impl CaManager {
         let life = (active.not_after - active.not_before).max(1);
         let now_s = unix(now);
         let has_prepared = slots.iter().any(|s| s.state == CaSlotState::Prepared);
+        // Another daemon may do the same at the same moment: whoever is second finds the
+        // work done.
+        let done_elsewhere = |e: &CaManagerError| {
+            matches!(
+                e,
+                CaManagerError::AlreadyPrepared(_) | CaManagerError::NothingPrepared
+            )
+        };
         if !has_prepared && now_s >= active.not_before + life / 2 {
-            self.prepare(now).await?;
-        } else if has_prepared && active.not_after - now_s <= life / 6 {
-            self.activate(now).await?;
+            if let Err(e) = self.prepare(now).await
+                && !done_elsewhere(&e)
+            {
+                return Err(e);
+            }
+        } else if has_prepared
+            && active.not_after - now_s <= life / 6
+            && let Err(e) = self.activate(now).await
+            && !done_elsewhere(&e)
+        {
+            return Err(e);
         }
         let expired: Vec<&CaSlotRecord> = slots
             .iter()
@@ -207,7 +274,11 @@ impl CaManager {
         if !expired.is_empty() {
             // An expired CA vouches for nothing: drop it from the bundle.
             for slot in expired {
-                self.store.delete_ca_slot(&slot.id).await?;
+                match self.store.delete_ca_slot(&slot.id).await {
+                    // Another daemon removed it first.
+                    Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 remove_keys(&self.key_dir, &slot.id);
             }
             self.store.bump_bundle_sequence().await?;
@@ -226,25 +297,127 @@ impl CaManager {
     }
 
     async fn republish(&self, now: SystemTime) -> Result<(), CaManagerError> {
-        let authorities = load(&self.store, &self.key_dir, now).await?;
+        let authorities = load(&self.store, &self.key_dir, &self.sealing, now).await?;
         self.published.send_replace(Arc::new(authorities));
         Ok(())
+    }
+
+    /// Loads what another daemon on the datastore changed (a CA prepared, activated,
+    /// tainted or removed: every change bumps the bundle sequence). True when it did.
+    pub async fn sync(&self, now: SystemTime) -> Result<bool, CaManagerError> {
+        let stored = self.store.bundle_sequence().await?;
+        if stored == self.current().bundle.sequence {
+            return Ok(false);
+        }
+        let _guard = self.changing.lock().await;
+        if self.store.bundle_sequence().await? == self.current().bundle.sequence {
+            return Ok(false);
+        }
+        self.republish(now).await?;
+        tracing::info!(sequence = stored, active = %self.current().active_slot, "took up a CA change made by another daemon");
+        Ok(true)
+    }
+
+    /// Follows the datastore every `every` until the daemon stops.
+    pub async fn follow(
+        self: Arc<Self>,
+        clock: Arc<dyn mayfly_common::clock::Clock>,
+        every: Duration,
+    ) {
+        let mut timer = tokio::time::interval(every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            timer.tick().await;
+            if let Err(e) = self.sync(clock.now()).await {
+                tracing::error!(error = %e, "could not take up a CA change made by another daemon");
+            }
+        }
+    }
+}
+
+/// Seals into the datastore the keys of slots made before keys were kept there, from this
+/// daemon's ca/ directory, so that every daemon on the datastore can sign with them.
+async fn seal_in_old_keys(
+    store: &Store,
+    key_dir: &Path,
+    sealing: &SealingKey,
+) -> Result<(), CaManagerError> {
+    for slot in store.list_ca_slots().await? {
+        if slot.x509_key_sealed.is_some() {
+            continue;
+        }
+        let (Ok(x509), Ok(jwt)) = (
+            read_key(&x509_key_path(key_dir, &slot.id)),
+            read_key(&jwt_key_path(key_dir, &slot.id)),
+        ) else {
+            continue;
+        };
+        let (x509, jwt) = seal_keys(sealing, &slot.id, &x509, &jwt)?;
+        store.set_ca_slot_keys(&slot.id, &x509, &jwt).await?;
+        tracing::info!(slot = %slot.id, "sealed a CA slot's keys into the datastore");
+    }
+    Ok(())
+}
+
+fn seal_context(id: &str, which: &str) -> String {
+    format!("mayfly-ca-key\0{id}\0{which}")
+}
+
+fn seal_keys(
+    sealing: &SealingKey,
+    id: &str,
+    x509: &[u8],
+    jwt: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), CaManagerError> {
+    let seal = |which: &str, key: &[u8]| {
+        sealing
+            .seal(&seal_context(id, which), key)
+            .map_err(|_| CaManagerError::KeySealing(id.to_string()))
+    };
+    Ok((seal("x509", x509)?, seal("jwt", jwt)?))
+}
+
+/// A slot's X.509 and JWT private keys (PKCS#8 DER).
+type KeyPair = (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>);
+
+/// The private keys of `slot`: sealed in its row, or (a slot made before that) this
+/// daemon's key files.
+fn slot_keys(
+    slot: &CaSlotRecord,
+    key_dir: &Path,
+    sealing: &SealingKey,
+) -> Result<KeyPair, CaManagerError> {
+    match (&slot.x509_key_sealed, &slot.jwt_key_sealed) {
+        (Some(x509), Some(jwt)) => {
+            let open = |which: &str, sealed: &[u8]| {
+                sealing
+                    .open(&seal_context(&slot.id, which), sealed)
+                    .map_err(|_| CaManagerError::KeySealing(slot.id.clone()))
+            };
+            Ok((open("x509", x509)?, open("jwt", jwt)?))
+        }
+        _ => match (
+            read_key(&x509_key_path(key_dir, &slot.id)),
+            read_key(&jwt_key_path(key_dir, &slot.id)),
+        ) {
+            (Ok(x509), Ok(jwt)) => Ok((x509, jwt)),
+            _ => Err(CaManagerError::KeyMissing(slot.id.clone())),
+        },
     }
 }
 
 async fn create_slot(
     store: &Store,
-    key_dir: &Path,
+    sealing: &SealingKey,
     trust_domain: &TrustDomain,
     ttl: Duration,
     now: SystemTime,
 ) -> Result<CaSlotRecord, CaManagerError> {
     let material = generate_ca(trust_domain.as_str(), ttl, now)?;
     let id = uuid::Uuid::new_v4().simple().to_string();
-    // Keys reach the disk before the row that names them: a crash leaves at worst an
-    // orphan key file, never a slot without its key.
-    write_key(&x509_key_path(key_dir, &id), &material.key_pkcs8)?;
-    write_key(&jwt_key_path(key_dir, &id), &material.jwt_key_pkcs8)?;
+    // The keys are in the row that names them, sealed: one insert, no file to lose.
+    let (x509_key_sealed, jwt_key_sealed) =
+        seal_keys(sealing, &id, &material.key_pkcs8, &material.jwt_key_pkcs8)?;
     let slot = CaSlotRecord {
         id,
         state: CaSlotState::Prepared,
@@ -255,6 +428,8 @@ async fn create_slot(
         not_after: material.not_after,
         created_at: unix(now),
         activated_at: None,
+        x509_key_sealed: Some(x509_key_sealed),
+        jwt_key_sealed: Some(jwt_key_sealed),
     };
     store.insert_ca_slot(&slot).await?;
     Ok(slot)
@@ -263,6 +438,7 @@ async fn create_slot(
 async fn load(
     store: &Store,
     key_dir: &Path,
+    sealing: &SealingKey,
     now: SystemTime,
 ) -> Result<Authorities, CaManagerError> {
     let slots = store.list_ca_slots().await?;
@@ -270,8 +446,7 @@ async fn load(
         .iter()
         .find(|s| s.state == CaSlotState::Active)
         .ok_or(CaManagerError::NoActive)?;
-    let x509_key = read_key(&x509_key_path(key_dir, &active.id))?;
-    let jwt_key = read_key(&jwt_key_path(key_dir, &active.id))?;
+    let (x509_key, jwt_key) = slot_keys(active, key_dir, sealing)?;
     let x509 = X509Authority::new(&active.cert_der, &x509_key)?;
     let jwt = JwtAuthority::new(&active.jwt_kid, &jwt_key)?;
     let now_s = unix(now);
@@ -309,13 +484,6 @@ fn jwt_key_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.jwt.key"))
 }
 
-fn write_key(path: &Path, der: &[u8]) -> Result<(), CaManagerError> {
-    fsutil::write_atomic(path, der, 0o600).map_err(|source| CaManagerError::KeyFile {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 fn read_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, CaManagerError> {
     std::fs::read(path)
         .map(Zeroizing::new)
@@ -325,10 +493,15 @@ fn read_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, CaManagerError> {
         })
 }
 
+/// Removes the key files a slot made before keys were sealed into the datastore left.
 fn remove_keys(dir: &Path, id: &str) {
     for path in [x509_key_path(dir, id), jwt_key_path(dir, id)] {
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove an expired CA key");
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an expired CA key")
+            }
         }
     }
 }
@@ -345,6 +518,7 @@ mod tests {
         CaManager::start(
             store,
             dir,
+            Arc::new(SealingKey::load_or_create(dir).unwrap()),
             TrustDomain::new("example.org").unwrap(),
             ttl,
             now,
@@ -422,7 +596,10 @@ mod tests {
                 .contains(&slot.cert_der)
         );
         let key_files = std::fs::read_dir(dir.path().join("ca")).unwrap().count();
-        assert_eq!(key_files, 4, "only the two live CAs' key files remain");
+        assert_eq!(
+            key_files, 0,
+            "keys live sealed in the datastore, not in files"
+        );
     }
 
     #[tokio::test]

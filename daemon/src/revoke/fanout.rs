@@ -52,6 +52,15 @@ impl Revoker {
         record: &RevocationRecord,
     ) -> Result<(), RevokeError> {
         let store = self.registry.store();
+        // A taint made elsewhere switched the CA: sign the agents' fresh SVIDs with the new
+        // one, not the one this daemon loaded last.
+        self.registry
+            .ca()
+            .sync(self.registry.now())
+            .await
+            .map_err(|e| {
+                RevokeError::Failed(format!("taking up the CA change of {}: {e}", record.id))
+            })?;
         let scope: Scope = serde_json::from_str(&record.detail).unwrap_or_default();
         let serials = store.revocation_serials(&record.id).await?;
         let agents: BTreeSet<String> = store

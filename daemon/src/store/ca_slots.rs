@@ -16,7 +16,7 @@ const KIND: &str = "CA slot";
 macro_rules! slot_columns {
     () => {
         "id, state, cert_der, jwt_kid, jwt_public_spki, not_before, not_after, created_at, \
-         activated_at"
+         activated_at, x509_key_sealed, jwt_key_sealed"
     };
 }
 
@@ -79,6 +79,10 @@ pub struct CaSlotRecord {
     pub not_after: i64,
     pub created_at: i64,
     pub activated_at: Option<i64>,
+    /// The private keys, sealed with the daemons' shared sealing key; `None` for a slot
+    /// made before they were kept here, until a daemon holding its key files seals them in.
+    pub x509_key_sealed: Option<Vec<u8>>,
+    pub jwt_key_sealed: Option<Vec<u8>>,
 }
 
 impl Store {
@@ -88,7 +92,7 @@ impl Store {
         sqlx::query(concat!(
             "INSERT INTO ca_slots (",
             slot_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(&slot.id)
         .bind(slot.state.as_str())
@@ -99,6 +103,8 @@ impl Store {
         .bind(slot.not_after)
         .bind(slot.created_at)
         .bind(slot.activated_at)
+        .bind(slot.x509_key_sealed.clone())
+        .bind(slot.jwt_key_sealed.clone())
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -171,6 +177,37 @@ impl Store {
     }
 
     /// Retires the slot (active or prepared) and returns it.
+    /// Seals in the keys of a slot made before they were kept in the datastore.
+    pub async fn set_ca_slot_keys(&self, id: &str, x509: &[u8], jwt: &[u8]) -> Result<()> {
+        sqlx::query(
+            "UPDATE ca_slots SET x509_key_sealed = $1, jwt_key_sealed = $2 \
+             WHERE id = $3 AND x509_key_sealed IS NULL",
+        )
+        .bind(x509.to_vec())
+        .bind(jwt.to_vec())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The sealing check value, storing `candidate` first if there is none yet (the first
+    /// daemon on the datastore). Returns what is stored.
+    pub async fn sealing_check(&self, candidate: &[u8], now: i64) -> Result<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO sealing_check (id, sealed, created_at) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(candidate.to_vec())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT sealed FROM sealing_check WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("sealed")?)
+    }
+
     pub async fn retire_ca_slot(&self, id: &str) -> Result<CaSlotRecord> {
         let row = sqlx::query(concat!(
             "UPDATE ca_slots SET state = 'retired' WHERE id = $1 RETURNING ",
@@ -227,5 +264,7 @@ fn slot_from_row(row: &AnyRow) -> Result<CaSlotRecord> {
         not_after: row.try_get("not_after")?,
         created_at: row.try_get("created_at")?,
         activated_at: row.try_get("activated_at")?,
+        x509_key_sealed: row.try_get("x509_key_sealed")?,
+        jwt_key_sealed: row.try_get("jwt_key_sealed")?,
     })
 }

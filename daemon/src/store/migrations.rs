@@ -54,6 +54,11 @@ const SQLITE: &[Embedded] = &[
         "elevation_grants",
         include_str!("../../migrations/sqlite/0008_elevation_grants.sql"),
     ),
+    (
+        9,
+        "shared_ca_keys",
+        include_str!("../../migrations/sqlite/0009_shared_ca_keys.sql"),
+    ),
 ];
 
 const POSTGRES: &[Embedded] = &[
@@ -96,6 +101,11 @@ const POSTGRES: &[Embedded] = &[
         8,
         "elevation_grants",
         include_str!("../../migrations/postgres/0008_elevation_grants.sql"),
+    ),
+    (
+        9,
+        "shared_ca_keys",
+        include_str!("../../migrations/postgres/0009_shared_ca_keys.sql"),
     ),
 ];
 

@@ -560,6 +560,8 @@ fn slot(id: &str, created_at: i64) -> CaSlotRecord {
         not_after: created_at + 86_400,
         created_at,
         activated_at: None,
+        x509_key_sealed: Some(vec![1, 2, 3]),
+        jwt_key_sealed: None,
     }
 }
 
@@ -582,27 +584,31 @@ async fn ca_slot_activation(db: TestDb) {
     let store = db.connect().await;
 
     store
-        .insert_ca_slot(&slot("b", 20))
-        .await
-        .expect("insert b");
-    store
         .insert_ca_slot(&slot("a", 10))
         .await
         .expect("insert a");
+    // One prepared CA at a time, whichever daemon prepares it.
+    let err = store
+        .insert_ca_slot(&slot("b", 20))
+        .await
+        .expect_err("a second prepared slot");
+    assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
     let err = store
         .insert_ca_slot(&slot("a", 30))
         .await
         .expect_err("duplicate id");
     assert!(matches!(err, StoreError::Conflict { .. }), "got {err:?}");
-    let listed = store.list_ca_slots().await.expect("list");
-    assert_eq!(
-        listed,
-        vec![slot("a", 10), slot("b", 20)],
-        "oldest first, bytes intact"
-    );
 
     let a = store.activate_ca_slot("a", 30).await.expect("activate a");
     assert_eq!((a.state, a.activated_at), (Active, Some(30)));
+    store
+        .insert_ca_slot(&slot("b", 20))
+        .await
+        .expect("insert b");
+    let listed = store.list_ca_slots().await.expect("list");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].cert_der, slot("a", 10).cert_der, "oldest first");
+    assert_eq!(listed[1], slot("b", 20), "bytes intact, sealed keys too");
     let err = store
         .activate_ca_slot("a", 31)
         .await
@@ -700,7 +706,7 @@ async fn migrations_are_idempotent(db: TestDb) {
         .try_get("n")
         .expect("n");
     // Every embedded migration, each applied exactly once.
-    assert_eq!(applied, 8);
+    assert_eq!(applied, 9);
 
     if expected == Backend::Sqlite {
         let file = db.dir.path().join(SQLITE_FILE_NAME);
