@@ -5,6 +5,7 @@ pub mod audit;
 pub mod blast;
 pub mod ca;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod creds;
 pub mod dev;

@@ -128,7 +128,17 @@ pub async fn start(
         audit.clone(),
         view.clone(),
     ));
-    tokio::spawn(revoker.clone().watch_other_daemons());
+    if store.backend() == crate::store::Backend::Postgres {
+        // Other daemons on the datastore: their changes reach the agents connected here.
+        tokio::spawn(
+            crate::cluster::Cluster {
+                registry: registry.clone(),
+                revoker: revoker.clone(),
+                secrets: secrets.clone(),
+            }
+            .follow(),
+        );
+    }
     let elevations = crate::elevation::Elevations::start(
         store.clone(),
         registry.clone(),

@@ -174,6 +174,7 @@ impl CaManager {
             Err(e) => return Err(e),
         };
         self.store.bump_bundle_sequence().await?;
+        self.store.announce(&crate::cluster::Notice::Ca).await;
         self.republish(now).await?;
         tracing::info!(slot = %slot.id, "prepared the next CA");
         Ok(slot)
@@ -196,6 +197,7 @@ impl CaManager {
             Err(e) => return Err(e.into()),
         }
         self.store.bump_bundle_sequence().await?;
+        self.store.announce(&crate::cluster::Notice::Ca).await;
         self.republish(now).await?;
         tracing::info!(slot = %prepared.id, "activated the prepared CA");
         Ok(prepared)
@@ -232,6 +234,7 @@ impl CaManager {
         self.store.delete_ca_slot(&slot.id).await?;
         remove_keys(&self.key_dir, &slot.id);
         self.store.bump_bundle_sequence().await?;
+        self.store.announce(&crate::cluster::Notice::Ca).await;
         self.republish(now).await?;
         tracing::warn!(slot = %slot.id, "CA removed from the bundle");
         Ok(())
@@ -282,6 +285,7 @@ impl CaManager {
                 remove_keys(&self.key_dir, &slot.id);
             }
             self.store.bump_bundle_sequence().await?;
+            self.store.announce(&crate::cluster::Notice::Ca).await;
             self.republish(now).await?;
         }
         Ok(())

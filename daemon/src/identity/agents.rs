@@ -111,6 +111,51 @@ impl Registry {
             banned: status == AgentStatus::Banned,
             reason: reason.to_string(),
         });
+        if status != AgentStatus::Active {
+            self.store
+                .announce(&crate::cluster::Notice::Agent {
+                    spiffe_id: id.to_string(),
+                })
+                .await;
+        }
         Ok(record)
+    }
+
+    /// Takes up another daemon's eviction or ban of `spiffe_id`: its stream here, if it
+    /// has one, ends at once.
+    pub async fn take_agent_change(&self, spiffe_id: &str) -> Result<(), IdentityError> {
+        self.forget_agent(spiffe_id);
+        let Some(agent) = self.store.get_agent(spiffe_id).await? else {
+            return Ok(());
+        };
+        self.tell_evicted(&agent);
+        Ok(())
+    }
+
+    /// Tells the streams here of every agent another daemon evicted or banned that they
+    /// have not heard of.
+    pub async fn resync_agents(&self) -> Result<(), IdentityError> {
+        for agent in self.store.list_agents().await? {
+            self.tell_evicted(&agent);
+        }
+        Ok(())
+    }
+
+    fn tell_evicted(&self, agent: &AgentRecord) {
+        let mut told = self.told_evicted.lock().unwrap_or_else(|p| p.into_inner());
+        if agent.status == AgentStatus::Active {
+            told.remove(&agent.spiffe_id);
+            return;
+        }
+        if told.get(&agent.spiffe_id) == Some(&agent.status) {
+            return;
+        }
+        told.insert(agent.spiffe_id.clone(), agent.status);
+        self.forget_agent(&agent.spiffe_id);
+        let _ = self.changes.send(Change::AgentEvicted {
+            spiffe_id: agent.spiffe_id.clone(),
+            banned: agent.status == AgentStatus::Banned,
+            reason: "evicted through another daemon".into(),
+        });
     }
 }

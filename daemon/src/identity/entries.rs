@@ -8,6 +8,7 @@ impl Registry {
         let new = self.check_entry_input(input)?;
         let record = self.store.create_entry(&new, unix(self.now())).await?;
         self.publish_upsert(record.clone());
+        self.announce_entry(&record.id).await;
         Ok(record)
     }
 
@@ -30,6 +31,7 @@ impl Registry {
             });
         }
         self.publish_upsert(after.clone());
+        self.announce_entry(&after.id).await;
         Ok(after)
     }
 
@@ -44,6 +46,7 @@ impl Registry {
             id: deleted.id.clone(),
             parent_id: deleted.parent_id.clone(),
         });
+        self.announce_entry(&deleted.id).await;
         Ok(deleted)
     }
 
@@ -69,6 +72,79 @@ impl Registry {
         filter: &EntryFilter,
     ) -> Result<Vec<EntryRecord>, IdentityError> {
         Ok(self.store.list_entries(filter).await?)
+    }
+
+    async fn announce_entry(&self, id: &str) {
+        self.store
+            .announce(&crate::cluster::Notice::Entry { id: id.to_string() })
+            .await;
+    }
+
+    /// Takes up another daemon's change to entry `id`: read back, it is upserted here (a
+    /// move between agents deletes it from the old one first), or deleted if it is gone.
+    pub async fn take_entry_change(&self, id: &str) -> Result<(), IdentityError> {
+        let known = self.entries.borrow().get(id).cloned();
+        match self.store.get_entry(id).await {
+            Ok(record) => {
+                if let Some(old) = &known {
+                    if old.revision >= record.revision && old.parent_id == record.parent_id {
+                        return Ok(());
+                    }
+                    if old.parent_id != record.parent_id {
+                        let _ = self.changes.send(Change::EntryDeleted {
+                            id: old.id.clone(),
+                            parent_id: old.parent_id.clone(),
+                        });
+                    }
+                }
+                self.publish_upsert(record);
+            }
+            Err(StoreError::NotFound { .. }) => {
+                if let Some(old) = known {
+                    self.entries.send_modify(|index| {
+                        let mut next = HashMap::clone(index);
+                        next.remove(&old.id);
+                        *index = Arc::new(next);
+                    });
+                    let _ = self.changes.send(Change::EntryDeleted {
+                        id: old.id.clone(),
+                        parent_id: old.parent_id.clone(),
+                    });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Reads every entry and takes up what differs from the index here: what notices that
+    /// never arrived would have said. Returns how many entries changed.
+    pub async fn resync_entries(&self) -> Result<usize, IdentityError> {
+        let stored = self.store.list_entries(&EntryFilter::default()).await?;
+        let index = self.entries.borrow().clone();
+        let mut changed = 0;
+        let mut seen = std::collections::HashSet::with_capacity(stored.len());
+        for record in stored {
+            seen.insert(record.id.clone());
+            let differs = index.get(&record.id).is_none_or(|old| {
+                old.revision != record.revision || old.parent_id != record.parent_id
+            });
+            if differs {
+                changed += 1;
+                self.take_entry_change(&record.id).await?;
+            }
+        }
+        for (id, _) in index.iter().filter(|(id, _)| !seen.contains(*id)) {
+            changed += 1;
+            self.take_entry_change(id).await?;
+        }
+        if changed > 0 {
+            tracing::info!(
+                changed,
+                "caught up with entries changed through another daemon"
+            );
+        }
+        Ok(changed)
     }
 
     pub(super) fn publish_upsert(&self, record: EntryRecord) {

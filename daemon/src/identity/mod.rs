@@ -147,6 +147,9 @@ pub struct Registry {
     // through this daemon drops the agent's line at once; a change made by another daemon
     // sharing the store is seen within AGENT_CACHE_TTL.
     agent_cache: Mutex<HashMap<String, (AgentRecord, Instant)>>,
+    // Agents another daemon evicted or banned whose streams here have been told (by
+    // spiffe ID, with the status they were told of), so a catch-up tells each once.
+    told_evicted: Mutex<HashMap<String, AgentStatus>>,
     // Set when the daemon stops, so long-lived streams end and shutdown can finish.
     closing: watch::Sender<bool>,
     /// Decides each signing and minting after the entry checks.
@@ -187,6 +190,7 @@ impl Registry {
             entries,
             changes,
             agent_cache: Mutex::new(HashMap::new()),
+            told_evicted: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
             policy: Arc::new(policy),
         })

@@ -42,6 +42,13 @@ impl Revoker {
             .await?;
         let deleted: Vec<String> = deleted.into_iter().map(|e| e.id).collect();
         self.registry.forget_revoked_entries(&deleted);
+        // Agents connected to other daemons on the datastore get it from those daemons.
+        self.registry
+            .store()
+            .announce(&crate::cluster::Notice::Revocation {
+                id: record.id.clone(),
+            })
+            .await;
         self.audit
             .record(
                 Event::new(actor, &format!("revoke.{}", record.kind), &record.target)

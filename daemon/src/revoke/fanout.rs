@@ -8,42 +8,45 @@ impl Revoker {
         self.published.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Pushes revocations that another daemon sharing the datastore made to the agents
-    /// connected here, within [`WATCH_EVERY`]; their acknowledgements land in the store,
-    /// where the revoking daemon looks for them.
-    pub async fn watch_other_daemons(self: Arc<Self>) {
-        let started = unix_ms(self.registry.now());
-        let mut timer = tokio::time::interval(WATCH_EVERY);
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut closing = self.registry.closing();
-        loop {
-            tokio::select! {
-                _ = timer.tick() => {}
-                _ = closing.wait_for(|c| *c) => return,
+    /// Pushes a revocation another daemon on the datastore made (its notice arrived) to
+    /// the agents connected here; their acknowledgements land in the store, where the
+    /// revoking daemon looks for them.
+    pub async fn take_revocation(&self, id: &str) -> Result<(), RevokeError> {
+        if self.published_map().contains_key(id) {
+            return Ok(());
+        }
+        let record = self.registry.store().get_revocation(id).await?;
+        self.publish_stored(&record).await?;
+        self.published_map()
+            .insert(record.id.clone(), record.created_at);
+        Ok(())
+    }
+
+    /// Pushes the recent revocations of other daemons whose notices never arrived: what
+    /// the catch-up after a lost listening connection (and every half minute) does.
+    pub async fn catch_up(&self) {
+        // Clocks of daemons differ a little, and a connection can be away a while: look
+        // back [`CATCH_UP_WINDOW`], and remember what has been pushed for as long.
+        let now = unix_ms(self.registry.now());
+        let window = CATCH_UP_WINDOW.as_millis() as i64;
+        self.published_map().retain(|_, at| *at >= now - 2 * window);
+        let records = match self.registry.store().revocations_since(now - window).await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for other daemons' revocations");
+                return;
             }
-            // Clocks of daemons differ a little; look back a few seconds, and remember
-            // what has been pushed for a minute.
-            let now = unix_ms(self.registry.now());
-            let since = (now - 5_000).max(started - 5_000);
-            self.published_map().retain(|_, at| *at >= now - 60_000);
-            let records = match self.registry.store().revocations_since(since).await {
-                Ok(records) => records,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not look for other daemons' revocations");
-                    continue;
-                }
-            };
-            for record in records {
-                if self.published_map().contains_key(&record.id) {
-                    continue;
-                }
-                if let Err(e) = self.publish_stored(&record).await {
-                    tracing::warn!(revocation = %record.id, error = %e, "could not push another daemon's revocation");
-                    continue;
-                }
-                self.published_map()
-                    .insert(record.id.clone(), record.created_at);
+        };
+        for record in records {
+            if self.published_map().contains_key(&record.id) {
+                continue;
             }
+            if let Err(e) = self.publish_stored(&record).await {
+                tracing::warn!(revocation = %record.id, error = %e, "could not push another daemon's revocation");
+                continue;
+            }
+            self.published_map()
+                .insert(record.id.clone(), record.created_at);
         }
     }
 

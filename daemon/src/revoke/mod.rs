@@ -266,8 +266,9 @@ struct Waiting {
     acked: watch::Sender<BTreeSet<String>>,
 }
 
-/// How often a daemon looks for revocations made by another daemon on the same store.
-const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// How far back a catch-up looks for other daemons' revocations whose notices were lost.
+/// An agent away longer gets its unacknowledged revocations in its full state anyway.
+const CATCH_UP_WINDOW: Duration = Duration::from_secs(600);
 
 impl Revoker {
     pub fn new(

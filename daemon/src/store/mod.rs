@@ -20,6 +20,7 @@ mod secrets;
 mod tests;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
@@ -61,10 +62,24 @@ pub enum Backend {
 }
 
 /// A handle on the datastore. Cloning is cheap: clones share one connection pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// This process, in the change notices it sends (so it ignores its own).
+    origin: Arc<str>,
+    /// The PostgreSQL URL, for the connection that listens for other daemons' notices.
+    url: Arc<str>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL as given: it may carry the database password.
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
 }
 
 impl Store {
@@ -127,7 +142,41 @@ impl Store {
         let pool = options.connect(&url).await.map_err(connect_error)?;
 
         migrations::run(&pool, backend).await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            origin: uuid::Uuid::new_v4().simple().to_string().into(),
+            url: url.into(),
+        })
+    }
+
+    /// Tells the other daemons on this PostgreSQL datastore what changed, after it is
+    /// committed (`crate::cluster` listens). A no-op on SQLite, which one daemon has to
+    /// itself. A notice that fails to go is logged: the listeners' periodic catch-up reads
+    /// it from the rows.
+    pub async fn announce(&self, notice: &crate::cluster::Notice) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        let payload = crate::cluster::encode(&self.origin, notice);
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::cluster::CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(error = %e, ?notice, "could not notify the other daemons of a change");
+        }
+    }
+
+    /// This process's id in change notices.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The PostgreSQL URL (with its password), for the listening connection only.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
     }
 
     /// The database this store talks to.

@@ -41,6 +41,15 @@ impl Subscriptions {
     }
 }
 
+/// Which secrets go to which of an agent's identities: what, when it changes, sends the
+/// whole state again.
+fn grant_names(grants: &[Grant]) -> Vec<(String, Vec<String>)> {
+    grants
+        .iter()
+        .map(|g| (g.secret.clone(), g.to.clone()))
+        .collect()
+}
+
 /// A promoted value as one agent receives it: only the SPIFFE IDs it serves the grant to.
 fn granted(grant: Grant, value: &Promoted) -> v1::GrantedSecret {
     v1::GrantedSecret {
@@ -69,6 +78,9 @@ impl NodeApi {
             mut elevated,
         } = subscriptions;
         let mut elevations_here = self.view.elevated_for(&agent_id);
+        // What the agent was granted when its state was last sent whole: an entry that
+        // comes or goes can grant or take a secret, and then the whole state goes again.
+        let mut granted_here = grant_names(&self.view.grants(&agent_id));
         let (tx, rx) = mpsc::channel(256);
         tx.send(Ok(self.full_state(&agent_id).await?))
             .await
@@ -84,10 +96,28 @@ impl NodeApi {
                     _ = async { let _ = closing.wait_for(|c| *c).await; } => break,
                     change = changes.recv() => match change {
                         Ok(Change::EntryUpserted(entry)) if entry.parent_id == agent_id => {
-                            Update::EntryUpserted(convert::entry(&entry))
+                            let now_granted = grant_names(&api.view.grants(&agent_id));
+                            if now_granted != granted_here {
+                                granted_here = now_granted;
+                                match api.full_state(&agent_id).await {
+                                    Ok(v1::SyncMessage { update: Some(update) }) => update,
+                                    _ => break,
+                                }
+                            } else {
+                                Update::EntryUpserted(convert::entry(&entry))
+                            }
                         }
                         Ok(Change::EntryDeleted { id, parent_id }) if parent_id == agent_id => {
-                            Update::EntryDeleted(id)
+                            let now_granted = grant_names(&api.view.grants(&agent_id));
+                            if now_granted != granted_here {
+                                granted_here = now_granted;
+                                match api.full_state(&agent_id).await {
+                                    Ok(v1::SyncMessage { update: Some(update) }) => update,
+                                    _ => break,
+                                }
+                            } else {
+                                Update::EntryDeleted(id)
+                            }
                         }
                         Ok(Change::Revoked(notice)) if notice.agents.contains(&agent_id) => {
                             let RevocationNotice { message, replacements, .. } = &*notice;

@@ -304,7 +304,17 @@ impl RotationEngine {
         }
         if job.state == JobState::Promoted {
             self.announce(&name).await;
+            // The other daemons on the datastore tell their agents.
+            self.datastore
+                .announce(&crate::cluster::Notice::Secret { name: name.clone() })
+                .await;
         }
+    }
+
+    /// Takes up a version another daemon on the datastore promoted: the sync streams here
+    /// push it to the agents it is granted to.
+    pub async fn take_promotion(&self, name: &str) {
+        self.announce(name).await;
     }
 
     /// Tells the sync streams of a promoted version, with its value read once for all.
