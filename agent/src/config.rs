@@ -16,7 +16,9 @@ use crate::sinks::{InvalidEnvName, SinkSetError};
 pub struct AgentConfig {
     /// The trust domain the daemon serves.
     pub trust_domain: TrustDomain,
-    /// The daemon's node API, "host:port".
+    /// The daemon's node API, "host:port"; with several daemons on one datastore, all of
+    /// them separated by commas ("a:8081,b:8081,c:8081"), or a name that resolves to
+    /// several addresses: a lost connection is replaced by one to the next that answers.
     #[serde(default = "default_daemon_address")]
     pub daemon_address: String,
     /// PEM CA certificates to trust for the first connection (`mayflyd bundle show`).

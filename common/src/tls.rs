@@ -312,23 +312,104 @@ pub fn client_config(
     Ok(config)
 }
 
-/// Opens a gRPC channel to `addr` ("host:port") over TLS with `config`, connecting now.
+/// Opens a gRPC channel to `addr` over TLS with `config`, connecting now. `addr` is
+/// "host:port", or several separated by commas: see [`connect_lazy`].
 pub async fn connect(
     addr: &str,
     config: rustls::ClientConfig,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    endpoint(addr)?
-        .connect_with_connector(tls_connector(addr, config))
+    let targets = Targets::parse(addr);
+    endpoint(targets.first())?
+        .connect_with_connector(tls_connector(targets, config))
         .await
 }
 
 /// Like `connect`, but connects on first use and reconnects by itself after a failure, so
-/// a caller can hold it while the daemon is down.
+/// a caller can hold it while a daemon is down. With several daemons ("a:8081,b:8081", or
+/// a name that resolves to several addresses) each new connection tries them in turn,
+/// the one that worked last first, giving each [`CONNECT_EACH`]: a daemon that dies is
+/// replaced by another on the next reconnect.
 pub fn connect_lazy(
     addr: &str,
     config: rustls::ClientConfig,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?.connect_with_connector_lazy(tls_connector(addr, config)))
+    let targets = Targets::parse(addr);
+    Ok(endpoint(targets.first())?.connect_with_connector_lazy(tls_connector(targets, config)))
+}
+
+/// How long one address may take to accept a TCP connection before the next is tried.
+pub const CONNECT_EACH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The daemons a client may reach, and which one answered last.
+#[derive(Clone)]
+struct Targets {
+    list: Arc<[String]>,
+    last_good: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Targets {
+    fn parse(addr: &str) -> Self {
+        let mut list: Vec<String> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if list.is_empty() {
+            list.push(addr.to_string());
+        }
+        Self {
+            list: list.into(),
+            last_good: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        }
+    }
+
+    fn first(&self) -> &str {
+        &self.list[0]
+    }
+
+    /// A TCP connection to the first daemon that accepts one, the last good one first.
+    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+        use std::sync::atomic::Ordering;
+        let start = self.last_good.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..self.list.len() {
+            let index = (start + i) % self.list.len();
+            let target = &self.list[index];
+            match connect_one(target).await {
+                Ok(tcp) => {
+                    self.last_good.store(index, Ordering::Relaxed);
+                    return Ok(tcp);
+                }
+                Err(e) => failures.push(format!("{target}: {e}")),
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("no daemon reachable ({})", failures.join("; ")),
+        ))
+    }
+}
+
+/// Every address `target` resolves to, each given [`CONNECT_EACH`].
+async fn connect_one(target: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{target} resolves to no address"),
+    );
+    for address in tokio::net::lookup_host(target).await? {
+        match tokio::time::timeout(CONNECT_EACH, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{address} did not accept within {CONNECT_EACH:?}"),
+                )
+            }
+        }
+    }
+    Err(last)
 }
 
 fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
@@ -345,7 +426,7 @@ fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::
 type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 fn tls_connector(
-    addr: &str,
+    targets: Targets,
     config: rustls::ClientConfig,
 ) -> impl tower::Service<
     http::Uri,
@@ -356,12 +437,11 @@ fn tls_connector(
 + Send
 + 'static {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let target = addr.to_string();
     tower::service_fn(move |_: http::Uri| {
         let connector = connector.clone();
-        let target = target.clone();
+        let targets = targets.clone();
         async move {
-            let tcp = tokio::net::TcpStream::connect(&target).await?;
+            let tcp = targets.connect().await?;
             tcp.set_nodelay(true)?;
             // The verifier ignores the name; SNI just needs a syntactically valid one.
             let name = ServerName::try_from("mayfly-daemon")

@@ -411,6 +411,17 @@ impl AgentProcess {
         spiffe_id: &str,
         extra_toml: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with_addresses(daemon, &daemon.node_addr, spiffe_id, extra_toml)
+    }
+
+    /// Attested through `daemon` (its bundle and join token), configured with
+    /// `addresses` as its `daemon_address` (several daemons, comma-separated).
+    pub fn start_with_addresses(
+        daemon: &DaemonProcess,
+        addresses: &str,
+        spiffe_id: &str,
+        extra_toml: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("mayfly-agent-e2e-")
             .tempdir()?;
@@ -430,7 +441,7 @@ impl AgentProcess {
                 "trust_domain = \"{td}\"\ndaemon_address = \"{addr}\"\ntrust_bundle_path = \"{bundle}\"\n\
                  join_token_file = \"{token_file}\"\ndata_dir = \"{data}\"\nsocket_path = \"{sock}\"\n{extra_toml}\n",
                 td = daemon.trust_domain,
-                addr = daemon.node_addr,
+                addr = addresses,
                 bundle = bundle_path.display(),
                 token_file = dir.path().join("token").display(),
                 data = dir.path().join("data").display(),
