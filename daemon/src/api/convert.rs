@@ -2,6 +2,7 @@
 
 use mayfly_proto::v1;
 
+use crate::audit::Verification;
 use crate::ca::bundle_pem;
 use crate::ca::manager::BundleSnapshot;
 use crate::store::{AgentRecord, AuditRow, CaSlotRecord, EntryRecord, JobRecord};
@@ -118,6 +119,21 @@ pub fn audit_record(row: AuditRow) -> v1::AuditRecord {
         detail: row.detail,
         prev_hash: row.prev_hash,
         hash: row.hash,
+    }
+}
+
+/// What `audit verify` found, as the admin API and the offline `audit verify --file` print it.
+pub fn verification(verdict: Verification) -> v1::VerifyAuditResponse {
+    let (first_bad_seq, problem) = verdict
+        .first_bad
+        .map(|fault| (fault.seq(), fault.to_string()))
+        .unwrap_or_default();
+    v1::VerifyAuditResponse {
+        good: verdict.good,
+        head_seq: verdict.head.0,
+        head_hash: verdict.head.1,
+        first_bad_seq,
+        problem,
     }
 }
 

@@ -8,18 +8,22 @@
 
 use std::sync::Arc;
 
-use aws_lc_rs::digest;
 use tokio::sync::{mpsc, oneshot};
 
 use mayfly_common::clock::unix_ms;
 
 use crate::identity::Clock;
 use crate::store::{
-    AckUpdate, AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord,
-    Store, StoreError,
+    AckUpdate, AuditFields, AuditFilter, AuditRow, ChainTail, IssuedSvidRecord, Store, StoreError,
 };
 
+mod chain;
 mod throttle;
+
+pub use chain::{
+    AuditHead, ChainCheck, ExportError, Fault, HeadError, Verification, record_hash, verify_export,
+    verify_rows,
+};
 
 /// At most this many queued events go into one transaction.
 const MAX_GROUP: usize = 512;
@@ -267,9 +271,9 @@ impl Audit {
         Ok(self.store.list_audit(filter).await?)
     }
 
-    /// Walks the whole chain; see [`verify_rows`].
-    pub async fn verify(&self) -> Result<Verification, AuditError> {
-        let mut check = ChainCheck::default();
+    /// Walks the whole chain, which must hold `head` if one is given; see [`ChainCheck`].
+    pub async fn verify(&self, head: Option<AuditHead>) -> Result<Verification, AuditError> {
+        let mut check = ChainCheck::new(head);
         let mut after = 0;
         loop {
             let page = self
@@ -341,259 +345,5 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Job>, mut tail: Ch
                 }
             }
         }
-    }
-}
-
-/// The hash of record `seq` chained onto `prev_hash`: SHA-256 over a version tag, the
-/// position, the previous hash and every field, each length-prefixed so no two different
-/// records encode alike.
-pub fn record_hash(seq: i64, prev_hash: &str, fields: &AuditFields) -> String {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(b"mayfly-audit-v1\0");
-    ctx.update(&seq.to_be_bytes());
-    ctx.update(&fields.at_ms.to_be_bytes());
-    ctx.update(&fields.ttl_secs.to_be_bytes());
-    for text in [
-        prev_hash,
-        &fields.actor,
-        &fields.action,
-        &fields.subject,
-        &fields.scope,
-        &fields.reason,
-        &fields.outcome,
-        &fields.detail,
-    ] {
-        ctx.update(&(text.len() as u64).to_be_bytes());
-        ctx.update(text.as_bytes());
-    }
-    hex::encode(ctx.finish())
-}
-
-/// What `audit verify` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verification {
-    /// Records checked and found good.
-    pub good: i64,
-    /// The last good record's seq and hash: note it down, and a later verify that ends
-    /// before it shows the log was cut short.
-    pub head: ChainTail,
-    /// The first bad record and what is wrong with it.
-    pub first_bad: Option<(i64, String)>,
-}
-
-/// Checks records one by one, in seq order.
-#[derive(Debug)]
-pub struct ChainCheck {
-    expected_seq: i64,
-    prev_hash: String,
-    good: i64,
-    first_bad: Option<(i64, String)>,
-}
-
-impl Default for ChainCheck {
-    fn default() -> Self {
-        Self {
-            expected_seq: 1,
-            prev_hash: GENESIS_HASH.to_string(),
-            good: 0,
-            first_bad: None,
-        }
-    }
-}
-
-impl ChainCheck {
-    /// Checks the next row; false (with the problem recorded) at the first bad one.
-    pub fn push(&mut self, row: &AuditRow) -> bool {
-        let problem = if row.seq > self.expected_seq {
-            Some(if self.expected_seq + 1 == row.seq {
-                format!("record {} is missing: it was deleted", self.expected_seq)
-            } else {
-                format!(
-                    "records {} to {} are missing: they were deleted",
-                    self.expected_seq,
-                    row.seq - 1
-                )
-            })
-        } else if row.seq < self.expected_seq {
-            Some(format!("record {} appears twice", row.seq))
-        } else if row.prev_hash != self.prev_hash {
-            Some(if self.expected_seq == 1 {
-                "the first record does not start the chain: records before it were removed"
-                    .to_string()
-            } else {
-                format!(
-                    "record {} does not chain to record {}: record {} was rewritten or the \
-                     records were reordered",
-                    row.seq,
-                    row.seq - 1,
-                    row.seq - 1
-                )
-            })
-        } else if record_hash(row.seq, &row.prev_hash, &fields_of(row)) != row.hash {
-            Some(format!(
-                "record {} was altered: its contents do not match its hash",
-                row.seq
-            ))
-        } else {
-            None
-        };
-        match problem {
-            Some(problem) => {
-                let at = if row.seq > self.expected_seq {
-                    self.expected_seq
-                } else {
-                    row.seq
-                };
-                self.first_bad = Some((at, problem));
-                false
-            }
-            None => {
-                self.good += 1;
-                self.expected_seq = row.seq + 1;
-                self.prev_hash = row.hash.clone();
-                true
-            }
-        }
-    }
-
-    pub fn finish(self) -> Verification {
-        Verification {
-            good: self.good,
-            head: (self.expected_seq - 1, self.prev_hash),
-            first_bad: self.first_bad,
-        }
-    }
-}
-
-/// Checks a whole chain held in memory (an exported file, a test).
-pub fn verify_rows<'a>(rows: impl IntoIterator<Item = &'a AuditRow>) -> Verification {
-    let mut check = ChainCheck::default();
-    for row in rows {
-        if !check.push(row) {
-            break;
-        }
-    }
-    check.finish()
-}
-
-fn fields_of(row: &AuditRow) -> AuditFields {
-    AuditFields {
-        at_ms: row.at_ms,
-        actor: row.actor.clone(),
-        action: row.action.clone(),
-        subject: row.subject.clone(),
-        scope: row.scope.clone(),
-        ttl_secs: row.ttl_secs,
-        reason: row.reason.clone(),
-        outcome: row.outcome.clone(),
-        detail: row.detail.clone(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chain(n: i64) -> Vec<AuditRow> {
-        let mut prev = GENESIS_HASH.to_string();
-        (1..=n)
-            .map(|seq| {
-                let fields = AuditFields {
-                    at_ms: 1000 + seq,
-                    actor: "uid:0".into(),
-                    action: "entry.create".into(),
-                    subject: format!("spiffe://example.org/w{seq}"),
-                    outcome: OK.into(),
-                    ..AuditFields::default()
-                };
-                let hash = record_hash(seq, &prev, &fields);
-                let row = AuditRow {
-                    seq,
-                    at_ms: fields.at_ms,
-                    actor: fields.actor,
-                    action: fields.action,
-                    subject: fields.subject,
-                    scope: fields.scope,
-                    ttl_secs: fields.ttl_secs,
-                    reason: fields.reason,
-                    outcome: fields.outcome,
-                    detail: fields.detail,
-                    prev_hash: prev.clone(),
-                    hash: hash.clone(),
-                };
-                prev = hash;
-                row
-            })
-            .collect()
-    }
-
-    #[test]
-    fn an_intact_chain_verifies() {
-        let rows = chain(5);
-        let v = verify_rows(&rows);
-        assert_eq!(v.first_bad, None);
-        assert_eq!(v.good, 5);
-        assert_eq!(v.head, (5, rows[4].hash.clone()));
-    }
-
-    #[test]
-    fn an_edit_is_found_at_its_row() {
-        let mut rows = chain(5);
-        rows[2].outcome = "denied".into();
-        let v = verify_rows(&rows);
-        assert_eq!(v.good, 2);
-        let (at, why) = v.first_bad.unwrap();
-        assert_eq!(at, 3);
-        assert!(why.contains("altered"), "{why}");
-    }
-
-    #[test]
-    fn a_rehashed_edit_breaks_the_next_link() {
-        let mut rows = chain(5);
-        rows[2].subject = "forged".into();
-        rows[2].hash = record_hash(3, &rows[2].prev_hash.clone(), &fields_of(&rows[2]));
-        let (at, why) = verify_rows(&rows).first_bad.unwrap();
-        assert_eq!(at, 4);
-        assert!(why.contains("record 3 was rewritten"), "{why}");
-    }
-
-    #[test]
-    fn deletions_and_reordering_are_found() {
-        let mut rows = chain(5);
-        rows.remove(1);
-        let (at, why) = verify_rows(&rows).first_bad.unwrap();
-        assert_eq!(at, 2);
-        assert!(why.contains("record 2 is missing"), "{why}");
-
-        let mut rows = chain(5);
-        // Swap the contents of rows 2 and 3 but keep their positions.
-        let (a, b) = (rows[1].clone(), rows[2].clone());
-        rows[1] = AuditRow { seq: 2, ..b };
-        rows[2] = AuditRow { seq: 3, ..a };
-        assert_eq!(verify_rows(&rows).first_bad.unwrap().0, 2);
-
-        let mut rows = chain(3);
-        rows.remove(0);
-        let (at, why) = verify_rows(&rows).first_bad.unwrap();
-        assert_eq!(at, 1);
-        assert!(why.contains("record 1 is missing"), "{why}");
-    }
-
-    #[test]
-    fn fields_are_length_prefixed() {
-        let a = AuditFields {
-            actor: "ab".into(),
-            action: "c".into(),
-            ..AuditFields::default()
-        };
-        let b = AuditFields {
-            actor: "a".into(),
-            action: "bc".into(),
-            ..AuditFields::default()
-        };
-        assert_ne!(
-            record_hash(1, GENESIS_HASH, &a),
-            record_hash(1, GENESIS_HASH, &b)
-        );
     }
 }

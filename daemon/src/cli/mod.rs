@@ -12,6 +12,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::audit::AuditHead;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mayflyd",
@@ -261,8 +263,18 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
     },
-    /// Recompute the chain; exits 1 naming the first bad record.
-    Verify,
+    /// Recompute the chain and print its head; exits 1 naming the first record that cannot
+    /// be trusted.
+    Verify {
+        /// A head printed by an earlier verify and kept away from the daemon (SEQ:HASH): the
+        /// chain must still hold that record with that hash, which shows a tail deleted and
+        /// written again.
+        #[arg(long)]
+        head: Option<AuditHead>,
+        /// Check this file written by `audit export` instead, without a daemon.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

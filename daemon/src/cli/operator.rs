@@ -14,6 +14,8 @@ use super::{
     AgentCommand, AuditCommand, BundleCommand, BundleFormat, CaCommand, Connection, EntryCommand,
     OutputFormat, RevokeCommand, RevokeOptions, SecretCommand, TokenCommand,
 };
+use crate::api::convert;
+use crate::audit;
 use crate::config::DaemonConfig;
 
 /// Opens an admin client on the socket named by the flags, env or config.
@@ -395,8 +397,21 @@ fn acknowledged(format: OutputFormat, report: &v1::RevocationReport) -> anyhow::
 }
 
 pub async fn audit(command: AuditCommand, conn: &Connection) -> anyhow::Result<String> {
-    let mut client = connect(conn).await?;
     let format = conn.output;
+    // An export is checked here, without a daemon: the point is to trust neither the
+    // daemon nor its store.
+    if let AuditCommand::Verify {
+        head,
+        file: Some(path),
+    } = &command
+    {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open the export {}", path.display()))?;
+        let verdict = audit::verify_export(std::io::BufReader::new(file), head.as_ref())
+            .with_context(|| format!("cannot check the export {}", path.display()))?;
+        return verification(format, convert::verification(verdict));
+    }
+    let mut client = connect(conn).await?;
     match command {
         AuditCommand::List {
             since,
@@ -426,33 +441,42 @@ pub async fn audit(command: AuditCommand, conn: &Connection) -> anyhow::Result<S
             }
             Ok(out)
         }
-        AuditCommand::Verify => {
-            let verdict = call(client.verify_audit(v1::VerifyAuditRequest {}).await)?;
-            if verdict.first_bad_seq > 0 {
-                anyhow::bail!(
-                    "the audit log is broken at record {}: {} ({} records before it verify; the \
-                     last good one is {} with hash {})",
-                    verdict.first_bad_seq,
-                    verdict.problem,
-                    verdict.good,
-                    verdict.head_seq,
-                    verdict.head_hash
-                );
-            }
-            Ok(match format {
-                OutputFormat::Json => pretty(&serde_json::json!({
-                    "records": verdict.good,
-                    "head_seq": verdict.head_seq,
-                    "head_hash": verdict.head_hash,
-                    "intact": true,
-                })),
-                OutputFormat::Table => format!(
-                    "audit log intact: {} records, head {} {}\n",
-                    verdict.good, verdict.head_seq, verdict.head_hash
-                ),
-            })
+        AuditCommand::Verify { head, file: _ } => {
+            let (head_seq, head_hash) = head
+                .map(|h| (h.seq(), h.hash().to_string()))
+                .unwrap_or_default();
+            let request = v1::VerifyAuditRequest {
+                head_seq,
+                head_hash,
+            };
+            verification(format, call(client.verify_audit(request).await)?)
         }
     }
+}
+
+/// The verdict, with the head in the form `--head` takes back; an error (exit 1) naming
+/// the first record that cannot be trusted.
+fn verification(format: OutputFormat, verdict: v1::VerifyAuditResponse) -> anyhow::Result<String> {
+    let head = format!("{}:{}", verdict.head_seq, verdict.head_hash);
+    if verdict.first_bad_seq > 0 {
+        anyhow::bail!(
+            "the audit log is broken at record {}: {} ({} records before it verify; the last \
+             good one is head {head})",
+            verdict.first_bad_seq,
+            verdict.problem,
+            verdict.good,
+        );
+    }
+    Ok(match format {
+        OutputFormat::Json => pretty(&serde_json::json!({
+            "records": verdict.good,
+            "head_seq": verdict.head_seq,
+            "head_hash": verdict.head_hash,
+            "head": head,
+            "intact": true,
+        })),
+        OutputFormat::Table => format!("audit log intact: {} records\nhead {head}\n", verdict.good),
+    })
 }
 
 async fn collect_audit(

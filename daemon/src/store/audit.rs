@@ -33,8 +33,10 @@ const APPEND_LOCK: i64 = 0x6d61_7966_6c79_0001;
 /// The hash the first record chains to.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// One audit record as stored.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// One audit record as stored, and as `audit export` writes it (read back by
+/// `audit verify --file`, which refuses a line with a field it does not know).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuditRow {
     pub seq: i64,
     /// Unix milliseconds.

@@ -1095,7 +1095,7 @@ async fn audit_appends_chain_across_daemons(db: TestDb) {
     }
     let rows = first.list_audit(&AuditFilter::default()).await.unwrap();
     assert_eq!(rows.len(), 40);
-    let verdict = crate::audit::verify_rows(&rows);
+    let verdict = crate::audit::verify_rows(&rows, None);
     assert_eq!(verdict.first_bad, None, "one chain: {verdict:?}");
     assert_eq!(verdict.head, second.audit_tail().await.unwrap());
 

@@ -17,7 +17,7 @@ mod audit;
 mod credentials;
 pub mod operator;
 mod policy;
-use crate::audit::{Audit, Event};
+use crate::audit::{Audit, AuditHead, Event};
 use crate::ca::{bundle_jwks, bundle_pem};
 use crate::identity::{EntryChange, EntryInput, Registry};
 use crate::revoke::{Revoker, Target, report_message};
@@ -755,18 +755,16 @@ impl Admin for AdminApi {
         request: Request<v1::VerifyAuditRequest>,
     ) -> Result<Response<v1::VerifyAuditResponse>, Status> {
         Operator::of(&request)?;
+        let body = request.into_inner();
+        let head = (body.head_seq != 0 || !body.head_hash.is_empty())
+            .then(|| AuditHead::new(body.head_seq, &body.head_hash))
+            .transpose()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let verdict = self
             .audit
-            .verify()
+            .verify(head)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let (first_bad_seq, problem) = verdict.first_bad.unwrap_or((0, String::new()));
-        Ok(Response::new(v1::VerifyAuditResponse {
-            good: verdict.good,
-            head_seq: verdict.head.0,
-            head_hash: verdict.head.1,
-            first_bad_seq,
-            problem,
-        }))
+        Ok(Response::new(convert::verification(verdict)))
     }
 }
