@@ -10,6 +10,25 @@ impl Registry {
         ttl: Option<Duration>,
     ) -> Result<IssuedJoinToken, IdentityError> {
         let spiffe_id = self.workload_id("spiffe_id", spiffe_id)?;
+        // An agent may not attest as an identity entries give workloads.
+        let given = self
+            .store
+            .list_entries(&EntryFilter {
+                spiffe_id: Some(spiffe_id.to_string()),
+                ..EntryFilter::default()
+            })
+            .await?;
+        if !given.is_empty() {
+            return Err(invalid(
+                "spiffe_id",
+                format!(
+                    "{spiffe_id} is a workload's identity ({} entries give it); an agent needs \
+                     its own, e.g. spiffe://{}/node/<host>",
+                    given.len(),
+                    self.trust_domain
+                ),
+            ));
+        }
         let ttl = ttl.unwrap_or(self.join_token_ttl);
         if ttl.is_zero() || ttl > Duration::from_secs(30 * 24 * 3600) {
             return Err(invalid("ttl", "a join token lives between 1 s and 30 days"));

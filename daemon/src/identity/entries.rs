@@ -6,6 +6,10 @@ use super::*;
 impl Registry {
     pub async fn create_entry(&self, input: EntryInput) -> Result<EntryRecord, IdentityError> {
         let new = self.check_entry_input(input)?;
+        self.not_an_agent(
+            &SpiffeId::parse(&new.spiffe_id).map_err(|e| invalid("spiffe_id", e.to_string()))?,
+        )
+        .await?;
         let record = self.store.create_entry(&new, unix(self.now())).await?;
         self.publish_upsert(record.clone());
         self.announce_entry(&record.id).await;
@@ -19,6 +23,12 @@ impl Registry {
     ) -> Result<EntryRecord, IdentityError> {
         let before = self.store.get_entry(id).await?;
         let update = self.check_entry_change(change)?;
+        if let Some(spiffe_id) = &update.spiffe_id {
+            self.not_an_agent(
+                &SpiffeId::parse(spiffe_id).map_err(|e| invalid("spiffe_id", e.to_string()))?,
+            )
+            .await?;
+        }
         let after = self
             .store
             .update_entry(id, &update, unix(self.now()))
@@ -241,8 +251,37 @@ impl Registry {
                 "a workload SPIFFE ID needs a path, e.g. spiffe://example.org/web",
             ));
         }
+        if is_reserved(&id) {
+            return Err(invalid(
+                field,
+                format!(
+                    "{id} is in {RESERVED_PREFIX}, reserved for the daemon itself (its node API \
+                     serves as {RESERVED_PREFIX}server): nobody else may be issued it"
+                ),
+            ));
+        }
         Ok(id)
     }
 
+    /// Refuses to give a workload an attested agent's identity: an entry for it would let a
+    /// workload on any node act as that agent towards other workloads.
+    pub(super) async fn not_an_agent(&self, id: &SpiffeId) -> Result<(), IdentityError> {
+        if self.store.get_agent(id.as_str()).await?.is_some() {
+            return Err(invalid(
+                "spiffe_id",
+                format!("{id} is an agent's identity; an entry gives a workload its own"),
+            ));
+        }
+        Ok(())
+    }
+
     // ----- join tokens and agents -----
+}
+
+/// Paths under this prefix are the daemon's own: no entry or join token may name one.
+pub const RESERVED_PREFIX: &str = "/mayfly/";
+
+fn is_reserved(id: &SpiffeId) -> bool {
+    let path = id.path();
+    path == RESERVED_PREFIX.trim_end_matches('/') || path.starts_with(RESERVED_PREFIX)
 }
