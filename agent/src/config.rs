@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub max_csr_batch: usize,
     #[serde(default)]
     pub log: LogConfig,
+    /// Where to serve /metrics, /healthz and /readyz over plain HTTP; off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Files kept up to date with SVIDs and granted secrets (`[[sink]]`).
     #[serde(default, rename = "sink")]
     pub sinks: Vec<crate::sinks::SinkConfig>,
@@ -164,6 +167,7 @@ impl AgentConfig {
             data_dir,
             max_csr_batch: default_batch(),
             log: LogConfig::default(),
+            metrics_listen: None,
             sinks: Vec::new(),
             exec: None,
         }
@@ -300,6 +304,31 @@ mod tests {
             Path::new("agent.toml"),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_and_off_by_default() {
+        let parse = |extra: &str| {
+            AgentConfig::parse(
+                &format!("trust_domain = \"example.org\"\n{extra}"),
+                Path::new("agent.toml"),
+            )
+        };
+        assert_eq!(parse("").unwrap().metrics_listen, None);
+        assert_eq!(
+            parse("metrics_listen = \"127.0.0.1:9465\"\n")
+                .unwrap()
+                .metrics_listen,
+            Some("127.0.0.1:9465".parse().unwrap())
+        );
+        let err = parse("metrics_listen = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        // The line names the key; the message says what an address looks like.
+        assert!(
+            err.contains("line 2") && err.contains("socket address"),
+            "{err}"
+        );
     }
 
     #[test]

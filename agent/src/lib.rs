@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod exec;
+pub mod ops;
 pub mod policy;
 pub mod run;
 pub mod secret_ref;

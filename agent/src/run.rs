@@ -1,5 +1,5 @@
-//! Wiring: the agent's identity, its sync stream, the SVID cache, the credential cache and
-//! the Workload API, assembled here and nowhere else.
+//! Wiring: the agent's identity, its sync stream, the SVID cache, the credential cache,
+//! the Workload API and the operations endpoint, assembled here and nowhere else.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ use mayfly_proto::v1::{self};
 use crate::attest::node::{self, IdentityFiles, NodeError, NodeIdentity};
 use crate::config::AgentConfig;
 use crate::credentials::{CredentialCache, CredentialFeed, CredentialIssuer};
+use crate::ops::{AgentMetrics, AgentOps, Attestation};
 use crate::sinks::runner::SinkProgress;
 use crate::sinks::{Sink, SinkRunner};
 use crate::state::{Bundle, JwtIssuer, WorkloadState};
@@ -57,6 +58,11 @@ impl TokenSource {
 
 /// Starts the agent: attests (or reuses the stored identity), then serves the Workload API
 /// until `shutdown`. The handle resolves with an error if the agent is banned.
+///
+/// With `metrics_listen`, the operations endpoint serves from the start: alive at once,
+/// ready once attested and synced. The first attestation is retried for as long as the
+/// daemon cannot be reached (it may come up after the agent); any other refusal stops
+/// the agent.
 pub async fn start(
     config: AgentConfig,
     join_token: Option<String>,
@@ -68,12 +74,31 @@ pub async fn start(
         config: config.join_token.clone(),
         file: config.join_token_file.clone(),
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let (attestation, attestation_rx) = watch::channel(Attestation::Pending(None));
+    let metrics = Arc::new(AgentMetrics::new(
+        attestation_rx.clone(),
+        Arc::new(mayfly_common::clock::SystemClock),
+    ));
+    if let Some(addr) = config.metrics_listen {
+        let listener = mayfly_common::ops::bind(addr).await?;
+        tracing::info!(address = %addr, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(mayfly_common::ops::serve(
+            listener,
+            Arc::new(AgentOps::new(metrics.clone(), attestation_rx)),
+            stop_rx.clone(),
+        ));
+    }
     let (identity, bundle) = match files.load()? {
         Some((identity, bundle)) if identity.not_after > unix_now() => {
             tracing::info!(agent = %identity.spiffe_id, "reusing the stored agent SVID");
             (identity, bundle)
         }
-        _ => attest_now(&config, &files, &tokens).await?,
+        _ => attest_first(&config, &files, &tokens, &attestation, stop_rx.clone()).await?,
     };
     let trust = TrustBundle::new(&bundle)?;
     let client = lazy_client(&config, trust.clone(), &identity)?;
@@ -89,6 +114,7 @@ pub async fn start(
         sequence: 0,
     };
     let (state_tx, state_rx) = watch::channel(Arc::new(WorkloadState::empty(placeholder)));
+    attestation.send_replace(Attestation::Attested(state_rx.clone()));
     tokio::spawn(
         SvidCache::new(
             config.trust_domain.clone(),
@@ -117,6 +143,7 @@ pub async fn start(
         state_rx.clone(),
         credentials.clone(),
         fatal_tx.clone(),
+        metrics.clone(),
     )?;
     let renew_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(sync::revocations::acknowledge(
@@ -141,6 +168,7 @@ pub async fn start(
             authorized: authorized_tx,
             state: state_rx.clone(),
             progress,
+            metrics: metrics.clone(),
         },
         fatal_tx,
     ));
@@ -163,15 +191,11 @@ pub async fn start(
         }),
     )
     .with_denials(denials)
-    .with_credentials(credentials);
+    .with_credentials(credentials)
+    .with_metrics(metrics);
     let socket = config.socket_path.clone();
     let listener = crate::workload_api::bind(&socket)?;
     let spiffe_id = identity.borrow().spiffe_id.to_string();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
     let mut api_stop = stop_rx.clone();
     let handle = tokio::spawn(async move {
         let served = crate::workload_api::serve_listener(listener, api, async move {
@@ -221,6 +245,7 @@ fn start_sinks_and_exec(
     state: watch::Receiver<Arc<WorkloadState>>,
     cache: CredentialCache,
     fatal: watch::Sender<Option<Stop>>,
+    metrics: Arc<AgentMetrics>,
 ) -> anyhow::Result<Option<watch::Receiver<SinkProgress>>> {
     let sinks = config.checked_sinks().map_err(anyhow::Error::msg)?;
     let spec = config
@@ -248,7 +273,8 @@ fn start_sinks_and_exec(
     let held = feed.subscribe();
     tokio::spawn(feed.run(state.clone()));
     let runner = SinkRunner::new(sinks, spec.is_some().then_some(exec_tx))
-        .with_exec_credentials(exec_credentials);
+        .with_exec_credentials(exec_credentials)
+        .with_metrics(metrics);
     let progress = runner.progress();
     let sink_fatal = fatal.clone();
     tokio::spawn(async move {
@@ -272,6 +298,33 @@ fn start_sinks_and_exec(
         let _ = fatal.send(Some(why));
     });
     Ok(Some(progress))
+}
+
+/// The first attestation, retried with backoff while the daemon cannot be reached, each
+/// failure told to `/readyz`; any other error (no join token, the token refused) is final,
+/// and so is `stop`.
+async fn attest_first(
+    config: &AgentConfig,
+    files: &IdentityFiles,
+    tokens: &TokenSource,
+    attestation: &watch::Sender<Attestation>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(NodeIdentity, Vec<Vec<u8>>)> {
+    let mut backoff = Backoff::default();
+    loop {
+        let error = match attest_now(config, files, tokens).await {
+            Ok(attested) => return Ok(attested),
+            Err(e @ NodeError::Unreachable { .. }) => e,
+            Err(e) => return Err(e.into()),
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot attest yet; retrying");
+        attestation.send_replace(Attestation::Pending(Some(error.to_string())));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => anyhow::bail!("stopped before the agent could attest: {error}"),
+        }
+    }
 }
 
 async fn attest_now(
@@ -334,6 +387,7 @@ struct SyncContext {
     authorized: Arc<watch::Sender<Authorized>>,
     state: watch::Receiver<Arc<WorkloadState>>,
     progress: Option<watch::Receiver<SinkProgress>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<Stop>>) {
@@ -347,6 +401,7 @@ async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<Stop>>) {
         authorized,
         state,
         progress,
+        metrics,
     } = context;
     let mut backoff = Backoff::default();
     let save_files = files.clone();
@@ -358,7 +413,7 @@ async fn sync_loop(context: SyncContext, fatal: watch::Sender<Option<Stop>>) {
     loop {
         let mut current = client.borrow().clone();
         let started = std::time::Instant::now();
-        match sync::follow(&mut current, &authorized, &trust, &on_bundle).await {
+        match sync::follow(&mut current, &authorized, &trust, &on_bundle, &metrics).await {
             StreamEnd::Broken(reason) => {
                 if started.elapsed() > Duration::from_secs(5) {
                     backoff.reset();

@@ -1,11 +1,13 @@
 //! What `mayflyd` and `mayfly-agent` share beyond the wire: SPIFFE IDs and selectors parsed
 //! once, the SVID rules (building, checking, bundles, JWTs), SPIFFE-aware mTLS, Cedar policy decisions, the clock,
-//! atomic files, and how a program loads its config and starts its logging.
+//! atomic files, how a program loads its config and starts its logging, and the operations
+//! endpoint (metrics, liveness, readiness) each serves.
 
 #![forbid(unsafe_code)]
 
 pub mod clock;
 pub mod fsutil;
+pub mod ops;
 pub mod policy;
 pub mod process;
 pub mod selector;

@@ -11,6 +11,7 @@ pub mod creds;
 pub mod dev;
 pub mod elevation;
 pub use mayfly_common::fsutil;
+pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

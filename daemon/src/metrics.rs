@@ -1,48 +1,46 @@
-//! The daemon's counters and gauges, kept in atomics and shared as one `Arc<Metrics>`, and
-//! the optional HTTP endpoint (`metrics_listen`) that serves them in the Prometheus text
-//! format. Labels carry names only (secret names, outcomes), never a value.
+//! The daemon's counters and gauges, in one prometheus-client registry shared as one
+//! `Arc<Metrics>`, served in the Prometheus text format by the operations endpoint
+//! (`metrics_listen`, see `crate::health`). Labels carry names only (secret names,
+//! outcomes), never a value.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::fmt::{self, Write as _};
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
 
 /// How a rotation ended, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RotationOutcome {
     Promoted,
     Failed,
 }
 
 /// Which kind of SVID was signed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SvidKind {
     X509,
     Jwt,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    /// Per secret: [promoted, failed].
-    rotations: RwLock<BTreeMap<String, Arc<[AtomicU64; 2]>>>,
-    step_retries: AtomicU64,
-    secret_value_reads: AtomicU64,
-    x509_signed: AtomicU64,
-    jwt_signed: AtomicU64,
-    connected_agents: AtomicI64,
-    scheduler_leader: AtomicBool,
+    registry: Registry,
+    rotations: Family<RotationLabels, Counter>,
+    step_retries: Counter,
+    secret_value_reads: Counter,
+    svids_signed: Family<KindLabel, Counter>,
+    connected_agents: Gauge,
+    scheduler_leader: Gauge,
     /// The last blast-radius report's fleet figures, when one was made.
-    blast: RwLock<Option<BlastFigures>>,
+    blast: Arc<BlastGauges>,
 }
 
 /// What the metrics carry of the fleet's blast radius.
@@ -60,184 +58,187 @@ pub struct ConnectedAgent(Arc<Metrics>);
 
 impl Drop for ConnectedAgent {
     fn drop(&mut self) {
-        self.0.connected_agents.fetch_sub(1, Ordering::Relaxed);
+        self.0.connected_agents.dec();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let rotations = Family::<RotationLabels, Counter>::default();
+        let step_retries = Counter::default();
+        let secret_value_reads = Counter::default();
+        let svids_signed = Family::<KindLabel, Counter>::default();
+        // Both kinds are shown from the start, at 0: a scraper sees the series before the
+        // first signature, so a rate over it needs no special case.
+        for kind in [SvidKind::X509, SvidKind::Jwt] {
+            let _ = svids_signed.get_or_create(&KindLabel { kind });
+        }
+        let connected_agents = Gauge::default();
+        let scheduler_leader = Gauge::default();
+        let blast = Arc::new(BlastGauges::default());
+
+        // Help texts without a final period: the registry adds one.
+        let mut registry = Registry::default();
+        registry.register(
+            "mayfly_rotations",
+            "Rotations finished, by secret and outcome (promoted, or failed after max_attempts)",
+            rotations.clone(),
+        );
+        registry.register(
+            "mayfly_rotation_step_retries",
+            "Rotation steps that failed and were tried again",
+            step_retries.clone(),
+        );
+        registry.register(
+            "mayfly_secret_value_reads",
+            "Reads of a secret's current value from its store (local, AWS or Vault)",
+            secret_value_reads.clone(),
+        );
+        registry.register(
+            "mayfly_svids_signed",
+            "SVIDs signed by this daemon (agent and workload X509-SVIDs, JWT-SVIDs)",
+            svids_signed.clone(),
+        );
+        registry.register(
+            "mayfly_connected_agents",
+            "Agents holding a sync stream open to this daemon",
+            connected_agents.clone(),
+        );
+        registry.register(
+            "mayfly_scheduler_leader",
+            "1 while this daemon holds the scheduler lease and runs scheduled rotations",
+            scheduler_leader.clone(),
+        );
+        registry.register_collector(Box::new(blast.clone()));
+        Self {
+            registry,
+            rotations,
+            step_retries,
+            secret_value_reads,
+            svids_signed,
+            connected_agents,
+            scheduler_leader,
+            blast,
+        }
     }
 }
 
 impl Metrics {
     pub fn rotation_finished(&self, secret: &str, outcome: RotationOutcome) {
-        let index = match outcome {
-            RotationOutcome::Promoted => 0,
-            RotationOutcome::Failed => 1,
-        };
-        let known = self
-            .rotations
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(secret)
-            .cloned();
-        let counts = match known {
-            Some(counts) => counts,
-            None => self
-                .rotations
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(secret.to_string())
-                .or_default()
-                .clone(),
-        };
-        counts[index].fetch_add(1, Ordering::Relaxed);
+        // Both outcomes of a secret are shown once it has rotated, the other at 0, so
+        // that "failed" reads 0 rather than absent for a secret that never failed.
+        for each in [RotationOutcome::Promoted, RotationOutcome::Failed] {
+            let counter = self.rotations.get_or_create(&RotationLabels {
+                secret: secret.to_string(),
+                outcome: each,
+            });
+            if each == outcome {
+                counter.inc();
+            }
+        }
     }
 
     /// A rotation step failed and will be tried again.
     pub fn step_retried(&self) {
-        self.step_retries.fetch_add(1, Ordering::Relaxed);
+        self.step_retries.inc();
     }
 
     /// A secret's current value was read from its store (a query, or an AWS or Vault
     /// call): for an operator, a connecting agent, or a promotion's one push.
     pub fn secret_value_read(&self) {
-        self.secret_value_reads.fetch_add(1, Ordering::Relaxed);
+        self.secret_value_reads.inc();
     }
 
     pub fn svids_signed(&self, kind: SvidKind, count: u64) {
-        let counter = match kind {
-            SvidKind::X509 => &self.x509_signed,
-            SvidKind::Jwt => &self.jwt_signed,
-        };
-        counter.fetch_add(count, Ordering::Relaxed);
+        self.svids_signed
+            .get_or_create(&KindLabel { kind })
+            .inc_by(count);
     }
 
     /// Counts an agent as connected until the returned guard is dropped.
     pub fn agent_connected(self: &Arc<Self>) -> ConnectedAgent {
-        self.connected_agents.fetch_add(1, Ordering::Relaxed);
+        self.connected_agents.inc();
         ConnectedAgent(self.clone())
     }
 
     pub fn set_scheduler_leader(&self, leader: bool) {
-        self.scheduler_leader.store(leader, Ordering::Relaxed);
+        self.scheduler_leader.set(i64::from(leader));
     }
 
     pub fn set_blast_radius(&self, figures: BlastFigures) {
-        *self.blast.write().unwrap_or_else(|p| p.into_inner()) = Some(figures);
+        *self.blast.0.write().unwrap_or_else(|p| p.into_inner()) = Some(figures);
     }
 
     /// Everything, in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        header(
-            &mut out,
-            "mayfly_rotations_total",
-            "counter",
-            "Rotations finished, by secret and outcome (promoted, or failed after max_attempts).",
-        );
-        for (secret, counts) in self
-            .rotations
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            for (outcome, count) in [("promoted", &counts[0]), ("failed", &counts[1])] {
-                let _ = writeln!(
-                    out,
-                    "mayfly_rotations_total{{secret=\"{}\",outcome=\"{outcome}\"}} {}",
-                    escape_label(secret),
-                    count.load(Ordering::Relaxed)
-                );
-            }
+        mayfly_common::ops::render(&self.registry)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RotationLabels {
+    secret: String,
+    outcome: RotationOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: SvidKind,
+}
+
+impl EncodeLabelValue for RotationOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        encoder.write_str(match self {
+            RotationOutcome::Promoted => "promoted",
+            RotationOutcome::Failed => "failed",
+        })
+    }
+}
+
+impl EncodeLabelValue for SvidKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        encoder.write_str(match self {
+            SvidKind::X509 => "x509",
+            SvidKind::Jwt => "jwt",
+        })
+    }
+}
+
+/// The blast-radius gauges: absent until the first report, so that a scraper cannot
+/// mistake "not computed yet" for "no principal".
+#[derive(Debug, Default)]
+struct BlastGauges(RwLock<Option<BlastFigures>>);
+
+impl Collector for BlastGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(blast) = self.0.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(());
+        };
+        let principals = ConstGauge::new(blast.principals as i64);
+        principals.encode(encoder.encode_descriptor(
+            "mayfly_principals",
+            "Principals in the last blast-radius report (workloads and operators).",
+            None,
+            principals.metric_type(),
+        )?)?;
+        let zero = ConstGauge::new(blast.zero_standing as i64);
+        zero.encode(encoder.encode_descriptor(
+            "mayfly_principals_zero_standing_privilege",
+            "Principals holding no standing secret or credential.",
+            None,
+            zero.metric_type(),
+        )?)?;
+        let mut exposure = encoder.encode_descriptor(
+            "mayfly_credential_exposure_seconds",
+            "Remaining lifetime of every outstanding credential, summed by sensitivity.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (sensitivity, seconds) in &blast.exposure {
+            let labels = [("sensitivity", sensitivity.as_str())];
+            ConstGauge::new(*seconds).encode(exposure.encode_family(&labels)?)?;
         }
-        header(
-            &mut out,
-            "mayfly_rotation_step_retries_total",
-            "counter",
-            "Rotation steps that failed and were tried again.",
-        );
-        let _ = writeln!(
-            out,
-            "mayfly_rotation_step_retries_total {}",
-            self.step_retries.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "mayfly_secret_value_reads_total",
-            "counter",
-            "Reads of a secret's current value from its store (local, AWS or Vault).",
-        );
-        let _ = writeln!(
-            out,
-            "mayfly_secret_value_reads_total {}",
-            self.secret_value_reads.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "mayfly_svids_signed_total",
-            "counter",
-            "SVIDs signed by this daemon (agent and workload X509-SVIDs, JWT-SVIDs).",
-        );
-        for (kind, counter) in [("x509", &self.x509_signed), ("jwt", &self.jwt_signed)] {
-            let _ = writeln!(
-                out,
-                "mayfly_svids_signed_total{{kind=\"{kind}\"}} {}",
-                counter.load(Ordering::Relaxed)
-            );
-        }
-        header(
-            &mut out,
-            "mayfly_connected_agents",
-            "gauge",
-            "Agents holding a sync stream open to this daemon.",
-        );
-        let _ = writeln!(
-            out,
-            "mayfly_connected_agents {}",
-            self.connected_agents.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "mayfly_scheduler_leader",
-            "gauge",
-            "1 while this daemon holds the scheduler lease and runs scheduled rotations.",
-        );
-        let _ = writeln!(
-            out,
-            "mayfly_scheduler_leader {}",
-            u8::from(self.scheduler_leader.load(Ordering::Relaxed))
-        );
-        let blast = self.blast.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(blast) = blast {
-            header(
-                &mut out,
-                "mayfly_principals",
-                "gauge",
-                "Principals in the last blast-radius report (workloads and operators).",
-            );
-            let _ = writeln!(out, "mayfly_principals {}", blast.principals);
-            header(
-                &mut out,
-                "mayfly_principals_zero_standing_privilege",
-                "gauge",
-                "Principals holding no standing secret or credential.",
-            );
-            let _ = writeln!(
-                out,
-                "mayfly_principals_zero_standing_privilege {}",
-                blast.zero_standing
-            );
-            header(
-                &mut out,
-                "mayfly_credential_exposure_seconds",
-                "gauge",
-                "Remaining lifetime of every outstanding credential, summed by sensitivity.",
-            );
-            for (sensitivity, seconds) in &blast.exposure {
-                let _ = writeln!(
-                    out,
-                    "mayfly_credential_exposure_seconds{{sensitivity=\"{}\"}} {seconds}",
-                    escape_label(sensitivity)
-                );
-            }
-        }
-        out
+        Ok(())
     }
 }
 
@@ -264,83 +265,6 @@ pub async fn track_blast_radius(blast: Arc<crate::blast::BlastRadius>, metrics: 
             Err(e) => tracing::warn!(error = %e, "blast-radius report for the metrics failed"),
         }
     }
-}
-
-/// Serves `GET /metrics` on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&request, &metrics)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(peer = %peer, error = %e, "metrics connection ended");
-            }
-        });
-    }
-}
-
-/// Binds the endpoint, naming the address when that fails.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    use anyhow::Context as _;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint (metrics_listen) on {addr}"))
-}
-
-fn answer(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        ),
-        (_, "/metrics") => (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "only GET /metrics\n".to_string(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found: metrics are at /metrics\n".to_string(),
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    response
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Wiring: opens the store, starts the CA and the rotation engine, and serves the node and
-//! admin APIs (and the metrics endpoint, when configured) until shutdown. Everything the daemon runs is assembled here and nowhere else.
+//! admin APIs (and the operations endpoint: metrics, health, readiness, when configured) until shutdown. Everything the daemon runs is assembled here and nowhere else.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,8 +22,9 @@ use crate::ca::manager::CaManager;
 use crate::config::DaemonConfig;
 use crate::creds::Broker;
 use crate::fsutil;
+use crate::health::DaemonHealth;
 use crate::identity::{Clock, Registry, SystemClock};
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::PolicyEngine;
 use crate::revoke::Revoker;
 use crate::secrets::engine::{LeaseSettings, RotationEngine};
@@ -84,7 +85,7 @@ pub async fn start(
         renewal: config.scheduler.lease_renewal,
     };
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(metrics::bind(addr).await?),
+        Some(addr) => Some(mayfly_common::ops::bind(addr).await?),
         None => None,
     };
     let secrets = RotationEngine::start(
@@ -238,7 +239,12 @@ pub async fn start(
     let metrics_addr = match metrics_listener {
         Some(listener) => {
             let addr = listener.local_addr()?;
-            tokio::spawn(metrics::serve(listener, metrics, stop_rx.clone()));
+            let health = DaemonHealth::new(metrics, store.clone(), ca.clone(), clock.clone());
+            tokio::spawn(mayfly_common::ops::serve(
+                listener,
+                Arc::new(health),
+                stop_rx.clone(),
+            ));
             Some(addr)
         }
         None => None,

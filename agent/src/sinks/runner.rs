@@ -17,6 +17,7 @@ use super::render::{RenderError, RenderedFile, leases_of, render};
 use super::{OnChange, OnRevoke, PidSource, Sink, SinkKind, SvidSelect};
 use crate::credentials::{CredentialKey, HeldCredentials};
 use crate::exec::Update;
+use crate::ops::AgentMetrics;
 use crate::state::WorkloadState;
 
 /// How often a pass that left a file unwritten is tried again without a state change.
@@ -30,6 +31,8 @@ pub struct SinkRunner {
     /// The credentials the `[exec]` child's environment names.
     exec_credentials: Vec<CredentialKey>,
     progress: watch::Sender<SinkProgress>,
+    /// Counts each sink's writes and failures for the agent's operations endpoint.
+    metrics: Arc<AgentMetrics>,
 }
 
 /// How far the sinks have caught up with the agent's state, and what they did about each
@@ -71,7 +74,14 @@ impl SinkRunner {
             exec,
             exec_credentials: Vec::new(),
             progress: watch::channel(SinkProgress::default()).0,
+            metrics: Arc::new(AgentMetrics::default()),
         }
+    }
+
+    /// Counts each sink's writes and failures into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The credentials to hand the `[exec]` child with every update.
@@ -148,6 +158,7 @@ impl SinkRunner {
             let mut actions = Vec::new();
             for index in &pass.changed {
                 let sink = &self.sinks[*index];
+                self.metrics.sink_written(&sink.label);
                 restart |= self.fire(sink);
                 if sink.on_change != OnChange::Nothing {
                     actions.push(format!("{}: {}", sink.label, describe(&sink.on_change)));
@@ -190,6 +201,7 @@ impl SinkRunner {
                 progress.applied = current.version;
             });
             for (index, why) in &pass.failures {
+                self.metrics.sink_failed(&self.sinks[*index].label);
                 // Once per distinct failure, not once per retry.
                 if reported.get(index) != Some(why) {
                     tracing::error!(sink = %self.sinks[*index].label, error = %why, "sink not updated; the previous file is left as it was");

@@ -19,6 +19,8 @@ use mayfly_common::tls::TrustBundle;
 use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self, sync_message::Update};
 
+use crate::ops::AgentMetrics;
+
 /// What the daemon last told this agent it may hold.
 #[derive(Clone, Default, PartialEq)]
 pub struct Authorized {
@@ -81,19 +83,25 @@ pub enum StreamEnd {
 }
 
 /// Runs one sync stream to its end, publishing every change.
+/// `metrics` learn when the stream is open and when the daemon was last heard.
 pub async fn follow(
     client: &mut NodeClient<Channel>,
     authorized: &watch::Sender<Authorized>,
     trust: &TrustBundle,
     on_bundle: &(dyn Fn(&v1::Bundle) + Send + Sync),
+    metrics: &Arc<AgentMetrics>,
 ) -> StreamEnd {
     let mut stream = match client.sync(v1::SyncRequest {}).await {
         Ok(response) => response.into_inner(),
         Err(status) => return classify(status),
     };
+    let _open = metrics.sync_opened();
     loop {
         let message = match stream.next().await {
-            Some(Ok(message)) => message,
+            Some(Ok(message)) => {
+                metrics.heard_from_daemon();
+                message
+            }
             Some(Err(status)) => return classify(status),
             None => return StreamEnd::Broken("the daemon closed the sync stream".into()),
         };

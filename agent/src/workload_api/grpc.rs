@@ -55,6 +55,21 @@ enum Rpc {
 }
 
 impl Rpc {
+    /// The method's name, as its metrics label.
+    fn name(self) -> &'static str {
+        match self {
+            Self::FetchX509Svid => "FetchX509SVID",
+            Self::FetchX509Bundles => "FetchX509Bundles",
+            Self::FetchJwtSvid => "FetchJWTSVID",
+            Self::FetchJwtBundles => "FetchJWTBundles",
+            Self::ValidateJwtSvid => "ValidateJWTSVID",
+            Self::WatchSecrets => "WatchSecrets",
+            Self::GetCredential => "GetCredential",
+            Self::RequestElevation => "RequestElevation",
+            Self::EndElevation => "EndElevation",
+        }
+    }
+
     fn from_path(path: &str) -> Option<Self> {
         Some(match path {
             "/SpiffeWorkloadAPI/FetchX509SVID" => Self::FetchX509Svid,
@@ -95,6 +110,9 @@ pub(crate) async fn handle(
         return response;
     }
     let Some(rpc) = Rpc::from_path(request.uri().path()) else {
+        // One label for every unknown path: a caller must not mint series at will.
+        api.metrics()
+            .request_answered("other", tonic::Code::Unimplemented);
         return trailers_only(Status::unimplemented(format!(
             "{} is not a method of this Workload API",
             request.uri().path()
@@ -102,7 +120,10 @@ pub(crate) async fn handle(
     };
     let deadline = match deadline(request.headers()) {
         Ok(deadline) => deadline,
-        Err(status) => return trailers_only(status),
+        Err(status) => {
+            api.metrics().request_answered(rpc.name(), status.code());
+            return trailers_only(status);
+        }
     };
     let call = dispatch(api, rpc, peer, request);
     let outcome = match deadline {
@@ -111,6 +132,10 @@ pub(crate) async fn handle(
             .unwrap_or_else(|_| Err(deadline_exceeded())),
         None => call.await,
     };
+    let code = outcome
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
+    api.metrics().request_answered(rpc.name(), code);
     match outcome {
         Ok(reply) => {
             let mut response = http::Response::new(GrpcBody::reply(reply, deadline));

@@ -30,6 +30,7 @@ use mayfly_proto::workload::{
 };
 
 use crate::credentials::CredentialCache;
+use crate::ops::AgentMetrics;
 use crate::state::{EntryView, JwtIssuer, WorkloadState};
 use crate::workload_api::jwt::{JWT_CACHE_CAPACITY, JwtCache, JwtCacheKey, claims_to_struct};
 use crate::workload_api::streams::{
@@ -70,6 +71,8 @@ pub struct WorkloadApi {
     denials: Option<crate::sync::denials::DenialSink>,
     /// Where `GetCredential` gets its credentials; without it the call is unimplemented.
     credentials: Option<CredentialCache>,
+    /// Counts calls and connections for the agent's operations endpoint.
+    metrics: Arc<AgentMetrics>,
 }
 
 impl WorkloadApi {
@@ -87,7 +90,18 @@ impl WorkloadApi {
             closing: Arc::new(watch::Sender::new(false)),
             denials: None,
             credentials: None,
+            metrics: Arc::new(AgentMetrics::default()),
         }
+    }
+
+    /// Counts calls and connections into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<AgentMetrics> {
+        &self.metrics
     }
 
     /// Serves `GetCredential` from `cache`.

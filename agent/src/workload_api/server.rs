@@ -146,6 +146,7 @@ fn serve_connection(
     mut closing: watch::Receiver<bool>,
     open: mpsc::Sender<Infallible>,
 ) -> impl Future<Output = ()> + Send + 'static {
+    let connected = api.metrics().workload_connected();
     let service = service_fn(move |request| -> HandlerFuture {
         let api = api.clone();
         Box::pin(async move { Ok(grpc::handle(&api, peer, request).await) })
@@ -153,6 +154,7 @@ fn serve_connection(
     let mut connection = Box::pin(http2.serve_connection(TokioIo::new(stream), service));
     async move {
         let _open = open;
+        let _connected = connected;
         let result = tokio::select! {
             result = connection.as_mut() => result,
             () = async { let _ = closing.wait_for(|closing| *closing).await; } => {

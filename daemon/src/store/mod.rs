@@ -196,6 +196,14 @@ impl Store {
         })
     }
 
+    /// Runs the most trivial query there is: the datastore answers, whatever its schema.
+    /// Waits for a pooled connection as long as any query would; callers that must
+    /// answer sooner bound it themselves.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Closes every pooled connection; later calls fail. Lets tests and shutdown release a
     /// PostgreSQL database or the SQLite file deterministically.
     pub async fn close(&self) {
