@@ -13,6 +13,7 @@ pub mod creds;
 pub mod creds_cache;
 pub mod elevation;
 pub mod fanout;
+pub mod ha;
 pub mod http1;
 pub mod mayfly;
 pub mod openbao;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
 use mayfly_tests::bench::{
-    agent, blast, creds, creds_cache, elevation, fanout, mayfly, openbao, policy, revocation,
+    agent, blast, creds, creds_cache, elevation, fanout, ha, mayfly, openbao, policy, revocation,
     rotation, sinks,
 };
 
@@ -160,6 +160,19 @@ enum Cmd {
         agents: usize,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// Several daemons on one PostgreSQL: entry changes through another daemon than the
+    /// agent's, timed to the agent's stream (and through its own, as the baseline).
+    Ha {
+        /// `NODE_ADDR,ADMIN_SOCKET` of each daemon (repeat); node addresses on 127.0.0.1.
+        #[arg(long = "daemon", required = true)]
+        daemons: Vec<String>,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        #[arg(long, default_value_t = 300)]
+        agents: usize,
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
     },
     /// The blast-radius report over a fleet: `--all` and one principal's, timed.
     Blast {
@@ -348,6 +361,37 @@ fn real_main() -> Result<ExitCode> {
                 .await?;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(if result.bulk_left == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Cmd::Ha {
+                daemons,
+                trust_domain,
+                agents,
+                changes,
+            } => {
+                let mut parsed = Vec::new();
+                for daemon in daemons {
+                    let (addr, socket) = daemon.split_once(',').ok_or_else(|| {
+                        anyhow::anyhow!("--daemon {daemon}: give NODE_ADDR,ADMIN_SOCKET")
+                    })?;
+                    anyhow::ensure!(
+                        addr.starts_with("127.0.0.1:"),
+                        "--daemon {addr}: the bench talks to 127.0.0.1 only"
+                    );
+                    parsed.push((addr.to_string(), std::path::PathBuf::from(socket)));
+                }
+                let result = ha::run(&ha::Options {
+                    daemons: parsed,
+                    trust_domain,
+                    agents,
+                    changes,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(if result.missed == 0 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
