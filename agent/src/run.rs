@@ -69,6 +69,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(RunningAgent, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let files = IdentityFiles::new(&config.data_dir);
+    files.check().map_err(anyhow::Error::msg)?;
     let tokens = TokenSource {
         flag: join_token,
         config: config.join_token.clone(),
