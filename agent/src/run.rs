@@ -193,7 +193,8 @@ pub async fn start(
     )
     .with_denials(denials)
     .with_credentials(credentials)
-    .with_metrics(metrics);
+    .with_metrics(metrics)
+    .with_limits(config.connection_limits());
     let socket = config.socket_path.clone();
     let listener = crate::workload_api::bind(&socket)?;
     let spiffe_id = identity.borrow().spiffe_id.to_string();
