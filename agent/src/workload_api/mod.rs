@@ -164,11 +164,24 @@ impl WorkloadApi {
             .extensions()
             .get::<PeerCredentials>()
             .ok_or(WorkloadApiError::NoPeerCredentials)?;
-        let selectors = self
-            .attestor
-            .attest(peer)
-            .await
-            .map_err(|source| WorkloadApiError::Attestation { source })?;
+        let selectors = match self.attestor.attest(peer).await {
+            Ok(selectors) => selectors,
+            Err(source) => {
+                // A process that changed under its connection (it executed another
+                // program, the pid was reused) is what a borrowed connection looks like:
+                // the daemon's trail hears of it, with the reason the caller is not told.
+                if matches!(
+                    source,
+                    crate::attest::workload::AttestError::ProcessChanged { .. }
+                ) {
+                    tracing::warn!(pid = ?peer.pid, uid = peer.uid, error = %source, "Workload API call refused");
+                    if let Some(sink) = &self.denials {
+                        sink.deny(call, &[Selector::Uid(peer.uid)], &source.to_string());
+                    }
+                }
+                return Err(WorkloadApiError::Attestation { source });
+            }
+        };
         tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = selectors.len(), "workload attested");
         Ok(selectors)
     }
