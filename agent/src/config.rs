@@ -46,6 +46,18 @@ pub struct AgentConfig {
     /// Where to serve /metrics, /healthz and /readyz over plain HTTP; off when absent.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Workload API connections one uid may hold open at once (more are closed at accept).
+    #[serde(default = "default_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Workload API connections all uids together may hold open.
+    #[serde(default = "default_connections")]
+    pub max_connections: usize,
+    /// A Workload API connection that has sent no request by then is closed.
+    #[serde(
+        default = "default_first_request_timeout",
+        deserialize_with = "mayfly_common::process::duration"
+    )]
+    pub first_request_timeout: std::time::Duration,
     /// Files kept up to date with SVIDs and granted secrets (`[[sink]]`).
     #[serde(default, rename = "sink")]
     pub sinks: Vec<crate::sinks::SinkConfig>,
@@ -80,6 +92,29 @@ pub struct ExecConfig {
         deserialize_with = "mayfly_common::process::duration"
     )]
     pub stop_timeout: std::time::Duration,
+}
+
+fn default_connections_per_uid() -> usize {
+    crate::workload_api::ConnectionLimits::default().per_uid
+}
+
+fn default_connections() -> usize {
+    crate::workload_api::ConnectionLimits::default().total
+}
+
+fn default_first_request_timeout() -> std::time::Duration {
+    crate::workload_api::ConnectionLimits::default().first_request
+}
+
+impl AgentConfig {
+    /// The Workload API's connection caps, as configured.
+    pub fn connection_limits(&self) -> crate::workload_api::ConnectionLimits {
+        crate::workload_api::ConnectionLimits {
+            per_uid: self.max_connections_per_uid.max(1),
+            total: self.max_connections.max(1),
+            first_request: self.first_request_timeout,
+        }
+    }
 }
 
 pub use mayfly_common::process::ConfigError;
@@ -168,6 +203,9 @@ impl AgentConfig {
             max_csr_batch: default_batch(),
             log: LogConfig::default(),
             metrics_listen: None,
+            max_connections_per_uid: default_connections_per_uid(),
+            max_connections: default_connections(),
+            first_request_timeout: default_first_request_timeout(),
             sinks: Vec::new(),
             exec: None,
         }

@@ -69,6 +69,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(RunningAgent, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let files = IdentityFiles::new(&config.data_dir);
+    files.check().map_err(anyhow::Error::msg)?;
     let tokens = TokenSource {
         flag: join_token,
         config: config.join_token.clone(),
@@ -192,7 +193,8 @@ pub async fn start(
     )
     .with_denials(denials)
     .with_credentials(credentials)
-    .with_metrics(metrics);
+    .with_metrics(metrics)
+    .with_limits(config.connection_limits());
     let socket = config.socket_path.clone();
     let listener = crate::workload_api::bind(&socket)?;
     let spiffe_id = identity.borrow().spiffe_id.to_string();

@@ -235,6 +235,12 @@ fn with_nss_buffer<T>(
     }
 }
 
+/// geteuid(2): who owns what the agent keeps keys in.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// What only the tests need: who they run as, children under other ids, zombies.
 #[cfg(test)]
 pub(crate) mod testing {

@@ -66,6 +66,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<String> {
         Command::Audit { command, conn } => operator::audit(command, &conn).await,
         Command::Policy { command, conn } => policy::policy(command, &conn).await,
         Command::Elevation { command, conn } => elevation::elevation(command, &conn).await,
+        Command::Backup { out, conn } => operator::backup(out, &conn).await,
         Command::BlastRadius {
             principal,
             all,

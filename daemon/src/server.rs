@@ -53,8 +53,24 @@ pub async fn start(
     // changes anything.
     let policy = PolicyEngine::load(config.policy.clone(), clock.clone())
         .map_err(|e| anyhow::anyhow!("loading the policies: {}", e.problems().join("\n  ")))?;
+    // Checked before it is chmodded: a data_dir of another user's, or one under a
+    // directory others may write, could hold a sealing key an attacker planted.
+    if let Ok(meta) = std::fs::metadata(&config.data_dir) {
+        use std::os::unix::fs::MetadataExt;
+        let me = crate::sys::effective_uid();
+        anyhow::ensure!(
+            meta.uid() == me,
+            "data_dir {} is owned by uid {}, not by this daemon (uid {me}): another user could \
+             have planted keys there; use a directory of this user's",
+            config.data_dir.display(),
+            meta.uid()
+        );
+    }
     fsutil::ensure_private_dir(&config.data_dir, 0o700)
         .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+    fsutil::check_private_dir(&config.data_dir, crate::sys::effective_uid())
+        .map_err(|why| anyhow::anyhow!("data_dir: {why}"))?;
+    check_key_files(&config.data_dir)?;
     let url = Some(config.datastore_url.as_str()).filter(|u| !u.is_empty());
     let store = Store::connect(url, &config.data_dir)
         .await
@@ -401,4 +417,18 @@ async fn check_sealing_key(
             data_dir.display()
         ),
     }
+}
+
+/// Refuses key files in `data_dir` (the sealing key, CA keys an older version left in
+/// `ca/`) that another user owns or may read or write, naming each and what to do.
+fn check_key_files(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let me = crate::sys::effective_uid();
+    let mut keys = vec![data_dir.join("secrets.key")];
+    if let Ok(dir) = std::fs::read_dir(data_dir.join("ca")) {
+        keys.extend(dir.flatten().map(|e| e.path()));
+    }
+    for key in keys {
+        fsutil::check_private_file(&key, me).map_err(|why| anyhow::anyhow!("{why}"))?;
+    }
+    Ok(())
 }

@@ -84,6 +84,18 @@ impl IdentityFiles {
         self.dir.join("agent-svid.pem")
     }
 
+    /// Refuses a data_dir, or an agent key in it, that another user owns or may write:
+    /// whoever can plant the key there is the agent. Nothing to check before it exists.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.dir.exists() {
+            return Ok(());
+        }
+        let me = crate::sys::euid();
+        fsutil::check_private_dir(&self.dir, me)
+            .and_then(|()| fsutil::check_private_file(&self.key_path(), me))
+            .map_err(|why| format!("data_dir: {why}"))
+    }
+
     fn key_path(&self) -> PathBuf {
         self.dir.join("agent-svid.key")
     }

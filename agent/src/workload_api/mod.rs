@@ -38,7 +38,7 @@ use crate::workload_api::streams::{
 };
 
 pub use error::{ServeError, WorkloadApiError};
-pub use server::{bind, serve, serve_listener};
+pub use server::{ConnectionLimits, bind, serve, serve_listener};
 
 /// The kernel's view of the process at the other end of the socket (`SO_PEERCRED`): one
 /// type for the transport that reads it and the attestor that checks it.
@@ -73,6 +73,8 @@ pub struct WorkloadApi {
     credentials: Option<CredentialCache>,
     /// Counts calls and connections for the agent's operations endpoint.
     metrics: Arc<AgentMetrics>,
+    /// How many connections one uid, and all together, may hold open.
+    limits: server::ConnectionLimits,
 }
 
 impl WorkloadApi {
@@ -91,10 +93,20 @@ impl WorkloadApi {
             denials: None,
             credentials: None,
             metrics: Arc::new(AgentMetrics::default()),
+            limits: server::ConnectionLimits::default(),
         }
     }
 
     /// Counts calls and connections into `metrics`.
+    pub fn with_limits(mut self, limits: server::ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub(crate) fn limits(&self) -> server::ConnectionLimits {
+        self.limits
+    }
+
     pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
         self.metrics = metrics;
         self
@@ -152,11 +164,24 @@ impl WorkloadApi {
             .extensions()
             .get::<PeerCredentials>()
             .ok_or(WorkloadApiError::NoPeerCredentials)?;
-        let selectors = self
-            .attestor
-            .attest(peer)
-            .await
-            .map_err(|source| WorkloadApiError::Attestation { source })?;
+        let selectors = match self.attestor.attest(peer).await {
+            Ok(selectors) => selectors,
+            Err(source) => {
+                // A process that changed under its connection (it executed another
+                // program, the pid was reused) is what a borrowed connection looks like:
+                // the daemon's trail hears of it, with the reason the caller is not told.
+                if matches!(
+                    source,
+                    crate::attest::workload::AttestError::ProcessChanged { .. }
+                ) {
+                    tracing::warn!(pid = ?peer.pid, uid = peer.uid, error = %source, "Workload API call refused");
+                    if let Some(sink) = &self.denials {
+                        sink.deny(call, &[Selector::Uid(peer.uid)], &source.to_string());
+                    }
+                }
+                return Err(WorkloadApiError::Attestation { source });
+            }
+        };
         tracing::debug!(pid = ?peer.pid, uid = peer.uid, selectors = selectors.len(), "workload attested");
         Ok(selectors)
     }

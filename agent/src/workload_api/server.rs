@@ -2,6 +2,7 @@
 //! comes from the kernel's peer credentials, not from who may connect) and serving it until
 //! shutdown, ending open streams so that shutdown does not wait on them forever.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt as _;
@@ -56,8 +57,11 @@ pub async fn serve_listener(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let closing = api.closing_handle();
+    let limits = api.limits();
     let api = Arc::new(api);
     let http2 = http2_settings();
+    let open_by_uid: Arc<std::sync::Mutex<HashMap<u32, usize>>> = Arc::default();
+    let refused_note = std::sync::Mutex::new(std::collections::HashSet::<u32>::new());
     // Each connection task holds a sender; recv() returns None once every one is gone.
     let (open_tx, mut all_closed) = mpsc::channel::<Infallible>(1);
     let mut shutdown = pin!(shutdown);
@@ -67,6 +71,19 @@ pub async fn serve_listener(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let peer = peer_credentials(&stream);
+                    // One uid (or everyone together) holding too many connections open
+                    // would leave the agent out of descriptors for registered workloads,
+                    // its sinks and its daemon: beyond the cap a connection is closed at
+                    // once, before it costs more than the accept.
+                    let uid = peer.as_ref().map_or(u32::MAX, |p| p.uid);
+                    let Some(slot) = ConnectionSlot::take(&open_by_uid, uid, limits) else {
+                        let mut noted = refused_note.lock().unwrap_or_else(|p| p.into_inner());
+                        if noted.insert(uid) {
+                            tracing::warn!(uid, per_uid = limits.per_uid, total = limits.total, "Workload API connection refused: too many open (logged once per uid)");
+                        }
+                        drop(stream);
+                        continue;
+                    };
                     tokio::spawn(serve_connection(
                         &http2,
                         stream,
@@ -74,6 +91,8 @@ pub async fn serve_listener(
                         api.clone(),
                         closing.subscribe(),
                         open_tx.clone(),
+                        slot,
+                        limits.first_request,
                     ));
                 }
                 Err(e) => {
@@ -94,6 +113,66 @@ pub async fn serve_listener(
 
 /// How long the accept loop pauses after a failed accept (EMFILE would otherwise spin).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Caps on open Workload API connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Per peer uid.
+    pub per_uid: usize,
+    /// All uids together.
+    pub total: usize,
+    /// A connection that has sent no request by then (its HTTP/2 preface included) is
+    /// closed: an idle connection holds a descriptor and gives nothing.
+    pub first_request: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            per_uid: 1024,
+            total: 16_384,
+            first_request: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One open connection counted against its uid; released when dropped.
+struct ConnectionSlot {
+    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl ConnectionSlot {
+    fn take(
+        open: &Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+        uid: u32,
+        limits: ConnectionLimits,
+    ) -> Option<Self> {
+        let mut counts = open.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = counts.values().sum();
+        let mine = counts.get(&uid).copied().unwrap_or(0);
+        if mine >= limits.per_uid || total >= limits.total {
+            return None;
+        }
+        *counts.entry(uid).or_insert(0) += 1;
+        Some(Self {
+            open: open.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
+}
 
 /// HTTP/2 as a local gRPC server needs it: request bodies are a few hundred bytes, so small
 /// flow-control windows bound what a workload can make the agent buffer; no HPACK table
@@ -138,6 +217,7 @@ fn peer_credentials(stream: &UnixStream) -> Option<PeerCredentials> {
 /// Both the connection and each call's handler are boxed: a task is as large as the future
 /// it runs for as long as it runs, so an inline handler would be paid for by every open
 /// stream long after it returned, and an inline connection would be laid out twice.
+#[allow(clippy::too_many_arguments)]
 fn serve_connection(
     http2: &http2::Builder<TokioExecutor>,
     stream: UnixStream,
@@ -145,21 +225,37 @@ fn serve_connection(
     api: Arc<WorkloadApi>,
     mut closing: watch::Receiver<bool>,
     open: mpsc::Sender<Infallible>,
+    slot: ConnectionSlot,
+    first_request: Duration,
 ) -> impl Future<Output = ()> + Send + 'static {
     let connected = api.metrics().workload_connected();
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asked_here = asked.clone();
     let service = service_fn(move |request| -> HandlerFuture {
         let api = api.clone();
+        asked_here.store(true, std::sync::atomic::Ordering::Relaxed);
         Box::pin(async move { Ok(grpc::handle(&api, peer, request).await) })
     });
     let mut connection = Box::pin(http2.serve_connection(TokioIo::new(stream), service));
     async move {
         let _open = open;
         let _connected = connected;
+        let _slot = slot;
+        let idle = async {
+            tokio::time::sleep(first_request).await;
+            if asked.load(std::sync::atomic::Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        };
         let result = tokio::select! {
             result = connection.as_mut() => result,
             () = async { let _ = closing.wait_for(|closing| *closing).await; } => {
                 connection.as_mut().graceful_shutdown();
                 connection.await
+            }
+            () = idle => {
+                tracing::debug!(?first_request, "Workload API connection closed: no request in time");
+                return;
             }
         };
         if let Err(e) = result {

@@ -48,6 +48,9 @@ pub fn store_status(error: &StoreError) -> Status {
     match error {
         StoreError::NotFound { .. } => Status::not_found(error.to_string()),
         StoreError::Conflict { .. } => Status::already_exists(error.to_string()),
+        StoreError::Unsupported(_) | StoreError::Io { .. } => {
+            Status::failed_precondition(error.to_string())
+        }
         _ => internal("datastore", error),
     }
 }

@@ -113,6 +113,15 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// A consistent copy of the SQLite datastore, taken while the daemon runs (keep it with
+    /// a copy of secrets.key: what is sealed in it opens with that key only).
+    Backup {
+        /// The file to write (new, 0600), on the daemon's host.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// What a principal can reach: standing, eligible by elevation, and held now; or the
     /// whole fleet sorted by exposure (`--all`).
     BlastRadius {

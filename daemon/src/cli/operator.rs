@@ -513,3 +513,31 @@ fn parse_since(text: &str) -> anyhow::Result<i64> {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0))
 }
+
+/// `mayflyd backup --out FILE`: the daemon writes a consistent copy of its SQLite
+/// datastore. A relative path is taken from the current directory.
+pub async fn backup(out: PathBuf, conn: &Connection) -> anyhow::Result<String> {
+    let path = if out.is_absolute() {
+        out
+    } else {
+        std::env::current_dir()?.join(out)
+    };
+    let mut client = connect(conn).await?;
+    let done = call(
+        client
+            .backup(v1::BackupRequest {
+                path: path.display().to_string(),
+            })
+            .await,
+    )?;
+    Ok(match conn.output {
+        OutputFormat::Json => output::pretty(&serde_json::json!({
+            "path": done.path,
+            "bytes": done.bytes,
+        })),
+        OutputFormat::Table => format!(
+            "backed up to {} ({} bytes); keep it with a copy of secrets.key\n",
+            done.path, done.bytes
+        ),
+    })
+}

@@ -46,6 +46,14 @@ pub enum StoreError {
     #[error("CA slot {id:?} is active: activate another slot (or retire it) before deleting it")]
     CaSlotActive { id: String },
 
+    /// What this backend does not do (a backup of PostgreSQL, say).
+    #[error("{0}")]
+    Unsupported(&'static str),
+
+    /// A file the store was asked to write could not be.
+    #[error("{what}: {detail}")]
+    Io { what: &'static str, detail: String },
+
     /// The datastore URL names a database this build does not support.
     #[error(
         "unsupported datastore URL scheme {scheme:?}: use postgres://, postgresql:// or sqlite:, \

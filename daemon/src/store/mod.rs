@@ -169,6 +169,37 @@ impl Store {
         }
     }
 
+    /// Writes a consistent copy of the SQLite datastore to `path` while it is in use
+    /// (`VACUUM INTO`: one read transaction, so the copy is the database at one moment,
+    /// WAL included). The file is created here, 0600 and empty, before SQLite fills it, so
+    /// no other user can read the copy at any point. PostgreSQL has its own tools.
+    pub async fn backup_to(&self, path: &Path) -> Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if self.backend != Backend::Sqlite {
+            return Err(StoreError::Unsupported(
+                "backup of a PostgreSQL datastore: use pg_dump or your PostgreSQL backups",
+            ));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StoreError::Io {
+                what: "backup file",
+                detail: format!("{}: {e}", path.display()),
+            })?;
+        let result = sqlx::query("VACUUM INTO $1")
+            .bind(path.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
+        Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+    }
+
     /// This process's id in change notices.
     pub fn origin(&self) -> &str {
         &self.origin

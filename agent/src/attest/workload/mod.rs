@@ -34,17 +34,32 @@ pub struct PeerCredentials {
     pub uid: u32,
     /// Effective gid of the peer when it connected.
     pub gid: u32,
+    /// The executable the peer ran when it connected (device, inode): a call made after
+    /// the process executed another program is refused, since the connection may by then
+    /// be in the hands of a child that still runs the first one.
+    pub exe: Option<(u64, u64)>,
 }
 
 impl PeerCredentials {
-    /// Takes the SO_PEERCRED credentials of an accepted connection.
+    /// Takes the SO_PEERCRED credentials of an accepted connection, and what its process
+    /// runs now.
     pub fn from_ucred(cred: &UCred) -> PeerCredentials {
+        let pid = visible_pid(cred.pid());
         PeerCredentials {
-            pid: visible_pid(cred.pid()),
+            pid,
             uid: cred.uid(),
             gid: cred.gid(),
+            exe: pid.and_then(exe_stamp),
         }
     }
+}
+
+/// The (device, inode) of the executable `pid` runs.
+fn exe_stamp(pid: i32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Why a workload could not be attested. The workload gets no identity in every case.
@@ -168,6 +183,17 @@ fn collect(peer: PeerCredentials) -> Result<Collected, AttestError> {
         let credentials = process.credentials()?;
         credentials.check_against(&peer, pid)?;
         executable = process.executable()?;
+        // A deleted (upgraded) binary keeps its inode while it runs: this compares that.
+        if let Some(stamp) = peer.exe
+            && exe_stamp(pid) != Some(stamp)
+        {
+            return Err(AttestError::ProcessChanged {
+                pid,
+                reason: "it executed another program since it connected to the Workload API, \
+                         and the connection may now be another process's"
+                    .into(),
+            });
+        }
 
         if process.start_time()? != started {
             return Err(AttestError::ProcessChanged {
@@ -257,6 +283,7 @@ mod tests {
             pid: None,
             uid: 0,
             gid: 0,
+            exe: None,
         };
         let selectors = WorkloadAttestor::new().attest(&peer).await.unwrap();
         assert_eq!(
@@ -425,6 +452,7 @@ mod tests {
             pid: Some(-1),
             uid: 0,
             gid: 0,
+            exe: None,
         };
         let error = WorkloadAttestor::new().attest(&peer).await.unwrap_err();
         assert!(

@@ -63,6 +63,7 @@ pub(super) fn peer_of(child: &Child, uid: u32, gid: u32) -> PeerCredentials {
         pid: Some(i32::try_from(child.id()).unwrap()),
         uid,
         gid,
+        exe: None,
     }
 }
 
@@ -78,5 +79,6 @@ pub(super) fn own_peer() -> PeerCredentials {
         pid: Some(i32::try_from(std::process::id()).unwrap()),
         uid: effective_uid(),
         gid: effective_gid(),
+        exe: super::exe_stamp(i32::try_from(std::process::id()).unwrap()),
     }
 }

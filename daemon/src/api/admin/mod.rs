@@ -750,6 +750,36 @@ impl Admin for AdminApi {
         Ok(Response::new(self.decide_test(request.into_inner()).await?))
     }
 
+    async fn backup(
+        &self,
+        request: Request<v1::BackupRequest>,
+    ) -> Result<Response<v1::BackupResponse>, Status> {
+        let op = Operator::of(&request)?;
+        let path = std::path::PathBuf::from(request.into_inner().path);
+        if !path.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "backup path {}: give an absolute path (the daemon writes it)",
+                path.display()
+            )));
+        }
+        let bytes = self
+            .registry
+            .store()
+            .backup_to(&path)
+            .await
+            .map_err(|e| crate::api::status::store_status(&e))?;
+        tracing::info!(uid = op.uid, path = %path.display(), bytes, "datastore backed up");
+        self.record(
+            op.event("datastore.backup", &path.display().to_string())
+                .scope(format!("{bytes} bytes")),
+        )
+        .await?;
+        Ok(Response::new(v1::BackupResponse {
+            path: path.display().to_string(),
+            bytes,
+        }))
+    }
+
     async fn verify_audit(
         &self,
         request: Request<v1::VerifyAuditRequest>,
