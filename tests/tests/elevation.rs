@@ -563,8 +563,10 @@ async fn an_ai_agent_asks_through_its_agent_and_loses_the_user_when_its_elevatio
     let mut open = jit.session(&credential).await;
 
     // Unattended: the elevation elapses, the user is dropped and its session ended.
-    wait_for("the elevation elapses", WAIT, || {
-        jit.show(&el)["elevation"]["state"] == "elapsed"
+    // Recorded as elapsed first, then taken back: wait for the take-back's revocation.
+    wait_for("the elevation elapses and is taken back", WAIT, || {
+        let shown = jit.show(&el);
+        shown["elevation"]["state"] == "elapsed" && shown["elevation"]["revocation_id"] != ""
     });
     let shown = jit.show(&el);
     assert_eq!(shown["leases"][0]["state"], "revoked", "{shown}");
