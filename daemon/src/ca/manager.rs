@@ -445,6 +445,10 @@ async fn load(
     sealing: &SealingKey,
     now: SystemTime,
 ) -> Result<Authorities, CaManagerError> {
+    // The sequence before the slots: a change between the two reads then leaves an older
+    // sequence with newer slots, which the next `sync` loads again, never the reverse (a
+    // newer sequence with older slots would look up to date and stay stale).
+    let sequence = store.bundle_sequence().await?;
     let slots = store.list_ca_slots().await?;
     let active = slots
         .iter()
@@ -470,7 +474,7 @@ async fn load(
             .iter()
             .map(|s| (s.jwt_kid.clone(), s.jwt_public_spki.clone()))
             .collect(),
-        sequence: store.bundle_sequence().await?,
+        sequence,
     };
     Ok(Authorities {
         active_slot: active.id.clone(),
