@@ -78,38 +78,40 @@ impl Cluster {
         let mut closing = self.registry.closing();
         let mut delay = Duration::from_millis(100);
         loop {
-            let session = async {
-                let mut listener = PgListener::connect(store.url()).await?;
-                listener.listen(CHANNEL).await?;
-                tracing::info!(channel = CHANNEL, "listening for other daemons' changes");
-                delay = Duration::from_millis(100);
-                // Whatever happened while nobody listened.
-                self.catch_up().await;
-                let mut timer = tokio::time::interval(CATCH_UP_EVERY);
-                timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                timer.tick().await;
-                loop {
-                    tokio::select! {
-                        received = listener.recv() => {
-                            let notification = received?;
-                            self.take(store.origin(), notification.payload()).await;
-                        }
-                        _ = timer.tick() => self.catch_up().await,
-                    }
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), sqlx::Error>(())
-            };
             tokio::select! {
-                result = session => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "lost the connection that listens for other daemons' changes; catching up when it is back");
-                    }
+                Err(e) = self.listen(&store, &mut delay) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "lost the connection that listens for other daemons' changes; catching up when it is back");
                 }
                 _ = closing.wait_for(|c| *c) => return,
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One listening connection, for as long as it lasts: it ends only with its error.
+    /// Connected, it resets the reconnect `delay` and catches up on what it missed.
+    async fn listen(
+        &self,
+        store: &crate::store::Store,
+        delay: &mut Duration,
+    ) -> Result<std::convert::Infallible, sqlx::Error> {
+        let mut listener = PgListener::connect(store.url()).await?;
+        listener.listen(CHANNEL).await?;
+        tracing::info!(channel = CHANNEL, "listening for other daemons' changes");
+        *delay = Duration::from_millis(100);
+        // Whatever happened while nobody listened.
+        self.catch_up().await;
+        let mut timer = tokio::time::interval(CATCH_UP_EVERY);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer.tick().await;
+        loop {
+            tokio::select! {
+                received = listener.recv() => {
+                    self.take(store.origin(), received?.payload()).await;
+                }
+                _ = timer.tick() => self.catch_up().await,
+            }
         }
     }
 

@@ -1047,16 +1047,7 @@ impl Elevations {
         requested: Duration,
     ) -> Result<crate::creds::Granted, ElevationError> {
         let record = self.get(id).await?;
-        if record.requester != caller.requester() {
-            let why = format!("elevation {id} is not {}'s", caller.describe());
-            self.audit.note_refusal(
-                Event::new(&caller.actor(), "credential.issue", &record.scope_name)
-                    .scope(format!("elevation {id}"))
-                    .denied(why.clone()),
-            );
-            return Err(ElevationError::Denied(why));
-        }
-        self.check_own_active(&record, CREDENTIAL)?;
+        self.check_own_active(caller, &record, CREDENTIAL, "credential.issue")?;
         Ok(self.broker.issue_elevated(&record, requested).await?)
     }
 
@@ -1068,16 +1059,7 @@ impl Elevations {
         id: &str,
     ) -> Result<(ElevationRecord, Arc<crate::secrets::engine::Promoted>), ElevationError> {
         let record = self.get(id).await?;
-        if record.requester != caller.requester() {
-            let why = format!("elevation {id} is not {}'s", caller.describe());
-            self.audit.note_refusal(
-                Event::new(&caller.actor(), "secret.read", &record.scope_name)
-                    .scope(format!("elevation {id}"))
-                    .denied(why.clone()),
-            );
-            return Err(ElevationError::Denied(why));
-        }
-        self.check_own_active(&record, SECRET)?;
+        self.check_own_active(caller, &record, SECRET, "secret.read")?;
         let value = self
             .secrets
             .promoted(&record.scope_name)
@@ -1098,7 +1080,24 @@ impl Elevations {
         Ok((record, value))
     }
 
-    fn check_own_active(&self, record: &ElevationRecord, kind: &str) -> Result<(), ElevationError> {
+    /// Refuses (audited as `audit_action`) unless `record` is `caller`'s own active
+    /// elevation to a `kind`.
+    fn check_own_active(
+        &self,
+        caller: &Caller,
+        record: &ElevationRecord,
+        kind: &str,
+        audit_action: &str,
+    ) -> Result<(), ElevationError> {
+        if record.requester != caller.requester() {
+            let why = format!("elevation {} is not {}'s", record.id, caller.describe());
+            self.audit.note_refusal(
+                Event::new(&caller.actor(), audit_action, &record.scope_name)
+                    .scope(format!("elevation {}", record.id))
+                    .denied(why.clone()),
+            );
+            return Err(ElevationError::Denied(why));
+        }
         if record.scope_kind != kind {
             return Err(ElevationError::Invalid(format!(
                 "elevation {} is to {} {}, not to a {kind}",

@@ -96,27 +96,17 @@ impl NodeApi {
                     _ = async { let _ = closing.wait_for(|c| *c).await; } => break,
                     change = changes.recv() => match change {
                         Ok(Change::EntryUpserted(entry)) if entry.parent_id == agent_id => {
-                            let now_granted = grant_names(&api.view.grants(&agent_id));
-                            if now_granted != granted_here {
-                                granted_here = now_granted;
-                                match api.full_state(&agent_id).await {
-                                    Ok(v1::SyncMessage { update: Some(update) }) => update,
-                                    _ => break,
-                                }
-                            } else {
-                                Update::EntryUpserted(convert::entry(&entry))
+                            let update = Update::EntryUpserted(convert::entry(&entry));
+                            match api.entry_change(&agent_id, &mut granted_here, update).await {
+                                Some(update) => update,
+                                None => break,
                             }
                         }
                         Ok(Change::EntryDeleted { id, parent_id }) if parent_id == agent_id => {
-                            let now_granted = grant_names(&api.view.grants(&agent_id));
-                            if now_granted != granted_here {
-                                granted_here = now_granted;
-                                match api.full_state(&agent_id).await {
-                                    Ok(v1::SyncMessage { update: Some(update) }) => update,
-                                    _ => break,
-                                }
-                            } else {
-                                Update::EntryDeleted(id)
+                            let update = Update::EntryDeleted(id);
+                            match api.entry_change(&agent_id, &mut granted_here, update).await {
+                                Some(update) => update,
+                                None => break,
                             }
                         }
                         Ok(Change::Revoked(notice)) if notice.agents.contains(&agent_id) => {
@@ -259,6 +249,28 @@ impl NodeApi {
                 policy: Some(self.policy_set()),
             })),
         })
+    }
+
+    /// `update` for an entry change of `agent`'s, or its whole state when the change also
+    /// granted or took a secret (`granted`: what it was last sent); `None` when the state
+    /// cannot be read.
+    async fn entry_change(
+        &self,
+        agent: &str,
+        granted: &mut Vec<(String, Vec<String>)>,
+        update: Update,
+    ) -> Option<Update> {
+        let now = grant_names(&self.view.grants(agent));
+        if now == *granted {
+            return Some(update);
+        }
+        *granted = now;
+        match self.full_state(agent).await {
+            Ok(v1::SyncMessage {
+                update: Some(update),
+            }) => Some(update),
+            _ => None,
+        }
     }
 
     /// The active policy set as agents receive it.
