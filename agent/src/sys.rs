@@ -309,3 +309,75 @@ pub(crate) mod testing {
         }
     }
 }
+
+/// Turns on `SO_PASSCRED` for `fd`. On a listening socket, every accepted connection
+/// inherits it, so credentials are attached to what a client writes from its first byte.
+pub(crate) fn pass_credentials(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `fd` is an open socket owned by the caller; the option value is a c_int
+    // that outlives the call, and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PASSCRED,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One `recvmsg` into `buf`: the bytes read and the pid of the process that wrote them,
+/// when the kernel said.
+pub(crate) fn receive_with_writer(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<i32>)> {
+    // Room for one SCM_CREDENTIALS message; descriptors a client sends (SCM_RIGHTS) do not
+    // fit and are discarded by the kernel, as a plain read would.
+    const SPACE: usize = 64;
+    #[repr(C, align(8))]
+    struct Control([u8; SPACE]);
+    let mut control = Control([0; SPACE]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: zeroed is a valid msghdr (null pointers, zero lengths); the fields set below
+    // point at `iov` and `control`, which live until the call returns.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = SPACE as _;
+    // SAFETY: `fd` is an open socket; `msg` describes buffers valid for their lengths.
+    let n = unsafe { libc::recvmsg(fd, &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut writer = None;
+    // SAFETY: the CMSG_* walk stays inside the control buffer the kernel filled, whose
+    // length it wrote into msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            let header = &*cmsg;
+            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_CREDENTIALS {
+                let cred: libc::ucred = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                writer = Some(cred.pid);
+            } else if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS
+            {
+                // Descriptors that did fit: close them, nothing here takes any.
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                let bytes = header.cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                    libc::close(std::ptr::read_unaligned(data.add(i)));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok((usize::try_from(n).unwrap_or(0), writer))
+}

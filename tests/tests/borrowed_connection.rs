@@ -2,8 +2,9 @@
 //! connects to the Workload API and forks; the parent executes the entitled binary while
 //! the child, still the original program, asks for an SVID on the inherited socket.
 //! Before, the agent attested the connecting pid at request time only, found the entitled
-//! binary there, and handed the child its SVID and key. Now it compares the executable the
-//! connecting process runs with the one it ran when it connected, and refuses.
+//! binary there, and handed the child its SVID and key. Now the agent reads with the
+//! writer's credentials (SO_PASSCRED) and refuses a request another process wrote; it also
+//! compares the executable the connecting process runs with the one it ran at accept.
 
 use std::process::Command;
 use std::time::Duration;
@@ -73,7 +74,7 @@ async fn a_forked_child_cannot_borrow_the_selectors_of_what_its_parent_executes(
                 .cli_json(&["audit", "list", "--action", "workload.denied"])
                 .unwrap()
                 .to_string()
-                .contains("executed another program")
+                .contains("wrote on its Workload API connection")
         },
     );
 }

@@ -12,6 +12,7 @@ mod server;
 mod streams;
 #[cfg(test)]
 mod tests;
+mod writers;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::workload_api::error::ServeError;
-use crate::workload_api::{PeerCredentials, WorkloadApi, grpc};
+use crate::workload_api::{PeerCredentials, WorkloadApi, grpc, writers};
 
 /// Any local process may connect: the Workload API decides what to give from the caller's
 /// attested selectors, and an unregistered caller gets nothing.
@@ -42,6 +42,9 @@ pub fn bind(socket_path: &Path) -> Result<UnixListener, ServeError> {
         std::fs::remove_file(socket_path).map_err(socket_error)?;
     }
     let listener = UnixListener::bind(socket_path).map_err(socket_error)?;
+    // Accepted connections inherit it: what a client writes carries its writer's pid.
+    crate::sys::pass_credentials(std::os::fd::AsRawFd::as_raw_fd(&listener))
+        .map_err(socket_error)?;
     std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(socket_error)?;
     Ok(listener)
@@ -231,9 +234,16 @@ fn serve_connection(
     let connected = api.metrics().workload_connected();
     let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let asked_here = asked.clone();
+    let (stream, other_writer) = writers::WatchedStream::new(stream, peer.and_then(|p| p.pid));
     let service = service_fn(move |request| -> HandlerFuture {
         let api = api.clone();
         asked_here.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A request whose connection another process wrote to is not the connecting
+        // process's to make: attestation refuses it.
+        let peer = peer.map(|p| PeerCredentials {
+            written_by: other_writer.get(),
+            ..p
+        });
         Box::pin(async move { Ok(grpc::handle(&api, peer, request).await) })
     });
     let mut connection = Box::pin(http2.serve_connection(TokioIo::new(stream), service));

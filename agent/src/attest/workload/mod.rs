@@ -38,6 +38,10 @@ pub struct PeerCredentials {
     /// the process executed another program is refused, since the connection may by then
     /// be in the hands of a child that still runs the first one.
     pub exe: Option<(u64, u64)>,
+    /// A process other than the one that connected that wrote on the connection before
+    /// the request was answered (its pid, 0 when outside the agent's pid namespace): the
+    /// connection was inherited or passed on, and the request is refused.
+    pub written_by: Option<i32>,
 }
 
 impl PeerCredentials {
@@ -50,6 +54,7 @@ impl PeerCredentials {
             uid: cred.uid(),
             gid: cred.gid(),
             exe: pid.and_then(exe_stamp),
+            written_by: None,
         }
     }
 }
@@ -178,6 +183,16 @@ fn collect(peer: PeerCredentials) -> Result<Collected, AttestError> {
         if pid <= 0 {
             return Err(AttestError::InvalidPid { pid });
         }
+        if let Some(other) = peer.written_by {
+            return Err(AttestError::ProcessChanged {
+                pid,
+                reason: format!(
+                    "another process (pid {other}) wrote on its Workload API connection; \
+                     a connection inherited by a child or passed to another process is not \
+                     answered, each process must connect itself"
+                ),
+            });
+        }
         let process = ProcessPin::open(pid)?;
         let started = process.start_time()?;
         let credentials = process.credentials()?;
@@ -284,6 +299,7 @@ mod tests {
             uid: 0,
             gid: 0,
             exe: None,
+            written_by: None,
         };
         let selectors = WorkloadAttestor::new().attest(&peer).await.unwrap();
         assert_eq!(
@@ -453,6 +469,7 @@ mod tests {
             uid: 0,
             gid: 0,
             exe: None,
+            written_by: None,
         };
         let error = WorkloadAttestor::new().attest(&peer).await.unwrap_err();
         assert!(

@@ -64,6 +64,7 @@ pub(super) fn peer_of(child: &Child, uid: u32, gid: u32) -> PeerCredentials {
         uid,
         gid,
         exe: None,
+        written_by: None,
     }
 }
 
@@ -80,5 +81,6 @@ pub(super) fn own_peer() -> PeerCredentials {
         uid: effective_uid(),
         gid: effective_gid(),
         exe: super::exe_stamp(i32::try_from(std::process::id()).unwrap()),
+        written_by: None,
     }
 }
