@@ -242,74 +242,6 @@ pub fn euid() -> u32 {
 }
 
 /// What only the tests need: who they run as, children under other ids, zombies.
-#[cfg(test)]
-pub(crate) mod testing {
-    use std::io;
-    use std::os::unix::process::CommandExt;
-
-    /// geteuid(2).
-    pub fn effective_uid() -> u32 {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() }
-    }
-
-    /// getegid(2).
-    pub fn effective_gid() -> u32 {
-        // SAFETY: getegid has no preconditions and cannot fail.
-        unsafe { libc::getegid() }
-    }
-
-    /// getuid(2).
-    pub fn real_uid() -> u32 {
-        // SAFETY: getuid has no preconditions and cannot fail.
-        unsafe { libc::getuid() }
-    }
-
-    /// getgid(2).
-    pub fn real_gid() -> u32 {
-        // SAFETY: getgid has no preconditions and cannot fail.
-        unsafe { libc::getgid() }
-    }
-
-    /// Makes `command`'s child run with these groups, gid and uid. Everything is set in one
-    /// pre_exec hook because std drops root (setuid) before running hooks, after which
-    /// setgroups would fail.
-    pub fn run_as(
-        command: &mut std::process::Command,
-        uid: u32,
-        gid: u32,
-        groups: &'static [libc::gid_t],
-    ) {
-        // SAFETY: the hook runs between fork and exec and only makes async-signal-safe
-        // system calls on data that lives for the whole program.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-
-    /// Blocks until the child `pid` has exited, leaving it a zombie (WNOWAIT: not reaped).
-    pub fn wait_until_exited_unreaped(pid: u32) -> io::Result<()> {
-        // SAFETY: siginfo_t is plain C data; all zeroes is valid and waitid overwrites it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is valid for writes; WNOWAIT leaves the child for `Child::wait`.
-        let rc =
-            unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-}
-
 /// Turns on `SO_PASSCRED` for `fd`. On a listening socket, every accepted connection
 /// inherits it, so credentials are attached to what a client writes from its first byte.
 pub(crate) fn pass_credentials(fd: RawFd) -> io::Result<()> {
@@ -380,4 +312,72 @@ pub(crate) fn receive_with_writer(fd: RawFd, buf: &mut [u8]) -> io::Result<(usiz
         }
     }
     Ok((usize::try_from(n).unwrap_or(0), writer))
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::io;
+    use std::os::unix::process::CommandExt;
+
+    /// geteuid(2).
+    pub fn effective_uid() -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
+    }
+
+    /// getegid(2).
+    pub fn effective_gid() -> u32 {
+        // SAFETY: getegid has no preconditions and cannot fail.
+        unsafe { libc::getegid() }
+    }
+
+    /// getuid(2).
+    pub fn real_uid() -> u32 {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        unsafe { libc::getuid() }
+    }
+
+    /// getgid(2).
+    pub fn real_gid() -> u32 {
+        // SAFETY: getgid has no preconditions and cannot fail.
+        unsafe { libc::getgid() }
+    }
+
+    /// Makes `command`'s child run with these groups, gid and uid. Everything is set in one
+    /// pre_exec hook because std drops root (setuid) before running hooks, after which
+    /// setgroups would fail.
+    pub fn run_as(
+        command: &mut std::process::Command,
+        uid: u32,
+        gid: u32,
+        groups: &'static [libc::gid_t],
+    ) {
+        // SAFETY: the hook runs between fork and exec and only makes async-signal-safe
+        // system calls on data that lives for the whole program.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Blocks until the child `pid` has exited, leaving it a zombie (WNOWAIT: not reaped).
+    pub fn wait_until_exited_unreaped(pid: u32) -> io::Result<()> {
+        // SAFETY: siginfo_t is plain C data; all zeroes is valid and waitid overwrites it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is valid for writes; WNOWAIT leaves the child for `Child::wait`.
+        let rc =
+            unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
 }
