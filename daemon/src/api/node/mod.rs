@@ -24,7 +24,10 @@ use crate::secrets::engine::RotationEngine;
 use crate::store::{AgentRecord, IssuedSvidRecord};
 use crate::visibility::Visibility;
 
+mod limiter;
 mod sync;
+
+pub use limiter::RefusalLimiter;
 
 /// The most denials one `ReportDenials` call may carry (agents send at most 500).
 const MAX_DENIALS_PER_REPORT: usize = 1000;
@@ -43,6 +46,8 @@ pub struct NodeApi {
     /// What each agent may see, from the registry's and the engine's snapshots.
     view: Visibility,
     elevations: Arc<crate::elevation::Elevations>,
+    /// Budgets of refused calls per source address, for callers without a valid SVID.
+    refusals: Arc<RefusalLimiter>,
 }
 
 impl NodeApi {
@@ -66,7 +71,21 @@ impl NodeApi {
             revoker,
             view,
             elevations,
+            refusals: Arc::default(),
         }
+    }
+
+    /// Counts a refused call against the caller's address. `Err` when that address has
+    /// already been refused too often: the caller is told to wait, and nothing more is
+    /// recorded for it (the trail has the refusals that spent the budget).
+    fn refused<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let source = request.remote_addr().map(|a| a.ip());
+        let now = std::time::Instant::now();
+        self.refusals
+            .check(source, now)
+            .map_err(|wait| slowed_down(source, wait))?;
+        self.refusals.charge(source, now);
+        Ok(())
     }
 
     async fn authenticate<T>(
@@ -74,16 +93,25 @@ impl NodeApi {
         request: &Request<T>,
         call: &str,
     ) -> Result<AgentRecord, Status> {
-        let peer = caller(request)?;
-        self.registry.authenticate_agent(&peer).await.map_err(|e| {
-            tracing::warn!(agent = %peer.spiffe_id, serial = %peer.serial, error = %e, "node API call refused");
-            self.audit.note_refusal(
-                Event::new(&Actor::Spiffe(peer.spiffe_id.to_string()), "node.denied", call)
-                    .scope(format!("serial {}", peer.serial))
-                    .denied(e.to_string()),
-            );
-            Status::from(e)
-        })
+        let peer = match caller(request) {
+            Ok(peer) => peer,
+            Err(status) => {
+                self.refused(request)?;
+                return Err(status);
+            }
+        };
+        let e = match self.registry.authenticate_agent(&peer).await {
+            Ok(agent) => return Ok(agent),
+            Err(e) => e,
+        };
+        self.refused(request)?;
+        tracing::warn!(agent = %peer.spiffe_id, serial = %peer.serial, error = %e, "node API call refused");
+        self.audit.note_refusal(
+            Event::new(&Actor::Spiffe(peer.spiffe_id.to_string()), "node.denied", call)
+                .scope(format!("serial {}", peer.serial))
+                .denied(e.to_string()),
+        );
+        Err(Status::from(e))
     }
 
     /// An agent's own SVID as the issued-SVID register keeps it (no entry).
@@ -109,6 +137,15 @@ impl NodeApi {
     }
 }
 
+/// What a source that spent its budget of refused calls is told.
+fn slowed_down(source: Option<std::net::IpAddr>, wait: std::time::Duration) -> Status {
+    let from = source.map_or_else(|| "this address".to_string(), |ip| ip.to_string());
+    Status::resource_exhausted(format!(
+        "too many refused calls from {from} (a wrong join token or no valid agent SVID); retry in {} s",
+        wait.as_secs().max(1)
+    ))
+}
+
 fn caller<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
     let certs = request.peer_certs().ok_or_else(|| {
         Status::unauthenticated("this call requires the agent's SVID as the TLS client certificate")
@@ -128,6 +165,12 @@ impl Node for NodeApi {
         &self,
         request: Request<v1::AttestRequest>,
     ) -> Result<Response<v1::AttestResponse>, Status> {
+        // A source refused too often waits before its next attempt costs a CSR check.
+        let source = request.remote_addr().map(|a| a.ip());
+        let now = std::time::Instant::now();
+        if let Err(wait) = self.refusals.check(source, now) {
+            return Err(slowed_down(source, wait));
+        }
         let body = request.into_inner();
         if body.join_token.is_empty() {
             return Err(Status::invalid_argument("join_token is required"));
@@ -137,9 +180,16 @@ impl Node for NodeApi {
         let svid = match self.registry.attest(&body.join_token, &body.csr).await {
             Ok(svid) => svid,
             Err(e) => {
+                self.refusals.charge(source, now);
                 tracing::warn!(error = %e, "attestation refused");
+                // One kind per source and reason, whatever token it makes up, so the
+                // trail summarises a loop of guesses instead of keeping each.
+                let from = Actor::Unauthenticated(source.map_or_else(
+                    || "an unknown address".to_string(),
+                    |ip| format!("address {ip}"),
+                ));
                 self.audit.note_refusal(
-                    Event::new(&presenter, "agent.attest", "")
+                    Event::new(&from, "agent.attest", "")
                         .scope(format!("join token sha256:{}", &token[..12]))
                         .denied(e.to_string()),
                 );
@@ -358,8 +408,10 @@ impl Node for NodeApi {
             )));
         }
         let actor = Actor::Spiffe(agent.spiffe_id.clone());
+        // A workload looping on a refused call must not write a record per attempt: the
+        // first of each kind is kept, the rest counted into the window's summary.
         for denial in report.denials {
-            self.audit.note(
+            self.audit.note_refusal(
                 Event::new(&actor, "workload.denied", &denial.call)
                     .scope(format!("workload {}", denial.selectors.join(" ")))
                     .denied(denial.reason)
