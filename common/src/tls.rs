@@ -240,7 +240,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
@@ -260,6 +260,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 identity.spiffe_id, self.expected
             )));
         }
+        // The right SPIFFE ID is not enough: the certificate must also be for the address
+        // dialed, so that a certificate for the daemon's ID obtained elsewhere (or a daemon
+        // of another deployment sharing the CA) is not taken for this one.
+        rustls::client::verify_server_name(&parsed, server_name).map_err(|e| {
+            rustls::Error::General(format!(
+                "the daemon's certificate ({}) does not name the address dialed, {}: {e}; \
+                 list that address in the daemon's server_names",
+                identity.spiffe_id,
+                server_name.to_str()
+            ))
+        })?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -368,8 +379,10 @@ impl Targets {
         &self.list[0]
     }
 
-    /// A TCP connection to the first daemon that accepts one, the last good one first.
-    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+    /// A TCP connection to the first daemon that accepts one, the last good one first,
+    /// and the host part of the address it was reached at (the name its certificate must
+    /// carry).
+    async fn connect(&self) -> std::io::Result<(tokio::net::TcpStream, ServerName<'static>)> {
         use std::sync::atomic::Ordering;
         let start = self.last_good.load(Ordering::Relaxed);
         let mut failures = Vec::new();
@@ -379,7 +392,7 @@ impl Targets {
             match connect_one(target).await {
                 Ok(tcp) => {
                     self.last_good.store(index, Ordering::Relaxed);
-                    return Ok(tcp);
+                    return Ok((tcp, server_name(target)?));
                 }
                 Err(e) => failures.push(format!("{target}: {e}")),
             }
@@ -389,6 +402,24 @@ impl Targets {
             format!("no daemon reachable ({})", failures.join("; ")),
         ))
     }
+}
+
+/// The name a daemon's certificate must carry when dialed at `target` ("host:port",
+/// "[v6]:port", or a bare host).
+fn server_name(target: &str) -> std::io::Result<ServerName<'static>> {
+    let host = match target.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => match target.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
+            _ => target,
+        },
+    };
+    ServerName::try_from(host.to_string()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{host:?} (from the daemon address {target:?}) is not a host name or IP address: {e}"),
+        )
+    })
 }
 
 /// Every address `target` resolves to, each given [`CONNECT_EACH`].
@@ -441,13 +472,30 @@ fn tls_connector(
         let connector = connector.clone();
         let targets = targets.clone();
         async move {
-            let tcp = targets.connect().await?;
+            let (tcp, name) = targets.connect().await?;
             tcp.set_nodelay(true)?;
-            // The verifier ignores the name; SNI just needs a syntactically valid one.
-            let name = ServerName::try_from("mayfly-daemon")
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_checked_is_the_host_the_agent_dials() {
+        let name = |t: &str| server_name(t).map(|n| n.to_str().into_owned());
+        assert_eq!(name("127.0.0.1:8081").unwrap(), "127.0.0.1");
+        assert_eq!(name("[::1]:8081").unwrap(), "::1");
+        assert_eq!(name("daemon.example:8081").unwrap(), "daemon.example");
+        assert_eq!(name("daemon.example").unwrap(), "daemon.example");
+        assert!(matches!(
+            server_name("127.0.0.1:8081").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        let err = server_name("bad name:8081").unwrap_err();
+        assert!(err.to_string().contains("bad name"), "{err}");
+    }
 }

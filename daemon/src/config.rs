@@ -24,6 +24,12 @@ pub struct DaemonConfig {
     /// The node API (agents, mTLS).
     #[serde(default = "default_node_listen")]
     pub node_listen: SocketAddr,
+    /// The names and addresses agents reach the node API at. The daemon's certificate
+    /// names them, and an agent refuses a daemon whose certificate does not name the
+    /// address it dialed. Empty: localhost, 127.0.0.1, ::1, this host's name, the listen
+    /// address, and when listening on all addresses every address of this host.
+    #[serde(default)]
+    pub server_names: Vec<String>,
     /// The admin API's Unix socket (mode 0600).
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
@@ -195,6 +201,7 @@ impl DaemonConfig {
             data_dir,
             datastore_url: String::new(),
             node_listen: default_node_listen(),
+            server_names: Vec::new(),
             max_message_bytes: default_max_message_bytes(),
             metrics_listen: None,
             scheduler: SchedulerConfig::default(),
@@ -232,6 +239,16 @@ impl DaemonConfig {
                     value: humantime::format_duration(value).to_string(),
                     min: humantime::format_duration(min).to_string(),
                 });
+            }
+        }
+        for name in &self.server_names {
+            let valid = name.parse::<std::net::IpAddr>().is_ok()
+                || rustls_pki_types::DnsName::try_from(name.as_str()).is_ok();
+            if !valid {
+                return Err(ConfigProblem::key(
+                    "server_names",
+                    format!("{name:?} is neither a DNS name nor an IP address"),
+                ));
             }
         }
         if self.svid.max_csr_batch == 0 {

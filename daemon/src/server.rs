@@ -209,7 +209,10 @@ pub async fn start(
         .await
         .with_context(|| format!("binding the node API on {}", config.node_listen))?;
     let node_addr = listener.local_addr()?;
-    let tls_config = tls::server_config(registry.clone())?;
+    let tls_config = tls::server_config(
+        registry.clone(),
+        tls::ServingNames::new(&config.server_names, node_addr),
+    )?;
     let node_incoming = ReceiverStream::new(tls::incoming(listener, tls_config));
 
     let admin_listener = bind_admin_socket(&config.admin_socket)?;

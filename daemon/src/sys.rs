@@ -57,6 +57,46 @@ pub fn hostname() -> Option<String> {
     Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
+/// The addresses of this host's network interfaces (IPv4 and IPv6), loopback included.
+pub fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `list`, which is freed below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` is a node of the list getifaddrs returned, not yet freed; its
+        // ifa_addr, when set, points at a sockaddr of the family it names, as long as the
+        // list lives.
+        unsafe {
+            let node = &*cursor;
+            if !node.ifa_addr.is_null() {
+                match i32::from((*node.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*node.ifa_addr.cast::<libc::sockaddr_in>();
+                        addresses.push(std::net::IpAddr::from(
+                            u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*node.ifa_addr.cast::<libc::sockaddr_in6>();
+                        addresses.push(std::net::IpAddr::from(v6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cursor = node.ifa_next;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once; nothing points into it now.
+    unsafe { libc::freeifaddrs(list) };
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}
+
 /// Makes the kernel kill a test's helper server (moto, OpenBao) when the test binary
 /// dies, even without running destructors.
 #[cfg(test)]
@@ -84,6 +124,8 @@ mod tests {
         assert!(kill(i32::MAX, 0).is_err());
         assert!(kill(std::process::id() as i32, 0).is_ok());
         assert!(hostname().is_some());
+        let addresses = interface_addresses().unwrap();
+        assert!(addresses.contains(&std::net::IpAddr::from([127, 0, 0, 1])), "{addresses:?}");
         assert_eq!(effective_uid(), uid());
     }
 }

@@ -55,6 +55,7 @@ impl ServingCert {
 /// Issues the daemon's own SVID, `spiffe://TD/mayfly/server`, from the active CA.
 fn issue_serving_cert(
     trust_domain: &TrustDomain,
+    names: &ServingNames,
     authorities: &Authorities,
     now: std::time::SystemTime,
 ) -> anyhow::Result<(Arc<CertifiedKey>, i64)> {
@@ -64,11 +65,8 @@ fn issue_serving_cert(
         &csr,
         &SvidRequest {
             spiffe_id: id.as_str(),
-            dns_names: &["localhost".to_string()],
-            ip_addresses: &[
-                std::net::IpAddr::from([127, 0, 0, 1]),
-                std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
-            ],
+            dns_names: &names.dns,
+            ip_addresses: &names.ips,
             ttl: SERVER_SVID_TTL,
         },
         now,
@@ -82,13 +80,71 @@ fn issue_serving_cert(
     ))
 }
 
+/// The DNS names and IP addresses the daemon's certificate names: those agents dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingNames {
+    pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl ServingNames {
+    /// `configured` (the `server_names` setting) when given; otherwise what agents on
+    /// this host and, listening on every address, on others can reach it by.
+    pub fn new(configured: &[String], listen: std::net::SocketAddr) -> Self {
+        let mut names = Self {
+            dns: Vec::new(),
+            ips: Vec::new(),
+        };
+        if configured.is_empty() {
+            names.add("localhost");
+            names.add("127.0.0.1");
+            names.add("::1");
+            if let Some(host) = crate::sys::hostname() {
+                names.add(&host);
+            }
+            if listen.ip().is_unspecified() {
+                match crate::sys::interface_addresses() {
+                    Ok(all) => names.ips.extend(all),
+                    Err(e) => tracing::warn!(error = %e, "cannot list this host's addresses for the daemon's certificate; set server_names"),
+                }
+            } else {
+                names.ips.push(listen.ip());
+            }
+        } else {
+            for name in configured {
+                names.add(name);
+            }
+        }
+        names.dns.sort();
+        names.dns.dedup();
+        names.ips.sort();
+        names.ips.dedup();
+        names
+    }
+
+    fn add(&mut self, name: &str) {
+        match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => self.ips.push(ip),
+            Err(_) if rustls_pki_types::DnsName::try_from(name).is_ok() => {
+                self.dns.push(name.to_ascii_lowercase());
+            }
+            Err(_) => tracing::warn!(name, "not a DNS name; left out of the daemon's certificate"),
+        }
+    }
+}
+
 /// Builds the node API's rustls config and keeps its serving cert and trust bundle
-/// current as the CA changes.
-pub fn server_config(registry: Arc<Registry>) -> anyhow::Result<rustls::ServerConfig> {
+/// current as the CA changes. The certificate names `names`.
+pub fn server_config(
+    registry: Arc<Registry>,
+    names: ServingNames,
+) -> anyhow::Result<rustls::ServerConfig> {
     let trust_domain = registry.trust_domain().clone();
     let authorities = registry.ca().current();
     let bundle = TrustBundle::new(&authorities.bundle.x509_authorities)?;
-    let (key, mut renew_at) = issue_serving_cert(&trust_domain, &authorities, registry.now())?;
+    tracing::info!(dns = ?names.dns, ips = ?names.ips, "the node API's certificate names these addresses");
+    let (key, mut renew_at) =
+        issue_serving_cert(&trust_domain, &names, &authorities, registry.now())?;
     let serving = Arc::new(ServingCert {
         current: RwLock::new(key),
     });
@@ -119,7 +175,7 @@ pub fn server_config(registry: Arc<Registry>) -> anyhow::Result<rustls::ServerCo
             if let Err(e) = bundle.replace(&authorities.bundle.x509_authorities) {
                 tracing::error!(error = %e, "could not load the new trust bundle");
             }
-            match issue_serving_cert(&trust_domain, &authorities, registry.now()) {
+            match issue_serving_cert(&trust_domain, &names, &authorities, registry.now()) {
                 Ok((key, next)) => {
                     serving.replace(key);
                     renew_at = next;
