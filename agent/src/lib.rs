@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod exec;
 pub mod ops;
 pub mod policy;
+pub mod reload;
 pub mod run;
 pub mod secret_ref;
 pub mod sinks;

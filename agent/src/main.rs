@@ -61,10 +61,14 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<String> {
     match cli.command {
         Command::Run { config, join_token } => {
-            let config = AgentConfig::load(&config)?;
+            let path = config;
+            // Kept to tell, at a reload, what changed since the start.
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let config = AgentConfig::load(&path)?;
             init_logging(config.log.format == LogFormat::Json, &config.log.level);
             raise_fd_limit();
-            let (_agent, handle) = run::start(config, join_token, shutdown_signal()).await?;
+            let (agent, handle) = run::start(config, join_token, shutdown_signal()).await?;
+            tokio::spawn(std::sync::Arc::new(agent.reloader(path, text)).on_hangup());
             notify_ready();
             handle.await.context("agent task")??;
             Ok(String::new())

@@ -30,6 +30,22 @@ pub struct RunningAgent {
     pub socket_path: PathBuf,
     pub spiffe_id: String,
     pub state: watch::Receiver<Arc<WorkloadState>>,
+    /// Where reloaded sinks go, when the agent runs sinks.
+    sinks_reload: Option<watch::Sender<Arc<Vec<Sink>>>>,
+    /// The credentials fetched for the sinks and `[exec]`.
+    fetched: std::collections::HashSet<crate::credentials::CredentialKey>,
+}
+
+impl RunningAgent {
+    /// Reloads `path` (the file the agent started with, `started` its text) on request.
+    pub fn reloader(&self, path: PathBuf, started: String) -> crate::reload::Reloader {
+        crate::reload::Reloader::new(
+            path,
+            started,
+            self.sinks_reload.clone(),
+            self.fetched.clone(),
+        )
+    }
 }
 
 /// Where a join token may come from, read again each time the agent must attest.
@@ -139,7 +155,11 @@ pub async fn start(
         state_rx.clone(),
     );
     tokio::spawn(credentials.clone().follow());
-    let progress = start_sinks_and_exec(
+    let Started {
+        progress,
+        sinks_reload,
+        fetched,
+    } = start_sinks_and_exec(
         &config,
         state_rx.clone(),
         credentials.clone(),
@@ -222,6 +242,8 @@ pub async fn start(
             socket_path: socket,
             spiffe_id,
             state: state_rx,
+            sinks_reload,
+            fetched,
         },
         handle,
     ))
@@ -237,18 +259,28 @@ enum Stop {
     Fatal(String),
 }
 
+/// What [`start_sinks_and_exec`] started.
+#[derive(Default)]
+struct Started {
+    /// The sinks' progress, when there are sinks.
+    progress: Option<watch::Receiver<SinkProgress>>,
+    /// Takes reloaded sinks, when there is a sink runner.
+    sinks_reload: Option<watch::Sender<Arc<Vec<Sink>>>>,
+    /// The credentials fetched for the sinks and `[exec]`.
+    fetched: std::collections::HashSet<crate::credentials::CredentialKey>,
+}
+
 /// Starts the sinks (with the feed of the credentials they write) and, under `[exec]`,
 /// the supervised child once the sinks' first files are written. A sink that cannot be
 /// rendered from the first full state stops the agent before anything is written; so
-/// does the child's exit (with its code when not 0). Returns the sinks' progress, when
-/// there are sinks.
+/// does the child's exit (with its code when not 0).
 fn start_sinks_and_exec(
     config: &AgentConfig,
     state: watch::Receiver<Arc<WorkloadState>>,
     cache: CredentialCache,
     fatal: watch::Sender<Option<Stop>>,
     metrics: Arc<AgentMetrics>,
-) -> anyhow::Result<Option<watch::Receiver<SinkProgress>>> {
+) -> anyhow::Result<Started> {
     let sinks = config.checked_sinks().map_err(anyhow::Error::msg)?;
     let spec = config
         .exec
@@ -257,7 +289,7 @@ fn start_sinks_and_exec(
         .transpose()
         .map_err(|e| anyhow::anyhow!("[exec]: {e}"))?;
     if sinks.is_empty() && spec.is_none() {
-        return Ok(None);
+        return Ok(Started::default());
     }
     let exec_credentials = match &config.exec {
         Some(exec) => exec
@@ -266,18 +298,26 @@ fn start_sinks_and_exec(
         None => Vec::new(),
     };
     let (exec_tx, exec_rx) = tokio::sync::mpsc::channel(4);
-    let wanted = sinks
+    let wanted: Vec<_> = sinks
         .iter()
         .flat_map(Sink::credential_keys)
         .chain(exec_credentials.iter().cloned())
         .collect();
+    let fetched = wanted.iter().cloned().collect();
     let feed = CredentialFeed::new(cache, wanted);
     let held = feed.subscribe();
     tokio::spawn(feed.run(state.clone()));
+    let (sinks_reload, reloaded) = watch::channel(Arc::new(Vec::new()));
     let runner = SinkRunner::new(sinks, spec.is_some().then_some(exec_tx))
         .with_exec_credentials(exec_credentials)
-        .with_metrics(metrics);
+        .with_metrics(metrics)
+        .with_reload(reloaded);
     let progress = runner.progress();
+    let started = Started {
+        progress: Some(progress),
+        sinks_reload: Some(sinks_reload),
+        fetched,
+    };
     let sink_fatal = fatal.clone();
     tokio::spawn(async move {
         if let Err(e) = runner.run(state, held).await {
@@ -286,7 +326,7 @@ fn start_sinks_and_exec(
         }
     });
     let Some(spec) = spec else {
-        return Ok(Some(progress));
+        return Ok(started);
     };
     tokio::spawn(async move {
         let program = spec.program.clone();
@@ -299,7 +339,7 @@ fn start_sinks_and_exec(
         };
         let _ = fatal.send(Some(why));
     });
-    Ok(Some(progress))
+    Ok(started)
 }
 
 /// The first attestation, retried with backoff while the daemon cannot be reached, each

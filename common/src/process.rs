@@ -101,17 +101,107 @@ pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
-/// Logs to stderr as text or JSON; `RUST_LOG` overrides `level`.
+/// Replaces the running log filter; set once by [`init_logging`].
+type FilterReload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static FILTER_RELOAD: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new();
+
+/// Logs to stderr as text or JSON; `RUST_LOG` overrides `level`. The level can be changed
+/// later with [`reload_log_level`].
 pub fn init_logging(json: bool, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_filter_reloading();
     if json {
-        builder.json().init();
-    } else {
+        let builder = builder.json();
+        let handle = builder.reload_handle();
+        let _ = FILTER_RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
         builder.init();
+    } else {
+        let handle = builder.reload_handle();
+        let _ = FILTER_RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+        builder.init();
+    }
+}
+
+/// What a log level reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogReload {
+    Applied,
+    /// `RUST_LOG` is set and keeps governing the filter.
+    OverriddenByEnv,
+}
+
+/// Applies `level` (a tracing filter) to the running logger. A filter that does not parse
+/// is refused with the parser's reason, and the running one stays.
+pub fn reload_log_level(level: &str) -> Result<LogReload, String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("log.level {level:?} is not a valid filter: {e}"))?;
+    if tracing_subscriber::EnvFilter::try_from_default_env().is_ok() {
+        return Ok(LogReload::OverriddenByEnv);
+    }
+    let reload = FILTER_RELOAD
+        .get()
+        .ok_or_else(|| "logging was not set up to be reloaded".to_string())?;
+    reload(filter).map(|()| LogReload::Applied)
+}
+
+/// The keys whose values differ between two TOML documents, dotted below the top level
+/// for tables (`log.level`) and whole for arrays of tables (`sink`). A document that does
+/// not parse compares as empty.
+pub fn changed_keys(before: &str, after: &str) -> std::collections::BTreeSet<String> {
+    fn walk(
+        prefix: &str,
+        a: Option<&toml::Value>,
+        b: Option<&toml::Value>,
+        out: &mut std::collections::BTreeSet<String>,
+    ) {
+        match (a, b) {
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                for key in a.keys().chain(b.keys()) {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&path, a.get(key), b.get(key), out);
+                }
+            }
+            (a, b) if a != b => {
+                out.insert(prefix.to_string());
+            }
+            _ => {}
+        }
+    }
+    let parse = |text: &str| {
+        toml::from_str::<toml::Table>(text)
+            .map(toml::Value::Table)
+            .unwrap_or_else(|_| toml::Value::Table(toml::Table::new()))
+    };
+    let mut out = std::collections::BTreeSet::new();
+    walk("", Some(&parse(before)), Some(&parse(after)), &mut out);
+    out
+}
+
+/// What a configuration reload (SIGHUP) did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Keys whose new values are in effect.
+    pub applied: Vec<String>,
+    /// Keys that differ from what the process started with and wait for a restart.
+    pub needs_restart: Vec<String>,
+}
+
+/// Resolves at each SIGHUP; never resolves where the signal cannot be watched.
+pub async fn hangups(mut each: impl FnMut()) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return std::future::pending().await;
+    };
+    while hup.recv().await.is_some() {
+        each();
     }
 }
 
@@ -141,4 +231,24 @@ pub fn duration<'de, D: serde::Deserializer<'de>>(
             "`{text}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"1h\", \"24h\""
         ))
     })
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_names_what_differs_down_to_table_keys() {
+        let before = "a = 1\n[log]\nlevel = \"info\"\nformat = \"text\"\n[[sink]]\nkind = \"x\"\n";
+        let after = "a = 1\nb = 2\n[log]\nlevel = \"debug\"\nformat = \"text\"\n[[sink]]\nkind = \"y\"\n";
+        let changed: Vec<_> = changed_keys(before, after).into_iter().collect();
+        assert_eq!(changed, ["b", "log.level", "sink"]);
+        assert!(changed_keys(before, before).is_empty());
+    }
+
+    #[test]
+    fn a_filter_that_does_not_parse_is_refused_by_name() {
+        let err = reload_log_level("info,=[").unwrap_err();
+        assert!(err.contains("log.level") && err.contains("not a valid filter"), "{err}");
+    }
 }

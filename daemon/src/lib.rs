@@ -15,6 +15,7 @@ pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod revoke;
 pub mod secrets;
 pub mod server;

@@ -42,9 +42,15 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<String> {
     match cli.command {
         Command::Run { config } => {
-            let config = DaemonConfig::load(&config)?;
+            let path = config;
+            // Kept to tell, at a reload, what changed since the start.
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let config = DaemonConfig::load(&path)?;
             init_logging(config.log.format == LogFormat::Json, &config.log.level);
             let (_daemon, handle) = server::start(config, shutdown_signal()).await?;
+            tokio::spawn(
+                std::sync::Arc::new(mayfly_daemon::reload::Reloader::new(path, text)).on_hangup(),
+            );
             server::notify_ready();
             handle.await.context("daemon task")??;
             Ok(String::new())

@@ -505,6 +505,17 @@ impl AgentProcess {
         self.dir.path().join("agent.log")
     }
 
+    /// Sends `signal` (e.g. "HUP") to the running agent.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("the agent is not running")?.id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }

@@ -33,6 +33,8 @@ pub struct SinkRunner {
     progress: watch::Sender<SinkProgress>,
     /// Counts each sink's writes and failures for the agent's operations endpoint.
     metrics: Arc<AgentMetrics>,
+    /// A new set of sinks from a configuration reload (SIGHUP).
+    reload: Option<watch::Receiver<Arc<Vec<Sink>>>>,
 }
 
 /// How far the sinks have caught up with the agent's state, and what they did about each
@@ -75,7 +77,16 @@ impl SinkRunner {
             exec_credentials: Vec::new(),
             progress: watch::channel(SinkProgress::default()).0,
             metrics: Arc::new(AgentMetrics::default()),
+            reload: None,
         }
+    }
+
+    /// Takes each new set of sinks sent on `reload`: once every sink of it renders from the
+    /// current state, it replaces the running set (files of a sink no longer configured
+    /// are left as they are); otherwise the running set stays and the reason is logged.
+    pub fn with_reload(mut self, reload: watch::Receiver<Arc<Vec<Sink>>>) -> Self {
+        self.reload = Some(reload);
+        self
     }
 
     /// Counts each sink's writes and failures into `metrics`.
@@ -101,7 +112,7 @@ impl SinkRunner {
     /// written and the error is returned), then keeps the files current until the
     /// state's publisher goes away.
     pub async fn run(
-        self,
+        mut self,
         mut state: watch::Receiver<Arc<WorkloadState>>,
         mut credentials: watch::Receiver<Arc<HeldCredentials>>,
     ) -> Result<(), RenderError> {
@@ -133,6 +144,8 @@ impl SinkRunner {
         // Leases revoked while the credentials feed may still hold them: a revocation stops
         // being pending once acknowledged, possibly before the feed has a replacement.
         let mut revoked: HashSet<String> = HashSet::new();
+        let mut reload = self.reload.take();
+        let mut reload_open = reload.is_some();
         loop {
             let current = state.borrow_and_update().clone();
             let held = credentials.borrow_and_update().clone();
@@ -219,8 +232,47 @@ impl SinkRunner {
                     credentials_open = changed.is_ok();
                 }
                 _ = tokio::time::sleep(RETRY_EVERY), if retry => {}
+                changed = async { reload.as_mut()?.changed().await.ok() }, if reload_open => {
+                    match (changed, reload.as_ref()) {
+                        (Some(()), Some(reload)) => {
+                            let next = reload.borrow().clone();
+                            if self.take_reloaded(next, &state.borrow(), &credentials.borrow()) {
+                                written.clear();
+                                reported.clear();
+                            }
+                        }
+                        _ => reload_open = false,
+                    }
+                }
             }
         }
+    }
+
+    /// Replaces the sinks with `next` when each renders from `state` and `held`; true when
+    /// it did.
+    fn take_reloaded(
+        &mut self,
+        next: Arc<Vec<Sink>>,
+        state: &Arc<WorkloadState>,
+        held: &Arc<HeldCredentials>,
+    ) -> bool {
+        for sink in next.iter() {
+            match render(sink, &next, state, held) {
+                Ok(_) => {}
+                Err(RenderError::NotGranted { .. }) if sink.until_granted => {}
+                Err(e) => {
+                    tracing::error!(sink = %sink.label, error = %e, "reloaded sinks not applied: this one cannot be rendered; the running sinks stay");
+                    return false;
+                }
+            }
+        }
+        let kept: HashSet<&str> = next.iter().map(|s| s.label.as_str()).collect();
+        for gone in self.sinks.iter().filter(|s| !kept.contains(s.label.as_str())) {
+            tracing::info!(sink = %gone.label, "sink no longer configured; its files are left as they are");
+        }
+        tracing::info!(sinks = next.len(), "sinks reloaded");
+        self.sinks = next;
+        true
     }
 
     /// Runs the sink's action; true when it is a restart of the supervised child.
