@@ -110,18 +110,28 @@ static FILTER_RELOAD: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::n
 pub fn init_logging(json: bool, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_filter_reloading();
     if json {
-        let builder = builder.json();
+        let builder = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_filter_reloading();
         let handle = builder.reload_handle();
-        let _ = FILTER_RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+        let _ = FILTER_RELOAD.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
         builder.init();
     } else {
+        // Colours only on a terminal: a journal or a log file gets plain text.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter_reloading();
         let handle = builder.reload_handle();
-        let _ = FILTER_RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+        let _ = FILTER_RELOAD.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
         builder.init();
     }
 }
@@ -196,8 +206,7 @@ pub struct ReloadReport {
 
 /// Resolves at each SIGHUP; never resolves where the signal cannot be watched.
 pub async fn hangups(mut each: impl FnMut()) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         return std::future::pending().await;
     };
     while hup.recv().await.is_some() {
@@ -240,7 +249,8 @@ mod reload_tests {
     #[test]
     fn changed_keys_names_what_differs_down_to_table_keys() {
         let before = "a = 1\n[log]\nlevel = \"info\"\nformat = \"text\"\n[[sink]]\nkind = \"x\"\n";
-        let after = "a = 1\nb = 2\n[log]\nlevel = \"debug\"\nformat = \"text\"\n[[sink]]\nkind = \"y\"\n";
+        let after =
+            "a = 1\nb = 2\n[log]\nlevel = \"debug\"\nformat = \"text\"\n[[sink]]\nkind = \"y\"\n";
         let changed: Vec<_> = changed_keys(before, after).into_iter().collect();
         assert_eq!(changed, ["b", "log.level", "sink"]);
         assert!(changed_keys(before, before).is_empty());
@@ -249,6 +259,9 @@ mod reload_tests {
     #[test]
     fn a_filter_that_does_not_parse_is_refused_by_name() {
         let err = reload_log_level("info,=[").unwrap_err();
-        assert!(err.contains("log.level") && err.contains("not a valid filter"), "{err}");
+        assert!(
+            err.contains("log.level") && err.contains("not a valid filter"),
+            "{err}"
+        );
     }
 }

@@ -125,7 +125,10 @@ mod tests {
         assert!(kill(std::process::id() as i32, 0).is_ok());
         assert!(hostname().is_some());
         let addresses = interface_addresses().unwrap();
-        assert!(addresses.contains(&std::net::IpAddr::from([127, 0, 0, 1])), "{addresses:?}");
+        assert!(
+            addresses.contains(&std::net::IpAddr::from([127, 0, 0, 1])),
+            "{addresses:?}"
+        );
         assert_eq!(effective_uid(), uid());
     }
 }

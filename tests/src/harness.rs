@@ -507,7 +507,11 @@ impl AgentProcess {
 
     /// Sends `signal` (e.g. "HUP") to the running agent.
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let pid = self.child.as_ref().context("the agent is not running")?.id();
+        let pid = self
+            .child
+            .as_ref()
+            .context("the agent is not running")?
+            .id();
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(pid.to_string())

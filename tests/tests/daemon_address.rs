@@ -40,9 +40,13 @@ async fn an_agent_refuses_a_daemon_whose_certificate_does_not_name_the_address_d
         ..DaemonOptions::default()
     })
     .unwrap();
-    attest_at(&daemon, &daemon.node_addr, "spiffe://example.org/node/by-ip")
-        .await
-        .expect("the address the certificate names is accepted");
+    attest_at(
+        &daemon,
+        &daemon.node_addr,
+        "spiffe://example.org/node/by-ip",
+    )
+    .await
+    .expect("the address the certificate names is accepted");
     // The same daemon, the same SPIFFE ID, reached by a name its certificate lacks.
     let err = attest_at(
         &daemon,
@@ -52,8 +56,7 @@ async fn an_agent_refuses_a_daemon_whose_certificate_does_not_name_the_address_d
     .await
     .expect_err("a name the certificate lacks is refused");
     assert!(
-        err.contains("does not name the address dialed, localhost")
-            && err.contains("server_names"),
+        err.contains("does not name the address dialed, localhost") && err.contains("server_names"),
         "{err}"
     );
 }

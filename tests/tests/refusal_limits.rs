@@ -37,7 +37,11 @@ async fn a_source_refused_too_often_is_slowed_down_and_does_not_grow_the_trail()
         (30..=40).contains(&slowed),
         "expected most of the 60 attempts slowed down, got {slowed}: {codes:?}"
     );
-    assert_ne!(codes[0].0, Code::ResourceExhausted, "the first attempt is judged");
+    assert_ne!(
+        codes[0].0,
+        Code::ResourceExhausted,
+        "the first attempt is judged"
+    );
     let (_, message) = codes.last().unwrap();
     assert!(
         message.contains("too many refused calls from 127.0.0.1") && message.contains("retry in"),
@@ -52,7 +56,9 @@ async fn a_source_refused_too_often_is_slowed_down_and_does_not_grow_the_trail()
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     // A real agent behind the same address waits for the budget to refill, then attests.
-    let token = daemon.join_token("spiffe://example.org/node/patient").unwrap();
+    let token = daemon
+        .join_token("spiffe://example.org/node/patient")
+        .unwrap();
     let mut attested = None;
     for _ in 0..30 {
         match anonymous

@@ -267,7 +267,11 @@ impl SinkRunner {
             }
         }
         let kept: HashSet<&str> = next.iter().map(|s| s.label.as_str()).collect();
-        for gone in self.sinks.iter().filter(|s| !kept.contains(s.label.as_str())) {
+        for gone in self
+            .sinks
+            .iter()
+            .filter(|s| !kept.contains(s.label.as_str()))
+        {
             tracing::info!(sink = %gone.label, "sink no longer configured; its files are left as they are");
         }
         tracing::info!(sinks = next.len(), "sinks reloaded");

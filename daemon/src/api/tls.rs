@@ -105,7 +105,9 @@ impl ServingNames {
             if listen.ip().is_unspecified() {
                 match crate::sys::interface_addresses() {
                     Ok(all) => names.ips.extend(all),
-                    Err(e) => tracing::warn!(error = %e, "cannot list this host's addresses for the daemon's certificate; set server_names"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list this host's addresses for the daemon's certificate; set server_names")
+                    }
                 }
             } else {
                 names.ips.push(listen.ip());

@@ -136,7 +136,10 @@ mod tests {
             limiter.charge(ip("192.0.2.1"), t0);
         }
         let wait = limiter.check(ip("192.0.2.1"), t0).unwrap_err();
-        assert!(wait <= Duration::from_secs(1) && wait > Duration::ZERO, "{wait:?}");
+        assert!(
+            wait <= Duration::from_secs(1) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
         // Another source is untouched.
         assert!(limiter.check(ip("192.0.2.2"), t0).is_ok());
         // A second later one more refusal is allowed, not the whole burst.

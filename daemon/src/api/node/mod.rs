@@ -107,9 +107,13 @@ impl NodeApi {
         self.refused(request)?;
         tracing::warn!(agent = %peer.spiffe_id, serial = %peer.serial, error = %e, "node API call refused");
         self.audit.note_refusal(
-            Event::new(&Actor::Spiffe(peer.spiffe_id.to_string()), "node.denied", call)
-                .scope(format!("serial {}", peer.serial))
-                .denied(e.to_string()),
+            Event::new(
+                &Actor::Spiffe(peer.spiffe_id.to_string()),
+                "node.denied",
+                call,
+            )
+            .scope(format!("serial {}", peer.serial))
+            .denied(e.to_string()),
         );
         Err(Status::from(e))
     }
