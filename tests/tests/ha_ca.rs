@@ -194,7 +194,7 @@ async fn a_ca_prepared_activated_or_tainted_on_one_daemon_signs_on_both() {
         || signed_by(&cert_a, &third),
     );
     assert!(
-        !a.log().contains("CA slot") && !b.log().contains("CA slot"),
+        !a.log().contains("CA slot ") && !b.log().contains("CA slot "),
         "no daemon lacked a CA key:\nA:\n{}\nB:\n{}",
         a.log(),
         b.log()
@@ -253,7 +253,7 @@ async fn an_automatic_rotation_of_a_one_minute_ca_crosses_both_daemons() {
     ] {
         assert!(
             !log.contains("CA rotation check failed")
-                && !log.contains("CA slot")
+                && !log.contains("CA slot ")
                 && !log.contains("could not take up a CA change"),
             "{name}:\n{log}"
         );

@@ -39,16 +39,19 @@ async fn changes_through_one_daemon_reach_agents_on_another() {
     let files = tempfile::tempdir().unwrap();
     let cert = files.path().join("late.pem");
     let secret = files.path().join("shared");
+    let later = files.path().join("later");
     // The agent knows B alone; nothing it will serve exists yet.
     let agent = AgentProcess::start_with(
         &b,
         NODE,
         &format!(
             "[[sink]]\nkind = \"svid\"\nspiffe_id = \"{LATE}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
-             [[sink]]\nkind = \"secret\"\nsecret = \"shared\"\npath = \"{}\"\nuntil_granted = true\n",
+             [[sink]]\nkind = \"secret\"\nsecret = \"shared\"\npath = \"{}\"\nuntil_granted = true\n\
+             [[sink]]\nkind = \"secret\"\nsecret = \"later\"\npath = \"{}\"\nuntil_granted = true\n",
             cert.display(),
             files.path().join("late.key").display(),
-            secret.display()
+            secret.display(),
+            later.display()
         ),
     )
     .unwrap();
@@ -70,6 +73,21 @@ async fn changes_through_one_daemon_reach_agents_on_another() {
     wait_for("the promoted version reaches B's agent", WAIT, || {
         std::fs::read_to_string(&secret).is_ok_and(|v| !v.is_empty() && v != first)
     });
+
+    // A secret defined through A after B started: B loads the definition when told, and
+    // its agent is granted the secret (before, B saw it only at its next scheduler pass).
+    a.define_secret(&format!(
+        "name = \"later\"\nschedule = \"@yearly\"\ngrants = [\"{LATE}\"]\n[store]\nkind = \"local\"\n[target]\nkind = \"none\"\n"
+    ))
+    .unwrap();
+    a.cli_ok(&["secret", "rotate", "later"]).unwrap();
+    wait_for("a secret defined on A reaches B's agent", WAIT, || {
+        non_empty(&later)
+    });
+    assert!(
+        b.cli_ok(&["secret", "list"]).unwrap().contains("later"),
+        "B lists the definition made on A"
+    );
 
     // Deleted through A: B's agent stops serving it.
     a.cli_ok(&["entry", "delete", &id]).unwrap();

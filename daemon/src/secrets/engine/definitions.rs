@@ -130,6 +130,12 @@ impl RotationEngine {
             );
         });
         self.wake.notify_one();
+        // The other daemons load it at once instead of at their next scheduler pass.
+        self.datastore
+            .announce(&crate::cluster::Notice::Secret {
+                name: spec.name.clone(),
+            })
+            .await;
         Ok(())
     }
 
@@ -157,10 +163,22 @@ impl RotationEngine {
     pub async fn delete(&self, name: &str) -> Result<(), EngineError> {
         self.runtime(name).await?;
         self.datastore.delete_secret(name).await?;
-        self.change_loaded(|secrets| {
-            secrets.remove(name);
-        });
+        self.drop_loaded(name);
+        self.datastore
+            .announce(&crate::cluster::Notice::Secret {
+                name: name.to_string(),
+            })
+            .await;
         Ok(())
+    }
+
+    /// Forgets a deleted secret's definition.
+    pub(super) fn drop_loaded(&self, name: &str) {
+        if lock(&self.secrets).contains_key(name) {
+            self.change_loaded(|secrets| {
+                secrets.remove(name);
+            });
+        }
     }
 
     /// Changes the loaded secrets and republishes their definitions.

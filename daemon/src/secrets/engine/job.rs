@@ -311,9 +311,24 @@ impl RotationEngine {
         }
     }
 
-    /// Takes up a version another daemon on the datastore promoted: the sync streams here
-    /// push it to the agents it is granted to.
+    /// Takes up what another daemon on the datastore did to secret `name`: a definition
+    /// added, changed or deleted there is loaded (or dropped) here, so the agents here
+    /// see its grants at once; a version promoted there is pushed by the sync streams here
+    /// to the agents it is granted to.
     pub async fn take_promotion(&self, name: &str) {
+        match self.datastore.get_secret(name).await {
+            Ok(record) => {
+                if let Err(e) = self.load(&record).await {
+                    tracing::error!(secret = %name, error = %e, "could not load a secret definition made on another daemon");
+                }
+            }
+            Err(crate::store::StoreError::NotFound { .. }) => self.drop_loaded(name),
+            Err(e) => {
+                tracing::error!(secret = %name, error = %e, "could not read a secret another daemon changed");
+            }
+        }
+        // Its schedule may be this daemon's to run.
+        self.wake.notify_one();
         self.announce(name).await;
     }
 
