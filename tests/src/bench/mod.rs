@@ -20,6 +20,7 @@ pub mod openbao;
 pub mod policy;
 pub mod revocation;
 pub mod rotation;
+pub mod scale;
 pub mod sinks;
 
 use std::future::Future;

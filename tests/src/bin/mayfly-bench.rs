@@ -10,7 +10,7 @@ use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
 use mayfly_tests::bench::{
     agent, blast, creds, creds_cache, elevation, fanout, ha, mayfly, openbao, policy, revocation,
-    rotation, sinks,
+    rotation, scale, sinks,
 };
 
 #[derive(Parser)]
@@ -173,6 +173,44 @@ enum Cmd {
         agents: usize,
         #[arg(long, default_value_t = 200)]
         changes: usize,
+    },
+    /// One daemon, many agents over several worker processes, many entries: its memory,
+    /// a bundle change to every agent, entry changes under that load.
+    Scale {
+        /// The daemon's node API; must be on 127.0.0.1.
+        #[arg(long)]
+        node_addr: String,
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        /// The daemon's pid, for its memory.
+        #[arg(long)]
+        daemon_pid: u32,
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 100_000)]
+        entries: usize,
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
+    /// A worker of `scale` (started by it): attests agents FROM..FROM+COUNT and reports.
+    #[command(hide = true)]
+    ScaleAgents {
+        #[arg(long)]
+        node_addr: String,
+        #[arg(long)]
+        admin_socket: std::path::PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        count: usize,
     },
     /// The blast-radius report over a fleet: `--all` and one principal's, timed.
     Blast {
@@ -365,6 +403,63 @@ fn real_main() -> Result<ExitCode> {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Cmd::Scale {
+                node_addr,
+                admin_socket,
+                trust_domain,
+                daemon_pid,
+                agents,
+                entries,
+                changes,
+                workers,
+            } => {
+                anyhow::ensure!(
+                    node_addr.starts_with("127.0.0.1:"),
+                    "--node-addr {node_addr}: the bench talks to 127.0.0.1 only"
+                );
+                let result = scale::run(&scale::Options {
+                    node_addr,
+                    admin_socket,
+                    trust_domain,
+                    daemon_pid,
+                    agents,
+                    entries,
+                    changes,
+                    workers,
+                })
+                .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(
+                    if result.bundle_missed == 0 && result.change_missed == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    },
+                )
+            }
+            Cmd::ScaleAgents {
+                node_addr,
+                admin_socket,
+                trust_domain,
+                run,
+                from,
+                count,
+            } => {
+                anyhow::ensure!(
+                    node_addr.starts_with("127.0.0.1:"),
+                    "--node-addr {node_addr}: the bench talks to 127.0.0.1 only"
+                );
+                scale::worker(&scale::WorkerOptions {
+                    node_addr,
+                    admin_socket,
+                    trust_domain,
+                    run,
+                    from,
+                    count,
+                })
+                .await?;
+                Ok(ExitCode::SUCCESS)
             }
             Cmd::Ha {
                 daemons,
