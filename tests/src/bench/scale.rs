@@ -1,8 +1,8 @@
 //! The scale bench: one daemon holding many agents. Simulated agents (each attested with
 //! its own join token and key, each on its own mTLS sync stream) are spread over several
 //! worker processes; the daemon holds many entries spread over them. Measured: the
-//! daemon's resident memory with everything connected, a bundle change (`ca prepare`)
-//! until every agent has read it from its stream, and entry changes under that load, each
+//! daemon's resident memory with everything connected, a bundle change (`ca prepare`,
+//! from the call) until every agent has read it from its stream, and entry changes under that load, each
 //! until its agent has read it.
 //!
 //! Workers report on stdout, one line per event: `up` once their agents stream, `b AGENT
@@ -47,7 +47,7 @@ pub struct ScaleResult {
     /// The daemon's VmRSS with every agent streaming, and its peak (VmHWM) by the end.
     pub rss_mib: f64,
     pub peak_rss_mib: f64,
-    /// `PrepareCa` answered → each agent's stream delivers the new bundle.
+    /// `PrepareCa` sent → each agent's stream delivers the new bundle.
     pub bundle_p50_ms: f64,
     pub bundle_p99_ms: f64,
     pub bundle_all_ms: f64,
@@ -182,8 +182,9 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
 
     // A bundle change: every agent reads it from its stream.
     let mut admin = admin.clone();
+    // From the call: the daemon pushes the new bundle before it answers.
+    let sent = SystemTime::now();
     admin.prepare_ca(v1::PrepareCaRequest {}).await?;
-    let answered = SystemTime::now();
     let mut bundle = Latencies::with_capacity(opts.agents);
     let mut got: HashMap<String, u128> = HashMap::with_capacity(opts.agents);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -201,7 +202,7 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
             Ok(None) | Err(_) => break,
         }
     }
-    let from = unix_ns(answered);
+    let from = unix_ns(sent);
     let mut last = 0u128;
     for at in got.values() {
         let ns = at.saturating_sub(from);
