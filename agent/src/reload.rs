@@ -112,16 +112,6 @@ impl Reloader {
 
     /// Reloads at every SIGHUP until the agent stops, logging what each reload did.
     pub async fn on_hangup(self: Arc<Self>) {
-        mayfly_common::process::hangups(|| match self.reload() {
-            Ok(report) => tracing::info!(
-                applied = ?report.applied,
-                needs_restart = ?report.needs_restart,
-                "configuration reloaded (SIGHUP)"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "configuration not reloaded (SIGHUP); the running one stays")
-            }
-        })
-        .await;
+        mayfly_common::process::reload_on_hangups(|| self.reload()).await;
     }
 }

@@ -204,6 +204,22 @@ pub struct ReloadReport {
     pub needs_restart: Vec<String>,
 }
 
+/// Calls `reload` at every SIGHUP until the process ends, logging what each one did, or
+/// why it changed nothing.
+pub async fn reload_on_hangups(reload: impl Fn() -> Result<ReloadReport, String>) {
+    hangups(|| match reload() {
+        Ok(report) => tracing::info!(
+            applied = ?report.applied,
+            needs_restart = ?report.needs_restart,
+            "configuration reloaded (SIGHUP)"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded (SIGHUP); the running one stays")
+        }
+    })
+    .await;
+}
+
 /// Resolves at each SIGHUP; never resolves where the signal cannot be watched.
 pub async fn hangups(mut each: impl FnMut()) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {

@@ -193,7 +193,8 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
         match tokio::time::timeout(left, events.recv()).await {
             Ok(Some(line)) => {
                 let mut parts = line.split_whitespace();
-                if let (Some("b"), Some(agent), Some(at)) = (parts.next(), parts.next(), parts.next())
+                if let (Some("b"), Some(agent), Some(at)) =
+                    (parts.next(), parts.next(), parts.next())
                     && let Ok(at) = at.parse::<u128>()
                 {
                     got.entry(agent.to_string()).or_insert(at);
@@ -239,7 +240,8 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
             match tokio::time::timeout(left, events.recv()).await {
                 Ok(Some(line)) => {
                     let mut parts = line.split_whitespace();
-                    if let (Some("e"), Some(id), Some(at)) = (parts.next(), parts.next(), parts.next())
+                    if let (Some("e"), Some(id), Some(at)) =
+                        (parts.next(), parts.next(), parts.next())
                         && id == entry.id
                     {
                         seen = at.parse::<u128>().ok();
@@ -249,9 +251,9 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
             }
         }
         match seen {
-            Some(at) => change.record(Duration::from_nanos(
-                at.saturating_sub(unix_ns(sent)) as u64,
-            )),
+            Some(at) => {
+                change.record(Duration::from_nanos(at.saturating_sub(unix_ns(sent)) as u64))
+            }
             None => change_missed += 1,
         }
     }
@@ -326,7 +328,9 @@ pub async fn worker(opts: &WorkerOptions) -> Result<()> {
                                 // A resend of the whole state carries the bundle too.
                                 let _ = out.send(format!("b {i} {at}"));
                             }
-                            Some(Update::EntryUpserted(entry)) if entry.spiffe_id.contains(&timed) => {
+                            Some(Update::EntryUpserted(entry))
+                                if entry.spiffe_id.contains(&timed) =>
+                            {
                                 let _ = out.send(format!("e {} {at}", entry.id));
                             }
                             _ => {}

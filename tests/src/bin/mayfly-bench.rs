@@ -430,13 +430,11 @@ fn real_main() -> Result<ExitCode> {
                 })
                 .await?;
                 println!("{}", serde_json::to_string(&result)?);
-                Ok(
-                    if result.bundle_missed == 0 && result.change_missed == 0 {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    },
-                )
+                Ok(if result.bundle_missed == 0 && result.change_missed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             Cmd::ScaleAgents {
                 node_addr,
