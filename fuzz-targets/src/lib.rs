@@ -25,8 +25,11 @@ use mayfly_common::svid::{SvidRequest, X509Authority, generate_ca, parse_pem_cer
 use mayfly_common::tls::{TrustBundle, peer_identity};
 use mayfly_common::{Selector, SpiffeId, TrustDomain};
 
+/// What a target runs: any bytes in, a panic only for a bug.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as `fuzz/fuzz_targets/` and `fuzz/corpus/` name them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("spiffe_id", spiffe_id),
     ("selector", selector),
     ("certificate", certificate),
