@@ -8,6 +8,9 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod exec;
+// Exists for the fuzz targets (fuzz-targets/) only.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ops;
 pub mod policy;
 pub mod reload;

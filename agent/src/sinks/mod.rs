@@ -5,7 +5,7 @@
 //! `runner` writes them and fires the change actions.
 
 mod error;
-mod render;
+pub(crate) mod render;
 pub mod runner;
 
 use std::ffi::CString;

@@ -84,7 +84,7 @@ pub(super) fn compile_check(sink: &str, text: &str) -> Result<(), RenderError> {
 
 /// The files `sink` should hold for `state` and the credentials held, or `None` while
 /// what it needs (an SVID not signed yet, a credential not issued yet) is not there.
-pub(super) fn render(
+pub(crate) fn render(
     sink: &Sink,
     all: &[Sink],
     state: &WorkloadState,

@@ -254,7 +254,15 @@ async fn read_message(mut body: Incoming, encoding: Option<&HeaderValue>) -> Res
         }
         received.extend_from_slice(&data);
     }
-    let mut received = received.freeze();
+    unframe(received.freeze(), encoding)
+}
+
+/// The message of a request body read whole: one uncompressed, length-prefixed message of
+/// at most [`MAX_REQUEST_BYTES`], without its prefix.
+pub(crate) fn unframe(
+    mut received: Bytes,
+    encoding: Option<&HeaderValue>,
+) -> Result<Bytes, Status> {
     if received.len() < PREFIX_LEN {
         return Err(Status::internal("the request carries no message"));
     }
@@ -308,7 +316,7 @@ fn frame<M: Message>(message: &M) -> Result<Bytes, Status> {
 }
 
 /// The call's deadline from `grpc-timeout` (digits and a unit: H, M, S, m, u or n).
-fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, Status> {
+pub(crate) fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, Status> {
     let Some(value) = headers.get("grpc-timeout") else {
         return Ok(None);
     };

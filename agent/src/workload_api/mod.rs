@@ -5,7 +5,7 @@
 mod credentials;
 mod elevation;
 mod error;
-mod grpc;
+pub(crate) mod grpc;
 mod jwt;
 mod secrets;
 mod server;
@@ -32,7 +32,7 @@ use mayfly_proto::workload::{
 
 use crate::credentials::CredentialCache;
 use crate::ops::AgentMetrics;
-use crate::state::{EntryView, JwtIssuer, WorkloadState};
+use crate::state::{Bundle, EntryView, JwtIssuer, WorkloadState};
 use crate::workload_api::jwt::{JWT_CACHE_CAPACITY, JwtCache, JwtCacheKey, claims_to_struct};
 use crate::workload_api::streams::{
     JwtBundlesView, ResponseStream, X509BundlesView, X509SvidView, watch_stream,
@@ -313,21 +313,30 @@ impl WorkloadApi {
             return Err(WorkloadApiError::MissingField("svid"));
         }
         let bundle = self.state.borrow().bundle.clone();
-        let claims =
-            mayfly_common::svid::validate_jwt(&svid, &audience, &bundle.jwt_keys, self.clock.now())
-                .map_err(WorkloadApiError::InvalidJwt)?;
-        // The keys are this trust domain's: they vouch only for subjects inside it.
-        let subject = SpiffeId::parse(&claims.sub).map_err(WorkloadApiError::InvalidSpiffeId)?;
-        if !subject.is_member_of(&bundle.trust_domain) {
-            return Err(WorkloadApiError::ForeignTrustDomain(
-                subject.trust_domain().as_str().to_owned(),
-            ));
-        }
-        Ok(ValidateJwtsvidResponse {
-            spiffe_id: claims.sub,
-            claims: Some(claims_to_struct(&claims.raw)),
-        })
+        validate_jwt_svid(&svid, &audience, &bundle, self.clock.now())
     }
+}
+
+/// The answer to `ValidateJWTSVID` for a token checked against the trust domain's JWT keys.
+pub(crate) fn validate_jwt_svid(
+    svid: &str,
+    audience: &str,
+    bundle: &Bundle,
+    now: SystemTime,
+) -> Result<ValidateJwtsvidResponse, WorkloadApiError> {
+    let claims = mayfly_common::svid::validate_jwt(svid, audience, &bundle.jwt_keys, now)
+        .map_err(WorkloadApiError::InvalidJwt)?;
+    // The keys are this trust domain's: they vouch only for subjects inside it.
+    let subject = SpiffeId::parse(&claims.sub).map_err(WorkloadApiError::InvalidSpiffeId)?;
+    if !subject.is_member_of(&bundle.trust_domain) {
+        return Err(WorkloadApiError::ForeignTrustDomain(
+            subject.trust_domain().as_str().to_owned(),
+        ));
+    }
+    Ok(ValidateJwtsvidResponse {
+        spiffe_id: claims.sub,
+        claims: Some(claims_to_struct(&claims.raw)),
+    })
 }
 
 #[tonic::async_trait]
