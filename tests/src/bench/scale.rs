@@ -69,6 +69,16 @@ fn agent_id(trust_domain: &TrustDomain, run: &str, i: usize) -> String {
     format!("spiffe://{trust_domain}/node/scale-{run}-{i}")
 }
 
+/// A worker's `KIND KEY UNIX_NS` line, when it is of `kind`.
+fn event<'a>(line: &'a str, kind: &str) -> Option<(&'a str, u128)> {
+    let mut parts = line.split_whitespace();
+    if parts.next()? != kind {
+        return None;
+    }
+    let key = parts.next()?;
+    Some((key, parts.next()?.parse().ok()?))
+}
+
 /// VmRSS and VmHWM of `pid`, in MiB.
 fn memory_mib(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -192,11 +202,7 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, events.recv()).await {
             Ok(Some(line)) => {
-                let mut parts = line.split_whitespace();
-                if let (Some("b"), Some(agent), Some(at)) =
-                    (parts.next(), parts.next(), parts.next())
-                    && let Ok(at) = at.parse::<u128>()
-                {
+                if let Some((agent, at)) = event(&line, "b") {
                     got.entry(agent.to_string()).or_insert(at);
                 }
             }
@@ -239,12 +245,10 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, events.recv()).await {
                 Ok(Some(line)) => {
-                    let mut parts = line.split_whitespace();
-                    if let (Some("e"), Some(id), Some(at)) =
-                        (parts.next(), parts.next(), parts.next())
+                    if let Some((id, at)) = event(&line, "e")
                         && id == entry.id
                     {
-                        seen = at.parse::<u128>().ok();
+                        seen = Some(at);
                     }
                 }
                 Ok(None) | Err(_) => break,
