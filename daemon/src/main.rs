@@ -11,6 +11,11 @@ use mayfly_daemon::cli::{Cli, Command, blast, credentials, elevation, operator, 
 use mayfly_daemon::config::{DaemonConfig, LogFormat};
 use mayfly_daemon::{dev, server};
 
+/// mimalloc rather than glibc's malloc: the signing path's allocations and frees across
+/// threads cost a tenth of the daemon's CPU with glibc (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // aws-lc-rs is the only crypto provider; installing it first keeps rustls from guessing.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

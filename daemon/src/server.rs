@@ -219,16 +219,19 @@ pub async fn start(
     let elevation_path = config.elevation_socket();
     let elevation_listener = bind_elevation_socket(&elevation_path)?;
 
-    let node_service = NodeServer::new(NodeApi::new(
-        registry.clone(),
-        secrets.clone(),
-        broker.clone(),
-        metrics.clone(),
-        audit.clone(),
-        revoker.clone(),
-        view.clone(),
-        elevations.clone(),
-    ))
+    let node_service = NodeServer::new(
+        NodeApi::new(
+            registry.clone(),
+            secrets.clone(),
+            broker.clone(),
+            metrics.clone(),
+            audit.clone(),
+            revoker.clone(),
+            view.clone(),
+            elevations.clone(),
+        )
+        .context("starting the signing threads")?,
+    )
     .max_decoding_message_size(config.max_message_bytes);
     let blast = Arc::new(crate::blast::BlastRadius::new(
         view.clone(),

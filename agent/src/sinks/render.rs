@@ -301,6 +301,7 @@ fn resolve(sink: &Sink, reference: &SecretRef, view: &SecretView) -> Result<Stri
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     // A name the template does not have is a mistake to report, never an empty string.
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     // Config files, not HTML: values go in as they are.
@@ -447,8 +448,10 @@ fn render_template(
     let template = env
         .template_from_str(text)
         .map_err(|e| template_error(describe(e)))?;
-    match template.render(context) {
-        Ok(text) => Ok(text),
+    let mut out = CappedText::default();
+    match template.render_captured_to(context, &mut out) {
+        Ok(_) => String::from_utf8(std::mem::take(&mut *out.text))
+            .map_err(|_| template_error("it rendered text that is not UTF-8".into())),
         Err(e) => {
             let missing = secrets.missing.lock().ok().and_then(|m| m.first().cloned());
             Err(match missing {
@@ -456,9 +459,49 @@ fn render_template(
                     sink: sink.label.clone(),
                     secret,
                 },
+                None if out.full => template_error(format!(
+                    "the rendered file would pass {} MiB",
+                    MAX_RENDERED >> 20
+                )),
+                None if e.kind() == minijinja::ErrorKind::OutOfFuel => template_error(format!(
+                    "it needs more than {TEMPLATE_FUEL} steps of work to render \
+                     (a loop, or a string or list repeated, too large){}",
+                    e.line().map(|l| format!(" (line {l})")).unwrap_or_default()
+                )),
                 None => template_error(describe(e)),
             })
         }
+    }
+}
+
+/// The most work one render may take, in minijinja's fuel: one unit per instruction, plus
+/// the bytes (and 32 per list slot) of every string or list an operator builds. A config
+/// file's template takes thousands; ten million is a few tenths of a second of CPU.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// The largest file a template may render to.
+const MAX_RENDERED: usize = 16 << 20;
+
+/// The rendered text, refused past [`MAX_RENDERED`]: minijinja stops at the first write
+/// that fails, so a template printing a huge value ends there instead of filling memory.
+#[derive(Default)]
+struct CappedText {
+    text: Zeroizing<Vec<u8>>,
+    full: bool,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > MAX_RENDERED {
+            self.full = true;
+            return Err(std::io::Error::other("rendered file too large"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -594,6 +637,44 @@ mod tests {
             assert!(!e.to_string().contains("s3cret-Value"), "{e}");
             assert!(!format!("{e:?}").contains("s3cret-Value"), "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_runaway_template_is_stopped_and_named() {
+        let state = state_with(&[("db", "u", "s3cret-Value")]);
+        let failure = |template: &str| {
+            let all = sinks(&format!(
+                "[[sink]]\nkind = \"template\"\npath = \"/x/t\"\ntemplate = '{template}'\n"
+            ));
+            render(&all[0], &all, &state, &HeldCredentials::default())
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        // Work: nested loops, and a string or a list repeated past the fuel.
+        for template in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "{{ secrets.db.password * 90000000 }}",
+            "{% set l = [secrets.db.username] * 100000 %}{% for x in l %}{% for y in l %}{% endfor %}{% endfor %}",
+        ] {
+            let err = failure(template);
+            assert!(
+                err.contains("more than 10000000 steps of work"),
+                "{template}: {err}"
+            );
+            assert!(!err.contains("s3cret-Value"), "{err}");
+        }
+        // Size: a small value printed often enough passes the cap on the file.
+        let err = failure(
+            "{% set v = secrets.db.password * 10000 %}{% for i in range(100000) %}{{ v }}{% endfor %}",
+        );
+        assert!(err.contains("would pass 16 MiB"), "{err}");
+        // A template within both limits renders as before.
+        let all = sinks(
+            "[[sink]]\nkind = \"template\"\npath = \"/x/t\"\ntemplate = '{% for i in range(3) %}{{ secrets.db.username }}{% endfor %}'\n",
+        );
+        let out = text(render(&all[0], &all, &state, &HeldCredentials::default()).unwrap());
+        assert_eq!(out, "uuu");
     }
 
     #[test]

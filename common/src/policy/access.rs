@@ -418,10 +418,8 @@ impl Access<'_> {
         Ok((id, all))
     }
 
-    fn context(&self, now: SystemTime) -> Result<Context, String> {
-        let time = cedar_time(now);
+    fn context(&self, now: Option<SystemTime>) -> Result<Context, String> {
         let mut pairs = vec![
-            ("time".to_string(), RestrictedExpression::new_datetime(time)),
             ("node".to_string(), string(self.context.node)),
             ("selectors".to_string(), strings(self.context.selectors)),
             (
@@ -431,6 +429,12 @@ impl Access<'_> {
             ("source".to_string(), string(self.context.source.name())),
             ("method".to_string(), string(self.context.method)),
         ];
+        if let Some(now) = now {
+            pairs.push((
+                "time".to_string(),
+                RestrictedExpression::new_datetime(cedar_time(now)),
+            ));
+        }
         if self.action.is_elevation() {
             let e = self.context.elevation.unwrap_or_default();
             pairs.extend([
@@ -525,19 +529,31 @@ impl Access<'_> {
 
     /// Cedar's request and the entities it needs; `actions` are the schema's action
     /// entities. Not validated against the schema here (it costs as much as the decision):
-    /// a test checks that what this builds conforms.
+    /// a test checks that what this builds conforms. `now` is `context.time`; `None` leaves
+    /// it out, for policies that never read it (making Cedar's `datetime` value is a third
+    /// of a decision's cost).
     pub fn cedar_request(
         &self,
         actions: &[Entity],
-        now: SystemTime,
+        now: Option<SystemTime>,
     ) -> Result<(Request, Entities), String> {
-        self.cedar_request_checked(actions, now, None)
+        self.request_with(actions, now, None)
     }
 
+    /// As [`Self::cedar_request`], with `context.time`, checked against `schema`.
     pub fn cedar_request_checked(
         &self,
         actions: &[Entity],
         now: SystemTime,
+        schema: Option<&cedar_policy::Schema>,
+    ) -> Result<(Request, Entities), String> {
+        self.request_with(actions, Some(now), schema)
+    }
+
+    fn request_with(
+        &self,
+        actions: &[Entity],
+        now: Option<SystemTime>,
         schema: Option<&cedar_policy::Schema>,
     ) -> Result<(Request, Entities), String> {
         let (principal, principal_entity) = self.principal_entity()?;

@@ -346,6 +346,7 @@ fn indexed(
         let mut subset = ActionPolicies::default();
         for policy in all.policies() {
             if applies_to(&policy.action_constraint(), action) {
+                subset.reads_time |= may_read_time(policy);
                 // Ids are unique in `all`, so adding to a subset cannot clash.
                 let _ = subset_for(&mut subset, policy).add(policy.clone());
             }
@@ -360,6 +361,41 @@ fn indexed(
         all,
         by_action,
         json: std::sync::OnceLock::new(),
+    }
+}
+
+/// Whether `policy` may read `context.time`: it names the attribute (`context.time`,
+/// `context has time`, `context["time"]` all read as the attribute `time` in Cedar's JSON
+/// form, whatever escapes the text used), or it uses `context` as a whole. When in doubt,
+/// yes: a request without `time` makes a policy that reads it fail, and a failed forbid
+/// does not deny.
+pub(super) fn may_read_time(policy: &Policy) -> bool {
+    fn walk(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.iter().any(|(key, value)| match (key.as_str(), value) {
+                    ("." | "has", serde_json::Value::Object(access)) => match access.get("left") {
+                        // `context.x` reads one attribute; on anything else `.time` is not it.
+                        Some(left) if is_context(left) => {
+                            access.get("attr").and_then(|a| a.as_str()) == Some("time")
+                        }
+                        Some(left) => walk(left),
+                        None => true,
+                    },
+                    _ if is_context(v) => true,
+                    _ => walk(value),
+                })
+            }
+            serde_json::Value::Array(items) => items.iter().any(walk),
+            _ => false,
+        }
+    }
+    fn is_context(v: &serde_json::Value) -> bool {
+        v.get("Var").and_then(|var| var.as_str()) == Some("context")
+    }
+    match policy.to_json() {
+        Ok(json) => walk(&json),
+        Err(_) => true,
     }
 }
 

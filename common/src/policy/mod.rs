@@ -46,6 +46,8 @@ pub(crate) struct ActionPolicies {
     pub(crate) general: PolicySet,
     pub(crate) by_resource: HashMap<EntityUid, PolicySet>,
     pub(crate) by_principal: HashMap<EntityUid, PolicySet>,
+    /// Whether any of them may read `context.time` (requests leave it out otherwise).
+    pub(crate) reads_time: bool,
 }
 
 /// Where one action's permits can apply, read off the index: what a reach computation must
@@ -279,13 +281,14 @@ impl Decider {
             .action_entities
             .get(&access.action)
             .map_or(&self.actions[..], Vec::as_slice);
+        let Some(policies) = set.by_action.get(&access.action) else {
+            return decision(false, Vec::new(), Vec::new());
+        };
+        let now = policies.reads_time.then_some(now);
         let (request, entities) = match access.cedar_request(actions, now) {
             Ok(built) => built,
             // Our own request did not build: deny, and say why.
             Err(e) => return decision(false, Vec::new(), vec![e]),
-        };
-        let Some(policies) = set.by_action.get(&access.action) else {
-            return decision(false, Vec::new(), Vec::new());
         };
         // The subsets that can apply, each decided by Cedar, combined as Cedar combines
         // policies: any satisfied forbid denies; otherwise any satisfied permit allows.

@@ -267,3 +267,29 @@ fn a_set_pushed_as_json_decides_as_the_set_it_came_from() {
             .is_err()
     );
 }
+
+#[test]
+fn only_policies_that_can_read_the_time_get_it() {
+    let reads = |text: &str| {
+        let policy = cedar_policy::Policy::parse(None, text).expect("parses");
+        compile::may_read_time(&policy)
+    };
+    for text in [
+        r#"permit(principal, action, resource) when { context.time.toTime() < duration("9h") };"#,
+        r#"forbid(principal, action, resource) unless { context has time };"#,
+        r#"forbid(principal, action, resource) when { context["time"] < datetime("2030-01-01") };"#,
+        r#"forbid(principal, action, resource) when { context["\u{74}ime"] < datetime("2030-01-01") };"#,
+        r#"forbid(principal, action, resource) when { context == {} };"#,
+        r#"forbid(principal, action, resource) when { [context].contains(principal) };"#,
+    ] {
+        assert!(reads(text), "{text}");
+    }
+    for text in [
+        r#"permit(principal, action, resource);"#,
+        r#"forbid(principal, action, resource) when { context.node == "spiffe://example.org/node/q" };"#,
+        r#"forbid(principal, action, resource) when { context.selectors.contains("time") };"#,
+        r#"forbid(principal, action, resource) when { principal.time == 1 };"#,
+    ] {
+        assert!(!reads(text), "{text}");
+    }
+}

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod blast;
+pub mod ceiling;
 pub mod creds;
 pub mod creds_cache;
 pub mod elevation;

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
 use mayfly_tests::bench::{
-    agent, blast, creds, creds_cache, elevation, fanout, ha, mayfly, openbao, policy, revocation,
-    rotation, scale, sinks,
+    agent, blast, ceiling, creds, creds_cache, elevation, fanout, ha, mayfly, openbao, policy,
+    revocation, rotation, scale, sinks,
 };
 
 #[derive(Parser)]
@@ -262,6 +262,17 @@ enum Cmd {
         dir: std::path::PathBuf,
         #[arg(long, default_value_t = 1000)]
         policies: usize,
+    },
+    /// The crypto ceiling of signing: one ECDSA P-256 verification (the CSR's) and one
+    /// signature (the CA's) per certificate, with aws-lc, on every thread; nothing else.
+    CryptoCeiling {
+        /// Threads signing at once (the cores the daemon runs on).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 256)]
+        csr_pool: usize,
     },
     /// Sign CSRs through a running mayflyd's node API (gRPC + mTLS, `SignSvids`).
     MayflySign {
@@ -615,6 +626,23 @@ fn real_main() -> Result<ExitCode> {
                     connections,
                 })
                 .await?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::CryptoCeiling {
+                threads,
+                seconds,
+                csr_pool,
+            } => {
+                eprintln!(
+                    "mayfly-bench: crypto ceiling, verify + sign per CSR on {threads} threads for {seconds} s"
+                );
+                let opts = ceiling::Options {
+                    threads,
+                    seconds,
+                    csr_pool,
+                };
+                let result = tokio::task::spawn_blocking(move || ceiling::run(&opts)).await??;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(ExitCode::SUCCESS)
             }

@@ -25,6 +25,7 @@ use crate::store::{AgentRecord, IssuedSvidRecord};
 use crate::visibility::Visibility;
 
 mod limiter;
+mod signer;
 mod sync;
 
 pub use limiter::RefusalLimiter;
@@ -48,6 +49,10 @@ pub struct NodeApi {
     elevations: Arc<crate::elevation::Elevations>,
     /// Budgets of refused calls per source address, for callers without a valid SVID.
     refusals: Arc<RefusalLimiter>,
+    /// What each client certificate says, read once rather than at every call.
+    peers: Arc<PeerCache>,
+    /// Where batches are signed: off the async runtime, one thread per core.
+    signer: Arc<signer::SigningPool>,
 }
 
 impl NodeApi {
@@ -61,8 +66,10 @@ impl NodeApi {
         revoker: Arc<Revoker>,
         view: Visibility,
         elevations: Arc<crate::elevation::Elevations>,
-    ) -> Self {
-        Self {
+    ) -> std::io::Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let signer = Arc::new(signer::SigningPool::new(cores)?);
+        Ok(Self {
             registry,
             secrets,
             broker,
@@ -72,7 +79,9 @@ impl NodeApi {
             view,
             elevations,
             refusals: Arc::default(),
-        }
+            peers: Arc::default(),
+            signer,
+        })
     }
 
     /// Counts a refused call against the caller's address. `Err` when that address has
@@ -88,12 +97,30 @@ impl NodeApi {
         Ok(())
     }
 
+    /// Signs the batch on the signing pool (see [`signer`]).
+    async fn sign_off_runtime(
+        &self,
+        agent: &str,
+        csrs: Vec<(String, Vec<u8>)>,
+    ) -> Result<Result<Vec<crate::identity::SignedSvid>, crate::identity::IdentityError>, Status>
+    {
+        let registry = self.registry.clone();
+        let agent = agent.to_owned();
+        self.signer
+            .run(move || registry.sign_batch(&agent, &csrs))
+            .await
+            .ok_or_else(|| {
+                tracing::error!("a signing job ended without an answer");
+                Status::internal("signing failed")
+            })
+    }
+
     async fn authenticate<T>(
         &self,
         request: &Request<T>,
         call: &str,
     ) -> Result<AgentRecord, Status> {
-        let peer = match caller(request) {
+        let peer = match self.peers.caller(request) {
             Ok(peer) => peer,
             Err(status) => {
                 self.refused(request)?;
@@ -150,15 +177,48 @@ fn slowed_down(source: Option<std::net::IpAddr>, wait: std::time::Duration) -> S
     ))
 }
 
-fn caller<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
-    let certs = request.peer_certs().ok_or_else(|| {
-        Status::unauthenticated("this call requires the agent's SVID as the TLS client certificate")
-    })?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("the client presented no certificate"))?;
-    peer_identity(leaf.as_ref())
-        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
+/// Client certificates already read, by their DER bytes: an agent makes every call on
+/// one connection with one certificate, and parsing it cost more than the call's policy
+/// decision. What a certificate says depends on its bytes alone, and the TLS handshake
+/// has verified it; the store is still asked about the agent at every call.
+#[derive(Default)]
+struct PeerCache {
+    read: std::sync::Mutex<std::collections::HashMap<Vec<u8>, PeerIdentity>>,
+}
+
+/// Certificates remembered at most; past it the cache starts again (agents renew their
+/// SVIDs, so old ones would otherwise stay forever).
+const PEER_CACHE_MAX: usize = 16_384;
+
+impl PeerCache {
+    fn caller<T>(&self, request: &Request<T>) -> Result<PeerIdentity, Status> {
+        let certs = request.peer_certs().ok_or_else(|| {
+            Status::unauthenticated(
+                "this call requires the agent's SVID as the TLS client certificate",
+            )
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("the client presented no certificate"))?;
+        let der = leaf.as_ref();
+        if let Some(peer) = self.lock().get(der) {
+            return Ok(peer.clone());
+        }
+        let peer = peer_identity(der)
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        let mut read = self.lock();
+        if read.len() >= PEER_CACHE_MAX {
+            read.clear();
+        }
+        read.insert(der.to_vec(), peer.clone());
+        Ok(peer)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, PeerIdentity>> {
+        self.read
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<v1::SyncMessage, Status>> + Send>>;
@@ -280,16 +340,17 @@ impl Node for NodeApi {
             return Err(Status::invalid_argument("the batch carries no CSR"));
         }
         let actor = Actor::Spiffe(agent.spiffe_id.clone());
+        let count = csrs.len();
         let signed = self
-            .registry
-            .sign_batch(&agent.spiffe_id, &csrs)
+            .sign_off_runtime(&agent.spiffe_id, csrs)
+            .await?
             .map_err(|e| {
                 tracing::warn!(agent = %agent.spiffe_id, error = %e, "signing refused");
                 // A policy's denial is on the trail already, with its deciding policies.
                 if !matches!(e, crate::identity::IdentityError::PolicyDenied { .. }) {
                     self.audit.note_refusal(
                         Event::new(&actor, "svid.sign", "")
-                            .scope(format!("{} CSRs", csrs.len()))
+                            .scope(format!("{count} CSRs"))
                             .denied(e.to_string()),
                     );
                 }
@@ -381,7 +442,7 @@ impl Node for NodeApi {
         &self,
         request: Request<v1::RevocationAck>,
     ) -> Result<Response<v1::RevocationAckResponse>, Status> {
-        let peer = caller(&request)?;
+        let peer = self.peers.caller(&request)?;
         let agent = self
             .registry
             .authenticate_banned_agent(&peer)
