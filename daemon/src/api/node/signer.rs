@@ -71,24 +71,24 @@ impl SigningPool {
     }
 }
 
+/// The calling thread's id: with PRIO_PROCESS, Linux's get/setpriority act on that one
+/// thread.
+fn thread_id() -> libc::id_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
+}
+
 /// The calling thread's nice value.
 fn niceness() -> libc::c_int {
-    // SAFETY: gettid takes no arguments; getpriority only reads its integer arguments.
-    // On Linux, PRIO_PROCESS with a thread id names that one thread.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::getpriority(libc::PRIO_PROCESS, tid)
-    }
+    // SAFETY: getpriority only reads its integer arguments.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, thread_id()) }
 }
 
 /// Lowers the calling thread's scheduling priority; signing still runs if it cannot.
 fn lower_priority() {
     let nice = (niceness() + SIGNING_NICENESS).min(19);
-    // SAFETY: as in `niceness`; setpriority only reads its integer arguments.
-    let failed = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0
-    };
+    // SAFETY: setpriority only reads its integer arguments.
+    let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, thread_id(), nice) != 0 };
     if failed {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
