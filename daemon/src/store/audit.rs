@@ -135,6 +135,12 @@ impl Store {
         known_tail: Option<&ChainTail>,
         hash: impl Fn(i64, &str, &AuditFields) -> String,
     ) -> Result<ChainTail> {
+        if let (Backend::Sqlite, Some(tail)) = (self.backend, known_tail) {
+            let binds = records.len() * 12 + issued.len() * 7 + acks.len() * 4;
+            if binds <= SCRIPT_MAX_BINDS {
+                return self.append_script(records, issued, acks, tail, hash).await;
+            }
+        }
         let mut tx = self.begin_write().await?;
         let mut tail = match (self.backend, known_tail) {
             (Backend::Sqlite, Some(tail)) => tail.clone(),
@@ -159,71 +165,43 @@ impl Store {
         };
         // One multi-row INSERT per table and chunk: each statement is a round trip to the
         // database's connection (a thread hop for SQLite), and a group can hold hundreds.
-        for chunk in records.chunks(ROWS_PER_INSERT) {
-            let sql = values_sql(
-                "INSERT INTO audit_log (seq, at_ms, actor, action, subject, scope, ttl_secs, \
-                 reason, outcome, detail, prev_hash, hash) VALUES ",
-                12,
-                chunk.len(),
-                "",
-            );
-            // Only placeholders are spliced in; every value is bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for record in chunk {
-                let seq = tail.0 + 1;
-                let digest = hash(seq, &tail.1, record);
-                query = query
-                    .bind(seq)
-                    .bind(record.at_ms)
-                    .bind(&record.actor)
-                    .bind(&record.action)
-                    .bind(&record.subject)
-                    .bind(&record.scope)
-                    .bind(record.ttl_secs)
-                    .bind(&record.reason)
-                    .bind(&record.outcome)
-                    .bind(&record.detail)
-                    .bind(tail.1.clone())
-                    .bind(digest.clone());
-                tail = (seq, digest);
-            }
-            query.execute(&mut *tx).await?;
-        }
-        for chunk in issued.chunks(ROWS_PER_INSERT) {
-            let sql = values_sql(
-                "INSERT INTO issued_svids (serial, entry_id, spiffe_id, agent_id, ca_slot, \
-                 issued_at, not_after) VALUES ",
-                7,
-                chunk.len(),
-                " ON CONFLICT (serial) DO NOTHING",
-            );
-            // Only placeholders are spliced in; every value is bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for svid in chunk {
-                query = query
-                    .bind(&svid.serial)
-                    .bind(&svid.entry_id)
-                    .bind(&svid.spiffe_id)
-                    .bind(&svid.agent_id)
-                    .bind(&svid.ca_slot)
-                    .bind(svid.issued_at)
-                    .bind(svid.not_after);
-            }
-            query.execute(&mut *tx).await?;
-        }
-        for ack in acks {
-            sqlx::query(
-                "UPDATE revocation_acks SET acked_at = $1, detail = $2 \
-                 WHERE revocation_id = $3 AND agent_id = $4 AND acked_at IS NULL",
-            )
-            .bind(ack.at_ms)
-            .bind(&ack.detail)
-            .bind(&ack.revocation_id)
-            .bind(&ack.agent_id)
-            .execute(&mut *tx)
-            .await?;
+        for statement in append_statements(records, issued, acks, &mut tail, &hash, false) {
+            statement.query().execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        Ok(tail)
+    }
+
+    /// The SQLite append as one script (`BEGIN IMMEDIATE; INSERT …; COMMIT`), sent to the
+    /// connection's thread in one command rather than one per statement: each command is
+    /// a round trip between threads, and the audit writer makes several hundred a second.
+    async fn append_script(
+        &self,
+        records: &[AuditFields],
+        issued: &[IssuedSvidRecord],
+        acks: &[AckUpdate],
+        tail: &ChainTail,
+        hash: impl Fn(i64, &str, &AuditFields) -> String,
+    ) -> Result<ChainTail> {
+        let mut tail = tail.clone();
+        let mut script = Statement {
+            sql: String::from("BEGIN IMMEDIATE; "),
+            binds: Vec::new(),
+        };
+        for statement in append_statements(records, issued, acks, &mut tail, &hash, true) {
+            script.sql.push_str(&statement.sql);
+            script.sql.push_str("; ");
+            script.binds.extend(statement.binds);
+        }
+        script.sql.push_str("COMMIT");
+        let mut conn = self.pool.acquire().await?;
+        if let Err(e) = script.query().execute(&mut *conn).await {
+            // A statement failed inside the transaction the script opened, which sqlx does
+            // not know of: closing the connection rolls it back, where returning it to the
+            // pool would hand the open transaction to the next caller.
+            conn.close_on_drop();
+            return Err(e.into());
+        }
         Ok(tail)
     }
 
@@ -431,13 +409,141 @@ fn issued_row(row: &AnyRow) -> Result<IssuedSvidRecord> {
     })
 }
 
+/// At most this many values go into one SQLite append script (SQLite allows 32,766
+/// bound parameters in a statement, and numbers them across the script); a larger group
+/// is appended statement by statement.
+const SCRIPT_MAX_BINDS: usize = 16_000;
+
+/// A value bound to a placeholder.
+enum Bind<'a> {
+    Int(i64),
+    Text(&'a str),
+    Owned(String),
+}
+
+/// One SQL statement and the values of its placeholders, in order.
+struct Statement<'a> {
+    sql: String,
+    binds: Vec<Bind<'a>>,
+}
+
+impl<'a> Statement<'a> {
+    fn query(self) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments> {
+        // Only numbered placeholders are spliced into the fixed SQL; every value is bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql));
+        for bind in self.binds {
+            query = match bind {
+                Bind::Int(n) => query.bind(n),
+                Bind::Text(t) => query.bind(t),
+                Bind::Owned(t) => query.bind(t),
+            };
+        }
+        query
+    }
+}
+
+/// The statements that append `records` onto `tail` (advanced to the new end), record
+/// `issued` and apply `acks`. Placeholders are numbered per statement, or across all of
+/// them when `across` (for one script).
+fn append_statements<'a>(
+    records: &'a [AuditFields],
+    issued: &'a [IssuedSvidRecord],
+    acks: &'a [AckUpdate],
+    tail: &mut ChainTail,
+    hash: &impl Fn(i64, &str, &AuditFields) -> String,
+    across: bool,
+) -> Vec<Statement<'a>> {
+    let mut statements = Vec::new();
+    let first = |statements: &[Statement<'_>]| {
+        if across {
+            statements.iter().map(|s| s.binds.len()).sum::<usize>() + 1
+        } else {
+            1
+        }
+    };
+    for chunk in records.chunks(ROWS_PER_INSERT) {
+        let sql = values_sql(
+            "INSERT INTO audit_log (seq, at_ms, actor, action, subject, scope, ttl_secs, \
+             reason, outcome, detail, prev_hash, hash) VALUES ",
+            12,
+            chunk.len(),
+            "",
+            first(&statements),
+        );
+        let mut binds = Vec::with_capacity(chunk.len() * 12);
+        for record in chunk {
+            let seq = tail.0 + 1;
+            let digest = hash(seq, &tail.1, record);
+            binds.extend([
+                Bind::Int(seq),
+                Bind::Int(record.at_ms),
+                Bind::Text(&record.actor),
+                Bind::Text(&record.action),
+                Bind::Text(&record.subject),
+                Bind::Text(&record.scope),
+                Bind::Int(record.ttl_secs),
+                Bind::Text(&record.reason),
+                Bind::Text(&record.outcome),
+                Bind::Text(&record.detail),
+                Bind::Owned(std::mem::take(&mut tail.1)),
+                Bind::Owned(digest.clone()),
+            ]);
+            *tail = (seq, digest);
+        }
+        statements.push(Statement { sql, binds });
+    }
+    for chunk in issued.chunks(ROWS_PER_INSERT) {
+        let sql = values_sql(
+            "INSERT INTO issued_svids (serial, entry_id, spiffe_id, agent_id, ca_slot, \
+             issued_at, not_after) VALUES ",
+            7,
+            chunk.len(),
+            " ON CONFLICT (serial) DO NOTHING",
+            first(&statements),
+        );
+        let mut binds = Vec::with_capacity(chunk.len() * 7);
+        for svid in chunk {
+            binds.extend([
+                Bind::Text(&svid.serial),
+                Bind::Text(&svid.entry_id),
+                Bind::Text(&svid.spiffe_id),
+                Bind::Text(&svid.agent_id),
+                Bind::Text(&svid.ca_slot),
+                Bind::Int(svid.issued_at),
+                Bind::Int(svid.not_after),
+            ]);
+        }
+        statements.push(Statement { sql, binds });
+    }
+    for ack in acks {
+        let n = first(&statements);
+        statements.push(Statement {
+            sql: format!(
+                "UPDATE revocation_acks SET acked_at = ${}, detail = ${} \
+                 WHERE revocation_id = ${} AND agent_id = ${} AND acked_at IS NULL",
+                n,
+                n + 1,
+                n + 2,
+                n + 3
+            ),
+            binds: vec![
+                Bind::Int(ack.at_ms),
+                Bind::Text(&ack.detail),
+                Bind::Text(&ack.revocation_id),
+                Bind::Text(&ack.agent_id),
+            ],
+        });
+    }
+    statements
+}
+
 /// Rows per multi-row INSERT: 12 values a row stays far below SQLite's 32,766 bound
 /// parameters and PostgreSQL's 65,535.
 const ROWS_PER_INSERT: usize = 256;
 
-/// `head` followed by `rows` tuples of `columns` numbered placeholders (`($1, $2), ($3, $4)`),
-/// then `tail`.
-fn values_sql(head: &str, columns: usize, rows: usize, tail: &str) -> String {
+/// `head` followed by `rows` tuples of `columns` numbered placeholders from `first`
+/// (`($1, $2), ($3, $4)`), then `tail`.
+fn values_sql(head: &str, columns: usize, rows: usize, tail: &str, first: usize) -> String {
     use std::fmt::Write as _;
     let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 6);
     sql.push_str(head);
@@ -445,7 +551,7 @@ fn values_sql(head: &str, columns: usize, rows: usize, tail: &str) -> String {
         sql.push_str(if row == 0 { "(" } else { ", (" });
         for column in 0..columns {
             let sep = if column == 0 { "" } else { ", " };
-            let _ = write!(sql, "{sep}${}", row * columns + column + 1);
+            let _ = write!(sql, "{sep}${}", first + row * columns + column);
         }
         sql.push(')');
     }
