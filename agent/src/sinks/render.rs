@@ -474,10 +474,12 @@ fn render_template(
     }
 }
 
-/// The most work one render may take, in minijinja's fuel: one unit per instruction, plus
-/// the bytes (and 32 per list slot) of every string or list an operator builds. A config
-/// file's template takes thousands; ten million is a few tenths of a second of CPU.
-const TEMPLATE_FUEL: u64 = 10_000_000;
+/// The most work one render may take, in minijinja's fuel: one per instruction, plus a
+/// 64th per byte (half a fuel per list slot) of every string or list an operator builds,
+/// and a quarter per byte of text made from a list or map (`~`, `string`, a filter's
+/// argument; bounded in the patched copy, vendor/minijinja/MAYFLY-PATCH.md). A config
+/// file's template takes thousands; a million is a few hundredths of a second of CPU.
+const TEMPLATE_FUEL: u64 = 1_000_000;
 
 /// The largest file a template may render to.
 const MAX_RENDERED: usize = 16 << 20;
@@ -659,7 +661,31 @@ mod tests {
         ] {
             let err = failure(template);
             assert!(
-                err.contains("more than 10000000 steps of work"),
+                err.contains("more than 1000000 steps of work"),
+                "{template}: {err}"
+            );
+            assert!(!err.contains("s3cret-Value"), "{err}");
+        }
+        // Text made from a list or map: a list repeated lazily (free to make, costly to
+        // write out), and a list holding the same large string many times, turned into
+        // text by `~`, the `string` and `pprint` filters and a filter's argument.
+        for template in [
+            "{{ \"\" ~ 100000000 * [secrets.db.username] }}",
+            "{{ (100000000 * [1])|string }}",
+            "{{ (100000000 * [1])|pprint }}",
+            "{{ (100000000 * [1])|lower }}",
+            "{{ (100000000 * [1])|join(\",\") }}",
+            "{{ (100000000 * [secrets.db.password]) }}",
+            "{% set s = secrets.db.password * 1000000 %}{% set l = [s, s, s, s, s, s, s, s, s, s] %}{% set m = [l, l, l, l, l, l, l, l, l, l] %}{{ \"\" ~ [m, m, m, m, m, m, m, m, m, m] }}",
+            "{% set m = {\"k\": 100000000 * [1]} %}{{ m|string }}",
+            // The same from constants, which minijinja folded when compiling, unfueled.
+            "{{ \"\" ~ 12688826 * [\"ab\"] }}",
+            "{{ 1 in 100000000 * [2] }}",
+            "{{ 100000000 * [2] > 100000000 * [1] }}",
+        ] {
+            let err = failure(template);
+            assert!(
+                err.contains("more than 1000000 steps of work"),
                 "{template}: {err}"
             );
             assert!(!err.contains("s3cret-Value"), "{err}");
@@ -675,6 +701,11 @@ mod tests {
         );
         let out = text(render(&all[0], &all, &state, &HeldCredentials::default()).unwrap());
         assert_eq!(out, "uuu");
+        let all = sinks(
+            "[[sink]]\nkind = \"template\"\npath = \"/x/t\"\ntemplate = '{{ \"users: \" ~ [secrets.db.username, 2] }} {{ {\"a\": [1]}|string }}'\n",
+        );
+        let out = text(render(&all[0], &all, &state, &HeldCredentials::default()).unwrap());
+        assert_eq!(out, "users: ['u', 2] {'a': [1]}");
     }
 
     #[test]
