@@ -658,18 +658,9 @@ mod tests {
             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
             "{{ secrets.db.password * 90000000 }}",
             "{% set l = [secrets.db.username] * 100000 %}{% for x in l %}{% for y in l %}{% endfor %}{% endfor %}",
-        ] {
-            let err = failure(template);
-            assert!(
-                err.contains("more than 1000000 steps of work"),
-                "{template}: {err}"
-            );
-            assert!(!err.contains("s3cret-Value"), "{err}");
-        }
-        // Text made from a list or map: a list repeated lazily (free to make, costly to
-        // write out), and a list holding the same large string many times, turned into
-        // text by `~`, the `string` and `pprint` filters and a filter's argument.
-        for template in [
+            // Text made from a list or map: a list repeated lazily (free to make, costly
+            // to write out), and a list holding the same large string many times, turned
+            // into text by `~`, the `string` and `pprint` filters and a filter's argument.
             "{{ \"\" ~ 100000000 * [secrets.db.username] }}",
             "{{ (100000000 * [1])|string }}",
             "{{ (100000000 * [1])|pprint }}",
