@@ -4,7 +4,7 @@
 //! (watch channels) and the active policy set, never from the store and never under a lock
 //! another stream waits on, so a sync stream decides what to push without a query.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -15,8 +15,8 @@ use crate::policy::{
 use crate::secrets::spec::SecretSpec;
 use crate::store::EntryRecord;
 
-/// The registry's entries by id, as it publishes them.
-pub type EntryIndex = Arc<HashMap<String, Arc<EntryRecord>>>;
+/// The registry's entries by id and by agent, as it publishes them.
+pub type EntryIndex = Arc<crate::identity::index::Entries>;
 
 /// The loaded secret definitions, sorted by name, as the rotation engine publishes them.
 pub type Definitions = Arc<[SecretSpec]>;
@@ -110,15 +110,7 @@ impl Visibility {
 
     /// Entries whose parent is `agent`, sorted by SPIFFE ID then id.
     pub fn entries(&self, agent: &str) -> Vec<Arc<EntryRecord>> {
-        let mut list: Vec<_> = self
-            .entries
-            .borrow()
-            .values()
-            .filter(|e| e.parent_id == agent)
-            .cloned()
-            .collect();
-        list.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
-        list
+        self.entries.borrow().of_parent(agent).cloned().collect()
     }
 
     /// Every secret `agent` may hold, sorted by name.
@@ -194,8 +186,8 @@ impl Visibility {
         let mut selectors = Vec::new();
         let mut sets = Vec::new();
         let mut found = false;
-        for entry in self.entries.borrow().values() {
-            if entry.parent_id == agent && entry.spiffe_id == holder {
+        for entry in self.entries.borrow().of_parent(agent) {
+            if entry.spiffe_id == holder {
                 found = true;
                 selectors.extend(entry.selectors.iter().cloned());
                 sets.extend(entry.sets.iter().cloned());
@@ -211,13 +203,11 @@ impl Visibility {
     /// The SPIFFE IDs `agent` serves workloads as, with their entries' selectors.
     fn served(&self, agent: &str) -> BTreeMap<String, Vec<String>> {
         let mut served: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for entry in self.entries.borrow().values() {
-            if entry.parent_id == agent {
-                served
-                    .entry(entry.spiffe_id.clone())
-                    .or_default()
-                    .extend(entry.selectors.iter().cloned());
-            }
+        for entry in self.entries.borrow().of_parent(agent) {
+            served
+                .entry(entry.spiffe_id.clone())
+                .or_default()
+                .extend(entry.selectors.iter().cloned());
         }
         served
     }
@@ -309,17 +299,15 @@ pub enum CredentialRefusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::index::Entries;
 
-    fn entry(id: &str, spiffe_id: &str, parent: &str) -> (String, Arc<EntryRecord>) {
-        (
-            id.to_string(),
-            Arc::new(EntryRecord {
-                id: id.to_string(),
-                spiffe_id: spiffe_id.to_string(),
-                parent_id: parent.to_string(),
-                ..Default::default()
-            }),
-        )
+    fn entry(id: &str, spiffe_id: &str, parent: &str) -> EntryRecord {
+        EntryRecord {
+            id: id.to_string(),
+            spiffe_id: spiffe_id.to_string(),
+            parent_id: parent.to_string(),
+            ..Default::default()
+        }
     }
 
     fn spec(name: &str, grants: &[&str]) -> SecretSpec {
@@ -335,15 +323,11 @@ mod tests {
     fn an_agent_sees_its_own_entries_and_the_secrets_granted_to_them() {
         let node_a = "spiffe://example.org/node/a";
         let node_b = "spiffe://example.org/node/b";
-        let index: EntryIndex = Arc::new(
-            [
-                entry("2", "spiffe://example.org/web", node_a),
-                entry("1", "spiffe://example.org/api", node_a),
-                entry("3", "spiffe://example.org/db", node_b),
-            ]
-            .into_iter()
-            .collect(),
-        );
+        let index: EntryIndex = Arc::new(Entries::new([
+            entry("2", "spiffe://example.org/web", node_a),
+            entry("1", "spiffe://example.org/api", node_a),
+            entry("3", "spiffe://example.org/db", node_b),
+        ]));
         let definitions: Definitions = vec![
             spec("db-password", &["spiffe://example.org/db"]),
             spec("shared", &["spiffe://example.org/web", node_b]),

@@ -216,6 +216,13 @@ impl Audit {
         self.submit(vec![self.stamp(event)], Vec::new()).await
     }
 
+    /// Appends several records in one commit and waits for it; returns the last one's
+    /// sequence number.
+    pub async fn record_all(&self, events: Vec<Event>) -> Result<i64, AuditError> {
+        let events = events.into_iter().map(|e| self.stamp(e)).collect();
+        self.submit(events, Vec::new()).await
+    }
+
     /// Appends without waiting. The record still lands in order; a write failure is logged.
     pub fn note(&self, event: Event) {
         let _ = self.tx.send(Job {

@@ -347,14 +347,23 @@ pub enum EntryCommand {
 #[derive(Debug, Args)]
 pub struct EntryFields {
     /// The workload's SPIFFE ID.
-    #[arg(long)]
-    pub spiffe_id: String,
+    #[arg(long, required_unless_present = "file")]
+    pub spiffe_id: Option<String>,
     /// The SPIFFE ID of the agent that serves it.
-    #[arg(long)]
-    pub parent_id: String,
+    #[arg(long, required_unless_present = "file")]
+    pub parent_id: Option<String>,
     /// A selector the workload must match, e.g. unix:uid:1000 (repeatable; all must match).
-    #[arg(long = "selector", required = true)]
+    #[arg(long = "selector", required_unless_present = "file")]
     pub selectors: Vec<String>,
+    /// Create every entry in this JSON file instead (`-`: standard input), as
+    /// `{"entries": [{"spiffe_id": …, "parent_id": …, "selectors": ["unix:uid:1000"],
+    /// "x509_svid_ttl": 3600, "jwt_svid_ttl": 300, "dns_names": […], "hint": …,
+    /// "sets": […]}]}` (TTLs in seconds, all but the first three optional). Sent 1,000 to a
+    /// call, each call one transaction; every entry gets its own result.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "spiffe_id", "parent_id", "selectors", "x509_ttl", "jwt_ttl", "dns_names", "sets"
+    ])]
+    pub file: Option<std::path::PathBuf>,
     /// X509-SVID lifetime, e.g. 1h (default: the daemon's).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub x509_ttl: Option<std::time::Duration>,

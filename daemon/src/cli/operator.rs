@@ -69,16 +69,113 @@ fn secs(d: Option<std::time::Duration>) -> i64 {
     d.map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// One entry of an `entry create --file` document.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryDocument {
+    spiffe_id: String,
+    parent_id: String,
+    selectors: Vec<String>,
+    #[serde(default)]
+    x509_svid_ttl: i64,
+    #[serde(default)]
+    jwt_svid_ttl: i64,
+    #[serde(default)]
+    dns_names: Vec<String>,
+    #[serde(default)]
+    hint: String,
+    #[serde(default)]
+    sets: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntriesDocument {
+    entries: Vec<EntryDocument>,
+}
+
+/// The entries of an `entry create --file` document (`-`: standard input).
+fn read_entries(file: &Path) -> anyhow::Result<Vec<v1::CreateEntryRequest>> {
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading entries from standard input")?
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("reading entries from {}", file.display()))?
+    };
+    let document: EntriesDocument = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not an entries document ({{\"entries\": [{{\"spiffe_id\": …, \"parent_id\": …, \"selectors\": […]}}]}})",
+            file.display()
+        )
+    })?;
+    Ok(document
+        .entries
+        .into_iter()
+        .map(|e| v1::CreateEntryRequest {
+            spiffe_id: e.spiffe_id,
+            parent_id: e.parent_id,
+            selectors: e.selectors,
+            x509_svid_ttl: e.x509_svid_ttl,
+            jwt_svid_ttl: e.jwt_svid_ttl,
+            dns_names: e.dns_names,
+            hint: e.hint,
+            sets: e.sets,
+        })
+        .collect())
+}
+
+/// Creates every entry of `file`, 1,000 to a call. Prints each one's result; fails, after
+/// printing, when any was refused.
+async fn create_entries(
+    client: &mut AdminClient<Channel>,
+    format: OutputFormat,
+    file: &Path,
+) -> anyhow::Result<String> {
+    let entries = read_entries(file)?;
+    let asked = entries.len();
+    let mut results = Vec::with_capacity(asked);
+    let mut requests = entries.clone();
+    while !requests.is_empty() {
+        let rest = requests.split_off(requests.len().min(1000));
+        let answer = call(
+            client
+                .batch_create_entry(v1::BatchCreateEntryRequest { entries: requests })
+                .await,
+        )
+        .with_context(|| {
+            format!(
+                "{} of {asked} entries were created before this call failed",
+                results
+                    .iter()
+                    .filter(|r: &&v1::BatchCreateEntryResult| r.entry.is_some())
+                    .count()
+            )
+        })?;
+        results.extend(answer.results);
+        requests = rest;
+    }
+    let refused = results.iter().filter(|r| r.entry.is_none()).count();
+    let shown = output::batch_created(format, &entries, &results);
+    if refused > 0 {
+        print!("{shown}");
+        anyhow::bail!("{refused} of {asked} entries were refused (the others were created)");
+    }
+    Ok(shown)
+}
+
 pub async fn entry(command: EntryCommand, conn: &Connection) -> anyhow::Result<String> {
     let mut client = connect(conn).await?;
     let format = conn.output;
     Ok(match command {
+        EntryCommand::Create(super::EntryFields {
+            file: Some(file), ..
+        }) => create_entries(&mut client, format, &file).await?,
         EntryCommand::Create(f) => {
             let created = call(
                 client
                     .create_entry(v1::CreateEntryRequest {
-                        spiffe_id: f.spiffe_id,
-                        parent_id: f.parent_id,
+                        spiffe_id: f.spiffe_id.unwrap_or_default(),
+                        parent_id: f.parent_id.unwrap_or_default(),
                         selectors: f.selectors,
                         x509_svid_ttl: secs(f.x509_ttl),
                         jwt_svid_ttl: secs(f.jwt_ttl),

@@ -123,6 +123,55 @@ pub fn entry(format: OutputFormat, e: &v1::Entry) -> String {
     }
 }
 
+/// The results of creating `asked`, one line (or JSON object) each, in order.
+pub fn batch_created(
+    format: OutputFormat,
+    asked: &[v1::CreateEntryRequest],
+    results: &[v1::BatchCreateEntryResult],
+) -> String {
+    let refusal = |r: &v1::BatchCreateEntryResult| {
+        format!("{:?}: {}", tonic::Code::from_i32(r.code), r.message)
+    };
+    match format {
+        OutputFormat::Json => pretty(&Value::Array(
+            asked
+                .iter()
+                .zip(results)
+                .map(|(asked, r)| match &r.entry {
+                    Some(e) => serde_json::json!({ "created": entry_json(e) }),
+                    None => serde_json::json!({
+                        "spiffe_id": asked.spiffe_id,
+                        "parent_id": asked.parent_id,
+                        "refused": refusal(r),
+                    }),
+                })
+                .collect(),
+        )),
+        OutputFormat::Table => {
+            let rows: Vec<_> = asked
+                .iter()
+                .zip(results)
+                .enumerate()
+                .map(|(i, (asked, r))| match &r.entry {
+                    Some(e) => vec![
+                        (i + 1).to_string(),
+                        e.spiffe_id.clone(),
+                        "created".into(),
+                        e.id.clone(),
+                    ],
+                    None => vec![
+                        (i + 1).to_string(),
+                        asked.spiffe_id.clone(),
+                        "refused".into(),
+                        refusal(r),
+                    ],
+                })
+                .collect();
+            table(&["#", "SPIFFE ID", "RESULT", "ENTRY ID OR REASON"], &rows)
+        }
+    }
+}
+
 pub fn agents(format: OutputFormat, list: &[v1::Agent]) -> String {
     match format {
         OutputFormat::Json => pretty(&Value::Array(list.iter().map(agent_json).collect())),

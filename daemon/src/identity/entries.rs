@@ -16,6 +16,76 @@ impl Registry {
         Ok(record)
     }
 
+    /// Creates several entries in one transaction (the bulk path of an operator loading a
+    /// fleet); each gets its own result, in order. One refused (a bad field, an agent's
+    /// identity, a duplicate) leaves the others to be created.
+    pub async fn create_entries(
+        &self,
+        inputs: Vec<EntryInput>,
+    ) -> Result<Vec<Result<EntryRecord, IdentityError>>, IdentityError> {
+        if inputs.len() > MAX_ENTRY_BATCH {
+            return Err(invalid(
+                "entries",
+                format!(
+                    "{} entries in one call; at most {MAX_ENTRY_BATCH}, send the rest in further calls",
+                    inputs.len()
+                ),
+            ));
+        }
+        let mut results = Vec::with_capacity(inputs.len());
+        let mut valid = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let checked = match self.check_entry_input(input) {
+                Ok(new) => match SpiffeId::parse(&new.spiffe_id) {
+                    Ok(id) => self.not_an_agent(&id).await.map(|()| new),
+                    Err(e) => Err(invalid("spiffe_id", e.to_string())),
+                },
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(new) => {
+                    results.push(None);
+                    valid.push(new);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let created = self.store.create_entries(&valid, unix(self.now())).await?;
+        let mut made = Vec::with_capacity(created.len());
+        let mut created = valid.iter().zip(created);
+        for slot in &mut results {
+            if slot.is_some() {
+                continue;
+            }
+            let Some((new, record)) = created.next() else {
+                break;
+            };
+            *slot = Some(match record {
+                Some(record) => {
+                    made.push(Arc::new(record.clone()));
+                    Ok(record)
+                }
+                None => Err(IdentityError::Store(StoreError::Conflict {
+                    kind: "registration entry",
+                    detail: crate::store::duplicate(&new.spiffe_id, &new.parent_id),
+                })),
+            });
+        }
+        // One new version of the index for the whole batch.
+        self.entries.send_modify(|index| {
+            let index = Arc::make_mut(index);
+            for record in &made {
+                index.upsert(record.clone());
+            }
+        });
+        for record in made {
+            let id = record.id.clone();
+            let _ = self.changes.send(Change::EntryUpserted(record));
+            self.announce_entry(&id).await;
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
     pub async fn update_entry(
         &self,
         id: &str,
@@ -48,9 +118,7 @@ impl Registry {
     pub async fn delete_entry(&self, id: &str) -> Result<EntryRecord, IdentityError> {
         let deleted = self.store.delete_entry(id).await?;
         self.entries.send_modify(|index| {
-            let mut next = HashMap::clone(index);
-            next.remove(&deleted.id);
-            *index = Arc::new(next);
+            Arc::make_mut(index).remove(&deleted.id);
         });
         let _ = self.changes.send(Change::EntryDeleted {
             id: deleted.id.clone(),
@@ -65,11 +133,10 @@ impl Registry {
     /// ordinary deletions.
     pub fn forget_revoked_entries(&self, ids: &[String]) {
         self.entries.send_modify(|index| {
-            let mut next = HashMap::clone(index);
+            let index = Arc::make_mut(index);
             for id in ids {
-                next.remove(id);
+                index.remove(id);
             }
-            *index = Arc::new(next);
         });
     }
 
@@ -112,9 +179,7 @@ impl Registry {
             Err(StoreError::NotFound { .. }) => {
                 if let Some(old) = known {
                     self.entries.send_modify(|index| {
-                        let mut next = HashMap::clone(index);
-                        next.remove(&old.id);
-                        *index = Arc::new(next);
+                        Arc::make_mut(index).remove(&old.id);
                     });
                     let _ = self.changes.send(Change::EntryDeleted {
                         id: old.id.clone(),
@@ -144,9 +209,9 @@ impl Registry {
                 self.take_entry_change(&record.id).await?;
             }
         }
-        for (id, _) in index.iter().filter(|(id, _)| !seen.contains(*id)) {
+        for entry in index.values().filter(|e| !seen.contains(&e.id)) {
             changed += 1;
-            self.take_entry_change(id).await?;
+            self.take_entry_change(&entry.id).await?;
         }
         if changed > 0 {
             tracing::info!(
@@ -160,9 +225,7 @@ impl Registry {
     pub(super) fn publish_upsert(&self, record: EntryRecord) {
         let record = Arc::new(record);
         self.entries.send_modify(|index| {
-            let mut next = HashMap::clone(index);
-            next.insert(record.id.clone(), record.clone());
-            *index = Arc::new(next);
+            Arc::make_mut(index).upsert(record.clone());
         });
         let _ = self.changes.send(Change::EntryUpserted(record));
     }
@@ -277,6 +340,10 @@ impl Registry {
 
     // ----- join tokens and agents -----
 }
+
+/// The most entries one `BatchCreateEntry` call creates (one transaction holds the
+/// store's write lock while they go in).
+pub const MAX_ENTRY_BATCH: usize = 1000;
 
 /// Paths under this prefix are the daemon's own: no entry or join token may name one.
 pub const RESERVED_PREFIX: &str = "/mayfly/";

@@ -22,6 +22,7 @@ use crate::store::{
 mod agents;
 mod attestation;
 mod entries;
+pub mod index;
 mod signing;
 
 /// A change agents must hear about, fanned out to every sync stream.
@@ -141,7 +142,7 @@ pub struct Registry {
     join_token_ttl: Duration,
     max_batch: usize,
     clock: Arc<dyn Clock>,
-    entries: watch::Sender<Arc<HashMap<String, Arc<EntryRecord>>>>,
+    entries: watch::Sender<crate::visibility::EntryIndex>,
     changes: broadcast::Sender<Change>,
     // Agents seen recently, so each node API call need not read the store. Every change made
     // through this daemon drops the agent's line at once; a change made by another daemon
@@ -166,11 +167,7 @@ impl Registry {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IdentityError> {
         let all = store.list_entries(&EntryFilter::default()).await?;
-        let index = all
-            .into_iter()
-            .map(|e| (e.id.clone(), Arc::new(e)))
-            .collect::<HashMap<_, _>>();
-        let (entries, _) = watch::channel(Arc::new(index));
+        let (entries, _) = watch::channel(Arc::new(index::Entries::new(all)));
         let (changes, _) = broadcast::channel(4096);
         let policy = crate::policy::PolicyEngine::load(
             crate::policy::PolicyConfig::default(),

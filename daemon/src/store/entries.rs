@@ -108,6 +108,44 @@ impl Store {
         entry_from_row(&row)
     }
 
+    /// Creates several entries in one transaction, each with a fresh id at revision 1.
+    /// One that duplicates an existing entry, or one earlier in `new`, is left out: its
+    /// place in the answer is `None`, and the others are created all the same.
+    pub async fn create_entries(
+        &self,
+        new: &[NewEntry],
+        now: i64,
+    ) -> Result<Vec<Option<EntryRecord>>> {
+        let mut tx = self.begin_write().await?;
+        let mut created = Vec::with_capacity(new.len());
+        for new in new {
+            let row = sqlx::query(concat!(
+                "INSERT INTO registration_entries (",
+                entry_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12) \
+                 ON CONFLICT DO NOTHING RETURNING ",
+                entry_columns!()
+            ))
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(&new.spiffe_id)
+            .bind(&new.parent_id)
+            .bind(selectors_json(&new.selectors))
+            .bind(new.x509_svid_ttl)
+            .bind(new.jwt_svid_ttl)
+            .bind(strings_json(&new.dns_names))
+            .bind(&new.hint)
+            .bind(strings_json(&new.sets))
+            .bind(now)
+            .bind(now)
+            .bind(new.expires_at)
+            .fetch_optional(&mut *tx)
+            .await?;
+            created.push(row.as_ref().map(entry_from_row).transpose()?);
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
     /// The entry with this id.
     pub async fn get_entry(&self, id: &str) -> Result<EntryRecord> {
         let row = sqlx::query(concat!(
@@ -269,7 +307,7 @@ fn not_found(id: &str) -> StoreError {
     }
 }
 
-fn duplicate(spiffe_id: &str, parent_id: &str) -> String {
+pub(crate) fn duplicate(spiffe_id: &str, parent_id: &str) -> String {
     format!("an entry for {spiffe_id} under {parent_id} with the same selectors")
 }
 

@@ -23,7 +23,7 @@ use crate::identity::{EntryChange, EntryInput, Registry};
 use crate::revoke::{Revoker, Target, report_message};
 use crate::secrets::engine::RotationEngine;
 use crate::secrets::spec::{SecretSpec, Strategy};
-use crate::store::{AgentStatus, EntryFilter};
+use crate::store::{AgentStatus, EntryFilter, EntryRecord};
 use mayfly_common::clock::unix;
 
 pub struct AdminApi {
@@ -132,6 +132,18 @@ fn wait_of(wait_ms: i64) -> Result<Option<Duration>, Status> {
     Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
 }
 
+/// The audit record of an entry made by `op`.
+fn entry_created(op: &Operator, record: &EntryRecord) -> Event {
+    op.event("entry.create", &record.spiffe_id)
+        .scope(format!(
+            "entry {} parent {} selectors {}",
+            record.id,
+            record.parent_id,
+            record.selectors.join(",")
+        ))
+        .ttl_secs(record.x509_svid_ttl)
+}
+
 fn non_empty(field: &str, value: &str) -> Result<(), Status> {
     if value.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field} is required")));
@@ -164,18 +176,62 @@ impl Admin for AdminApi {
             })
             .await?;
         tracing::info!(uid = op.uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");
-        self.record(
-            op.event("entry.create", &record.spiffe_id)
-                .scope(format!(
-                    "entry {} parent {} selectors {}",
-                    record.id,
-                    record.parent_id,
-                    record.selectors.join(",")
-                ))
-                .ttl_secs(record.x509_svid_ttl),
-        )
-        .await?;
+        self.record(entry_created(&op, &record)).await?;
         Ok(Response::new(convert::entry(&record)))
+    }
+
+    async fn batch_create_entry(
+        &self,
+        request: Request<v1::BatchCreateEntryRequest>,
+    ) -> Result<Response<v1::BatchCreateEntryResponse>, Status> {
+        let op = Operator::of(&request)?;
+        let inputs = request
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|body| EntryInput {
+                spiffe_id: body.spiffe_id,
+                parent_id: body.parent_id,
+                selectors: body.selectors,
+                x509_svid_ttl: body.x509_svid_ttl,
+                jwt_svid_ttl: body.jwt_svid_ttl,
+                dns_names: body.dns_names,
+                hint: body.hint,
+                sets: body.sets,
+                expires_at: 0,
+            })
+            .collect();
+        let outcomes = self.registry.create_entries(inputs).await?;
+        let mut events = Vec::new();
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(record) => {
+                    events.push(entry_created(&op, &record));
+                    v1::BatchCreateEntryResult {
+                        entry: Some(convert::entry(&record)),
+                        code: 0,
+                        message: String::new(),
+                    }
+                }
+                Err(refused) => {
+                    let status = Status::from(refused);
+                    v1::BatchCreateEntryResult {
+                        entry: None,
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    }
+                }
+            })
+            .collect();
+        tracing::info!(uid = op.uid, created = events.len(), "entries created");
+        self.audit.record_all(events).await.map_err(|e| {
+            tracing::error!(error = %e, "admin change not recorded in the audit log");
+            Status::unavailable(
+                "the entries were created but could not be recorded in the audit log; see the daemon's log",
+            )
+        })?;
+        Ok(Response::new(v1::BatchCreateEntryResponse { results }))
     }
 
     async fn list_entries(
