@@ -171,6 +171,26 @@ async fn a_file_of_entries_is_created_each_with_its_own_result() {
     assert!(err.contains("cannot be used with"), "{err}");
     assert_eq!(entry_count(&daemon), before + 3);
 
+    // More than a call takes is refused whole, saying how many it takes.
+    let (mut admin, _) = mayfly_tests::bench::admin_and_bundle(&daemon.admin_socket)
+        .await
+        .unwrap();
+    let too_many = (0..1001)
+        .map(|i| mayfly_proto::v1::CreateEntryRequest {
+            spiffe_id: format!("spiffe://example.org/too-many/{i}"),
+            parent_id: node.to_string(),
+            selectors: vec!["unix:uid:0".into()],
+            ..Default::default()
+        })
+        .collect();
+    let status = admin
+        .batch_create_entry(mayfly_proto::v1::BatchCreateEntryRequest { entries: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("at most 1000"), "{status:?}");
+    assert_eq!(entry_count(&daemon), before + 3);
+
     // 2,500 entries: three calls, all created.
     let many = write_entries(
         files.path(),

@@ -73,10 +73,7 @@ impl Registry {
         }
         // One new version of the index for the whole batch.
         self.entries.send_modify(|index| {
-            let index = Arc::make_mut(index);
-            for record in &made {
-                index.upsert(record.clone());
-            }
+            Arc::make_mut(index).upsert_all(made.iter().cloned());
         });
         for record in made {
             let id = record.id.clone();
