@@ -305,8 +305,29 @@ impl Audit {
     }
 }
 
+/// How often the writer moves what signing recorded into its indexes
+/// ([`Store::index_recent`]).
+const INDEX_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Job>, mut tail: ChainTail) {
-    while let Some(first) = rx.recv().await {
+    // The move runs here, between two group commits, rather than from a task of its own:
+    // on SQLite a second writer would hold the write lock while this one's commit waits in
+    // SQLite's busy handler, which sleeps in steps of up to 100 ms.
+    let mut index_timer = tokio::time::interval(INDEX_EVERY);
+    index_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            _ = index_timer.tick() => {
+                if let Err(e) = store.index_recent().await {
+                    tracing::warn!(error = %e, "could not index the serials and audit records of the last second; they stay readable, and the next try takes them");
+                }
+                continue;
+            }
+        };
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match rx.try_recv() {

@@ -245,10 +245,13 @@ impl Store {
                         Bind::Text(prefix.to_string()),
                     ],
                 ),
+                // Indexed up to the mark; past it (the last second or so), read directly.
                 None => push(
                     &mut sql,
-                    " AND subject = ?",
-                    vec![Bind::Text(subject.clone())],
+                    " AND seq IN (SELECT seq FROM audit_subjects WHERE subject = ? \
+                     UNION ALL SELECT seq FROM audit_log WHERE subject = ? \
+                     AND seq > (SELECT seq FROM audit_subjects_mark WHERE id = 1))",
+                    vec![Bind::Text(subject.clone()), Bind::Text(subject.clone())],
                 ),
             }
         }
@@ -291,10 +294,12 @@ impl Store {
         let mut out = Vec::new();
         // A few statements for a thousand entries, not a thousand statements.
         for chunk in entry_ids.chunks(IN_LIST_CHUNK) {
+            let ids = placeholders(2, chunk.len());
             let sql = format!(
-                "SELECT {} FROM issued_svids WHERE not_after > $1 AND entry_id IN ({})",
-                issued_columns!(),
-                placeholders(2, chunk.len())
+                "SELECT {columns} FROM issued_svids WHERE not_after > $1 AND entry_id IN ({ids}) \
+                 UNION SELECT {columns} FROM issued_svids_recent \
+                 WHERE not_after > $1 AND entry_id IN ({ids})",
+                columns = issued_columns!(),
             );
             // Built from fixed text and numbered placeholders only.
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
@@ -318,7 +323,9 @@ impl Store {
             concat!(
                 "SELECT ",
                 issued_columns!(),
-                " FROM issued_svids WHERE agent_id = $1 AND not_after > $2"
+                " FROM issued_svids WHERE agent_id = $1 AND not_after > $2 UNION SELECT ",
+                issued_columns!(),
+                " FROM issued_svids_recent WHERE agent_id = $1 AND not_after > $2"
             ),
             agent_id,
             now,
@@ -336,7 +343,9 @@ impl Store {
             concat!(
                 "SELECT ",
                 issued_columns!(),
-                " FROM issued_svids WHERE ca_slot = $1 AND not_after > $2"
+                " FROM issued_svids WHERE ca_slot = $1 AND not_after > $2 UNION SELECT ",
+                issued_columns!(),
+                " FROM issued_svids_recent WHERE ca_slot = $1 AND not_after > $2"
             ),
             slot,
             now,
@@ -362,7 +371,9 @@ impl Store {
         let row = sqlx::query(concat!(
             "SELECT ",
             issued_columns!(),
-            " FROM issued_svids WHERE serial = $1"
+            " FROM issued_svids WHERE serial = $1 UNION SELECT ",
+            issued_columns!(),
+            " FROM issued_svids_recent WHERE serial = $1"
         ))
         .bind(serial)
         .fetch_optional(&self.pool)
@@ -372,11 +383,82 @@ impl Store {
 
     /// Forgets SVIDs that expired before `before` (unix seconds).
     pub async fn prune_issued_svids(&self, before: i64) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM issued_svids WHERE not_after < $1")
-            .bind(before)
-            .execute(&self.pool)
+        let mut pruned = 0;
+        for sql in [
+            "DELETE FROM issued_svids WHERE not_after < $1",
+            "DELETE FROM issued_svids_recent WHERE not_after < $1",
+        ] {
+            let done = sqlx::query(sql).bind(before).execute(&self.pool).await?;
+            pruned += done.rows_affected();
+        }
+        Ok(pruned)
+    }
+
+    /// Moves the serials recorded since the last call into the indexed table, and indexes
+    /// the audit records appended since by subject, in one transaction; returns how many
+    /// of each. Signing writes both where a commit costs least (see migration 0010); the
+    /// daemon calls this about once a second, when one index page takes many keys at once.
+    /// Readers read both places in one statement, so a move is never half seen.
+    pub async fn index_recent(&self) -> Result<(u64, u64)> {
+        let mut tx = self.begin_write().await?;
+        let moved = match self.backend {
+            Backend::Sqlite => {
+                // The transaction holds SQLite's write lock: nothing is added between the
+                // copy and the delete.
+                let copied = sqlx::query(concat!(
+                    "INSERT INTO issued_svids (",
+                    issued_columns!(),
+                    ") SELECT ",
+                    issued_columns!(),
+                    " FROM issued_svids_recent WHERE true ON CONFLICT (serial) DO NOTHING"
+                ))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM issued_svids_recent")
+                    .execute(&mut *tx)
+                    .await?;
+                copied.rows_affected()
+            }
+            Backend::Postgres => {
+                // Other daemons sign meanwhile: move exactly the rows this statement
+                // deletes. Under the append lock, no audit record is committed past the
+                // tail read below while the subjects are indexed.
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(APPEND_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(concat!(
+                    "WITH moved AS (DELETE FROM issued_svids_recent RETURNING ",
+                    issued_columns!(),
+                    ") INSERT INTO issued_svids (",
+                    issued_columns!(),
+                    ") SELECT ",
+                    issued_columns!(),
+                    " FROM moved ON CONFLICT (serial) DO NOTHING"
+                ))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+            }
+        };
+        let indexed = sqlx::query(
+            "INSERT INTO audit_subjects (subject, seq) SELECT subject, seq FROM audit_log \
+             WHERE seq > (SELECT seq FROM audit_subjects_mark WHERE id = 1) \
+             ON CONFLICT (subject, seq) DO NOTHING",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if indexed > 0 {
+            sqlx::query(
+                "UPDATE audit_subjects_mark SET seq = (SELECT MAX(seq) FROM audit_log) \
+                 WHERE id = 1",
+            )
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected())
+        }
+        tx.commit().await?;
+        Ok((moved, indexed))
     }
 }
 
@@ -494,7 +576,7 @@ fn append_statements<'a>(
     }
     for chunk in issued.chunks(ROWS_PER_INSERT) {
         let sql = values_sql(
-            "INSERT INTO issued_svids (serial, entry_id, spiffe_id, agent_id, ca_slot, \
+            "INSERT INTO issued_svids_recent (serial, entry_id, spiffe_id, agent_id, ca_slot, \
              issued_at, not_after) VALUES ",
             7,
             chunk.len(),

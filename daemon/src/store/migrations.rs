@@ -59,6 +59,11 @@ const SQLITE: &[Embedded] = &[
         "shared_ca_keys",
         include_str!("../../migrations/sqlite/0009_shared_ca_keys.sql"),
     ),
+    (
+        10,
+        "recent_serials",
+        include_str!("../../migrations/sqlite/0010_recent_serials.sql"),
+    ),
 ];
 
 const POSTGRES: &[Embedded] = &[
@@ -106,6 +111,11 @@ const POSTGRES: &[Embedded] = &[
         9,
         "shared_ca_keys",
         include_str!("../../migrations/postgres/0009_shared_ca_keys.sql"),
+    ),
+    (
+        10,
+        "recent_serials",
+        include_str!("../../migrations/postgres/0010_recent_serials.sql"),
     ),
 ];
 

@@ -1119,34 +1119,71 @@ async fn audit_appends_chain_across_daemons(db: TestDb) {
         )
         .await
         .unwrap();
-    assert_eq!(
-        first.issued_svid("0abc").await.unwrap(),
-        Some(issued.clone())
-    );
-    assert_eq!(
-        first
+    // Found where signing puts them, after they moved into the indexed table, and once
+    // only when recorded again after the move.
+    let second_issued = IssuedSvidRecord {
+        serial: "0abd".into(),
+        ..issued.clone()
+    };
+    for step in 0..3 {
+        match step {
+            1 => assert_eq!(second.index_recent().await.unwrap().0, 1),
+            2 => {
+                second
+                    .append_audit(
+                        &[audit_fields("svid.sign", "w", 2)],
+                        &[issued.clone(), second_issued.clone()],
+                        &[],
+                        None,
+                        hash,
+                    )
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+        assert_eq!(
+            first.issued_svid("0abc").await.unwrap(),
+            Some(issued.clone()),
+            "step {step}"
+        );
+        let mut live = first
             .live_serials_for_entries(&["e1".into()], 150)
             .await
-            .unwrap(),
-        vec![issued.clone()]
-    );
-    assert!(
-        first
-            .live_serials_for_entries(&["e1".into()], 200)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(
-        first
-            .live_serials_for_agent(NODE_A, 150)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
-    assert_eq!(first.prune_issued_svids(201).await.unwrap(), 1);
+            .unwrap();
+        live.sort_by(|a, b| a.serial.cmp(&b.serial));
+        let expected = if step == 2 {
+            vec![issued.clone(), second_issued.clone()]
+        } else {
+            vec![issued.clone()]
+        };
+        assert_eq!(live, expected, "step {step}");
+        assert!(
+            first
+                .live_serials_for_entries(&["e1".into()], 200)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            first.live_serials_for_agent(NODE_A, 150).await.unwrap(),
+            live,
+            "step {step}"
+        );
+        assert_eq!(
+            first
+                .live_serials_for_slot("slot", 150)
+                .await
+                .unwrap()
+                .len(),
+            live.len(),
+            "step {step}"
+        );
+    }
+    // Pruned from both places.
+    assert_eq!(first.prune_issued_svids(201).await.unwrap(), 3);
     assert_eq!(first.issued_svid("0abc").await.unwrap(), None);
+    assert_eq!(first.index_recent().await.unwrap().0, 0);
     first.close().await;
     second.close().await;
 }
@@ -1170,13 +1207,49 @@ async fn audit_filters(db: TestDb) {
         ..AuditFilter::default()
     };
     assert_eq!(subjects(store.list_audit(&web).await.unwrap()), vec![1, 2]);
+    // Indexed by subject a batch at a time: found the same before, after and across.
+    assert_eq!(store.index_recent().await.unwrap(), (0, 4));
+    assert_eq!(subjects(store.list_audit(&web).await.unwrap()), vec![1, 2]);
+    store
+        .append_audit(
+            &[audit_fields(
+                "entry.update",
+                "spiffe://example.org/web",
+                150,
+            )],
+            &[],
+            &[],
+            None,
+            hash,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        subjects(store.list_audit(&web).await.unwrap()),
+        vec![1, 2, 5]
+    );
+    assert_eq!(store.index_recent().await.unwrap(), (0, 1));
+    assert_eq!(store.index_recent().await.unwrap(), (0, 0));
+    assert_eq!(
+        subjects(store.list_audit(&web).await.unwrap()),
+        vec![1, 2, 5]
+    );
+    let web_after_one = AuditFilter {
+        after_seq: 1,
+        limit: 1,
+        ..web.clone()
+    };
+    assert_eq!(
+        subjects(store.list_audit(&web_after_one).await.unwrap()),
+        vec![2]
+    );
     let prefix = AuditFilter {
         subject: Some("spiffe://example.org/*".into()),
         ..AuditFilter::default()
     };
     assert_eq!(
         subjects(store.list_audit(&prefix).await.unwrap()),
-        vec![1, 2, 4]
+        vec![1, 2, 4, 5]
     );
     // A family matches its members, not other actions that merely start alike.
     let family = AuditFilter {
@@ -1197,7 +1270,10 @@ async fn audit_filters(db: TestDb) {
         after_seq: 3,
         ..AuditFilter::default()
     };
-    assert_eq!(subjects(store.list_audit(&paged).await.unwrap()), vec![4]);
+    assert_eq!(
+        subjects(store.list_audit(&paged).await.unwrap()),
+        vec![4, 5]
+    );
     store.close().await;
 }
 
