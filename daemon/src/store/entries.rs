@@ -81,31 +81,17 @@ impl Store {
     /// Creates an entry with a fresh id at revision 1. Fails with `Conflict` if an entry
     /// with the same SPIFFE ID, parent and selector set exists.
     pub async fn create_entry(&self, new: &NewEntry, now: i64) -> Result<EntryRecord> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let row = sqlx::query(concat!(
-            "INSERT INTO registration_entries (",
-            entry_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12) RETURNING ",
-            entry_columns!()
-        ))
-        .bind(&id)
-        .bind(&new.spiffe_id)
-        .bind(&new.parent_id)
-        .bind(selectors_json(&new.selectors))
-        .bind(new.x509_svid_ttl)
-        .bind(new.jwt_svid_ttl)
-        .bind(strings_json(&new.dns_names))
-        .bind(&new.hint)
-        .bind(strings_json(&new.sets))
-        .bind(now)
-        .bind(now)
-        .bind(new.expires_at)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| {
-            StoreError::conflict_or_database(e, KIND, || duplicate(&new.spiffe_id, &new.parent_id))
-        })?;
-        entry_from_row(&row)
+        match self
+            .create_entries(std::slice::from_ref(new), now)
+            .await?
+            .pop()
+        {
+            Some(Some(record)) => Ok(record),
+            _ => Err(StoreError::Conflict {
+                kind: KIND,
+                detail: duplicate(&new.spiffe_id, &new.parent_id),
+            }),
+        }
     }
 
     /// Creates several entries in one transaction, each with a fresh id at revision 1.

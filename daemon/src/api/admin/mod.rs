@@ -144,6 +144,21 @@ fn entry_created(op: &Operator, record: &EntryRecord) -> Event {
         .ttl_secs(record.x509_svid_ttl)
 }
 
+/// What an operator asked for an entry, as the registry checks it.
+fn entry_input(body: v1::CreateEntryRequest) -> EntryInput {
+    EntryInput {
+        spiffe_id: body.spiffe_id,
+        parent_id: body.parent_id,
+        selectors: body.selectors,
+        x509_svid_ttl: body.x509_svid_ttl,
+        jwt_svid_ttl: body.jwt_svid_ttl,
+        dns_names: body.dns_names,
+        hint: body.hint,
+        sets: body.sets,
+        expires_at: 0,
+    }
+}
+
 fn non_empty(field: &str, value: &str) -> Result<(), Status> {
     if value.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field} is required")));
@@ -161,20 +176,7 @@ impl Admin for AdminApi {
         let body = request.into_inner();
         non_empty("spiffe_id", &body.spiffe_id)?;
         non_empty("parent_id", &body.parent_id)?;
-        let record = self
-            .registry
-            .create_entry(EntryInput {
-                spiffe_id: body.spiffe_id,
-                parent_id: body.parent_id,
-                selectors: body.selectors,
-                x509_svid_ttl: body.x509_svid_ttl,
-                jwt_svid_ttl: body.jwt_svid_ttl,
-                dns_names: body.dns_names,
-                hint: body.hint,
-                sets: body.sets,
-                expires_at: 0,
-            })
-            .await?;
+        let record = self.registry.create_entry(entry_input(body)).await?;
         tracing::info!(uid = op.uid, entry = %record.id, spiffe_id = %record.spiffe_id, "entry created");
         self.record(entry_created(&op, &record)).await?;
         Ok(Response::new(convert::entry(&record)))
@@ -189,17 +191,7 @@ impl Admin for AdminApi {
             .into_inner()
             .entries
             .into_iter()
-            .map(|body| EntryInput {
-                spiffe_id: body.spiffe_id,
-                parent_id: body.parent_id,
-                selectors: body.selectors,
-                x509_svid_ttl: body.x509_svid_ttl,
-                jwt_svid_ttl: body.jwt_svid_ttl,
-                dns_names: body.dns_names,
-                hint: body.hint,
-                sets: body.sets,
-                expires_at: 0,
-            })
+            .map(entry_input)
             .collect();
         let outcomes = self.registry.create_entries(inputs).await?;
         let mut events = Vec::new();
