@@ -124,7 +124,7 @@ fn read_entries(file: &Path) -> anyhow::Result<Vec<v1::CreateEntryRequest>> {
         .collect())
 }
 
-/// Creates every entry of `file`, 1,000 to a call. Prints each one's result; fails, after
+/// Creates every entry of `file`, as many to a call as the daemon takes. Prints each one's result; fails, after
 /// printing, when any was refused.
 async fn create_entries(
     client: &mut AdminClient<Channel>,
@@ -133,26 +133,16 @@ async fn create_entries(
 ) -> anyhow::Result<String> {
     let entries = read_entries(file)?;
     let asked = entries.len();
-    let mut results = Vec::with_capacity(asked);
-    let mut requests = entries.clone();
-    while !requests.is_empty() {
-        let rest = requests.split_off(requests.len().min(1000));
-        let answer = call(
-            client
-                .batch_create_entry(v1::BatchCreateEntryRequest { entries: requests })
-                .await,
-        )
-        .with_context(|| {
-            format!(
-                "{} of {asked} entries were created before this call failed",
-                results
-                    .iter()
-                    .filter(|r: &&v1::BatchCreateEntryResult| r.entry.is_some())
-                    .count()
-            )
+    let mut results: Vec<v1::BatchCreateEntryResult> = Vec::with_capacity(asked);
+    for chunk in entries.chunks(crate::identity::MAX_ENTRY_BATCH) {
+        let request = v1::BatchCreateEntryRequest {
+            entries: chunk.to_vec(),
+        };
+        let answer = call(client.batch_create_entry(request).await).with_context(|| {
+            let created = results.iter().filter(|r| r.entry.is_some()).count();
+            format!("{created} of {asked} entries were created before this call failed")
         })?;
         results.extend(answer.results);
-        requests = rest;
     }
     let refused = results.iter().filter(|r| r.entry.is_none()).count();
     let shown = output::batch_created(format, &entries, &results);

@@ -5,11 +5,7 @@ use super::*;
 
 impl Registry {
     pub async fn create_entry(&self, input: EntryInput) -> Result<EntryRecord, IdentityError> {
-        let new = self.check_entry_input(input)?;
-        self.not_an_agent(
-            &SpiffeId::parse(&new.spiffe_id).map_err(|e| invalid("spiffe_id", e.to_string()))?,
-        )
-        .await?;
+        let new = self.check_new_entry(input).await?;
         let record = self.store.create_entry(&new, unix(self.now())).await?;
         self.publish_upsert(record.clone());
         self.announce_entry(&record.id).await;
@@ -32,45 +28,30 @@ impl Registry {
                 ),
             ));
         }
-        let mut results = Vec::with_capacity(inputs.len());
-        let mut valid = Vec::with_capacity(inputs.len());
+        let mut checked = Vec::with_capacity(inputs.len());
         for input in inputs {
-            let checked = match self.check_entry_input(input) {
-                Ok(new) => match SpiffeId::parse(&new.spiffe_id) {
-                    Ok(id) => self.not_an_agent(&id).await.map(|()| new),
-                    Err(e) => Err(invalid("spiffe_id", e.to_string())),
-                },
-                Err(e) => Err(e),
-            };
-            match checked {
-                Ok(new) => {
-                    results.push(None);
-                    valid.push(new);
-                }
-                Err(e) => results.push(Some(Err(e))),
-            }
+            checked.push(self.check_new_entry(input).await);
         }
-        let created = self.store.create_entries(&valid, unix(self.now())).await?;
-        let mut made = Vec::with_capacity(created.len());
-        let mut created = valid.iter().zip(created);
-        for slot in &mut results {
-            if slot.is_some() {
-                continue;
-            }
-            let Some((new, record)) = created.next() else {
-                break;
-            };
-            *slot = Some(match record {
-                Some(record) => {
-                    made.push(Arc::new(record.clone()));
-                    Ok(record)
-                }
-                None => Err(IdentityError::Store(StoreError::Conflict {
-                    kind: "registration entry",
-                    detail: crate::store::duplicate(&new.spiffe_id, &new.parent_id),
-                })),
-            });
-        }
+        let valid: Vec<&NewEntry> = checked.iter().flat_map(|c| c.as_ref().ok()).collect();
+        let mut stored = self
+            .store
+            .create_entries(valid, unix(self.now()))
+            .await?
+            .into_iter();
+        let results: Vec<Result<EntryRecord, IdentityError>> = checked
+            .into_iter()
+            .map(|c| {
+                c.and_then(|_| {
+                    let stored = stored.next().expect("the store answers each entry");
+                    stored.map_err(IdentityError::from)
+                })
+            })
+            .collect();
+        let made: Vec<Arc<EntryRecord>> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|record| Arc::new(record.clone()))
+            .collect();
         // One new version of the index for the whole batch.
         self.entries.send_modify(|index| {
             Arc::make_mut(index).upsert_all(made.iter().cloned());
@@ -80,7 +61,7 @@ impl Registry {
             let _ = self.changes.send(Change::EntryUpserted(record));
             self.announce_entry(&id).await;
         }
-        Ok(results.into_iter().flatten().collect())
+        Ok(results)
     }
 
     pub async fn update_entry(
@@ -225,6 +206,16 @@ impl Registry {
             Arc::make_mut(index).upsert(record.clone());
         });
         let _ = self.changes.send(Change::EntryUpserted(record));
+    }
+
+    /// `input` checked field by field, and not an agent's own identity.
+    async fn check_new_entry(&self, input: EntryInput) -> Result<NewEntry, IdentityError> {
+        let new = self.check_entry_input(input)?;
+        self.not_an_agent(
+            &SpiffeId::parse(&new.spiffe_id).map_err(|e| invalid("spiffe_id", e.to_string()))?,
+        )
+        .await?;
+        Ok(new)
     }
 
     pub(super) fn check_entry_input(&self, input: EntryInput) -> Result<NewEntry, IdentityError> {

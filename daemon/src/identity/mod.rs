@@ -23,6 +23,8 @@ mod agents;
 mod attestation;
 mod entries;
 pub mod index;
+
+pub use entries::MAX_ENTRY_BATCH;
 mod signing;
 
 /// A change agents must hear about, fanned out to every sync stream.

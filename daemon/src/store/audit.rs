@@ -15,6 +15,23 @@ macro_rules! issued_columns {
     };
 }
 
+/// The issued SVIDs matching `$condition`, wherever they are (migration 0010): the indexed
+/// table and the recent serials not moved into it yet, read in one statement.
+macro_rules! issued_where {
+    ($condition:expr) => {
+        concat!(
+            "SELECT ",
+            issued_columns!(),
+            " FROM issued_svids WHERE ",
+            $condition,
+            " UNION SELECT ",
+            issued_columns!(),
+            " FROM issued_svids_recent WHERE ",
+            $condition
+        )
+    };
+}
+
 /// How many values go into one `IN (...)` list: far below SQLite's and PostgreSQL's
 /// limits on bound parameters.
 pub(super) const IN_LIST_CHUNK: usize = 500;
@@ -320,13 +337,7 @@ impl Store {
         now: i64,
     ) -> Result<Vec<IssuedSvidRecord>> {
         self.live_serials_where(
-            concat!(
-                "SELECT ",
-                issued_columns!(),
-                " FROM issued_svids WHERE agent_id = $1 AND not_after > $2 UNION SELECT ",
-                issued_columns!(),
-                " FROM issued_svids_recent WHERE agent_id = $1 AND not_after > $2"
-            ),
+            issued_where!("agent_id = $1 AND not_after > $2"),
             agent_id,
             now,
         )
@@ -339,18 +350,8 @@ impl Store {
         slot: &str,
         now: i64,
     ) -> Result<Vec<IssuedSvidRecord>> {
-        self.live_serials_where(
-            concat!(
-                "SELECT ",
-                issued_columns!(),
-                " FROM issued_svids WHERE ca_slot = $1 AND not_after > $2 UNION SELECT ",
-                issued_columns!(),
-                " FROM issued_svids_recent WHERE ca_slot = $1 AND not_after > $2"
-            ),
-            slot,
-            now,
-        )
-        .await
+        self.live_serials_where(issued_where!("ca_slot = $1 AND not_after > $2"), slot, now)
+            .await
     }
 
     async fn live_serials_where(
@@ -368,16 +369,10 @@ impl Store {
     }
 
     pub async fn issued_svid(&self, serial: &str) -> Result<Option<IssuedSvidRecord>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            issued_columns!(),
-            " FROM issued_svids WHERE serial = $1 UNION SELECT ",
-            issued_columns!(),
-            " FROM issued_svids_recent WHERE serial = $1"
-        ))
-        .bind(serial)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(issued_where!("serial = $1"))
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(issued_row).transpose()
     }
 

@@ -81,29 +81,22 @@ impl Store {
     /// Creates an entry with a fresh id at revision 1. Fails with `Conflict` if an entry
     /// with the same SPIFFE ID, parent and selector set exists.
     pub async fn create_entry(&self, new: &NewEntry, now: i64) -> Result<EntryRecord> {
-        match self
-            .create_entries(std::slice::from_ref(new), now)
+        self.create_entries([new], now)
             .await?
             .pop()
-        {
-            Some(Some(record)) => Ok(record),
-            _ => Err(StoreError::Conflict {
-                kind: KIND,
-                detail: duplicate(&new.spiffe_id, &new.parent_id),
-            }),
-        }
+            .expect("the store answers each entry it is given")
     }
 
-    /// Creates several entries in one transaction, each with a fresh id at revision 1.
-    /// One that duplicates an existing entry, or one earlier in `new`, is left out: its
-    /// place in the answer is `None`, and the others are created all the same.
-    pub async fn create_entries(
+    /// Creates several entries in one transaction, each with a fresh id at revision 1, and
+    /// answers for each in order. One that duplicates an existing entry, or one earlier in
+    /// `new`, fails with `Conflict`; the others are created all the same.
+    pub async fn create_entries<'a>(
         &self,
-        new: &[NewEntry],
+        new: impl IntoIterator<Item = &'a NewEntry>,
         now: i64,
-    ) -> Result<Vec<Option<EntryRecord>>> {
+    ) -> Result<Vec<Result<EntryRecord>>> {
         let mut tx = self.begin_write().await?;
-        let mut created = Vec::with_capacity(new.len());
+        let mut created = Vec::new();
         for new in new {
             let row = sqlx::query(concat!(
                 "INSERT INTO registration_entries (",
@@ -126,7 +119,13 @@ impl Store {
             .bind(new.expires_at)
             .fetch_optional(&mut *tx)
             .await?;
-            created.push(row.as_ref().map(entry_from_row).transpose()?);
+            created.push(match row {
+                Some(row) => entry_from_row(&row),
+                None => Err(StoreError::Conflict {
+                    kind: KIND,
+                    detail: duplicate(&new.spiffe_id, &new.parent_id),
+                }),
+            });
         }
         tx.commit().await?;
         Ok(created)
@@ -293,7 +292,7 @@ fn not_found(id: &str) -> StoreError {
     }
 }
 
-pub(crate) fn duplicate(spiffe_id: &str, parent_id: &str) -> String {
+fn duplicate(spiffe_id: &str, parent_id: &str) -> String {
     format!("an entry for {spiffe_id} under {parent_id} with the same selectors")
 }
 

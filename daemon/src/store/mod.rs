@@ -33,7 +33,6 @@ pub use audit::{
 pub use ca_slots::{CaSlotRecord, CaSlotState};
 pub use credentials::{CredentialLease, CredentialRecord, LeaseFilter, LeaseState};
 pub use elevations::{ElevationRecord, ElevationReview, ElevationState};
-pub(crate) use entries::duplicate;
 pub use entries::{EntryFilter, EntryRecord, EntryUpdate, NewEntry};
 pub use error::StoreError;
 pub use join_tokens::JoinTokenRecord;

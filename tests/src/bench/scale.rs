@@ -108,7 +108,10 @@ pub async fn run(opts: &Options) -> Result<ScaleResult> {
     let started = Instant::now();
     let mut created = 0usize;
     let mut admin_batch = admin.clone();
-    for chunk in (0..opts.entries).collect::<Vec<_>>().chunks(1000) {
+    for chunk in (0..opts.entries)
+        .collect::<Vec<_>>()
+        .chunks(mayfly_daemon::identity::MAX_ENTRY_BATCH)
+    {
         let entries = chunk
             .iter()
             .map(|&k| v1::CreateEntryRequest {
