@@ -572,3 +572,124 @@ impl Access<'_> {
         Ok((request, entities))
     }
 }
+
+impl Access<'_> {
+    /// Every field of the request, each written with its length (or as a fixed-size
+    /// number) after a tag for its variant, so that two requests have the same key exactly
+    /// when they are the same request: what a decision is remembered by
+    /// ([`super::ActiveSet`]). Each struct is taken apart whole, so a field added later
+    /// does not compile until it is written here too.
+    pub(crate) fn key(&self) -> Vec<u8> {
+        let Access {
+            principal,
+            action,
+            resource,
+            context,
+        } = self;
+        let mut key = Key(Vec::with_capacity(256));
+        match principal {
+            Principal::Agent { spiffe_id } => key.tag(1).text(spiffe_id),
+            Principal::Workload { spiffe_id } => key.tag(2).text(spiffe_id),
+            Principal::Operator { uid, name } => key.tag(3).number(i64::from(*uid)).text(name),
+        };
+        key.text(action.name());
+        match resource {
+            Resource::Entry(EntryFacts {
+                id,
+                spiffe_id,
+                parent,
+                selectors,
+                hint,
+                sets,
+            }) => key
+                .tag(1)
+                .text(id)
+                .text(spiffe_id)
+                .text(parent)
+                .texts(selectors)
+                .text(hint)
+                .texts(sets),
+            Resource::Audience(audience) => key.tag(2).text(audience),
+            Resource::Secret { name, grants, sets } => {
+                key.tag(3).text(name).texts(grants).texts(sets)
+            }
+            Resource::Credential {
+                name,
+                kind,
+                grants,
+                sets,
+                max_ttl_seconds,
+            } => key
+                .tag(4)
+                .text(name)
+                .text(kind)
+                .texts(grants)
+                .texts(sets)
+                .number(*max_ttl_seconds),
+            Resource::AdminCall(method) => key.tag(5).text(method),
+        };
+        let AccessContext {
+            node,
+            selectors,
+            ttl_seconds,
+            source,
+            method,
+            elevation,
+        } = context;
+        key.text(node)
+            .texts(selectors)
+            .number(*ttl_seconds)
+            .text(source.name())
+            .text(method);
+        match elevation {
+            None => key.tag(0),
+            Some(ElevationFacts {
+                requester,
+                requester_kind,
+                reason,
+                ticket,
+                break_glass,
+                approvals,
+                denials,
+            }) => key
+                .tag(1)
+                .text(requester)
+                .text(requester_kind)
+                .text(reason)
+                .text(ticket)
+                .tag(u8::from(*break_glass))
+                .number(*approvals)
+                .number(*denials),
+        };
+        key.0
+    }
+}
+
+/// The writer of [`Access::key`].
+struct Key(Vec<u8>);
+
+impl Key {
+    fn tag(&mut self, tag: u8) -> &mut Self {
+        self.0.push(tag);
+        self
+    }
+
+    fn number(&mut self, n: i64) -> &mut Self {
+        self.0.extend_from_slice(&n.to_le_bytes());
+        self
+    }
+
+    fn text(&mut self, text: &str) -> &mut Self {
+        self.number(text.len() as i64);
+        self.0.extend_from_slice(text.as_bytes());
+        self
+    }
+
+    fn texts(&mut self, texts: &[String]) -> &mut Self {
+        self.number(texts.len() as i64);
+        for text in texts {
+            self.text(text);
+        }
+        self
+    }
+}

@@ -361,6 +361,7 @@ fn indexed(
         all,
         by_action,
         json: std::sync::OnceLock::new(),
+        decisions: std::sync::Mutex::default(),
     }
 }
 

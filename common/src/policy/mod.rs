@@ -37,6 +37,31 @@ pub struct ActiveSet {
     /// name, so that a decision evaluates only those that can apply (Cedar evaluates
     /// every policy of the set it is given: 1,000 policies cost 200 µs a decision).
     by_action: HashMap<Action, ActionPolicies>,
+    /// Decisions already made with this set, by request ([`Access::key`]), for the actions
+    /// whose policies cannot read the time: the same request against the same set is the
+    /// same decision (Cedar is deterministic, and a request's entities are built from the
+    /// request alone), and deciding it again cost a tenth of each signing. A set is never
+    /// changed, only replaced, and the replacement starts empty.
+    decisions: std::sync::Mutex<HashMap<Vec<u8>, PolicyDecision>>,
+}
+
+/// At most this many decisions are remembered per set; when full, they are forgotten all
+/// at once and remembered again as they come (a few MB at most, at an agent too).
+const REMEMBERED: usize = 16_384;
+
+impl ActiveSet {
+    fn remembered(&self, key: &[u8]) -> Option<PolicyDecision> {
+        self.decisions.lock().ok()?.get(key).cloned()
+    }
+
+    fn remember(&self, key: Vec<u8>, decision: &PolicyDecision) {
+        if let Ok(mut decisions) = self.decisions.lock() {
+            if decisions.len() >= REMEMBERED {
+                decisions.clear();
+            }
+            decisions.insert(key, decision.clone());
+        }
+    }
 }
 
 /// One action's policies: those whose scope names a resource (or a set of resources) or
@@ -270,25 +295,37 @@ impl Decider {
 
     /// Decides `access` against `set` as at `now`; records nothing.
     pub fn decide(&self, set: &ActiveSet, access: &Access<'_>, now: SystemTime) -> PolicyDecision {
-        let decision = |allowed, policies, errors| PolicyDecision {
-            allowed,
-            policies,
-            errors,
-            hash: set.hash.clone(),
-            enforce: set.enforce,
+        let Some(policies) = set.by_action.get(&access.action) else {
+            return decision(set, false, Vec::new(), Vec::new());
         };
+        if policies.reads_time {
+            return self.evaluate(set, policies, access, Some(now));
+        }
+        let key = access.key();
+        if let Some(decision) = set.remembered(&key) {
+            return decision;
+        }
+        let decision = self.evaluate(set, policies, access, None);
+        set.remember(key, &decision);
+        decision
+    }
+
+    /// Asks Cedar about `access`, with the time in its context when `now` is given.
+    fn evaluate(
+        &self,
+        set: &ActiveSet,
+        policies: &ActionPolicies,
+        access: &Access<'_>,
+        now: Option<SystemTime>,
+    ) -> PolicyDecision {
         let actions = self
             .action_entities
             .get(&access.action)
             .map_or(&self.actions[..], Vec::as_slice);
-        let Some(policies) = set.by_action.get(&access.action) else {
-            return decision(false, Vec::new(), Vec::new());
-        };
-        let now = policies.reads_time.then_some(now);
         let (request, entities) = match access.cedar_request(actions, now) {
             Ok(built) => built,
             // Our own request did not build: deny, and say why.
-            Err(e) => return decision(false, Vec::new(), vec![e]),
+            Err(e) => return decision(set, false, Vec::new(), vec![e]),
         };
         // The subsets that can apply, each decided by Cedar, combined as Cedar combines
         // policies: any satisfied forbid denies; otherwise any satisfied permit allows.
@@ -314,7 +351,22 @@ impl Decider {
         let allowed = permitted && forbids.is_empty();
         let mut reasons = if allowed { permits } else { forbids };
         reasons.sort();
-        decision(allowed, reasons, errors)
+        decision(set, allowed, reasons, errors)
+    }
+}
+
+fn decision(
+    set: &ActiveSet,
+    allowed: bool,
+    policies: Vec<String>,
+    errors: Vec<String>,
+) -> PolicyDecision {
+    PolicyDecision {
+        allowed,
+        policies,
+        errors,
+        hash: set.hash.clone(),
+        enforce: set.enforce,
     }
 }
 

@@ -293,3 +293,161 @@ fn only_policies_that_can_read_the_time_get_it() {
         assert!(!reads(text), "{text}");
     }
 }
+
+#[test]
+fn a_remembered_decision_is_the_one_a_fresh_set_makes() {
+    let decider = Decider::new().expect("schema");
+    let compile = || {
+        decider
+            .compile(
+                vec![
+                    PolicySource::defaults(),
+                    PolicySource {
+                        name: "p.cedar".into(),
+                        text: POLICIES.into(),
+                    },
+                ],
+                true,
+            )
+            .expect("compiles")
+    };
+    let set = compile();
+    let (none, prod) = (Vec::new(), vec!["prod".to_string()]);
+    let (root, user) = (
+        vec!["unix:uid:0".to_string()],
+        vec!["unix:uid:1000".to_string()],
+    );
+    let access =
+        |node: &'static str, selectors: &'static [String], sets: &'static [String]| Access {
+            principal: Principal::Workload {
+                spiffe_id: "spiffe://example.org/w1",
+            },
+            action: Action::SignX509Svid,
+            resource: Resource::Entry(EntryFacts {
+                id: "e1",
+                spiffe_id: "spiffe://example.org/w1",
+                parent: node,
+                selectors,
+                hint: "",
+                sets,
+            }),
+            context: AccessContext {
+                node,
+                selectors,
+                ttl_seconds: 60,
+                source: Source::NodeApi,
+                method: "test",
+                elevation: None,
+            },
+        };
+    let leak = |v: &Vec<String>| -> &'static [String] { Box::leak(v.clone().into_boxed_slice()) };
+    let (none, prod, root, user) = (leak(&none), leak(&prod), leak(&root), leak(&user));
+    let now = UNIX_EPOCH + Duration::from_secs(1_796_428_800);
+    // Each request differs from the first in one fact, and each is decided as a set that
+    // has remembered nothing decides it, in either order, twice.
+    let requests = [
+        (access("spiffe://example.org/node/b", user, none), true),
+        (access("spiffe://example.org/node/q", user, none), false),
+        (access("spiffe://example.org/node/b", root, none), false),
+        (access("spiffe://example.org/node/a", user, prod), false),
+        (access("spiffe://example.org/node/a", user, none), true),
+    ];
+    for round in 0..2 {
+        for (request, allowed) in requests.iter().chain(requests.iter().rev()) {
+            let remembered = decider.decide(&set, request, now);
+            let fresh = decider.decide(&compile(), request, now);
+            assert_eq!(remembered.allowed, *allowed, "{request:?}, round {round}");
+            assert_eq!(
+                (remembered.allowed, &remembered.policies, &remembered.hash),
+                (fresh.allowed, &fresh.policies, &fresh.hash),
+                "{request:?}, round {round}"
+            );
+        }
+    }
+    assert_eq!(set.decisions.lock().unwrap().len(), requests.len());
+
+    // An action whose policies read the time is decided at each time, never remembered.
+    let grants = Vec::new();
+    let credential = Access {
+        principal: Principal::Workload {
+            spiffe_id: "spiffe://example.org/w1",
+        },
+        action: Action::ObtainCredential,
+        resource: Resource::Credential {
+            name: "c",
+            kind: "postgres_dynamic",
+            grants: &grants,
+            sets: prod,
+            max_ttl_seconds: 3600,
+        },
+        context: requests[0].0.context,
+    };
+    let at = |hour: u64| UNIX_EPOCH + Duration::from_secs(1_796_428_800 + hour * 3600);
+    let decided = |hour| decider.decide(&set, &credential, at(hour)).policies;
+    assert_eq!(decided(3), vec!["set-hours".to_string()]);
+    assert!(!decided(12).contains(&"set-hours".to_string()));
+    assert_eq!(decided(3), vec!["set-hours".to_string()]);
+    assert_eq!(set.decisions.lock().unwrap().len(), requests.len());
+}
+
+#[test]
+fn two_requests_have_one_key_only_when_they_are_the_same() {
+    let (ab, a_b) = (
+        vec!["ab".to_string()],
+        vec!["a".to_string(), "b".to_string()],
+    );
+    let with = |node: &'static str, method: &'static str, selectors: &'static [String]| {
+        Access {
+            principal: Principal::Agent {
+                spiffe_id: "spiffe://example.org/node/a",
+            },
+            action: Action::ReadSecret,
+            resource: Resource::AdminCall("x"),
+            context: AccessContext {
+                node,
+                selectors,
+                ttl_seconds: 0,
+                source: Source::NodeApi,
+                method,
+                elevation: None,
+            },
+        }
+        .key()
+    };
+    let ab: &'static [String] = Box::leak(ab.into_boxed_slice());
+    let a_b: &'static [String] = Box::leak(a_b.into_boxed_slice());
+    assert_eq!(with("n", "m", ab), with("n", "m", ab));
+    // A boundary moved between two texts, or inside a list, is another request.
+    assert_ne!(with("n", "m", ab), with("n", "m", a_b));
+    assert_ne!(with("nm", "", ab), with("n", "m", ab));
+    // So is a principal of another kind with the same name.
+    let agent = with("n", "m", ab);
+    let mut workload = Access {
+        principal: Principal::Workload {
+            spiffe_id: "spiffe://example.org/node/a",
+        },
+        action: Action::ReadSecret,
+        resource: Resource::AdminCall("x"),
+        context: AccessContext {
+            node: "n",
+            selectors: ab,
+            ttl_seconds: 0,
+            source: Source::NodeApi,
+            method: "m",
+            elevation: None,
+        },
+    };
+    assert_ne!(workload.key(), agent);
+    workload.context.elevation = Some(ElevationFacts::default());
+    assert_ne!(
+        workload.key(),
+        Access {
+            context: AccessContext {
+                elevation: None,
+                ..workload.context
+            },
+            ..workload
+        }
+        .key()
+    );
+}

@@ -2,9 +2,10 @@
 //! onto the one before it (SHA-256), so that `mayflyd audit verify` finds the first record
 //! that was edited, deleted or moved.
 //!
-//! Records go through one writer task that commits whatever has queued up in one
-//! transaction (group commit): `record` waits for the commit, `note` does not, and both
-//! keep the order in which they were called.
+//! Records go through one writer that commits whatever has queued up in one transaction
+//! (group commit): `record` waits for the commit, `note` does not, and both keep the order
+//! in which they were called. On a SQLite file the writer is a thread with a connection of
+//! its own ([`AuditAppender`]); on PostgreSQL, a task on the pool.
 
 use std::sync::Arc;
 
@@ -14,7 +15,8 @@ use mayfly_common::clock::unix_ms;
 
 use crate::identity::Clock;
 use crate::store::{
-    AckUpdate, AuditFields, AuditFilter, AuditRow, ChainTail, IssuedSvidRecord, Store, StoreError,
+    AckUpdate, AuditAppender, AuditFields, AuditFilter, AuditRow, ChainTail, IssuedSvidRecord,
+    Store, StoreError,
 };
 
 mod chain;
@@ -135,18 +137,43 @@ impl Event {
     }
 }
 
+/// The answer to one job: the seq of its last record, or the error its group failed
+/// with (one failed commit fails every job in it, so they share the error).
+type Answer = Result<i64, Arc<StoreError>>;
+
 struct Job {
     events: Vec<AuditFields>,
     issued: Vec<IssuedSvidRecord>,
     acks: Vec<AckUpdate>,
-    /// One failed commit fails every job in its group, so they share the error.
-    done: Option<oneshot::Sender<Result<i64, Arc<StoreError>>>>,
+    done: Option<oneshot::Sender<Answer>>,
+}
+
+/// What the writer is asked to do.
+enum Work {
+    Append(Job),
+    /// Move what signing recorded into its indexes ([`Store::index_recent`]), between two
+    /// group commits: on SQLite a second writer would hold the write lock while the
+    /// writer's commit waits in SQLite's busy handler, which sleeps in steps of up to 100 ms.
+    Index,
+}
+
+/// A commit on its way: what [`Audit::queue_issued`] returns.
+pub struct Pending(Result<oneshot::Receiver<Answer>, AuditError>);
+
+impl Pending {
+    /// Waits for the commit; the seq of the job's last record.
+    pub async fn committed(self) -> Result<i64, AuditError> {
+        self.0?
+            .await
+            .map_err(|_| AuditError::Stopped)?
+            .map_err(AuditError::Write)
+    }
 }
 
 /// The handle every part of the daemon records through. Cloning is cheap.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::UnboundedSender<Job>,
+    tx: mpsc::UnboundedSender<Work>,
     store: Store,
     clock: Arc<dyn Clock>,
     throttle: Arc<throttle::Throttle>,
@@ -168,15 +195,29 @@ impl Audit {
     pub async fn start(store: Store, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
         let tail = store.audit_tail().await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(store.clone(), rx, tail));
+        match store.audit_appender()? {
+            Some(appender) => {
+                std::thread::Builder::new()
+                    .name("mayfly-audit".into())
+                    .spawn(move || thread_writer(appender, rx, tail))
+                    .map_err(|e| StoreError::Io {
+                        what: "the audit writer's thread",
+                        detail: e.to_string(),
+                    })?;
+            }
+            None => {
+                tokio::spawn(writer(store.clone(), rx, tail));
+            }
+        }
         let audit = Self {
             tx,
             store,
             clock,
             throttle: Arc::new(throttle::Throttle::new()),
         };
-        // Summaries of throttled refusals. The task holds the writer's channel only while
-        // it notes them, so the writer still ends with the last handle.
+        // Once a second: summaries of throttled refusals, and the move of what signing
+        // recorded into its indexes. The task holds the writer's channel only while it
+        // sends them, so the writer still ends with the last handle.
         let weak = audit.tx.downgrade();
         let (store, clock, throttle) = (
             audit.store.clone(),
@@ -188,6 +229,7 @@ impl Audit {
             loop {
                 timer.tick().await;
                 let Some(tx) = weak.upgrade() else { return };
+                let _ = tx.send(Work::Index);
                 Audit {
                     tx,
                     store: store.clone(),
@@ -225,24 +267,24 @@ impl Audit {
 
     /// Appends without waiting. The record still lands in order; a write failure is logged.
     pub fn note(&self, event: Event) {
-        let _ = self.tx.send(Job {
+        let _ = self.tx.send(Work::Append(Job {
             events: vec![self.stamp(event)],
             issued: Vec::new(),
             acks: Vec::new(),
             done: None,
-        });
+        }));
     }
 
     /// Records an agent's acknowledgement of a revocation with its audit record, without
     /// waiting. Losing it in a crash is harmless: the revocation stays pending for the
     /// agent, which applies it again (nothing left to do) and acknowledges again.
     pub fn note_ack(&self, event: Event, ack: AckUpdate) {
-        let _ = self.tx.send(Job {
+        let _ = self.tx.send(Work::Append(Job {
             events: vec![self.stamp(event)],
             issued: Vec::new(),
             acks: vec![ack],
             done: None,
-        });
+        }));
     }
 
     /// Appends the record of a signing batch together with the serials it issued, in one
@@ -252,7 +294,14 @@ impl Audit {
         event: Event,
         issued: Vec<IssuedSvidRecord>,
     ) -> Result<i64, AuditError> {
-        self.submit(vec![self.stamp(event)], issued).await
+        self.queue_issued(event, issued).committed().await
+    }
+
+    /// [`Audit::record_issued`] without waiting here: the records are queued at once (a
+    /// signing thread hands them to the writer itself), and the commit is awaited through
+    /// the [`Pending`].
+    pub fn queue_issued(&self, event: Event, issued: Vec<IssuedSvidRecord>) -> Pending {
+        self.queue(vec![self.stamp(event)], issued)
     }
 
     async fn submit(
@@ -260,18 +309,23 @@ impl Audit {
         events: Vec<AuditFields>,
         issued: Vec<IssuedSvidRecord>,
     ) -> Result<i64, AuditError> {
+        self.queue(events, issued).committed().await
+    }
+
+    fn queue(&self, events: Vec<AuditFields>, issued: Vec<IssuedSvidRecord>) -> Pending {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job {
-                events,
-                issued,
-                acks: Vec::new(),
-                done: Some(done),
-            })
-            .map_err(|_| AuditError::Stopped)?;
-        wait.await
-            .map_err(|_| AuditError::Stopped)?
-            .map_err(AuditError::Write)
+        let job = Job {
+            events,
+            issued,
+            acks: Vec::new(),
+            done: Some(done),
+        };
+        Pending(
+            self.tx
+                .send(Work::Append(job))
+                .map(|()| wait)
+                .map_err(|_| AuditError::Stopped),
+        )
     }
 
     pub async fn list(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, AuditError> {
@@ -305,73 +359,143 @@ impl Audit {
     }
 }
 
-/// How often the writer moves what signing recorded into its indexes
-/// ([`Store::index_recent`]).
-const INDEX_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// What the writer takes in one go: the appends queued up (at most [`MAX_GROUP`]), and
+/// whether a move into the indexes was asked for meanwhile.
+struct Group {
+    jobs: Vec<Job>,
+    /// How many records each job brought, in order (the rows leave the jobs).
+    counts: Vec<usize>,
+    events: Vec<AuditFields>,
+    issued: Vec<IssuedSvidRecord>,
+    acks: Vec<AckUpdate>,
+    index: bool,
+}
 
-async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Job>, mut tail: ChainTail) {
-    // The move runs here, between two group commits, rather than from a task of its own:
-    // on SQLite a second writer would hold the write lock while this one's commit waits in
-    // SQLite's busy handler, which sleeps in steps of up to 100 ms.
-    let mut index_timer = tokio::time::interval(INDEX_EVERY);
-    index_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let first = tokio::select! {
-            job = rx.recv() => match job {
-                Some(job) => job,
-                None => break,
-            },
-            _ = index_timer.tick() => {
-                if let Err(e) = store.index_recent().await {
-                    tracing::warn!(error = %e, "could not index the serials and audit records of the last second; they stay readable, and the next try takes them");
-                }
-                continue;
-            }
+impl Group {
+    /// `first` and whatever else is queued right now.
+    fn take(first: Work, rx: &mut mpsc::UnboundedReceiver<Work>) -> Group {
+        let mut group = Group {
+            jobs: Vec::new(),
+            counts: Vec::new(),
+            events: Vec::new(),
+            issued: Vec::new(),
+            acks: Vec::new(),
+            index: false,
         };
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(work) = next {
+            match work {
+                Work::Append(mut job) => {
+                    group.counts.push(job.events.len());
+                    group.events.append(&mut job.events);
+                    group.issued.append(&mut job.issued);
+                    group.acks.append(&mut job.acks);
+                    group.jobs.push(job);
+                }
+                Work::Index => group.index = true,
             }
+            if group.jobs.len() >= MAX_GROUP {
+                break;
+            }
+            next = rx.try_recv().ok();
         }
-        let events: Vec<AuditFields> = jobs.iter().flat_map(|j| j.events.clone()).collect();
-        let issued: Vec<IssuedSvidRecord> = jobs.iter().flat_map(|j| j.issued.clone()).collect();
-        let acks: Vec<AckUpdate> = jobs.iter().flat_map(|j| j.acks.clone()).collect();
-        let mut result = store
-            .append_audit(&events, &issued, &acks, Some(&tail), record_hash)
-            .await;
-        if result.is_err() {
-            // Another writer may have moved the tail (a daemon sharing a SQLite file, or a
-            // transient error): read it again and try once more.
-            result = store
-                .append_audit(&events, &issued, &acks, None, record_hash)
-                .await;
-        }
+        group
+    }
+
+    /// Tells each job how its commit went; the new tail if it went.
+    fn answer(self, result: Result<ChainTail, StoreError>) -> Option<ChainTail> {
         match result {
             Ok(new_tail) => {
                 // Each job learns the seq of its last record.
-                let mut seq = new_tail.0 - events.len() as i64;
-                for job in jobs {
-                    seq += job.events.len() as i64;
+                let mut seq = new_tail.0 - self.events.len() as i64;
+                for (job, count) in self.jobs.into_iter().zip(self.counts) {
+                    seq += count as i64;
                     if let Some(done) = job.done {
                         let _ = done.send(Ok(seq));
                     }
                 }
-                tail = new_tail;
+                Some(new_tail)
             }
             Err(e) => {
-                tracing::error!(error = %e, records = events.len(), "could not append to the audit log");
+                tracing::error!(error = %e, records = self.events.len(), "could not append to the audit log");
                 let e = Arc::new(e);
-                for job in jobs {
+                for job in self.jobs {
                     if let Some(done) = job.done {
                         let _ = done.send(Err(e.clone()));
                     }
                 }
-                if let Ok(t) = store.audit_tail().await {
-                    tail = t;
+                None
+            }
+        }
+    }
+}
+
+fn indexed(result: Result<(u64, u64), StoreError>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not index the serials and audit records of the last second; they stay readable, and the next try takes them");
+    }
+}
+
+/// The writer on the pool (PostgreSQL, or SQLite that is not a file).
+async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Work>, mut tail: ChainTail) {
+    while let Some(first) = rx.recv().await {
+        let group = Group::take(first, &mut rx);
+        let index = group.index;
+        if !group.jobs.is_empty() {
+            let (events, issued, acks) = (&group.events, &group.issued, &group.acks);
+            let mut result = store
+                .append_audit(events, issued, acks, Some(&tail), record_hash)
+                .await;
+            if result.is_err() {
+                // Another writer may have moved the tail (a daemon sharing the store, or a
+                // transient error): read it again and try once more.
+                result = store
+                    .append_audit(events, issued, acks, None, record_hash)
+                    .await;
+            }
+            match group.answer(result) {
+                Some(new_tail) => tail = new_tail,
+                None => {
+                    if let Ok(t) = store.audit_tail().await {
+                        tail = t;
+                    }
                 }
             }
+        }
+        if index {
+            indexed(store.index_recent().await);
+        }
+    }
+}
+
+/// The writer on its own SQLite connection and thread: [`writer`] without a hop to the
+/// pool's connection thread, or sqlx, between a call and its commit.
+fn thread_writer(
+    mut appender: AuditAppender,
+    mut rx: mpsc::UnboundedReceiver<Work>,
+    mut tail: ChainTail,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let group = Group::take(first, &mut rx);
+        let index = group.index;
+        if !group.jobs.is_empty() {
+            let (events, issued, acks) = (&group.events, &group.issued, &group.acks);
+            let mut result = appender.append(events, issued, acks, Some(&tail), record_hash);
+            if result.is_err() {
+                // As in `writer`: another process on the file may have moved the tail.
+                result = appender.append(events, issued, acks, None, record_hash);
+            }
+            match group.answer(result) {
+                Some(new_tail) => tail = new_tail,
+                None => {
+                    if let Ok(t) = appender.tail() {
+                        tail = t;
+                    }
+                }
+            }
+        }
+        if index {
+            indexed(appender.index_recent());
         }
     }
 }

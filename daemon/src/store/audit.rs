@@ -44,6 +44,46 @@ pub(super) fn placeholders(first: usize, count: usize) -> String {
         .join(", ")
 }
 
+/// The chain's last row.
+pub(super) const TAIL_SQL: &str = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1";
+
+/// The start of an audit row's `INSERT`, followed by 12 values a row.
+pub(super) const AUDIT_INSERT_HEAD: &str = "INSERT INTO audit_log (seq, at_ms, actor, action, \
+     subject, scope, ttl_secs, reason, outcome, detail, prev_hash, hash) VALUES ";
+
+/// The start of a recent serial's `INSERT`, followed by 7 values a row, then the tail.
+pub(super) const ISSUED_INSERT_HEAD: &str = "INSERT INTO issued_svids_recent (serial, entry_id, \
+     spiffe_id, agent_id, ca_slot, issued_at, not_after) VALUES ";
+pub(super) const ISSUED_INSERT_TAIL: &str = " ON CONFLICT (serial) DO NOTHING";
+
+/// An agent's acknowledgement: when, what it did, of which revocation, which agent. A
+/// second acknowledgement keeps the first.
+pub(super) const ACK_SQL: &str = "UPDATE revocation_acks SET acked_at = $1, detail = $2 \
+     WHERE revocation_id = $3 AND agent_id = $4 AND acked_at IS NULL";
+
+/// The SQLite move of recent serials into the indexed table; the write lock held by the
+/// transaction keeps anything from being added between the copy and the delete.
+pub(super) const MOVE_RECENT_SQLITE: [&str; 2] = [
+    concat!(
+        "INSERT INTO issued_svids (",
+        issued_columns!(),
+        ") SELECT ",
+        issued_columns!(),
+        " FROM issued_svids_recent WHERE true ON CONFLICT (serial) DO NOTHING"
+    ),
+    "DELETE FROM issued_svids_recent",
+];
+
+/// Indexes the subjects of the audit records past the mark…
+pub(super) const INDEX_SUBJECTS_SQL: &str = "INSERT INTO audit_subjects (subject, seq) \
+     SELECT subject, seq FROM audit_log \
+     WHERE seq > (SELECT seq FROM audit_subjects_mark WHERE id = 1) \
+     ON CONFLICT (subject, seq) DO NOTHING";
+
+/// …and moves the mark to the chain's end.
+pub(super) const MARK_SUBJECTS_SQL: &str =
+    "UPDATE audit_subjects_mark SET seq = (SELECT MAX(seq) FROM audit_log) WHERE id = 1";
+
 /// Orders audit appends across daemons on PostgreSQL (`pg_advisory_xact_lock`).
 const APPEND_LOCK: i64 = 0x6d61_7966_6c79_0001;
 
@@ -130,9 +170,7 @@ pub type ChainTail = (i64, String);
 impl Store {
     /// The last row of the chain, or `(0, GENESIS_HASH)` when there is none.
     pub async fn audit_tail(&self) -> Result<ChainTail> {
-        let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(TAIL_SQL).fetch_optional(&self.pool).await?;
         Ok(match row {
             Some(row) => (row.try_get("seq")?, row.try_get("hash")?),
             None => (0, GENESIS_HASH.to_string()),
@@ -152,12 +190,6 @@ impl Store {
         known_tail: Option<&ChainTail>,
         hash: impl Fn(i64, &str, &AuditFields) -> String,
     ) -> Result<ChainTail> {
-        if let (Backend::Sqlite, Some(tail)) = (self.backend, known_tail) {
-            let binds = records.len() * 12 + issued.len() * 7 + acks.len() * 4;
-            if binds <= SCRIPT_MAX_BINDS {
-                return self.append_script(records, issued, acks, tail, hash).await;
-            }
-        }
         let mut tx = self.begin_write().await?;
         let mut tail = match (self.backend, known_tail) {
             (Backend::Sqlite, Some(tail)) => tail.clone(),
@@ -171,9 +203,7 @@ impl Store {
                         .execute(&mut *tx)
                         .await?;
                 }
-                let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let row = sqlx::query(TAIL_SQL).fetch_optional(&mut *tx).await?;
                 match row {
                     Some(row) => (row.try_get("seq")?, row.try_get("hash")?),
                     None => (0, GENESIS_HASH.to_string()),
@@ -182,43 +212,10 @@ impl Store {
         };
         // One multi-row INSERT per table and chunk: each statement is a round trip to the
         // database's connection (a thread hop for SQLite), and a group can hold hundreds.
-        for statement in append_statements(records, issued, acks, &mut tail, &hash, false) {
+        for statement in append_statements(records, issued, acks, &mut tail, &hash) {
             statement.query().execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(tail)
-    }
-
-    /// The SQLite append as one script (`BEGIN IMMEDIATE; INSERT …; COMMIT`), sent to the
-    /// connection's thread in one command rather than one per statement: each command is
-    /// a round trip between threads, and the audit writer makes several hundred a second.
-    async fn append_script(
-        &self,
-        records: &[AuditFields],
-        issued: &[IssuedSvidRecord],
-        acks: &[AckUpdate],
-        tail: &ChainTail,
-        hash: impl Fn(i64, &str, &AuditFields) -> String,
-    ) -> Result<ChainTail> {
-        let mut tail = tail.clone();
-        let mut script = Statement {
-            sql: String::from("BEGIN IMMEDIATE; "),
-            binds: Vec::new(),
-        };
-        for statement in append_statements(records, issued, acks, &mut tail, &hash, true) {
-            script.sql.push_str(&statement.sql);
-            script.sql.push_str("; ");
-            script.binds.extend(statement.binds);
-        }
-        script.sql.push_str("COMMIT");
-        let mut conn = self.pool.acquire().await?;
-        if let Err(e) = script.query().execute(&mut *conn).await {
-            // A statement failed inside the transaction the script opened, which sqlx does
-            // not know of: closing the connection rolls it back, where returning it to the
-            // pool would hand the open transaction to the next caller.
-            conn.close_on_drop();
-            return Err(e.into());
-        }
         Ok(tail)
     }
 
@@ -398,20 +395,8 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let moved = match self.backend {
             Backend::Sqlite => {
-                // The transaction holds SQLite's write lock: nothing is added between the
-                // copy and the delete.
-                let copied = sqlx::query(concat!(
-                    "INSERT INTO issued_svids (",
-                    issued_columns!(),
-                    ") SELECT ",
-                    issued_columns!(),
-                    " FROM issued_svids_recent WHERE true ON CONFLICT (serial) DO NOTHING"
-                ))
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("DELETE FROM issued_svids_recent")
-                    .execute(&mut *tx)
-                    .await?;
+                let copied = sqlx::query(MOVE_RECENT_SQLITE[0]).execute(&mut *tx).await?;
+                sqlx::query(MOVE_RECENT_SQLITE[1]).execute(&mut *tx).await?;
                 copied.rows_affected()
             }
             Backend::Postgres => {
@@ -436,21 +421,12 @@ impl Store {
                 .rows_affected()
             }
         };
-        let indexed = sqlx::query(
-            "INSERT INTO audit_subjects (subject, seq) SELECT subject, seq FROM audit_log \
-             WHERE seq > (SELECT seq FROM audit_subjects_mark WHERE id = 1) \
-             ON CONFLICT (subject, seq) DO NOTHING",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if indexed > 0 {
-            sqlx::query(
-                "UPDATE audit_subjects_mark SET seq = (SELECT MAX(seq) FROM audit_log) \
-                 WHERE id = 1",
-            )
+        let indexed = sqlx::query(INDEX_SUBJECTS_SQL)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+        if indexed > 0 {
+            sqlx::query(MARK_SUBJECTS_SQL).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok((moved, indexed))
@@ -486,11 +462,6 @@ fn issued_row(row: &AnyRow) -> Result<IssuedSvidRecord> {
     })
 }
 
-/// At most this many values go into one SQLite append script (SQLite allows 32,766
-/// bound parameters in a statement, and numbers them across the script); a larger group
-/// is appended statement by statement.
-const SCRIPT_MAX_BINDS: usize = 16_000;
-
 /// A value bound to a placeholder.
 enum Bind<'a> {
     Int(i64),
@@ -520,33 +491,17 @@ impl<'a> Statement<'a> {
 }
 
 /// The statements that append `records` onto `tail` (advanced to the new end), record
-/// `issued` and apply `acks`. Placeholders are numbered per statement, or across all of
-/// them when `across` (for one script).
+/// `issued` and apply `acks`, each with its placeholders numbered from 1.
 fn append_statements<'a>(
     records: &'a [AuditFields],
     issued: &'a [IssuedSvidRecord],
     acks: &'a [AckUpdate],
     tail: &mut ChainTail,
     hash: &impl Fn(i64, &str, &AuditFields) -> String,
-    across: bool,
 ) -> Vec<Statement<'a>> {
     let mut statements = Vec::new();
-    let first = |statements: &[Statement<'_>]| {
-        if across {
-            statements.iter().map(|s| s.binds.len()).sum::<usize>() + 1
-        } else {
-            1
-        }
-    };
     for chunk in records.chunks(ROWS_PER_INSERT) {
-        let sql = values_sql(
-            "INSERT INTO audit_log (seq, at_ms, actor, action, subject, scope, ttl_secs, \
-             reason, outcome, detail, prev_hash, hash) VALUES ",
-            12,
-            chunk.len(),
-            "",
-            first(&statements),
-        );
+        let sql = values_sql(AUDIT_INSERT_HEAD, 12, chunk.len(), "");
         let mut binds = Vec::with_capacity(chunk.len() * 12);
         for record in chunk {
             let seq = tail.0 + 1;
@@ -570,14 +525,7 @@ fn append_statements<'a>(
         statements.push(Statement { sql, binds });
     }
     for chunk in issued.chunks(ROWS_PER_INSERT) {
-        let sql = values_sql(
-            "INSERT INTO issued_svids_recent (serial, entry_id, spiffe_id, agent_id, ca_slot, \
-             issued_at, not_after) VALUES ",
-            7,
-            chunk.len(),
-            " ON CONFLICT (serial) DO NOTHING",
-            first(&statements),
-        );
+        let sql = values_sql(ISSUED_INSERT_HEAD, 7, chunk.len(), ISSUED_INSERT_TAIL);
         let mut binds = Vec::with_capacity(chunk.len() * 7);
         for svid in chunk {
             binds.extend([
@@ -593,16 +541,8 @@ fn append_statements<'a>(
         statements.push(Statement { sql, binds });
     }
     for ack in acks {
-        let n = first(&statements);
         statements.push(Statement {
-            sql: format!(
-                "UPDATE revocation_acks SET acked_at = ${}, detail = ${} \
-                 WHERE revocation_id = ${} AND agent_id = ${} AND acked_at IS NULL",
-                n,
-                n + 1,
-                n + 2,
-                n + 3
-            ),
+            sql: ACK_SQL.to_owned(),
             binds: vec![
                 Bind::Int(ack.at_ms),
                 Bind::Text(&ack.detail),
@@ -618,9 +558,9 @@ fn append_statements<'a>(
 /// parameters and PostgreSQL's 65,535.
 const ROWS_PER_INSERT: usize = 256;
 
-/// `head` followed by `rows` tuples of `columns` numbered placeholders from `first`
+/// `head` followed by `rows` tuples of `columns` numbered placeholders from `$1`
 /// (`($1, $2), ($3, $4)`), then `tail`.
-fn values_sql(head: &str, columns: usize, rows: usize, tail: &str, first: usize) -> String {
+pub(super) fn values_sql(head: &str, columns: usize, rows: usize, tail: &str) -> String {
     use std::fmt::Write as _;
     let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 6);
     sql.push_str(head);
@@ -628,7 +568,7 @@ fn values_sql(head: &str, columns: usize, rows: usize, tail: &str, first: usize)
         sql.push_str(if row == 0 { "(" } else { ", (" });
         for column in 0..columns {
             let sep = if column == 0 { "" } else { ", " };
-            let _ = write!(sql, "{sep}${}", first + row * columns + column);
+            let _ = write!(sql, "{sep}${}", 1 + row * columns + column);
         }
         sql.push(')');
     }

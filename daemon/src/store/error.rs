@@ -88,6 +88,10 @@ pub enum StoreError {
     /// Any other database failure.
     #[error("datastore error: {0}")]
     Database(#[from] sqlx::Error),
+
+    /// A failure on the audit writer's own SQLite connection ([`super::AuditAppender`]).
+    #[error("datastore error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 impl StoreError {

@@ -4,6 +4,7 @@
 //! code path over `sqlx::AnyPool`.
 
 mod agents;
+mod appender;
 mod audit;
 mod bundle;
 mod ca_slots;
@@ -27,6 +28,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Connection as _};
 
 pub use agents::{AgentRecord, AgentStatus};
+pub use appender::AuditAppender;
 pub use audit::{
     AckUpdate, AuditFields, AuditFilter, AuditRow, ChainTail, GENESIS_HASH, IssuedSvidRecord,
 };
@@ -48,14 +50,13 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// The file the SQLite backend keeps in `data_dir`.
 pub const SQLITE_FILE_NAME: &str = "mayfly.db";
 
-/// How long a statement waits on a locked SQLite database before failing (milliseconds).
-/// Writers queue on SQLite's single write lock; a few seconds absorbs bursts (many agents
-/// attesting at once) without hanging a request forever. A literal because PRAGMA
-/// statements take no bound parameters.
-const SQLITE_BUSY_TIMEOUT_PRAGMA: &str = "PRAGMA busy_timeout = 5000";
+/// How long a statement waits on a locked SQLite database before failing. Writers queue
+/// on SQLite's single write lock; a few seconds absorbs bursts (many agents attesting at
+/// once) without hanging a request forever.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How much of the database file SQLite reads through a memory mapping (1 GiB).
-const SQLITE_MMAP_PRAGMA: &str = "PRAGMA mmap_size = 1073741824";
+const SQLITE_MMAP_SIZE: i64 = 1 << 30;
 
 /// Which database a [`Store`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +136,10 @@ impl Store {
                     sqlx::query("PRAGMA foreign_keys = ON")
                         .execute(&mut *conn)
                         .await?;
-                    sqlx::query(SQLITE_BUSY_TIMEOUT_PRAGMA)
+                    // PRAGMA statements take no bound parameters: the values are numbers
+                    // formatted from the constants above.
+                    let busy = format!("PRAGMA busy_timeout = {}", SQLITE_BUSY_TIMEOUT.as_millis());
+                    sqlx::query(sqlx::AssertSqlSafe(busy))
                         .execute(&mut *conn)
                         .await?;
                     // Read the file through a shared mapping rather than each connection's
@@ -144,7 +148,10 @@ impl Store {
                     // once the file outgrew the cache each was a read system call. Measured
                     // in docs/benchmarks.md (signing slowed by half from 20,000 to 50,000
                     // certificates). The mapping is the kernel's page cache, not more memory.
-                    sqlx::query(SQLITE_MMAP_PRAGMA).execute(&mut *conn).await?;
+                    let mmap = format!("PRAGMA mmap_size = {SQLITE_MMAP_SIZE}");
+                    sqlx::query(sqlx::AssertSqlSafe(mmap))
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             });

@@ -1379,6 +1379,116 @@ async fn revocation_bookkeeping(db: TestDb) {
     store.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_writers_own_connection_writes_what_the_pool_would() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let hash = crate::audit::record_hash;
+    let records = [
+        audit_fields("svid.sign", "spiffe://example.org/web", 100),
+        audit_fields("entry.create", "spiffe://example.org/api", 200),
+    ];
+    let issued = IssuedSvidRecord {
+        serial: "0abc".into(),
+        entry_id: "e1".into(),
+        spiffe_id: "spiffe://example.org/web".into(),
+        agent_id: NODE_A.into(),
+        ca_slot: "slot".into(),
+        issued_at: 100,
+        not_after: 200,
+    };
+
+    // The same records through the pool on one file and through the appender on another.
+    let (pool_dir, own_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pooled = Store::connect(None, pool_dir.path()).await.unwrap();
+    pooled
+        .append_audit(&records, std::slice::from_ref(&issued), &[], None, hash)
+        .await
+        .unwrap();
+    let store = Store::connect(None, own_dir.path()).await.unwrap();
+    let mut appender = store.audit_appender().unwrap().expect("a SQLite file");
+    let tail = appender
+        .append(&records, std::slice::from_ref(&issued), &[], None, hash)
+        .unwrap();
+    let all = AuditFilter::default();
+    let rows = store.list_audit(&all).await.unwrap();
+    assert_eq!(rows, pooled.list_audit(&all).await.unwrap());
+    assert_eq!(tail, store.audit_tail().await.unwrap());
+    assert_eq!(appender.tail().unwrap(), tail);
+    assert_eq!(
+        store.issued_svid("0abc").await.unwrap(),
+        Some(issued.clone())
+    );
+
+    // A tail that is not the chain's end fails whole and changes nothing; read afresh under
+    // the lock, it appends.
+    let more = [audit_fields("svid.sign", "spiffe://example.org/web", 300)];
+    let other = IssuedSvidRecord {
+        serial: "0abd".into(),
+        ..issued.clone()
+    };
+    let stale = (1, rows[0].hash.clone());
+    let err = appender
+        .append(&more, std::slice::from_ref(&other), &[], Some(&stale), hash)
+        .expect_err("seq 2 is taken");
+    assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
+    assert_eq!(store.list_audit(&all).await.unwrap().len(), 2);
+    assert_eq!(store.issued_svid("0abd").await.unwrap(), None);
+    // Interleaved with the pool's appends, as with a second daemon on the file.
+    store
+        .append_audit(&more, &[], &[], None, hash)
+        .await
+        .unwrap();
+    appender
+        .append(&more, std::slice::from_ref(&other), &[], None, hash)
+        .unwrap();
+    let rows = store.list_audit(&all).await.unwrap();
+    assert_eq!(rows.len(), 4);
+    let verdict = crate::audit::verify_rows(&rows, None);
+    assert_eq!(verdict.first_bad, None, "one chain: {verdict:?}");
+
+    // Its move into the indexes is the pool's: readers find the same before and after.
+    let web = AuditFilter {
+        subject: Some("spiffe://example.org/web".into()),
+        ..AuditFilter::default()
+    };
+    let seqs = |rows: Vec<AuditRow>| rows.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.list_audit(&web).await.unwrap()), vec![1, 3, 4]);
+    assert_eq!(appender.index_recent().unwrap(), (2, 4));
+    assert_eq!(appender.index_recent().unwrap(), (0, 0));
+    assert_eq!(seqs(store.list_audit(&web).await.unwrap()), vec![1, 3, 4]);
+    assert_eq!(
+        store
+            .live_serials_for_entries(&["e1".into()], 150)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(store.index_recent().await.unwrap(), (0, 0));
+    // Its errors are the store's, and say what failed.
+    let shown = format!("{err}");
+    assert!(shown.starts_with("datastore error: "), "{shown}");
+    store.close().await;
+    pooled.close().await;
+}
+
+#[tokio::test]
+async fn a_store_that_is_not_a_sqlite_file_has_no_appender_of_its_own() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Store::connect(Some("sqlite::memory:"), dir.path())
+        .await
+        .unwrap();
+    assert!(memory.audit_appender().unwrap().is_none());
+    memory.close().await;
+    on_postgres(|db| async move {
+        let store = db.connect().await;
+        assert!(store.audit_appender().unwrap().is_none());
+        store.close().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn connect_errors_hide_passwords() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

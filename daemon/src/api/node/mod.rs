@@ -15,9 +15,9 @@ use mayfly_proto::v1::node_server::Node;
 use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::convert;
-use crate::audit::{Actor, Audit, Event};
+use crate::audit::{Actor, Audit, Event, Pending};
 use crate::creds::Broker;
-use crate::identity::Registry;
+use crate::identity::{IdentityError, Registry, SignedSvid};
 use crate::metrics::{Metrics, SvidKind};
 use crate::revoke::Revoker;
 use crate::secrets::engine::RotationEngine;
@@ -97,17 +97,25 @@ impl NodeApi {
         Ok(())
     }
 
-    /// Signs the batch on the signing pool (see [`signer`]).
+    /// Signs the batch on the signing pool (see [`signer`]), and from the signing thread
+    /// queues its audit record and serials with the audit writer, so that the commit
+    /// starts without another trip through the runtime. The SVIDs must not leave before
+    /// the [`Pending`] commit has answered.
     async fn sign_off_runtime(
         &self,
         agent: &str,
         csrs: Vec<(String, Vec<u8>)>,
-    ) -> Result<Result<Vec<crate::identity::SignedSvid>, crate::identity::IdentityError>, Status>
-    {
+    ) -> Result<Result<(Vec<SignedSvid>, Pending), IdentityError>, Status> {
         let registry = self.registry.clone();
+        let audit = self.audit.clone();
         let agent = agent.to_owned();
         self.signer
-            .run(move || registry.sign_batch(&agent, &csrs))
+            .run(move || {
+                let signed = registry.sign_batch(&agent, &csrs)?;
+                let (event, issued) = issued_records(&registry, &agent, &signed);
+                let pending = audit.queue_issued(event, issued);
+                Ok((signed, pending))
+            })
             .await
             .ok_or_else(|| {
                 tracing::error!("a signing job ended without an answer");
@@ -341,13 +349,13 @@ impl Node for NodeApi {
         }
         let actor = Actor::Spiffe(agent.spiffe_id.clone());
         let count = csrs.len();
-        let signed = self
+        let (signed, pending) = self
             .sign_off_runtime(&agent.spiffe_id, csrs)
             .await?
             .map_err(|e| {
                 tracing::warn!(agent = %agent.spiffe_id, error = %e, "signing refused");
                 // A policy's denial is on the trail already, with its deciding policies.
-                if !matches!(e, crate::identity::IdentityError::PolicyDenied { .. }) {
+                if !matches!(e, IdentityError::PolicyDenied { .. }) {
                     self.audit.note_refusal(
                         Event::new(&actor, "svid.sign", "")
                             .scope(format!("{count} CSRs"))
@@ -357,29 +365,7 @@ impl Node for NodeApi {
                 Status::from(e)
             })?;
         // The serials are on record before anyone holds them, so a revocation finds them.
-        let ca_slot = self.registry.ca().current().active_slot.clone();
-        let issued: Vec<IssuedSvidRecord> = signed
-            .iter()
-            .map(|s| IssuedSvidRecord {
-                serial: s.issued.serial_hex.clone(),
-                entry_id: s.entry_id.clone(),
-                spiffe_id: s.spiffe_id.clone(),
-                agent_id: agent.spiffe_id.clone(),
-                ca_slot: ca_slot.clone(),
-                issued_at: s.issued.not_before,
-                not_after: s.issued.not_after,
-            })
-            .collect();
-        let subjects: std::collections::BTreeSet<&str> =
-            signed.iter().map(|s| s.spiffe_id.as_str()).collect();
-        let event = Event::new(&actor, "svid.sign", subjects.into_iter().collect::<Vec<_>>().join(","))
-            .scope(format!("{} X509-SVIDs", signed.len()))
-            .ttl_secs(signed.iter().map(|s| s.issued.not_after - s.issued.not_before).max().unwrap_or(0))
-            .detail(serde_json::json!({
-                "serials": signed.iter().map(|s| (s.entry_id.as_str(), s.issued.serial_hex.as_str())).collect::<Vec<_>>(),
-                "policy_set": self.registry.policy_set(),
-            }));
-        self.audit.record_issued(event, issued).await.map_err(|e| {
+        pending.committed().await.map_err(|e| {
             tracing::error!(error = %e, "signed SVIDs not recorded; refusing to hand them out");
             Status::unavailable("the daemon could not record the signed SVIDs; retry")
         })?;
@@ -414,7 +400,7 @@ impl Node for NodeApi {
             {
                 Ok(minted) => minted,
                 Err(e) => {
-                    if !matches!(e, crate::identity::IdentityError::PolicyDenied { .. }) {
+                    if !matches!(e, IdentityError::PolicyDenied { .. }) {
                         self.audit.note_refusal(
                             Event::new(&actor, "jwt.mint", &body.entry_id)
                                 .scope(format!("aud {}", body.audience.join(",")))
@@ -595,4 +581,47 @@ impl Node for NodeApi {
             notice: notice.unwrap_or_default(),
         }))
     }
+}
+
+/// The audit record of a signed batch and the serials it issued.
+fn issued_records(
+    registry: &Registry,
+    agent: &str,
+    signed: &[SignedSvid],
+) -> (Event, Vec<IssuedSvidRecord>) {
+    let ca_slot = registry.ca().current().active_slot.clone();
+    let issued = signed
+        .iter()
+        .map(|s| IssuedSvidRecord {
+            serial: s.issued.serial_hex.clone(),
+            entry_id: s.entry_id.clone(),
+            spiffe_id: s.spiffe_id.clone(),
+            agent_id: agent.to_owned(),
+            ca_slot: ca_slot.clone(),
+            issued_at: s.issued.not_before,
+            not_after: s.issued.not_after,
+        })
+        .collect();
+    let subjects: std::collections::BTreeSet<&str> =
+        signed.iter().map(|s| s.spiffe_id.as_str()).collect();
+    let ttl = signed
+        .iter()
+        .map(|s| s.issued.not_after - s.issued.not_before)
+        .max()
+        .unwrap_or(0);
+    let event = Event::new(
+        &Actor::Spiffe(agent.to_owned()),
+        "svid.sign",
+        subjects.into_iter().collect::<Vec<_>>().join(","),
+    )
+    .scope(format!("{} X509-SVIDs", signed.len()))
+    .ttl_secs(ttl)
+    .detail(serde_json::json!({
+        "serials": signed
+            .iter()
+            .map(|s| (s.entry_id.as_str(), s.issued.serial_hex.as_str()))
+            .collect::<Vec<_>>(),
+        "policy_set": registry.policy_set(),
+    }));
+    (event, issued)
 }
