@@ -8,6 +8,7 @@
 //! its own ([`AuditAppender`]); on PostgreSQL, a task on the pool.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -177,6 +178,19 @@ pub struct Audit {
     store: Store,
     clock: Arc<dyn Clock>,
     throttle: Arc<throttle::Throttle>,
+    /// Records being made for the writer right now (a signing batch on a signing thread):
+    /// a commit that would go without them waits a moment for them (see `thread_writer`).
+    coming: Arc<AtomicUsize>,
+}
+
+/// A record on its way to the writer ([`Audit::expect`]); dropped once it is queued, or
+/// when it will not come.
+pub struct Coming(Arc<AtomicUsize>);
+
+impl Drop for Coming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,11 +209,15 @@ impl Audit {
     pub async fn start(store: Store, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
         let tail = store.audit_tail().await?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let coming = Arc::new(AtomicUsize::new(0));
         match store.audit_appender()? {
             Some(appender) => {
                 std::thread::Builder::new()
                     .name("mayfly-audit".into())
-                    .spawn(move || thread_writer(appender, rx, tail))
+                    .spawn({
+                        let coming = coming.clone();
+                        move || thread_writer(appender, rx, tail, coming)
+                    })
                     .map_err(|e| StoreError::Io {
                         what: "the audit writer's thread",
                         detail: e.to_string(),
@@ -214,15 +232,17 @@ impl Audit {
             store,
             clock,
             throttle: Arc::new(throttle::Throttle::new()),
+            coming,
         };
         // Once a second: summaries of throttled refusals, and the move of what signing
         // recorded into its indexes. The task holds the writer's channel only while it
         // sends them, so the writer still ends with the last handle.
         let weak = audit.tx.downgrade();
-        let (store, clock, throttle) = (
+        let (store, clock, throttle, coming) = (
             audit.store.clone(),
             audit.clock.clone(),
             audit.throttle.clone(),
+            audit.coming.clone(),
         );
         tokio::spawn(async move {
             let mut timer = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -235,6 +255,7 @@ impl Audit {
                     store: store.clone(),
                     clock: clock.clone(),
                     throttle: throttle.clone(),
+                    coming: coming.clone(),
                 }
                 .note_summaries();
             }
@@ -246,6 +267,13 @@ impl Audit {
         let mut fields = event.fields;
         fields.at_ms = unix_ms(self.clock.now());
         fields
+    }
+
+    /// Says that a record is being made for the writer (a signing batch being signed), until
+    /// the returned [`Coming`] is dropped.
+    pub fn expect(&self) -> Coming {
+        self.coming.fetch_add(1, Ordering::AcqRel);
+        Coming(self.coming.clone())
     }
 
     /// Waits until everything noted so far is committed.
@@ -382,24 +410,32 @@ impl Group {
             acks: Vec::new(),
             index: false,
         };
-        let mut next = Some(first);
-        while let Some(work) = next {
-            match work {
-                Work::Append(mut job) => {
-                    group.counts.push(job.events.len());
-                    group.events.append(&mut job.events);
-                    group.issued.append(&mut job.issued);
-                    group.acks.append(&mut job.acks);
-                    group.jobs.push(job);
-                }
-                Work::Index => group.index = true,
-            }
-            if group.jobs.len() >= MAX_GROUP {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
+        group.add(first);
+        group.take_queued(rx);
         group
+    }
+
+    /// Adds whatever is queued right now, up to [`MAX_GROUP`] jobs.
+    fn take_queued(&mut self, rx: &mut mpsc::UnboundedReceiver<Work>) {
+        while self.jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(work) => self.add(work),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn add(&mut self, work: Work) {
+        match work {
+            Work::Append(mut job) => {
+                self.counts.push(job.events.len());
+                self.events.append(&mut job.events);
+                self.issued.append(&mut job.issued);
+                self.acks.append(&mut job.acks);
+                self.jobs.push(job);
+            }
+            Work::Index => self.index = true,
+        }
     }
 
     /// Tells each job how its commit went; the new tail if it went.
@@ -468,15 +504,36 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Work>, mut tail: C
     }
 }
 
+/// The longest a commit waits for signing batches on their way. Measured on two cores
+/// (docs/benchmarks.md): without it a batched commit held 1.2 calls and an unbatched one
+/// 2.5; 1 ms cut the daemon's CPU a certificate by a tenth to a sixth and lowered p50 and
+/// p99, where 2 ms saved no more CPU and signed less.
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// How often the waiting writer looks for them.
+const COMMIT_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// The writer on its own SQLite connection and thread: [`writer`] without a hop to the
 /// pool's connection thread, or sqlx, between a call and its commit.
 fn thread_writer(
     mut appender: AuditAppender,
     mut rx: mpsc::UnboundedReceiver<Work>,
     mut tail: ChainTail,
+    coming: Arc<AtomicUsize>,
 ) {
     while let Some(first) = rx.blocking_recv() {
-        let group = Group::take(first, &mut rx);
+        let mut group = Group::take(first, &mut rx);
+        // While a signing batch is on its way, wait for it (up to COMMIT_WAIT): each commit
+        // costs a sync and its pages' writes whatever it holds, and without the wait most
+        // held one batch. Nothing waits when nothing is being signed.
+        let began = std::time::Instant::now();
+        while coming.load(Ordering::Acquire) > 0
+            && began.elapsed() < COMMIT_WAIT
+            && group.jobs.len() < MAX_GROUP
+        {
+            std::thread::sleep(COMMIT_POLL);
+            group.take_queued(&mut rx);
+        }
         let index = group.index;
         if !group.jobs.is_empty() {
             let (events, issued, acks) = (&group.events, &group.issued, &group.acks);
@@ -497,5 +554,50 @@ fn thread_writer(
         if index {
             indexed(appender.index_recent());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_waits_for_a_signing_batch_only_while_one_is_coming() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(None, dir.path()).await.unwrap();
+        let audit = Audit::start(store.clone(), Arc::new(crate::identity::SystemClock))
+            .await
+            .unwrap();
+        let event = |n: i64| Event::new(&Actor::Daemon, "test", format!("r{n}"));
+
+        // A batch that never comes holds nothing up for long: the record commits.
+        let coming = audit.expect();
+        let seq = tokio::time::timeout(std::time::Duration::from_secs(5), audit.record(event(1)))
+            .await
+            .expect("committed without the batch")
+            .unwrap();
+        assert_eq!(seq, 1);
+
+        // One that does come is committed, in the order the records were queued, and the
+        // count of what is coming goes back to nothing when its guard goes.
+        let pending = audit.queue_issued(event(2), Vec::new());
+        drop(coming);
+        assert_eq!(pending.committed().await.unwrap(), 2);
+        assert_eq!(audit.coming.load(Ordering::Acquire), 0);
+        // A signing thread that fails (or panics) drops its guard without queueing.
+        let failed = std::thread::spawn({
+            let coming = audit.expect();
+            move || {
+                let _coming = coming;
+                panic!("signing failed");
+            }
+        });
+        assert!(failed.join().is_err());
+        assert_eq!(audit.coming.load(Ordering::Acquire), 0);
+        assert_eq!(audit.record(event(3)).await.unwrap(), 3);
+        let rows = store.list_audit(&AuditFilter::default()).await.unwrap();
+        let subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
+        assert_eq!(subjects, ["r1", "r2", "r3"]);
     }
 }

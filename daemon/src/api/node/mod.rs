@@ -109,8 +109,10 @@ impl NodeApi {
         let registry = self.registry.clone();
         let audit = self.audit.clone();
         let agent = agent.to_owned();
+        let coming = self.audit.expect();
         self.signer
             .run(move || {
+                let _coming = coming;
                 let signed = registry.sign_batch(&agent, &csrs)?;
                 let (event, issued) = issued_records(&registry, &agent, &signed);
                 let pending = audit.queue_issued(event, issued);
