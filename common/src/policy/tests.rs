@@ -38,10 +38,9 @@ const POLICIES: &str = r#"
 @id("ops") forbid(principal is Mayfly::Operator, action in Mayfly::Action::"admin", resource == Mayfly::AdminCall::"DeleteEntry") unless { principal.uid == 0 };
 "#;
 
-#[test]
-fn the_index_decides_exactly_as_cedar_over_the_whole_set() {
-    let decider = Decider::new().expect("schema");
-    let set = decider
+/// The built-in policies and [`POLICIES`], enforced.
+fn with_policies(decider: &Decider) -> ActiveSet {
+    decider
         .compile(
             vec![
                 PolicySource::defaults(),
@@ -52,7 +51,13 @@ fn the_index_decides_exactly_as_cedar_over_the_whole_set() {
             ],
             true,
         )
-        .expect("compiles");
+        .expect("compiles")
+}
+
+#[test]
+fn the_index_decides_exactly_as_cedar_over_the_whole_set() {
+    let decider = Decider::new().expect("schema");
+    let set = with_policies(&decider);
     let workloads = [
         "spiffe://example.org/w1",
         "spiffe://example.org/w2",
@@ -297,20 +302,7 @@ fn only_policies_that_can_read_the_time_get_it() {
 #[test]
 fn a_remembered_decision_is_the_one_a_fresh_set_makes() {
     let decider = Decider::new().expect("schema");
-    let compile = || {
-        decider
-            .compile(
-                vec![
-                    PolicySource::defaults(),
-                    PolicySource {
-                        name: "p.cedar".into(),
-                        text: POLICIES.into(),
-                    },
-                ],
-                true,
-            )
-            .expect("compiles")
-    };
+    let compile = || with_policies(&decider);
     let set = compile();
     let (none, prod) = (Vec::new(), vec!["prod".to_string()]);
     let (root, user) = (
