@@ -7,8 +7,8 @@
 //! in which they were called. On a SQLite file the writer is a thread with a connection of
 //! its own ([`AuditAppender`]); on PostgreSQL, a task on the pool.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -140,13 +140,17 @@ impl Event {
 
 /// The answer to one job: the seq of its last record, or the error its group failed
 /// with (one failed commit fails every job in it, so they share the error).
-type Answer = Result<i64, Arc<StoreError>>;
+/// How a commit went: the seq of the job's last record.
+type Answer = Result<i64, AuditError>;
+
+/// What the writer calls with a job's [`Answer`] once its commit is done.
+type Then = Box<dyn FnOnce(Answer) + Send>;
 
 struct Job {
     events: Vec<AuditFields>,
     issued: Vec<IssuedSvidRecord>,
     acks: Vec<AckUpdate>,
-    done: Option<oneshot::Sender<Answer>>,
+    done: Option<Then>,
 }
 
 /// What the writer is asked to do.
@@ -159,15 +163,12 @@ enum Work {
 }
 
 /// A commit on its way: what [`Audit::queue_issued`] returns.
-pub struct Pending(Result<oneshot::Receiver<Answer>, AuditError>);
+pub struct Pending(oneshot::Receiver<Answer>);
 
 impl Pending {
     /// Waits for the commit; the seq of the job's last record.
     pub async fn committed(self) -> Result<i64, AuditError> {
-        self.0?
-            .await
-            .map_err(|_| AuditError::Stopped)?
-            .map_err(AuditError::Write)
+        self.0.await.map_err(|_| AuditError::Stopped)?
     }
 }
 
@@ -180,16 +181,65 @@ pub struct Audit {
     throttle: Arc<throttle::Throttle>,
     /// Records being made for the writer right now (a signing batch on a signing thread):
     /// a commit that would go without them waits a moment for them (see `thread_writer`).
-    coming: Arc<AtomicUsize>,
+    coming: Arc<Arrivals>,
+}
+
+/// The signing batches on their way to the writer, counted by the generation they began
+/// in. Before a commit the writer starts a new generation and waits (at most
+/// [`COMMIT_WAIT`]) for the one before it: the batches already being signed, which come
+/// within a signature's time, and not those begun while it waits, which would keep it
+/// waiting under a steady load.
+#[derive(Default)]
+struct Arrivals {
+    counts: [AtomicUsize; 2],
+    /// The generation new batches join (0 or 1).
+    current: AtomicUsize,
+    /// The writer's thread, woken when a generation has all arrived.
+    writer: OnceLock<std::thread::Thread>,
+}
+
+impl Arrivals {
+    /// Counts a batch in the current generation until the [`Coming`] is dropped.
+    fn begin(self: &Arc<Self>) -> Coming {
+        let generation = self.current.load(Ordering::Acquire);
+        self.counts[generation].fetch_add(1, Ordering::AcqRel);
+        Coming {
+            arrivals: self.clone(),
+            generation,
+        }
+    }
+
+    /// Starts a new generation; the one to wait for.
+    fn turn(&self) -> usize {
+        self.current.fetch_xor(1, Ordering::AcqRel)
+    }
+
+    fn arrived(&self, generation: usize) -> bool {
+        self.counts[generation].load(Ordering::Acquire) == 0
+    }
+
+    #[cfg(test)]
+    fn outstanding(&self) -> usize {
+        self.counts.iter().map(|c| c.load(Ordering::Acquire)).sum()
+    }
 }
 
 /// A record on its way to the writer ([`Audit::expect`]); dropped once it is queued, or
 /// when it will not come.
-pub struct Coming(Arc<AtomicUsize>);
+pub struct Coming {
+    arrivals: Arc<Arrivals>,
+    generation: usize,
+}
 
 impl Drop for Coming {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let left = self.arrivals.counts[self.generation].fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0
+            && let Some(writer) = self.arrivals.writer.get()
+        {
+            // Costs a system call only when the writer is parked, waiting.
+            writer.unpark();
+        }
     }
 }
 
@@ -209,19 +259,20 @@ impl Audit {
     pub async fn start(store: Store, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
         let tail = store.audit_tail().await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let coming = Arc::new(AtomicUsize::new(0));
+        let coming = Arc::new(Arrivals::default());
         match store.audit_appender()? {
             Some(appender) => {
-                std::thread::Builder::new()
+                let thread = std::thread::Builder::new()
                     .name("mayfly-audit".into())
                     .spawn({
                         let coming = coming.clone();
-                        move || thread_writer(appender, rx, tail, coming)
+                        move || thread_writer(appender, rx, tail, &coming)
                     })
                     .map_err(|e| StoreError::Io {
                         what: "the audit writer's thread",
                         detail: e.to_string(),
                     })?;
+                let _ = coming.writer.set(thread.thread().clone());
             }
             None => {
                 tokio::spawn(writer(store.clone(), rx, tail));
@@ -272,8 +323,7 @@ impl Audit {
     /// Says that a record is being made for the writer (a signing batch being signed), until
     /// the returned [`Coming`] is dropped.
     pub fn expect(&self) -> Coming {
-        self.coming.fetch_add(1, Ordering::AcqRel);
-        Coming(self.coming.clone())
+        self.coming.begin()
     }
 
     /// Waits until everything noted so far is committed.
@@ -332,6 +382,19 @@ impl Audit {
         self.queue(vec![self.stamp(event)], issued)
     }
 
+    /// [`Audit::queue_issued`] that answers through `then`, which the writer calls with the
+    /// commit's outcome (or that is called at once if the writer has stopped): a signing
+    /// thread hands its answer to the writer, and the call waiting for it wakes once, when
+    /// its SVIDs may leave.
+    pub fn queue_issued_then(
+        &self,
+        event: Event,
+        issued: Vec<IssuedSvidRecord>,
+        then: impl FnOnce(Result<i64, AuditError>) + Send + 'static,
+    ) {
+        self.queue_job(vec![self.stamp(event)], issued, Box::new(then));
+    }
+
     async fn submit(
         &self,
         events: Vec<AuditFields>,
@@ -342,18 +405,28 @@ impl Audit {
 
     fn queue(&self, events: Vec<AuditFields>, issued: Vec<IssuedSvidRecord>) -> Pending {
         let (done, wait) = oneshot::channel();
+        self.queue_job(
+            events,
+            issued,
+            Box::new(move |answer| {
+                let _ = done.send(answer);
+            }),
+        );
+        Pending(wait)
+    }
+
+    fn queue_job(&self, events: Vec<AuditFields>, issued: Vec<IssuedSvidRecord>, then: Then) {
         let job = Job {
             events,
             issued,
             acks: Vec::new(),
-            done: Some(done),
+            done: Some(then),
         };
-        Pending(
-            self.tx
-                .send(Work::Append(job))
-                .map(|()| wait)
-                .map_err(|_| AuditError::Stopped),
-        )
+        if let Err(mpsc::error::SendError(Work::Append(job))) = self.tx.send(Work::Append(job))
+            && let Some(then) = job.done
+        {
+            then(Err(AuditError::Stopped));
+        }
     }
 
     pub async fn list(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, AuditError> {
@@ -447,7 +520,7 @@ impl Group {
                 for (job, count) in self.jobs.into_iter().zip(self.counts) {
                     seq += count as i64;
                     if let Some(done) = job.done {
-                        let _ = done.send(Ok(seq));
+                        done(Ok(seq));
                     }
                 }
                 Some(new_tail)
@@ -457,7 +530,7 @@ impl Group {
                 let e = Arc::new(e);
                 for job in self.jobs {
                     if let Some(done) = job.done {
-                        let _ = done.send(Err(e.clone()));
+                        done(Err(AuditError::Write(e.clone())));
                     }
                 }
                 None
@@ -510,29 +583,34 @@ async fn writer(store: Store, mut rx: mpsc::UnboundedReceiver<Work>, mut tail: C
 /// p99, where 2 ms saved no more CPU and signed less.
 const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// How often the waiting writer looks for them.
-const COMMIT_POLL: std::time::Duration = std::time::Duration::from_micros(50);
-
 /// The writer on its own SQLite connection and thread: [`writer`] without a hop to the
 /// pool's connection thread, or sqlx, between a call and its commit.
 fn thread_writer(
     mut appender: AuditAppender,
     mut rx: mpsc::UnboundedReceiver<Work>,
     mut tail: ChainTail,
-    coming: Arc<AtomicUsize>,
+    coming: &Arrivals,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut group = Group::take(first, &mut rx);
-        // While a signing batch is on its way, wait for it (up to COMMIT_WAIT): each commit
-        // costs a sync and its pages' writes whatever it holds, and without the wait most
-        // held one batch. Nothing waits when nothing is being signed.
-        let began = std::time::Instant::now();
-        while coming.load(Ordering::Acquire) > 0
-            && began.elapsed() < COMMIT_WAIT
-            && group.jobs.len() < MAX_GROUP
-        {
-            std::thread::sleep(COMMIT_POLL);
+        // Wait for the signing batches already on their way (up to COMMIT_WAIT): each
+        // commit costs a sync and its pages' writes whatever it holds, and without the wait
+        // most held one batch. Nothing waits when nothing is being signed.
+        let deadline = std::time::Instant::now() + COMMIT_WAIT;
+        let waiting = coming.turn();
+        loop {
+            // A batch is queued before its arrival is counted: what has arrived is taken.
+            let arrived = coming.arrived(waiting);
             group.take_queued(&mut rx);
+            if arrived || group.jobs.len() >= MAX_GROUP {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // A batch's `Coming` wakes this thread when its generation has all arrived.
+            std::thread::park_timeout(deadline - now);
         }
         let index = group.index;
         if !group.jobs.is_empty() {
@@ -584,7 +662,7 @@ mod tests {
         let pending = audit.queue_issued(event(2), Vec::new());
         drop(coming);
         assert_eq!(pending.committed().await.unwrap(), 2);
-        assert_eq!(audit.coming.load(Ordering::Acquire), 0);
+        assert_eq!(audit.coming.outstanding(), 0);
         // A signing thread that fails (or panics) drops its guard without queueing.
         let failed = std::thread::spawn({
             let coming = audit.expect();
@@ -594,10 +672,58 @@ mod tests {
             }
         });
         assert!(failed.join().is_err());
-        assert_eq!(audit.coming.load(Ordering::Acquire), 0);
+        assert_eq!(audit.coming.outstanding(), 0);
         assert_eq!(audit.record(event(3)).await.unwrap(), 3);
         let rows = store.list_audit(&AuditFilter::default()).await.unwrap();
         let subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
         assert_eq!(subjects, ["r1", "r2", "r3"]);
+    }
+
+    #[test]
+    fn a_commit_waits_for_the_batches_begun_before_it_not_after() {
+        let arrivals = Arc::new(Arrivals::default());
+        let before = arrivals.begin();
+        let waiting = arrivals.turn();
+        assert!(!arrivals.arrived(waiting));
+        // Begun while the writer waits: counted, but not waited for.
+        let after = arrivals.begin();
+        drop(before);
+        assert!(arrivals.arrived(waiting));
+        assert_eq!(arrivals.outstanding(), 1);
+        // The next commit waits for it.
+        let next = arrivals.turn();
+        assert_ne!(next, waiting);
+        assert!(!arrivals.arrived(next));
+        drop(after);
+        assert!(arrivals.arrived(next));
+        assert_eq!(arrivals.outstanding(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_batch_answers_through_its_callback_after_the_commit() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(None, dir.path()).await.unwrap();
+        let audit = Audit::start(store.clone(), Arc::new(crate::identity::SystemClock))
+            .await
+            .unwrap();
+        let (tx, rx) = oneshot::channel();
+        let store_seen = store.clone();
+        audit.queue_issued_then(
+            Event::new(&Actor::Daemon, "svid.sign", "batch"),
+            Vec::new(),
+            move |answer| {
+                let _ = tx.send(answer);
+            },
+        );
+        let seq = rx.await.expect("answered").expect("committed");
+        assert_eq!(seq, 1);
+        // Answered only once the record is committed: it is there to read.
+        let rows = store_seen
+            .list_audit(&AuditFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].subject, "batch");
     }
 }

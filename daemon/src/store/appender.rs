@@ -54,6 +54,10 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "mmap_size", SQLITE_MMAP_SIZE)?;
+        // The once-a-second move into the indexes is one statement over thousands of rows,
+        // whose statement journal SQLite would otherwise spill to a file under /var/tmp
+        // past 64 KiB: written, read back and deleted every second.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         let journal: String = conn.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
         if !journal.eq_ignore_ascii_case("wal") {
             // Not the file `connect` prepared: keep to the pool.

@@ -15,7 +15,7 @@ use mayfly_proto::v1::node_server::Node;
 use mayfly_proto::v1::{self, sync_message::Update};
 
 use super::convert;
-use crate::audit::{Actor, Audit, Event, Pending};
+use crate::audit::{Actor, Audit, AuditError, Event};
 use crate::creds::Broker;
 use crate::identity::{IdentityError, Registry, SignedSvid};
 use crate::metrics::{Metrics, SvidKind};
@@ -35,6 +35,10 @@ const MAX_DENIALS_PER_REPORT: usize = 1000;
 
 /// Bundle refresh hint sent to agents, in seconds.
 const REFRESH_HINT: i64 = 300;
+
+/// A signing job's outcome: the SVIDs and how their audit commit went, or why the batch
+/// was refused.
+type Signing = Result<(Vec<SignedSvid>, Result<i64, AuditError>), IdentityError>;
 
 #[derive(Clone)]
 pub struct NodeApi {
@@ -97,32 +101,39 @@ impl NodeApi {
         Ok(())
     }
 
-    /// Signs the batch on the signing pool (see [`signer`]), and from the signing thread
-    /// queues its audit record and serials with the audit writer, so that the commit
-    /// starts without another trip through the runtime. The SVIDs must not leave before
-    /// the [`Pending`] commit has answered.
+    /// Signs the batch on the signing pool (see [`signer`]). The signing thread queues its
+    /// audit record and serials with the audit writer itself, with the signed SVIDs, and
+    /// the writer answers the call once they are committed: the call's task wakes once,
+    /// when the SVIDs may leave, and the commit starts without a trip through the runtime.
     async fn sign_off_runtime(
         &self,
         agent: &str,
         csrs: Vec<(String, Vec<u8>)>,
-    ) -> Result<Result<(Vec<SignedSvid>, Pending), IdentityError>, Status> {
+    ) -> Result<Signing, Status> {
         let registry = self.registry.clone();
         let audit = self.audit.clone();
         let agent = agent.to_owned();
         let coming = self.audit.expect();
-        self.signer
-            .run(move || {
-                let _coming = coming;
-                let signed = registry.sign_batch(&agent, &csrs)?;
-                let (event, issued) = issued_records(&registry, &agent, &signed);
-                let pending = audit.queue_issued(event, issued);
-                Ok((signed, pending))
-            })
-            .await
-            .ok_or_else(|| {
-                tracing::error!("a signing job ended without an answer");
-                Status::internal("signing failed")
-            })
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let spawned = self.signer.spawn(move || {
+            let _coming = coming;
+            match registry.sign_batch(&agent, &csrs) {
+                Ok(signed) => {
+                    let (event, issued) = issued_records(&registry, &agent, &signed);
+                    audit.queue_issued_then(event, issued, move |committed| {
+                        let _ = answer.send(Ok((signed, committed)));
+                    });
+                }
+                Err(e) => {
+                    let _ = answer.send(Err(e));
+                }
+            }
+        });
+        let answer = if spawned { answered.await.ok() } else { None };
+        answer.ok_or_else(|| {
+            tracing::error!("a signing job ended without an answer");
+            Status::internal("signing failed")
+        })
     }
 
     async fn authenticate<T>(
@@ -351,7 +362,7 @@ impl Node for NodeApi {
         }
         let actor = Actor::Spiffe(agent.spiffe_id.clone());
         let count = csrs.len();
-        let (signed, pending) = self
+        let (signed, committed) = self
             .sign_off_runtime(&agent.spiffe_id, csrs)
             .await?
             .map_err(|e| {
@@ -367,7 +378,7 @@ impl Node for NodeApi {
                 Status::from(e)
             })?;
         // The serials are on record before anyone holds them, so a revocation finds them.
-        pending.committed().await.map_err(|e| {
+        committed.map_err(|e| {
             tracing::error!(error = %e, "signed SVIDs not recorded; refusing to hand them out");
             Status::unavailable("the daemon could not record the signed SVIDs; retry")
         })?;

@@ -10,8 +10,6 @@
 
 use std::sync::{Arc, Mutex, mpsc};
 
-use tokio::sync::oneshot;
-
 type Job = Box<dyn FnOnce() + Send>;
 
 /// How much lower than the rest of the daemon signing threads run (`nice` steps, added
@@ -41,7 +39,7 @@ impl SigningPool {
                             Err(_) => return,
                         };
                         match job {
-                            // A panic is the job's answer lost (its caller hears `None`);
+                            // A panic is the job's answer lost (its caller's channel closes);
                             // the thread goes on serving the others.
                             Ok(job) => {
                                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
@@ -56,18 +54,13 @@ impl SigningPool {
         })
     }
 
-    /// Runs `work` on a signing thread and waits for its result without holding a runtime
-    /// thread. `None` if the pool has stopped or `work` panicked.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<T> {
-        let (done, result) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = done.send(work());
-        });
-        self.jobs.lock().ok()?.send(job).ok()?;
-        result.await.ok()
+    /// Runs `work` on a signing thread without waiting for it: `work` answers its caller
+    /// itself (as signing does, through the audit commit). `false` if the pool has stopped.
+    pub fn spawn(&self, work: impl FnOnce() + Send + 'static) -> bool {
+        let Ok(jobs) = self.jobs.lock() else {
+            return false;
+        };
+        jobs.send(Box::new(work)).is_ok()
     }
 }
 
@@ -100,19 +93,33 @@ fn lower_priority() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
+
+    /// Runs `work` on the pool and waits for its result; `None` if it panicked.
+    async fn run<T: Send + 'static>(
+        pool: &SigningPool,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (done, result) = oneshot::channel();
+        assert!(pool.spawn(move || {
+            let _ = done.send(work());
+        }));
+        result.await.ok()
+    }
 
     #[tokio::test]
     async fn work_runs_on_a_lower_priority_thread_and_answers() {
         let pool = SigningPool::new(2).unwrap();
         let ours = niceness();
-        let (name, nice) = pool
-            .run(|| (std::thread::current().name().map(str::to_owned), niceness()))
-            .await
-            .unwrap();
+        let (name, nice) = run(&pool, || {
+            (std::thread::current().name().map(str::to_owned), niceness())
+        })
+        .await
+        .unwrap();
         assert!(name.unwrap().starts_with("mayfly-sign-"));
         assert_eq!(nice, (ours + SIGNING_NICENESS).min(19));
         // Many at once all answer, whichever thread takes them.
-        let answers = futures::future::join_all((0..64).map(|i| pool.run(move || i * 2))).await;
+        let answers = futures::future::join_all((0..64).map(|i| run(&pool, move || i * 2))).await;
         assert_eq!(
             answers.into_iter().map(Option::unwrap).sum::<i32>(),
             (0..64).map(|i| i * 2).sum::<i32>()
@@ -122,7 +129,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_answers_none_and_the_pool_goes_on() {
         let pool = SigningPool::new(1).unwrap();
-        assert_eq!(pool.run(|| -> i32 { panic!("boom") }).await, None);
-        assert_eq!(pool.run(|| 7).await, Some(7));
+        assert_eq!(run(&pool, || -> i32 { panic!("boom") }).await, None);
+        assert_eq!(run(&pool, || 7).await, Some(7));
     }
 }
