@@ -639,14 +639,20 @@ fn thread_writer(
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_commit_waits_for_a_signing_batch_only_while_one_is_coming() {
+    /// A writer on a SQLite file of its own (the thread writer), and its store.
+    async fn started() -> (tempfile::TempDir, Store, Audit) {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let store = Store::connect(None, dir.path()).await.unwrap();
         let audit = Audit::start(store.clone(), Arc::new(crate::identity::SystemClock))
             .await
             .unwrap();
+        (dir, store, audit)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_waits_for_a_signing_batch_only_while_one_is_coming() {
+        let (_dir, store, audit) = started().await;
         let event = |n: i64| Event::new(&Actor::Daemon, "test", format!("r{n}"));
 
         // A batch that never comes holds nothing up for long: the record commits.
@@ -701,14 +707,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_queued_batch_answers_through_its_callback_after_the_commit() {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::connect(None, dir.path()).await.unwrap();
-        let audit = Audit::start(store.clone(), Arc::new(crate::identity::SystemClock))
-            .await
-            .unwrap();
+        let (_dir, store, audit) = started().await;
         let (tx, rx) = oneshot::channel();
-        let store_seen = store.clone();
         audit.queue_issued_then(
             Event::new(&Actor::Daemon, "svid.sign", "batch"),
             Vec::new(),
@@ -719,10 +719,7 @@ mod tests {
         let seq = rx.await.expect("answered").expect("committed");
         assert_eq!(seq, 1);
         // Answered only once the record is committed: it is there to read.
-        let rows = store_seen
-            .list_audit(&AuditFilter::default())
-            .await
-            .unwrap();
+        let rows = store.list_audit(&AuditFilter::default()).await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].subject, "batch");
     }
