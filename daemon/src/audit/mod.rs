@@ -140,7 +140,6 @@ impl Event {
 
 /// The answer to one job: the seq of its last record, or the error its group failed
 /// with (one failed commit fails every job in it, so they share the error).
-/// How a commit went: the seq of the job's last record.
 type Answer = Result<i64, AuditError>;
 
 /// What the writer calls with a job's [`Answer`] once its commit is done.
@@ -160,16 +159,6 @@ enum Work {
     /// group commits: on SQLite a second writer would hold the write lock while the
     /// writer's commit waits in SQLite's busy handler, which sleeps in steps of up to 100 ms.
     Index,
-}
-
-/// A commit on its way: what [`Audit::queue_issued`] returns.
-pub struct Pending(oneshot::Receiver<Answer>);
-
-impl Pending {
-    /// Waits for the commit; the seq of the job's last record.
-    pub async fn committed(self) -> Result<i64, AuditError> {
-        self.0.await.map_err(|_| AuditError::Stopped)?
-    }
 }
 
 /// The handle every part of the daemon records through. Cloning is cheap.
@@ -372,20 +361,13 @@ impl Audit {
         event: Event,
         issued: Vec<IssuedSvidRecord>,
     ) -> Result<i64, AuditError> {
-        self.queue_issued(event, issued).committed().await
+        self.submit(vec![self.stamp(event)], issued).await
     }
 
-    /// [`Audit::record_issued`] without waiting here: the records are queued at once (a
-    /// signing thread hands them to the writer itself), and the commit is awaited through
-    /// the [`Pending`].
-    pub fn queue_issued(&self, event: Event, issued: Vec<IssuedSvidRecord>) -> Pending {
-        self.queue(vec![self.stamp(event)], issued)
-    }
-
-    /// [`Audit::queue_issued`] that answers through `then`, which the writer calls with the
-    /// commit's outcome (or that is called at once if the writer has stopped): a signing
-    /// thread hands its answer to the writer, and the call waiting for it wakes once, when
-    /// its SVIDs may leave.
+    /// [`Audit::record_issued`] without waiting: the records are queued at once, and the
+    /// writer calls `then` with the commit's outcome (or it is called at once if the
+    /// writer has stopped). A signing thread hands its answer to the writer this way, and
+    /// the call waiting for it wakes once, when its SVIDs may leave.
     pub fn queue_issued_then(
         &self,
         event: Event,
@@ -400,10 +382,6 @@ impl Audit {
         events: Vec<AuditFields>,
         issued: Vec<IssuedSvidRecord>,
     ) -> Result<i64, AuditError> {
-        self.queue(events, issued).committed().await
-    }
-
-    fn queue(&self, events: Vec<AuditFields>, issued: Vec<IssuedSvidRecord>) -> Pending {
         let (done, wait) = oneshot::channel();
         self.queue_job(
             events,
@@ -412,7 +390,7 @@ impl Audit {
                 let _ = done.send(answer);
             }),
         );
-        Pending(wait)
+        wait.await.map_err(|_| AuditError::Stopped)?
     }
 
     fn queue_job(&self, events: Vec<AuditFields>, issued: Vec<IssuedSvidRecord>, then: Then) {
@@ -665,9 +643,12 @@ mod tests {
 
         // One that does come is committed, in the order the records were queued, and the
         // count of what is coming goes back to nothing when its guard goes.
-        let pending = audit.queue_issued(event(2), Vec::new());
+        let (done, committed) = oneshot::channel();
+        audit.queue_issued_then(event(2), Vec::new(), move |answer| {
+            let _ = done.send(answer);
+        });
         drop(coming);
-        assert_eq!(pending.committed().await.unwrap(), 2);
+        assert_eq!(committed.await.unwrap().unwrap(), 2);
         assert_eq!(audit.coming.outstanding(), 0);
         // A signing thread that fails (or panics) drops its guard without queueing.
         let failed = std::thread::spawn({

@@ -1049,6 +1049,19 @@ async fn schedule_slot_starts_one_job(db: TestDb) {
     assert_eq!(jobs[0].scheduled_for, Some(2_000));
 }
 
+/// The serial of one SVID for spiffe://example.org/web, issued by [`NODE_A`].
+fn issued_web() -> IssuedSvidRecord {
+    IssuedSvidRecord {
+        serial: "0abc".into(),
+        entry_id: "e1".into(),
+        spiffe_id: "spiffe://example.org/web".into(),
+        agent_id: NODE_A.into(),
+        ca_slot: "slot".into(),
+        issued_at: 100,
+        not_after: 200,
+    }
+}
+
 fn audit_fields(action: &str, subject: &str, at_ms: i64) -> AuditFields {
     AuditFields {
         at_ms,
@@ -1100,15 +1113,7 @@ async fn audit_appends_chain_across_daemons(db: TestDb) {
     assert_eq!(verdict.head, second.audit_tail().await.unwrap());
 
     // Issued serials go in with their record.
-    let issued = IssuedSvidRecord {
-        serial: "0abc".into(),
-        entry_id: "e1".into(),
-        spiffe_id: "spiffe://example.org/web".into(),
-        agent_id: NODE_A.into(),
-        ca_slot: "slot".into(),
-        issued_at: 100,
-        not_after: 200,
-    };
+    let issued = issued_web();
     first
         .append_audit(
             &[audit_fields("svid.sign", "w", 1)],
@@ -1387,15 +1392,7 @@ async fn the_audit_writers_own_connection_writes_what_the_pool_would() {
         audit_fields("svid.sign", "spiffe://example.org/web", 100),
         audit_fields("entry.create", "spiffe://example.org/api", 200),
     ];
-    let issued = IssuedSvidRecord {
-        serial: "0abc".into(),
-        entry_id: "e1".into(),
-        spiffe_id: "spiffe://example.org/web".into(),
-        agent_id: NODE_A.into(),
-        ca_slot: "slot".into(),
-        issued_at: 100,
-        not_after: 200,
-    };
+    let issued = issued_web();
 
     // The same records through the pool on one file and through the appender on another.
     let (pool_dir, own_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
