@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod fsutil;
+pub mod gather;
 pub mod ops;
 pub mod policy;
 pub mod process;

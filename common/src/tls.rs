@@ -454,7 +454,7 @@ fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::
     )
 }
 
-type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type TlsIo = hyper_util::rt::TokioIo<TlsStream>;
 
 fn tls_connector(
     targets: Targets,
@@ -472,12 +472,35 @@ fn tls_connector(
         let connector = connector.clone();
         let targets = targets.clone();
         async move {
-            let (tcp, name) = targets.connect().await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            Ok(hyper_util::rt::TokioIo::new(
+                open(&targets, &connector).await?,
+            ))
         }
     })
+}
+
+/// One mTLS connection to the first of `addr`'s daemons that answers, as [`connect`] makes
+/// them, for a client that speaks HTTP/2 on it itself.
+pub async fn connect_stream(
+    addr: &str,
+    config: rustls::ClientConfig,
+) -> std::io::Result<TlsStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    open(&Targets::parse(addr), &connector).await
+}
+
+/// A client's mTLS stream, its writes gathered until each flush.
+pub type TlsStream = crate::gather::Gather<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+async fn open(
+    targets: &Targets,
+    connector: &tokio_rustls::TlsConnector,
+) -> std::io::Result<TlsStream> {
+    let (tcp, name) = targets.connect().await?;
+    tcp.set_nodelay(true)?;
+    Ok(crate::gather::Gather::new(
+        connector.connect(name, tcp).await?,
+    ))
 }
 
 #[cfg(test)]

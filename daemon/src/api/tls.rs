@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use mayfly_common::TrustDomain;
+use mayfly_common::gather::Gather;
 use mayfly_common::tls::{SpiffeClientVerifier, TrustBundle, server_id};
 
 use mayfly_common::clock::unix;
@@ -198,7 +199,7 @@ pub fn server_config(
 pub fn incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
-) -> mpsc::Receiver<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+) -> mpsc::Receiver<Result<Gather<TlsStream<tokio::net::TcpStream>>, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
@@ -217,7 +218,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = handshakes.send(Ok(stream)).await;
+                        let _ = handshakes.send(Ok(Gather::new(stream))).await;
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "TLS handshake refused");

@@ -1,16 +1,18 @@
 //! The Mayfly side of the signing bench: one attested agent, one entry per pooled CSR,
-//! and workers that each hold their own mTLS connection and call `SignSvids`.
+//! and workers that each hold their own mTLS connection and call `SignSvids` through the
+//! lean unary client (grpc.rs), so the load client takes as little of the cores as
+//! OpenBao's HTTP/1.1 one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
-use tonic::transport::Channel;
+use bytes::Bytes;
 
 use mayfly_common::TrustDomain;
-use mayfly_proto::v1::node_client::NodeClient;
 use mayfly_proto::v1::{self};
 
+use super::grpc::{UnaryConnection, frame};
 use super::{BenchAgent, BenchResult, CsrPool, Worker, admin_and_bundle, drive};
 
 pub struct Options {
@@ -25,21 +27,22 @@ pub struct Options {
 }
 
 struct SignWorker {
-    client: NodeClient<Channel>,
-    requests: Arc<[Vec<v1::SvidCsr>]>,
+    client: UnaryConnection,
+    uri: http::Uri,
+    /// Framed `SignSvidsRequest`s.
+    requests: Arc<[Bytes]>,
     batch: usize,
 }
 
 impl Worker for SignWorker {
     async fn request(&mut self, seq: u64) -> Result<()> {
         // Request `seq` reuses a pre-built batch, so the client does no per-call work.
-        let csrs = self.requests[(seq % self.requests.len() as u64) as usize].clone();
-        let answer = self
+        let request = self.requests[(seq % self.requests.len() as u64) as usize].clone();
+        let answer: v1::SignSvidsResponse = self
             .client
-            .sign_svids(v1::SignSvidsRequest { csrs })
+            .call(&self.uri, request)
             .await
-            .map_err(|s| anyhow::anyhow!("SignSvids: {:?}: {}", s.code(), s.message()))?
-            .into_inner();
+            .context("SignSvids")?;
         ensure!(
             answer.svids.len() == self.batch
                 && answer.svids.iter().all(|s| !s.svid_chain.is_empty()),
@@ -87,24 +90,28 @@ pub async fn run(opts: &Options) -> Result<(BenchResult, Option<String>)> {
         entry_ids.push(entry.id);
     }
     // One pre-built batch per starting position in the pool.
-    let requests: Arc<[Vec<v1::SvidCsr>]> = (0..pool.len())
+    let requests: Arc<[Bytes]> = (0..pool.len())
         .map(|start| {
-            (0..opts.batch)
-                .map(|k| {
-                    let i = (start + k) % pool.len();
-                    v1::SvidCsr {
-                        entry_id: entry_ids[i].clone(),
-                        csr: pool.entries()[i].der.clone(),
-                    }
-                })
-                .collect()
+            frame(&v1::SignSvidsRequest {
+                csrs: (0..opts.batch)
+                    .map(|k| {
+                        let i = (start + k) % pool.len();
+                        v1::SvidCsr {
+                            entry_id: entry_ids[i].clone(),
+                            csr: pool.entries()[i].der.clone(),
+                        }
+                    })
+                    .collect(),
+            })
         })
         .collect();
+    let uri = agent.node_uri("/mayfly.v1.Node/SignSvids")?;
 
     let mut workers = Vec::with_capacity(opts.concurrency);
     for _ in 0..opts.concurrency {
         workers.push(SignWorker {
-            client: agent.client().await?,
+            client: agent.unary().await?,
+            uri: uri.clone(),
             requests: Arc::clone(&requests),
             batch: opts.batch,
         });

@@ -14,6 +14,7 @@ pub mod creds;
 pub mod creds_cache;
 pub mod elevation;
 pub mod fanout;
+pub mod grpc;
 pub mod ha;
 pub mod http1;
 pub mod mayfly;
@@ -366,17 +367,35 @@ impl BenchAgent {
     pub async fn client(
         &self,
     ) -> Result<mayfly_proto::v1::node_client::NodeClient<tonic::transport::Channel>> {
-        use mayfly_common::tls::{TrustBundle, client_config, connect};
+        Ok(mayfly_proto::v1::node_client::NodeClient::new(
+            mayfly_common::tls::connect(&self.node_addr, self.tls_config()?).await?,
+        ))
+    }
+
+    /// A new mTLS connection with this agent's SVID, for the lean unary client.
+    pub async fn unary(&self) -> Result<grpc::UnaryConnection> {
+        grpc::UnaryConnection::open(&self.node_addr, self.tls_config()?).await
+    }
+
+    /// The URI of the node API's method at `path` (`/mayfly.v1.Node/…`).
+    pub fn node_uri(&self, path: &str) -> Result<http::Uri> {
+        http::Uri::builder()
+            .scheme("https")
+            .authority(self.node_addr.as_str())
+            .path_and_query(path)
+            .build()
+            .with_context(|| format!("{}{path} is not a URI", self.node_addr))
+    }
+
+    fn tls_config(&self) -> Result<rustls::ClientConfig> {
+        use mayfly_common::tls::{TrustBundle, client_config};
         use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()));
-        let config = client_config(
+        Ok(client_config(
             self.server.clone(),
             TrustBundle::new(&self.bundle)?,
             Some((self.chain.clone(), key)),
-        )?;
-        Ok(mayfly_proto::v1::node_client::NodeClient::new(
-            connect(&self.node_addr, config).await?,
-        ))
+        )?)
     }
 }
 

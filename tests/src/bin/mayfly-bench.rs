@@ -314,7 +314,16 @@ fn real_main() -> Result<ExitCode> {
         .install_default()
         .map_err(|_| anyhow!("a rustls crypto provider was already installed"))?;
     let cli = Cli::parse();
-    let rt = tokio::runtime::Runtime::new()?;
+    // The signing load clients run on one thread (as `wrk -t1` would), for Mayfly and
+    // OpenBao alike: the signer under test shares the machine's two cores with them, and a
+    // second client thread cost each call a cross-thread wake-up (docs/benchmarks.md).
+    let rt = if matches!(cli.cmd, Cmd::MayflySign { .. } | Cmd::OpenbaoSign { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Runtime::new()?
+    };
     rt.block_on(async {
         match cli.cmd {
             Cmd::Rotation {
