@@ -18,7 +18,6 @@ const KEEP: usize = 4 * 1024;
 
 /// A writer that holds writes until the next flush, over any transport (the node API's TLS
 /// streams on both ends).
-#[derive(Debug)]
 pub struct Gather<T> {
     inner: T,
     buf: Vec<u8>,
@@ -43,6 +42,16 @@ impl<T> Gather<T> {
     /// Bytes written but not yet passed on.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.sent
+    }
+}
+
+/// Only the count of bytes held: they are plaintext (credentials among them) on their way
+/// into TLS.
+impl<T> std::fmt::Debug for Gather<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gather")
+            .field("pending", &self.pending())
+            .finish_non_exhaustive()
     }
 }
 
@@ -247,6 +256,13 @@ mod tests {
         g.write_all(&vec![0u8; GATHER_MAX - 1]).await.unwrap();
         g.flush().await.unwrap();
         assert!(g.buf.capacity() <= KEEP, "{}", g.buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn debug_output_shows_no_byte_held() {
+        let mut g = Gather::new(Recorder::default());
+        g.write_all(b"password=hunter2").await.unwrap();
+        assert_eq!(format!("{g:?}"), "Gather { pending: 16, .. }");
     }
 
     #[tokio::test]
