@@ -101,9 +101,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Gather<T> {
         Poll::Ready(Ok(data.len()))
     }
 
-    /// Not vectored, on purpose: h2 then copies a DATA payload of up to 1 KiB into its own
-    /// frame buffer instead of flushing before it, and a larger one arrives here as two
-    /// writes that are gathered all the same.
+    /// Not vectored, on purpose: h2 then copies a DATA payload under 1 KiB into its own
+    /// frame buffer, where a chained one would have to be flushed before the trailers could
+    /// be queued; a larger one arrives here as two writes, gathered all the same.
     fn is_write_vectored(&self) -> bool {
         false
     }
