@@ -1,9 +1,10 @@
 //! A unary gRPC client on h2 itself, for the signing load generator. A call is its HEADERS
 //! and DATA frames queued together and sent in one write. tonic's channel (through hyper)
 //! sends the HEADERS, waits for the stream to open before it may send the message, and
-//! sends the message and its end as two more writes, with a task hop for each: about 40 µs
-//! of the two cores a call that the daemon being measured would otherwise not have. The
-//! daemon sees the same requests either way; agents keep tonic.
+//! sends the message and its end as two more writes, with a task hop for each. The load
+//! client shares the two cores with the daemon it measures, and used 40 µs of them a call
+//! that way against 20 this way. The daemon sees the same requests either way; agents keep
+//! tonic.
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::{Buf, Bytes, BytesMut};
