@@ -2,6 +2,9 @@
 //! (HEADERS, DATA, trailers) leaves as one TLS record in one `writev` rather than one
 //! record and one loopback segment per frame. tokio-rustls seals and sends every write at
 //! once; h2 flushes after every pass over its queues, so the flush is the right boundary.
+//! tokio's `BufWriter` would not do: it says it takes vectored writes, so h2 chains an
+//! answer's DATA and must flush it before the trailers (two records again), and it holds
+//! its whole capacity for the life of every connection.
 
 use std::io;
 use std::pin::Pin;
@@ -35,12 +38,8 @@ impl<T> Gather<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// Bytes written but not yet passed on.
-    pub fn pending(&self) -> usize {
+    fn pending(&self) -> usize {
         self.buf.len() - self.sent
     }
 }
@@ -173,14 +172,11 @@ mod tests {
         g.write_all(b"HEADERS").await.unwrap();
         g.write_all(b"DATA").await.unwrap();
         g.write_all(b"TRAILERS").await.unwrap();
-        assert!(
-            g.get_ref().writes.is_empty(),
-            "nothing leaves before the flush"
-        );
+        assert!(g.inner.writes.is_empty(), "nothing leaves before the flush");
         assert_eq!(g.pending(), 19);
         g.flush().await.unwrap();
-        assert_eq!(g.get_ref().writes, vec![b"HEADERSDATATRAILERS".to_vec()]);
-        assert_eq!(g.get_ref().flushes, 1);
+        assert_eq!(g.inner.writes, vec![b"HEADERSDATATRAILERS".to_vec()]);
+        assert_eq!(g.inner.flushes, 1);
         assert_eq!(g.pending(), 0);
     }
 
@@ -192,8 +188,8 @@ mod tests {
         });
         g.write_all(b"abcdefgh").await.unwrap();
         g.flush().await.unwrap();
-        assert_eq!(g.get_ref().writes.concat(), b"abcdefgh");
-        assert_eq!(g.get_ref().writes.len(), 3);
+        assert_eq!(g.inner.writes.concat(), b"abcdefgh");
+        assert_eq!(g.inner.writes.len(), 3);
     }
 
     #[tokio::test]
@@ -203,9 +199,9 @@ mod tests {
         let big = vec![7u8; GATHER_MAX];
         g.write_all(&big).await.unwrap();
         // The gathered bytes went first, in order, then the large write itself.
-        assert_eq!(g.get_ref().writes.len(), 2);
-        assert_eq!(g.get_ref().writes[0], b"head");
-        assert_eq!(g.get_ref().writes[1], big);
+        assert_eq!(g.inner.writes.len(), 2);
+        assert_eq!(g.inner.writes[0], b"head");
+        assert_eq!(g.inner.writes[1], big);
         assert_eq!(g.pending(), 0);
     }
 
@@ -214,10 +210,10 @@ mod tests {
         let mut g = Gather::new(Recorder::default());
         let chunk = vec![1u8; GATHER_MAX / 2 + 1];
         g.write_all(&chunk).await.unwrap();
-        assert!(g.get_ref().writes.is_empty());
+        assert!(g.inner.writes.is_empty());
         // The second chunk would overflow the limit, so the first is passed on first.
         g.write_all(&chunk).await.unwrap();
-        assert_eq!(g.get_ref().writes, vec![chunk.clone()]);
+        assert_eq!(g.inner.writes, vec![chunk.clone()]);
         assert_eq!(g.pending(), chunk.len());
     }
 
@@ -238,7 +234,7 @@ mod tests {
         assert!(Pin::new(&mut g).poll_flush(&mut cx).is_pending());
         g.inner.blocked = false;
         assert!(Pin::new(&mut g).poll_flush(&mut cx).is_ready());
-        assert_eq!(g.get_ref().writes.concat(), chunk);
+        assert_eq!(g.inner.writes.concat(), chunk);
     }
 
     #[tokio::test]
@@ -246,8 +242,8 @@ mod tests {
         let mut g = Gather::new(Recorder::default());
         g.write_all(b"last words").await.unwrap();
         g.shutdown().await.unwrap();
-        assert_eq!(g.get_ref().writes, vec![b"last words".to_vec()]);
-        assert!(g.get_ref().shut);
+        assert_eq!(g.inner.writes, vec![b"last words".to_vec()]);
+        assert!(g.inner.shut);
     }
 
     #[tokio::test]

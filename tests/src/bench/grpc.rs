@@ -76,10 +76,11 @@ impl UnaryConnection {
             .await
             .context("reading the trailers")?
             .context("the answer has no trailers")?;
+        ensure!(
+            trailers.contains_key("grpc-status"),
+            "the trailers carry no grpc-status"
+        );
         grpc_status(&trailers)?;
-        if !trailers.contains_key("grpc-status") {
-            bail!("the trailers carry no grpc-status");
-        }
         unframe(data.freeze())
     }
 }
