@@ -21,7 +21,7 @@ pub struct DevMode {
     pub node_id: String,
     pub workload_id: String,
     child: Child,
-    _log: tempfile::NamedTempFile,
+    log: tempfile::NamedTempFile,
 }
 
 impl DevMode {
@@ -77,7 +77,7 @@ impl DevMode {
             node_id: field("agent:")?,
             workload_id,
             child,
-            _log: log,
+            log,
         })
     }
 
@@ -100,14 +100,25 @@ impl Drop for DevMode {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut stopped = false;
         for _ in 0..100 {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
+                stopped = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // A failing test shows what the daemon and its agent logged.
+        if std::thread::panicking() {
+            eprintln!(
+                "mayflyd dev's log:\n{}",
+                std::fs::read_to_string(self.log.path()).unwrap_or_default()
+            );
+        }
     }
 }
 

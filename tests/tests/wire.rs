@@ -79,16 +79,14 @@ impl RawConnection {
         self.frame(DATA, END_STREAM, stream, &body);
     }
 
-    fn read_frame(&mut self) -> (u8, u8, u32, Vec<u8>) {
+    fn read_frame(&mut self) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
         let mut head = [0u8; 9];
-        self.socket
-            .read_exact(&mut head)
-            .expect("the server closed the connection or did not answer");
+        self.socket.read_exact(&mut head)?;
         let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
         let mut payload = vec![0u8; len];
-        self.socket.read_exact(&mut payload).unwrap();
-        (head[3], head[4], stream, payload)
+        self.socket.read_exact(&mut payload)?;
+        Ok((head[3], head[4], stream, payload))
     }
 
     /// Reads until every stream in `streams` has its response headers and a message (or was
@@ -121,8 +119,15 @@ impl RawConnection {
         done: impl Fn(&BTreeMap<u32, Answer>) -> bool,
     ) -> BTreeMap<u32, Answer> {
         let mut answers: BTreeMap<u32, Answer> = BTreeMap::new();
+        let mut frames = 0;
         while !done(&answers) {
-            let (kind, flags, stream, payload) = self.read_frame();
+            let (kind, flags, stream, payload) = self.read_frame().unwrap_or_else(|e| {
+                panic!(
+                    "the server closed the connection or did not answer ({e}) after {frames} \
+                     frames; what had come by then: {answers:?}"
+                )
+            });
+            frames += 1;
             match kind {
                 SETTINGS if flags & ACK == 0 => self.frame(SETTINGS, ACK, 0, &[]),
                 PING if flags & ACK == 0 => self.frame(PING, ACK, 0, &payload),
