@@ -96,22 +96,25 @@ impl DevMode {
     }
 }
 
-impl Drop for DevMode {
-    fn drop(&mut self) {
+impl DevMode {
+    /// SIGTERM, so that it deletes its temporary directory; a kill if it lingers.
+    fn stop(&mut self) {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let mut stopped = false;
         for _ in 0..100 {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
-                stopped = true;
-                break;
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if !stopped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DevMode {
+    fn drop(&mut self) {
+        self.stop();
         // A failing test shows what the daemon and its agent logged.
         if std::thread::panicking() {
             eprintln!(
