@@ -53,6 +53,8 @@ pub struct RevocationNotice {
     pub replacements: Vec<Arc<crate::secrets::engine::Promoted>>,
     /// The agents that must apply and acknowledge it.
     pub agents: std::collections::BTreeSet<String>,
+    /// What of `message` each agent is sent.
+    pub shares: crate::revoke::Shares,
 }
 
 pub use mayfly_common::clock::{Clock, SystemClock};

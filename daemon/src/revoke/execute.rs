@@ -75,8 +75,10 @@ impl Revoker {
                 acked: acked_tx,
             },
         );
+        let message = message(&record, &scope, &serials);
         self.registry.publish_revocation(RevocationNotice {
-            message: message(&record, &scope, &serials),
+            shares: Shares::new(&message, &scope.held),
+            message,
             replacements: self.replacements(&scope.secrets).await,
             agents: agents.clone(),
         });

@@ -75,8 +75,10 @@ impl Revoker {
             .collect();
         self.registry.forget_revoked_entries(&scope.entry_ids);
         tracing::info!(revocation = %record.id, kind = %record.kind, agents = agents.len(), "pushing a revocation made by another daemon");
+        let message = message(record, &scope, &serials);
         self.registry.publish_revocation(RevocationNotice {
-            message: message(record, &scope, &serials),
+            shares: Shares::new(&message, &scope.held),
+            message,
             replacements: self.replacements(&scope.secrets).await,
             agents,
         });
@@ -239,7 +241,9 @@ impl Revoker {
         for record in store.pending_revocations(agent).await? {
             let scope: Scope = serde_json::from_str(&record.detail).unwrap_or_default();
             let serials = store.revocation_serials(&record.id).await?;
-            pending.push((message(&record, &scope, &serials), scope.secrets.clone()));
+            let message = message(&record, &scope, &serials);
+            let own = Shares::new(&message, &scope.held).message_for(agent, &message);
+            pending.push((own, scope.secrets.clone()));
         }
         let deny = store
             .deny_list(unix(self.registry.now()))

@@ -207,6 +207,158 @@ pub struct Scope {
     pub renew_agent_svid: bool,
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Which of the entries, SPIFFE IDs and serials above each agent holds, where that is
+    /// known: an entry is held by its agent, an SVID (with its entry and SPIFFE ID) by the
+    /// agent it was signed for. Each agent is sent what it holds and whatever no agent is
+    /// known to hold, rather than every agent the whole list (see [`Shares`]). Empty for a
+    /// revocation that names nothing agent by agent, or that was recorded before this was
+    /// kept: then every agent it reaches is sent everything.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held: BTreeMap<String, Held>,
+}
+
+/// What one agent holds of a revocation's entries, SPIFFE IDs and serials.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Held {
+    #[serde(default)]
+    pub entry_ids: BTreeSet<String>,
+    #[serde(default)]
+    pub spiffe_ids: BTreeSet<String>,
+    #[serde(default)]
+    pub serials: BTreeSet<String>,
+}
+
+/// A revocation's message split by agent ([`Scope::held`]), worked out once for every
+/// stream that pushes it. Revoking a selector that 1,000 agents' entries carry sent each
+/// agent all 1,000 entry IDs and SPIFFE IDs: a million of each to encode, encrypt and
+/// send, which made the fan-out's cost grow with the square of the fleet, and told every
+/// agent the names of the others' workloads.
+#[derive(Debug, Clone, Default)]
+pub struct Shares {
+    /// Each agent's own part, in the message's order.
+    by_agent: HashMap<String, Part>,
+    /// What no agent is known to hold: everyone is sent it.
+    unheld: Part,
+    /// No split is known: everyone is sent everything.
+    whole: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Part {
+    entry_ids: Vec<String>,
+    spiffe_ids: Vec<String>,
+    serials: Vec<v1::RevokedSerial>,
+}
+
+impl Shares {
+    /// Splits `message`'s lists by what each agent of `held` holds.
+    pub fn new(message: &v1::Revocation, held: &BTreeMap<String, Held>) -> Self {
+        if held.is_empty() {
+            return Self {
+                whole: true,
+                ..Self::default()
+            };
+        }
+        let mut shares = Self::default();
+        // Each item's holders, then each item to them in the message's order.
+        fn holders<'a>(
+            held: &'a BTreeMap<String, Held>,
+            items: impl Fn(&'a Held) -> &'a BTreeSet<String>,
+        ) -> HashMap<&'a str, Vec<&'a str>> {
+            let mut by_item: HashMap<&str, Vec<&str>> = HashMap::new();
+            for (agent, h) in held {
+                for item in items(h) {
+                    by_item
+                        .entry(item.as_str())
+                        .or_default()
+                        .push(agent.as_str());
+                }
+            }
+            by_item
+        }
+        let entries = holders(held, |h| &h.entry_ids);
+        let spiffe_ids = holders(held, |h| &h.spiffe_ids);
+        let serials = holders(held, |h| &h.serials);
+        for id in &message.entry_ids {
+            match entries.get(id.as_str()) {
+                Some(agents) => {
+                    for agent in agents {
+                        shares.part(agent).entry_ids.push(id.clone());
+                    }
+                }
+                None => shares.unheld.entry_ids.push(id.clone()),
+            }
+        }
+        for id in &message.spiffe_ids {
+            match spiffe_ids.get(id.as_str()) {
+                Some(agents) => {
+                    for agent in agents {
+                        shares.part(agent).spiffe_ids.push(id.clone());
+                    }
+                }
+                None => shares.unheld.spiffe_ids.push(id.clone()),
+            }
+        }
+        for serial in &message.serials {
+            match serials.get(serial.serial.as_str()) {
+                Some(agents) => {
+                    for agent in agents {
+                        shares.part(agent).serials.push(serial.clone());
+                    }
+                }
+                None => shares.unheld.serials.push(serial.clone()),
+            }
+        }
+        shares
+    }
+
+    fn part(&mut self, agent: &str) -> &mut Part {
+        self.by_agent.entry(agent.to_string()).or_default()
+    }
+
+    /// `message` as `agent` is sent it: its own entries, SPIFFE IDs and serials and those
+    /// nobody is known to hold, and only its own withdrawn secrets.
+    pub fn message_for(&self, agent: &str, message: &v1::Revocation) -> v1::Revocation {
+        let withdrawn_secrets = message
+            .withdrawn_secrets
+            .iter()
+            .filter(|w| w.agent == agent)
+            .cloned()
+            .collect();
+        if self.whole {
+            return v1::Revocation {
+                withdrawn_secrets,
+                ..message.clone()
+            };
+        }
+        let own = self.by_agent.get(agent);
+        let joined = |pick: fn(&Part) -> &[String]| -> Vec<String> {
+            own.map_or(&[][..], pick)
+                .iter()
+                .chain(pick(&self.unheld))
+                .cloned()
+                .collect()
+        };
+        v1::Revocation {
+            id: message.id.clone(),
+            kind: message.kind.clone(),
+            reason: message.reason.clone(),
+            serials: own
+                .map_or(&[][..], |p| &p.serials)
+                .iter()
+                .chain(&self.unheld.serials)
+                .cloned()
+                .collect(),
+            entry_ids: joined(|p| &p.entry_ids),
+            spiffe_ids: joined(|p| &p.spiffe_ids),
+            replacements: message.replacements.clone(),
+            everything: message.everything,
+            created_at: message.created_at,
+            renew_agent_svid: message.renew_agent_svid,
+            lease_ids: message.lease_ids.clone(),
+            withdrawn_secrets,
+        }
+    }
 }
 
 /// One secret taken back from workloads of one agent.
@@ -396,5 +548,133 @@ pub fn report_message(report: &Report) -> v1::RevocationReport {
             .collect(),
         elapsed_ms: report.elapsed_ms,
         notes: report.scope.notes.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revocation(entries: &[&str], ids: &[&str], serials: &[&str]) -> v1::Revocation {
+        v1::Revocation {
+            id: "rv-1".into(),
+            kind: "selector".into(),
+            reason: "test".into(),
+            serials: serials
+                .iter()
+                .map(|s| v1::RevokedSerial {
+                    serial: s.to_string(),
+                    not_after: 9,
+                })
+                .collect(),
+            entry_ids: entries.iter().map(|s| s.to_string()).collect(),
+            spiffe_ids: ids.iter().map(|s| s.to_string()).collect(),
+            lease_ids: vec!["lease-1".into()],
+            withdrawn_secrets: vec![
+                v1::SecretWithdrawal {
+                    name: "db".into(),
+                    spiffe_ids: vec!["spiffe://t/w".into()],
+                    agent: "a".into(),
+                },
+                v1::SecretWithdrawal {
+                    name: "db".into(),
+                    spiffe_ids: vec!["spiffe://t/w".into()],
+                    agent: "b".into(),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn held(entries: &[&str], ids: &[&str], serials: &[&str]) -> Held {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Held {
+            entry_ids: set(entries),
+            spiffe_ids: set(ids),
+            serials: set(serials),
+        }
+    }
+
+    #[test]
+    fn each_agent_is_sent_what_it_holds_and_what_nobody_is_known_to_hold() {
+        let message = revocation(
+            &["e-a", "e-b", "e-moved", "e-unknown"],
+            &["spiffe://t/a", "spiffe://t/b", "spiffe://t/moved"],
+            &["s-a", "s-b", "s-old", "s-unknown"],
+        );
+        let shares = Shares::new(
+            &message,
+            &BTreeMap::from([
+                ("a".to_string(), held(&["e-a"], &["spiffe://t/a"], &["s-a"])),
+                // b holds its own entry, and an SVID of an entry that moved to c.
+                (
+                    "b".to_string(),
+                    held(
+                        &["e-b", "e-moved"],
+                        &["spiffe://t/b", "spiffe://t/moved"],
+                        &["s-b", "s-old"],
+                    ),
+                ),
+                (
+                    "c".to_string(),
+                    held(&["e-moved"], &["spiffe://t/moved"], &[]),
+                ),
+            ]),
+        );
+        let serials = |m: &v1::Revocation| -> Vec<String> {
+            m.serials.iter().map(|s| s.serial.clone()).collect()
+        };
+
+        let a = shares.message_for("a", &message);
+        assert_eq!(a.entry_ids, ["e-a", "e-unknown"]);
+        assert_eq!(a.spiffe_ids, ["spiffe://t/a"]);
+        assert_eq!(serials(&a), ["s-a", "s-unknown"]);
+        assert_eq!(a.withdrawn_secrets.len(), 1);
+        assert_eq!(a.withdrawn_secrets[0].agent, "a");
+        // What is not split goes as it is.
+        assert_eq!((a.id.as_str(), a.lease_ids.len()), ("rv-1", 1));
+
+        let b = shares.message_for("b", &message);
+        assert_eq!(b.entry_ids, ["e-b", "e-moved", "e-unknown"]);
+        assert_eq!(b.spiffe_ids, ["spiffe://t/b", "spiffe://t/moved"]);
+        assert_eq!(serials(&b), ["s-b", "s-old", "s-unknown"]);
+
+        let c = shares.message_for("c", &message);
+        assert_eq!(c.entry_ids, ["e-moved", "e-unknown"]);
+        assert!(c.withdrawn_secrets.is_empty());
+
+        // An agent the revocation reaches for something else (a lease) holds none of them.
+        let d = shares.message_for("d", &message);
+        assert_eq!(d.entry_ids, ["e-unknown"]);
+        assert!(d.spiffe_ids.is_empty());
+        assert_eq!(serials(&d), ["s-unknown"]);
+        assert_eq!(d.lease_ids, ["lease-1"]);
+    }
+
+    #[test]
+    fn without_a_split_every_agent_is_sent_everything_but_others_withdrawals() {
+        let message = revocation(&["e-1", "e-2"], &["spiffe://t/1"], &["s-1"]);
+        let shares = Shares::new(&message, &BTreeMap::new());
+        let b = shares.message_for("b", &message);
+        assert_eq!(b.entry_ids, message.entry_ids);
+        assert_eq!(b.spiffe_ids, message.spiffe_ids);
+        assert_eq!(b.serials, message.serials);
+        assert_eq!(b.withdrawn_secrets.len(), 1);
+        assert_eq!(b.withdrawn_secrets[0].agent, "b");
+    }
+
+    #[test]
+    fn a_scope_recorded_before_the_split_was_kept_still_reads() {
+        let scope: Scope =
+            serde_json::from_str(r#"{"entry_ids":["e-1"],"spiffe_ids":["spiffe://t/1"]}"#).unwrap();
+        assert!(scope.held.is_empty());
+        // And one without a split is written as it was.
+        assert!(!serde_json::to_string(&scope).unwrap().contains("held"));
+        let mut split = scope.clone();
+        split
+            .held
+            .insert("a".into(), held(&["e-1"], &["spiffe://t/1"], &[]));
+        let back: Scope = serde_json::from_str(&serde_json::to_string(&split).unwrap()).unwrap();
+        assert_eq!(back, split);
     }
 }

@@ -330,20 +330,36 @@ impl Revoker {
         serials: &mut Vec<RevokedSerialRecord>,
         now_s: i64,
     ) -> Result<(), RevokeError> {
-        let mut ids = BTreeSet::new();
+        let mut ids: BTreeSet<String> = scope.spiffe_ids.iter().cloned().collect();
+        let spiffe_ids: HashMap<&str, &str> = entries
+            .iter()
+            .map(|e| (e.id.as_str(), e.spiffe_id.as_str()))
+            .collect();
+        let covered: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
         for entry in entries {
             scope.entry_ids.push(entry.id.clone());
             ids.insert(entry.spiffe_id.clone());
             agents.insert(entry.parent_id.clone());
+            let held = scope.held.entry(entry.parent_id.clone()).or_default();
+            held.entry_ids.insert(entry.id.clone());
+            held.spiffe_ids.insert(entry.spiffe_id.clone());
         }
         scope.spiffe_ids = ids.into_iter().collect();
         for svid in self
             .registry
             .store()
-            .live_serials_for_entries(&scope.entry_ids, now_s)
+            .live_serials_for_entries(&covered, now_s)
             .await?
         {
             // An entry that moved between agents: the old parent may still hold an SVID.
+            let held = scope.held.entry(svid.agent_id.clone()).or_default();
+            held.serials.insert(svid.serial.clone());
+            held.entry_ids.insert(svid.entry_id.clone());
+            held.spiffe_ids.insert(
+                spiffe_ids
+                    .get(svid.entry_id.as_str())
+                    .map_or_else(|| svid.spiffe_id.clone(), |id| id.to_string()),
+            );
             agents.insert(svid.agent_id);
             serials.push(RevokedSerialRecord {
                 serial: svid.serial,

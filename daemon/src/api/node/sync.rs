@@ -110,8 +110,9 @@ impl NodeApi {
                             }
                         }
                         Ok(Change::Revoked(notice)) if notice.agents.contains(&agent_id) => {
-                            let RevocationNotice { message, replacements, .. } = &*notice;
-                            Update::Revoked(api.with_replacements(&agent_id, message.clone(), replacements))
+                            let RevocationNotice { message, replacements, shares, .. } = &*notice;
+                            let own = shares.message_for(&agent_id, message);
+                            Update::Revoked(api.with_replacements(&agent_id, own, replacements))
                         }
                         Ok(Change::AgentEvicted { spiffe_id, banned, reason })
                             if spiffe_id == agent_id =>
@@ -303,15 +304,15 @@ impl NodeApi {
         }
     }
 
-    /// A revocation as this agent receives it: with the replacement values of the revoked
-    /// secrets it may hold.
+    /// A revocation as this agent receives it (already cut to its share,
+    /// [`crate::revoke::Shares`]): with the replacement values of the revoked secrets it
+    /// may hold.
     fn with_replacements(
         &self,
         agent: &str,
         mut message: v1::Revocation,
         replacements: &[Arc<Promoted>],
     ) -> v1::Revocation {
-        message.withdrawn_secrets.retain(|w| w.agent == agent);
         for value in replacements {
             if let Some(grant) = self.view.grant(agent, &value.secret) {
                 message.replacements.push(granted(grant, value));
