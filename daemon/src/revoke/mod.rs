@@ -260,60 +260,62 @@ impl Shares {
             };
         }
         let mut shares = Self::default();
-        // Each item's holders, then each item to them in the message's order.
-        fn holders<'a>(
-            held: &'a BTreeMap<String, Held>,
-            items: impl Fn(&'a Held) -> &'a BTreeSet<String>,
-        ) -> HashMap<&'a str, Vec<&'a str>> {
-            let mut by_item: HashMap<&str, Vec<&str>> = HashMap::new();
-            for (agent, h) in held {
-                for item in items(h) {
-                    by_item
-                        .entry(item.as_str())
-                        .or_default()
-                        .push(agent.as_str());
-                }
-            }
-            by_item
-        }
-        let entries = holders(held, |h| &h.entry_ids);
-        let spiffe_ids = holders(held, |h| &h.spiffe_ids);
-        let serials = holders(held, |h| &h.serials);
-        for id in &message.entry_ids {
-            match entries.get(id.as_str()) {
-                Some(agents) => {
-                    for agent in agents {
-                        shares.part(agent).entry_ids.push(id.clone());
-                    }
-                }
-                None => shares.unheld.entry_ids.push(id.clone()),
-            }
-        }
-        for id in &message.spiffe_ids {
-            match spiffe_ids.get(id.as_str()) {
-                Some(agents) => {
-                    for agent in agents {
-                        shares.part(agent).spiffe_ids.push(id.clone());
-                    }
-                }
-                None => shares.unheld.spiffe_ids.push(id.clone()),
-            }
-        }
-        for serial in &message.serials {
-            match serials.get(serial.serial.as_str()) {
-                Some(agents) => {
-                    for agent in agents {
-                        shares.part(agent).serials.push(serial.clone());
-                    }
-                }
-                None => shares.unheld.serials.push(serial.clone()),
-            }
-        }
+        shares.split(
+            &message.entry_ids,
+            held,
+            |h| &h.entry_ids,
+            String::as_str,
+            |p| &mut p.entry_ids,
+        );
+        shares.split(
+            &message.spiffe_ids,
+            held,
+            |h| &h.spiffe_ids,
+            String::as_str,
+            |p| &mut p.spiffe_ids,
+        );
+        shares.split(
+            &message.serials,
+            held,
+            |h| &h.serials,
+            |s| s.serial.as_str(),
+            |p| &mut p.serials,
+        );
         shares
     }
 
-    fn part(&mut self, agent: &str) -> &mut Part {
-        self.by_agent.entry(agent.to_string()).or_default()
+    /// Puts each of `items` in the part of every agent `held` says holds it (`holds`
+    /// picks that agent's set, `key` the item's name in it), or in the part everyone is
+    /// sent when nobody does; `list` picks the list of a part. Each part keeps the
+    /// message's order.
+    fn split<T: Clone>(
+        &mut self,
+        items: &[T],
+        held: &BTreeMap<String, Held>,
+        holds: fn(&Held) -> &BTreeSet<String>,
+        key: fn(&T) -> &str,
+        list: fn(&mut Part) -> &mut Vec<T>,
+    ) {
+        let mut holders: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (agent, h) in held {
+            for item in holds(h) {
+                holders
+                    .entry(item.as_str())
+                    .or_default()
+                    .push(agent.as_str());
+            }
+        }
+        for item in items {
+            match holders.get(key(item)) {
+                Some(agents) => {
+                    for agent in agents {
+                        let part = self.by_agent.entry(agent.to_string()).or_default();
+                        list(part).push(item.clone());
+                    }
+                }
+                None => list(&mut self.unheld).push(item.clone()),
+            }
+        }
     }
 
     /// `message` as `agent` is sent it: its own entries, SPIFFE IDs and serials and those
@@ -332,25 +334,21 @@ impl Shares {
             };
         }
         let own = self.by_agent.get(agent);
-        let joined = |pick: fn(&Part) -> &[String]| -> Vec<String> {
-            own.map_or(&[][..], pick)
+        // The agent's own items, then those nobody is known to hold.
+        fn joined<T: Clone>(own: Option<&Part>, unheld: &Part, list: fn(&Part) -> &[T]) -> Vec<T> {
+            own.map_or(&[][..], list)
                 .iter()
-                .chain(pick(&self.unheld))
+                .chain(list(unheld))
                 .cloned()
                 .collect()
-        };
+        }
         v1::Revocation {
             id: message.id.clone(),
             kind: message.kind.clone(),
             reason: message.reason.clone(),
-            serials: own
-                .map_or(&[][..], |p| &p.serials)
-                .iter()
-                .chain(&self.unheld.serials)
-                .cloned()
-                .collect(),
-            entry_ids: joined(|p| &p.entry_ids),
-            spiffe_ids: joined(|p| &p.spiffe_ids),
+            serials: joined(own, &self.unheld, |p| &p.serials),
+            entry_ids: joined(own, &self.unheld, |p| &p.entry_ids),
+            spiffe_ids: joined(own, &self.unheld, |p| &p.spiffe_ids),
             replacements: message.replacements.clone(),
             everything: message.everything,
             created_at: message.created_at,
