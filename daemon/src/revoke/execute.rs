@@ -75,13 +75,8 @@ impl Revoker {
                 acked: acked_tx,
             },
         );
-        let message = message(&record, &scope, &serials);
-        self.registry.publish_revocation(RevocationNotice {
-            shares: Shares::new(&message, &scope.held),
-            message,
-            replacements: self.replacements(&scope.secrets).await,
-            agents: agents.clone(),
-        });
+        let notice = self.notice(&record, &scope, &serials, agents.clone()).await;
+        self.registry.publish_revocation(notice);
         if let Some(agent) = &ban {
             self.registry
                 .set_agent_status(agent, AgentStatus::Banned, reason)

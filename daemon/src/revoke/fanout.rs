@@ -75,14 +75,27 @@ impl Revoker {
             .collect();
         self.registry.forget_revoked_entries(&scope.entry_ids);
         tracing::info!(revocation = %record.id, kind = %record.kind, agents = agents.len(), "pushing a revocation made by another daemon");
-        let message = message(record, &scope, &serials);
-        self.registry.publish_revocation(RevocationNotice {
+        let notice = self.notice(record, &scope, &serials, agents).await;
+        self.registry.publish_revocation(notice);
+        Ok(())
+    }
+
+    /// The revocation as the sync streams push it to `agents`: its message, split once by
+    /// what each agent holds, and the revoked secrets' new values.
+    pub(super) async fn notice(
+        &self,
+        record: &RevocationRecord,
+        scope: &Scope,
+        serials: &[RevokedSerialRecord],
+        agents: BTreeSet<String>,
+    ) -> RevocationNotice {
+        let message = message(record, scope, serials);
+        RevocationNotice {
             shares: Shares::new(&message, &scope.held),
             message,
             replacements: self.replacements(&scope.secrets).await,
             agents,
-        });
-        Ok(())
+        }
     }
 
     /// The revoked secrets' new values, each read from its store once for every stream

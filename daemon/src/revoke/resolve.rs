@@ -330,12 +330,11 @@ impl Revoker {
         serials: &mut Vec<RevokedSerialRecord>,
         now_s: i64,
     ) -> Result<(), RevokeError> {
-        let mut ids: BTreeSet<String> = scope.spiffe_ids.iter().cloned().collect();
+        let mut ids = BTreeSet::new();
         let spiffe_ids: HashMap<&str, &str> = entries
             .iter()
             .map(|e| (e.id.as_str(), e.spiffe_id.as_str()))
             .collect();
-        let covered: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
         for entry in entries {
             scope.entry_ids.push(entry.id.clone());
             ids.insert(entry.spiffe_id.clone());
@@ -348,7 +347,7 @@ impl Revoker {
         for svid in self
             .registry
             .store()
-            .live_serials_for_entries(&covered, now_s)
+            .live_serials_for_entries(&scope.entry_ids, now_s)
             .await?
         {
             // An entry that moved between agents: the old parent may still hold an SVID.
