@@ -119,6 +119,99 @@ async fn agent_attests_signs_svids_and_hears_entry_changes() {
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
 }
 
+/// A file made immutable, which stops writes even by root, until this is dropped (so that
+/// a failing test still leaves a directory its temporary owner can remove).
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: std::path::PathBuf) -> Self {
+        chattr("+i", &path);
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
+}
+
+fn chattr(flag: &str, path: &std::path::Path) {
+    let status = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chattr must work on the test filesystem");
+}
+
+/// The `svid.sign` records on the trail.
+fn sign_records(daemon: &DaemonProcess) -> Vec<serde_json::Value> {
+    daemon
+        .cli_json(&["audit", "list", "--action", "svid.sign"])
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn svids_whose_record_cannot_be_committed_are_never_handed_out() {
+    init();
+    let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
+    let agent = daemon.attest(AGENT_A).await.unwrap();
+    let entry = create_entry(&daemon, "spiffe://example.org/web", AGENT_A, 1000);
+    let mut node = daemon.node(&agent).await.unwrap();
+    let first = node
+        .sign_svids(csr_request(&entry))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sign_records(&daemon).len(), 1);
+
+    // The write-ahead log every commit goes through can no longer be written: the audit
+    // record and the serial of the next SVID cannot be made durable. The SVID is signed
+    // by then, and must not leave.
+    let wal = daemon.data_dir().join("mayfly.db-wal");
+    assert!(wal.exists(), "the datastore runs in WAL mode");
+    let locked = Immutable::set(wal);
+    let refused = node.sign_svids(csr_request(&entry)).await;
+    drop(locked);
+    let refused = refused.expect_err("an SVID left without its record");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("could not record the signed SVIDs"),
+        "{refused:?}"
+    );
+    assert!(
+        daemon.log().contains("refusing to hand them out"),
+        "the operator is told: {}",
+        daemon.log()
+    );
+    assert_eq!(sign_records(&daemon).len(), 1, "nothing half-recorded");
+
+    // Once the disk takes writes again, signing resumes on the same chain, intact.
+    let again = node
+        .sign_svids(csr_request(&entry))
+        .await
+        .unwrap()
+        .into_inner();
+    let records = sign_records(&daemon);
+    assert_eq!(records.len(), 2);
+    let trail = serde_json::Value::Array(records).to_string();
+    for signed in [&first.svids[0], &again.svids[0]] {
+        assert!(
+            trail.contains(&signed.serial),
+            "{} on the trail",
+            signed.serial
+        );
+    }
+    let verified = daemon.cli_ok(&["audit", "verify"]).unwrap();
+    assert!(verified.starts_with("audit log intact"), "{verified}");
+}
+
 #[tokio::test]
 async fn join_tokens_are_single_use_and_expire() {
     init();
