@@ -581,6 +581,37 @@ pub fn operator_json(admin_socket: &Path, args: &[&str]) -> anyhow::Result<serde
     Ok(serde_json::from_str(&operator_ok(admin_socket, &all)?)?)
 }
 
+/// A file or directory made immutable (`chattr +i`), which stops writes even by root
+/// (root ignores permission bits), until this is dropped: a failing test still leaves a
+/// temporary directory its owner can remove.
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    pub fn set(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        chattr("+i", &path);
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
+}
+
+fn chattr(flag: &str, path: &Path) {
+    let status = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .expect("chattr runs");
+    assert!(
+        status.success(),
+        "chattr {flag} must work on the test filesystem"
+    );
+}
+
 /// Polls `check` every 20 ms until it holds, failing the test after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -12,7 +12,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use mayfly_common::tls::peer_identity;
 use mayfly_daemon::ca::{SvidRequest, X509Authority, generate_ca, generate_csr};
 use mayfly_proto::v1::{self, sync_message::Update};
-use mayfly_tests::harness::{DaemonOptions, DaemonProcess, csr_request, init};
+use mayfly_tests::harness::{DaemonOptions, DaemonProcess, Immutable, csr_request, init};
 use mayfly_tests::pg::TestDatabase;
 
 const AGENT_A: &str = "spiffe://example.org/node/a";
@@ -117,32 +117,6 @@ async fn agent_attests_signs_svids_and_hears_entry_changes() {
     }
     let gone = node.sign_svids(csr_request(&second)).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
-}
-
-/// A file made immutable, which stops writes even by root, until this is dropped (so that
-/// a failing test still leaves a directory its temporary owner can remove).
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn set(path: std::path::PathBuf) -> Self {
-        chattr("+i", &path);
-        Immutable(path)
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        chattr("-i", &self.0);
-    }
-}
-
-fn chattr(flag: &str, path: &std::path::Path) {
-    let status = std::process::Command::new("chattr")
-        .arg(flag)
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(status.success(), "chattr must work on the test filesystem");
 }
 
 /// The `svid.sign` records on the trail.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use mayfly_tests::harness::{AgentProcess, DaemonOptions, DaemonProcess, binary, init, wait_for};
+use mayfly_tests::harness::{
+    AgentProcess, DaemonOptions, DaemonProcess, Immutable, binary, init, wait_for,
+};
 use mayfly_tests::services::PasswordPostgres;
 
 fn define(daemon: &DaemonProcess, toml: &str) -> Value {
@@ -342,15 +344,7 @@ fn an_unwritable_directory_is_reported_and_the_previous_file_stays() {
         read(&key) == first
     });
     // Root ignores permission bits; the immutable attribute stops even root.
-    let immutable = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&locked)
-        .status()
-        .unwrap();
-    assert!(
-        immutable.success(),
-        "chattr +i must work on the test filesystem"
-    );
+    let immutable = Immutable::set(&locked);
     daemon.cli_ok(&["secret", "rotate", "api-key"]).unwrap();
     let (_, _, second) = current(&daemon, "api-key");
     wait_for(
@@ -358,12 +352,7 @@ fn an_unwritable_directory_is_reported_and_the_previous_file_stays() {
         Duration::from_secs(10),
         || agent.log().contains("sink not updated"),
     );
-    let unlocked = std::process::Command::new("chattr")
-        .arg("-i")
-        .arg(&locked)
-        .status()
-        .unwrap();
-    assert!(unlocked.success());
+    drop(immutable);
     let log = agent.log();
     assert!(
         log.contains(&key.display().to_string()),
