@@ -295,7 +295,7 @@ async fn agents_get_only_their_own_entries() {
     init();
     let daemon = DaemonProcess::start(DaemonOptions::default()).unwrap();
     let a = daemon.attest(AGENT_A).await.unwrap();
-    let _b = daemon.attest(AGENT_B).await.unwrap();
+    let b = daemon.attest(AGENT_B).await.unwrap();
     let mine = create_entry(&daemon, "spiffe://example.org/a-app", AGENT_A, 1000);
     let theirs = create_entry(&daemon, "spiffe://example.org/b-app", AGENT_B, 1000);
     let mut node = daemon.node(&a).await.unwrap();
@@ -326,6 +326,43 @@ async fn agents_get_only_their_own_entries() {
     let signed = node.sign_svids(batch).await.unwrap().into_inner();
     assert_eq!(signed.svids.len(), 2);
     assert_ne!(signed.svids[0].serial, signed.svids[1].serial);
+
+    // Once one SVID of each agent is revoked, a reconnecting agent's deny list has its own
+    // serial only: it never holds the other's.
+    let mine_serial = signed.svids[0].serial.clone();
+    let mut b_node = daemon.node(&b).await.unwrap();
+    let theirs_serial = b_node
+        .sign_svids(csr_request(&theirs))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids[0]
+        .serial
+        .clone();
+    for serial in [&mine_serial, &theirs_serial] {
+        let out = daemon
+            .cli(&[
+                "revoke", "svid", "--serial", serial, "--reason", "test", "--wait", "0s",
+            ])
+            .unwrap();
+        // Recorded; exit 3 because no agent here acknowledges.
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+    }
+    let deny_list = |update: Update| match update {
+        Update::FullState(state) => state
+            .deny_list
+            .into_iter()
+            .map(|line| line.serial)
+            .collect::<Vec<_>>(),
+        other => panic!("expected full state, got {other:?}"),
+    };
+    let mut again = node.sync(v1::SyncRequest {}).await.unwrap().into_inner();
+    assert_eq!(deny_list(next_update(&mut again).await), vec![mine_serial]);
+    let mut b_stream = b_node.sync(v1::SyncRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        deny_list(next_update(&mut b_stream).await),
+        vec![theirs_serial]
+    );
 }
 
 #[tokio::test]

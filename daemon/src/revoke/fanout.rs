@@ -244,7 +244,8 @@ impl Revoker {
     }
 
     /// What a reconnecting agent must apply before anything else: its unacknowledged
-    /// revocations (without secret replacements, which the caller adds) and the deny list.
+    /// revocations (without secret replacements, which the caller adds) and its part of
+    /// the deny list (`Store::deny_list_for`).
     pub async fn pending_for(
         &self,
         agent: &str,
@@ -259,7 +260,7 @@ impl Revoker {
             pending.push((own, scope.secrets.clone()));
         }
         let deny = store
-            .deny_list(unix(self.registry.now()))
+            .deny_list_for(agent, unix(self.registry.now()))
             .await?
             .into_iter()
             .map(|s| v1::RevokedSerial {

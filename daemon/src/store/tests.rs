@@ -103,6 +103,7 @@ on_both_backends!(
     audit_appends_chain_across_daemons,
     audit_filters,
     revocation_bookkeeping,
+    deny_list_is_split_by_agent,
     writes_that_read_first_wait_for_other_writers,
     elevation_lifecycle,
 );
@@ -1381,6 +1382,100 @@ async fn revocation_bookkeeping(db: TestDb) {
         serials.to_vec()
     );
     assert_eq!(store.prune_revoked_serials(501).await.unwrap(), 1);
+    store.close().await;
+}
+
+/// A reconnecting agent is sent the revoked serials of what was signed for it, wherever
+/// the register keeps them; never another agent's.
+async fn deny_list_is_split_by_agent(db: TestDb) {
+    let store = db.connect().await;
+    let hash = crate::audit::record_hash;
+    let signed = |serial: &str, agent: &str, entry: &str| IssuedSvidRecord {
+        serial: serial.into(),
+        entry_id: entry.into(),
+        agent_id: agent.into(),
+        not_after: 500,
+        ..issued_web()
+    };
+    let sign = |issued: Vec<IssuedSvidRecord>| {
+        let store = &store;
+        async move {
+            let record = [audit_fields("svid.sign", "spiffe://example.org/web", 100)];
+            store
+                .append_audit(&record, &issued, &[], None, hash)
+                .await
+                .unwrap();
+        }
+    };
+    // A workload's and the agent's own SVID for A, one workload's for B: moved into the
+    // indexed table. Then one more each, left among the recent serials.
+    sign(vec![
+        signed("0a01", NODE_A, "e1"),
+        signed("0a02", NODE_A, ""),
+        signed("0b01", NODE_B, "e2"),
+    ])
+    .await;
+    store.index_recent().await.unwrap();
+    sign(vec![
+        signed("0a03", NODE_A, "e1"),
+        signed("0b02", NODE_B, "e2"),
+    ])
+    .await;
+
+    let revocation = RevocationRecord {
+        id: "rv-split".into(),
+        kind: "selector".into(),
+        target: "unix:uid:5".into(),
+        reason: "test".into(),
+        actor: "uid:0".into(),
+        created_at: 1000,
+        detail: "{}".into(),
+    };
+    let line = |serial: &str, not_after: i64| RevokedSerialRecord {
+        serial: serial.into(),
+        not_after,
+    };
+    // "0a00" has expired by 400. "0c01" has no record of whom it was signed for, which
+    // the daemon never writes (the register is pruned with the deny list): nobody gets it.
+    let serials = [
+        line("0a00", 300),
+        line("0a01", 500),
+        line("0a02", 500),
+        line("0a03", 500),
+        line("0b01", 500),
+        line("0b02", 500),
+        line("0c01", 500),
+    ];
+    store
+        .create_revocation(&revocation, &serials, &[NODE_A.into(), NODE_B.into()], &[])
+        .await
+        .unwrap();
+    let serials_of =
+        |lines: Vec<RevokedSerialRecord>| lines.into_iter().map(|l| l.serial).collect::<Vec<_>>();
+    assert_eq!(
+        serials_of(store.deny_list_for(NODE_A, 400).await.unwrap()),
+        strings(&["0a01", "0a02", "0a03"])
+    );
+    assert_eq!(
+        serials_of(store.deny_list_for(NODE_B, 400).await.unwrap()),
+        strings(&["0b01", "0b02"])
+    );
+    assert_eq!(
+        serials_of(
+            store
+                .deny_list_for("spiffe://example.org/node/c", 400)
+                .await
+                .unwrap()
+        ),
+        Vec::<String>::new()
+    );
+    // After the next move, the same parts; the whole list is still everyone's.
+    store.index_recent().await.unwrap();
+    assert_eq!(
+        serials_of(store.deny_list_for(NODE_B, 400).await.unwrap()),
+        strings(&["0b01", "0b02"])
+    );
+    assert_eq!(store.deny_list(400).await.unwrap(), serials[1..].to_vec());
     store.close().await;
 }
 
