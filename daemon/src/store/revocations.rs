@@ -221,19 +221,15 @@ impl Store {
     /// serial it has no record of), and both are pruned by the same notAfter at the same
     /// time, so a line that has not expired always has its record, which names its agent.
     ///
-    /// Read from the agent's records to the deny list (`CROSS JOIN` makes SQLite keep that
-    /// order; the other way it scanned every line): under a millisecond with 100,000 lines
-    /// and a million records, where reading every line took 155 ms. Both tables of the
-    /// register (migration 0010) are read in one statement, so a record being moved
-    /// between them is never missed.
+    /// The agent's serials are looked up in the deny list by its key, not the list read
+    /// whole: under a millisecond with 100,000 lines and a million records, where reading
+    /// every line took 155 ms. Both tables of the register (migration 0010) are read in one
+    /// statement, so a record being moved between them is never missed.
     pub async fn deny_list_for(&self, agent: &str, now: i64) -> Result<Vec<RevokedSerialRecord>> {
         let rows = sqlx::query(
-            "SELECT r.serial AS serial, r.not_after AS not_after \
-             FROM issued_svids i CROSS JOIN revoked_serials r \
-             WHERE r.serial = i.serial AND i.agent_id = $2 AND r.not_after > $1 \
-             UNION SELECT r.serial, r.not_after \
-             FROM issued_svids_recent i CROSS JOIN revoked_serials r \
-             WHERE r.serial = i.serial AND i.agent_id = $2 AND r.not_after > $1 \
+            "SELECT serial, not_after FROM revoked_serials WHERE not_after > $1 \
+             AND serial IN (SELECT serial FROM issued_svids WHERE agent_id = $2 \
+                 UNION SELECT serial FROM issued_svids_recent WHERE agent_id = $2) \
              ORDER BY serial",
         )
         .bind(now)
